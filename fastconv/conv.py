@@ -1,0 +1,468 @@
+"""Public convolution API: validate, normalise arguments, choose layouts, allocate, call.
+
+The semantics are those of ``torch.nn.functional.conv2d``, ``torch.nn.grad.conv2d_input``
+and ``torch.nn.grad.conv2d_weight``: NCHW activations, ``(K, C/groups, R, S)`` weights,
+cross-correlation (no kernel flip in the forward pass), zero padding.
+
+Legend: ``x, w, b, y, dy, dx, dw`` and ``N, C, H, W, K, R, S, OH, OW, G`` as in
+:mod:`fastconv.kernels`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from . import kernels as _k
+
+__all__ = [
+    "ConvGeometry",
+    "conv2d",
+    "conv2d_grad_bias",
+    "conv2d_grad_input",
+    "conv2d_grad_weight",
+    "conv_geometry",
+    "conv_output_size",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """Normalise an int or an ``(h, w)`` pair of ints, each ``>= minimum``."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_is_int(v) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _shape4(name: str, shape) -> tuple[int, int, int, int]:
+    """Validate a user-given 4-D shape such as ``input_shape`` or ``weight_shape``."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
+    if len(dims) != 4 or not all(_is_int(d) for d in dims):
+        raise ValueError(f"{name} must be 4 ints, got {shape!r}")
+    if min(dims) < 0:
+        raise ValueError(f"{name} must not have negative sizes, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    """``value`` as an ndarray of a supported kind (float, integer or bool)."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "fiub" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
+        raise TypeError(
+            f"{name} must be a real numeric array (float16/32/64, integer or bool), "
+            f"got dtype {a.dtype}"
+        )
+    return a
+
+
+def _result_dtype(*arrays: np.ndarray | None) -> np.dtype:
+    """float32 if every array is float16/float32; float64 if any is float64, int or bool."""
+    for a in arrays:
+        if a is not None and not (a.dtype.kind == "f" and a.dtype.itemsize <= 4):
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _check_rank(name: str, a: np.ndarray, layout: str) -> None:
+    if a.ndim != 4:
+        raise ValueError(f"{name} must be 4-D {layout}, got shape {a.shape} ({a.ndim}-D)")
+
+
+# --------------------------------------------------------------------------------------
+# Geometry: the one place that computes output sizes
+# --------------------------------------------------------------------------------------
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: int,
+                     dilation: int) -> int:
+    """Output length along one axis, for every pass.
+
+    ``(size + pad_lo + pad_hi - dilation*(kernel - 1) - 1) // stride + 1``; a result < 1
+    means the dilated kernel does not fit in the padded input.
+    """
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class ConvGeometry(NamedTuple):
+    """Every size of one convolution, validated.  Pads are ``(top, bottom, left, right)``."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    G: int
+    sh: int
+    sw: int
+    dlh: int
+    dlw: int
+    pt: int
+    pb: int
+    pl: int
+    pr: int
+    OH: int
+    OW: int
+
+    @property
+    def Cg(self) -> int:
+        return self.C // self.G
+
+    @property
+    def Kg(self) -> int:
+        return self.K // self.G
+
+
+def _resolve_padding(padding, R, S, sh, sw, dlh, dlw) -> tuple[int, int, int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            if (sh, sw) != (1, 1):
+                raise ValueError(
+                    f"padding='same' needs stride 1, got stride={(sh, sw)}; "
+                    "give explicit padding for strided convolutions"
+                )
+            # Like PyTorch: total padding dilation*(k-1), the odd one at the bottom/right.
+            th, tw = dlh * (R - 1), dlw * (S - 1)
+            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    ph, pw = _pair("padding", padding, 0)
+    return ph, ph, pw, pw
+
+
+def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
+                  groups=1) -> ConvGeometry:
+    """Validate a convolution's arguments and compute all its sizes.
+
+    Parameters
+    ----------
+    input_shape : (N, C, H, W)
+    weight_shape : (K, C/groups, R, S)
+    stride, dilation : int or (h, w), each >= 1
+    padding : int or (h, w) >= 0, or ``'valid'`` / ``'same'`` (stride 1 only)
+    groups : int >= 1 dividing both C and K
+
+    Returns
+    -------
+    ConvGeometry
+        With the output size ``OH x OW`` (each >= 1, or ``ValueError``).
+    """
+    N, C, H, W = input_shape
+    K, Cg, R, S = weight_shape
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if min(K, Cg, R, S) < 1:
+        raise ValueError(f"weight shape {tuple(weight_shape)} must have every size >= 1")
+    if C % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C={C}")
+    if K % groups:
+        raise ValueError(
+            f"groups={groups} must divide the output channels K={K} "
+            f"(weight shape {tuple(weight_shape)})"
+        )
+    if Cg * groups != C:
+        raise ValueError(
+            f"channel mismatch: input has C={C} channels, weight shape "
+            f"{tuple(weight_shape)} with groups={groups} expects C = {Cg}*{groups} = "
+            f"{Cg * groups}"
+        )
+    sh, sw = _pair("stride", stride, 1)
+    dlh, dlw = _pair("dilation", dilation, 1)
+    pt, pb, pl, pr = _resolve_padding(padding, R, S, sh, sw, dlh, dlw)
+    OH = conv_output_size(H, R, sh, pt, pb, dlh)
+    OW = conv_output_size(W, S, sw, pl, pr, dlw)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"output size would be {OH}x{OW} (< 1): input {H}x{W} padded by "
+            f"({pt}+{pb}, {pl}+{pr}) is smaller than the dilated kernel "
+            f"{dlh * (R - 1) + 1}x{dlw * (S - 1) + 1} (kernel {R}x{S}, dilation {(dlh, dlw)})"
+        )
+    return ConvGeometry(N, C, H, W, K, R, S, groups, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW)
+
+
+def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
+    _check_rank("grad_output", dy, "(N, K, OH, OW)")
+    expected = (geo.N, geo.K, geo.OH, geo.OW)
+    if dy.shape != expected:
+        raise ValueError(
+            f"grad_output has shape {dy.shape}, but {given} gives the output shape "
+            f"(N, K, OH, OW) = {expected}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------
+
+
+def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0)) -> np.ndarray:
+    """NCHW ``a`` as zero-padded NHWC, each of the ``G`` channel groups padded to ``CgP``."""
+    N, _, H, W = a.shape
+    pt, pb, pl, pr = pads
+    out = np.zeros((N, H + pt + pb, W + pl + pr, G * CgP), a.dtype)
+    _k.pack_channels_last(a, out, pt, pl, G, CgP)
+    return out
+
+
+def _blocked_weights(wg: np.ndarray) -> np.ndarray:
+    """``(G, Ko, Cr, R, S)`` weights as ``(G, KBn, R, S, Cr, KB)``, zero-filled past ``Ko``."""
+    G, Ko, Cr, R, S = wg.shape
+    KBn = -(-Ko // _k.KB)
+    out = np.zeros((G, KBn * _k.KB, Cr, R, S), wg.dtype)
+    out[:, :Ko] = wg
+    return np.ascontiguousarray(out.reshape(G, KBn, _k.KB, Cr, R, S).transpose(0, 1, 4, 5, 3, 2))
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation), like ``torch.nn.functional.conv2d``.
+
+    ``y[n,k,i,j] = b[k] + sum_{c,r,s} x[n, g*Cg + c, i*sh + r*dlh - pt, j*sw + s*dlw - pl]
+    * w[k, c, r, s]`` with ``g = k // (K/groups)`` and zeros outside the input.
+
+    Parameters
+    ----------
+    input : array (N, C, H, W), or (C, H, W) for one unbatched image
+    weight : array (K, C/groups, R, S)
+    bias : array (K,), optional
+    stride, dilation : int or (h, w) pair, >= 1
+    padding : int or (h, w) pair >= 0, or ``'valid'`` or ``'same'`` (stride 1 only; for
+        even kernels the extra row/column is at the bottom/right, as in PyTorch)
+    groups : int dividing C and K; ``groups == C`` is a depthwise convolution
+
+    Returns
+    -------
+    ndarray (N, K, OH, OW), or (K, OH, OW) for unbatched input
+        float32 if all arguments are float16/float32, else float64.
+    """
+    x = _as_array("input", input)
+    w = _as_array("weight", weight)
+    b = None if bias is None else _as_array("bias", bias)
+    dtype = _result_dtype(x, w, b)
+    unbatched = x.ndim == 3
+    if unbatched:
+        x = x[None]
+    _check_rank("input", x, "(N, C, H, W) or 3-D (C, H, W)")
+    _check_rank("weight", w, "(K, C/groups, R, S)")
+    geo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    if b is not None and b.shape != (geo.K,):
+        raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
+
+    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), dtype)
+    if geo.N > 0:
+        G, Kg = geo.G, geo.Kg
+        xp = _channels_last(x.astype(dtype, copy=False), G, geo.Cg, geo[12:16])
+        wb = _blocked_weights(w.astype(dtype, copy=False).reshape(G, Kg, geo.Cg, geo.R, geo.S))
+        bb = np.zeros((G, wb.shape[1] * _k.KB), dtype)
+        if b is not None:
+            bb[:, :Kg] = b.reshape(G, Kg)
+        _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
+                      0, 0, 0, 0, 1, 1)
+    return y[0] if unbatched else y
+
+
+# dX, derived once
+# ----------------
+# From y[n,k,i,j] = sum_{c,r,s} x_pad[n,c, i*sh + r*dlh, j*sw + s*dlw] * w[k,c,r,s]:
+#     dx_pad[n,c,h,v] = sum_k sum_{(i,r): i*sh + r*dlh = h} sum_{(j,s): j*sw + s*dlw = v}
+#                       dy[n,k,i,j] * w[k,c,r,s].
+# That is the *full* convolution of the stride-dilated deltas (sh-1 zeros inserted
+# between rows, sw-1 between columns, padded by the dilated kernel size - 1) with the
+# 180-degree rotated filters, summed over the K filters, then cropped by the padding.
+#
+# The kernel never multiplies an inserted zero.  For an output row h with phase
+# a = h mod sh, only taps with r*dlh = a (mod sh) meet a real delta row, at
+# i = (h - r*dlh)/sh.  Those taps form an arithmetic progression, consecutive rows of the
+# same phase read consecutive delta rows, so each (row phase, column phase) is an ordinary
+# stride-1 correlation of the padded deltas with the rotated sub-filter of those taps
+# (dilated by the delta-row step D between taps), writing every sh-th row and sw-th
+# column of dx.  conv_tiles computes it with the channel roles swapped: the reduction
+# runs over K, the vector block over C.
+
+
+class _Phase(NamedTuple):
+    taps: list  # kernel taps, in rotated (descending) order
+    step: int  # delta rows between consecutive taps (dilation of the sub-filter)
+    start: int  # delta row read by the first output row and first tap, before padding
+    count: int  # output rows in this phase
+    out0: int  # first output (unpadded dx) row of this phase
+
+
+def _dx_phases(size, pad_lo, stride, dilation, kernel, out_size):
+    """Per phase of one axis: the taps that meet real deltas, and how dy is padded."""
+    phases, pad_lo_dy, pad_hi_dy = [], 0, 0
+    for a in range(stride):
+        taps = [r for r in range(kernel) if (r * dilation - a) % stride == 0]
+        u_lo = -((a - pad_lo) // stride)  # first u with a + stride*u >= pad_lo
+        u_hi = (pad_lo + size - 1 - a) // stride
+        if not taps or u_hi < u_lo:
+            continue  # these dx rows get no delta at all: they stay zero
+        q = [(r * dilation - a) // stride for r in taps]  # delta row = u - q
+        step = q[1] - q[0] if len(q) > 1 else 1
+        phases.append(_Phase(taps[::-1], step, u_lo - q[-1], u_hi - u_lo + 1,
+                             a + stride * u_lo - pad_lo))
+        pad_lo_dy = max(pad_lo_dy, q[-1] - u_lo)
+        pad_hi_dy = max(pad_hi_dy, u_hi - q[0] - out_size + 1)
+    return phases, pad_lo_dy, pad_hi_dy
+
+
+def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dilation=1,
+                      groups=1):
+    """Gradient of :func:`conv2d` with respect to its input, like ``torch.nn.grad.conv2d_input``.
+
+    Parameters
+    ----------
+    grad_output : array (N, K, OH, OW)
+        The deltas ``dL/dy``.
+    weight : array (K, C/groups, R, S)
+    input_shape : (N, C, H, W)
+        Needed because several input sizes can give the same output size when stride > 1.
+    stride, padding, dilation, groups
+        As given to :func:`conv2d`.
+
+    Returns
+    -------
+    ndarray (N, C, H, W)
+        ``dL/dx``: the full convolution of the 180-degree rotated filters with the
+        stride-dilated deltas, cropped by the padding.
+    """
+    dy = _as_array("grad_output", grad_output)
+    w = _as_array("weight", weight)
+    dtype = _result_dtype(dy, w)
+    _check_rank("weight", w, "(K, C/groups, R, S)")
+    geo = conv_geometry(_shape4("input_shape", input_shape), w.shape, stride, padding,
+                        dilation, groups)
+    _check_grad_output(dy, geo, f"input_shape {tuple(input_shape)} with weight {w.shape}")
+
+    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dtype)
+    if geo.N == 0:
+        return dx
+    rows, pt, pb = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
+    cols, pl, pr = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
+    G, Kg, Cg = geo.G, geo.Kg, geo.Cg
+    dyp = _channels_last(dy.astype(dtype, copy=False), G, Kg, (pt, pb, pl, pr))
+    # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction is k.
+    wt = w.astype(dtype, copy=False).reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
+    zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dtype)
+    for ph in rows:
+        for pw in cols:
+            wb = _blocked_weights(wt[:, :, :, ph.taps][:, :, :, :, pw.taps])
+            _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
+                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw)
+    return dx
+
+
+def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, dilation=1,
+                       groups=1):
+    """Gradient of :func:`conv2d` with respect to its weight, like ``torch.nn.grad.conv2d_weight``.
+
+    Parameters
+    ----------
+    input : array (N, C, H, W)
+        The layer's input in the forward pass.
+    grad_output : array (N, K, OH, OW)
+        The deltas ``dL/dy``.
+    weight_shape : (K, C/groups, R, S)
+    stride, padding, dilation, groups
+        As given to :func:`conv2d`.
+
+    Returns
+    -------
+    ndarray (K, C/groups, R, S)
+        ``dw[k,c,r,s] = sum_{n,i,j} dy[n,k,i,j] * x_pad[n, g*Cg + c, i*sh + r*dlh,
+        j*sw + s*dlw]``: the correlation of the input with the deltas.
+    """
+    x = _as_array("input", input)
+    dy = _as_array("grad_output", grad_output)
+    dtype = _result_dtype(x, dy)
+    _check_rank("input", x, "(N, C, H, W)")
+    weight_shape = _shape4("weight_shape", weight_shape)
+    geo = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
+    _check_grad_output(dy, geo, f"input {x.shape} with weight_shape {weight_shape}")
+
+    if geo.N == 0:
+        return np.zeros(weight_shape, dtype)
+    G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
+    KBn = -(-Kg // _k.KB)
+    xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo[12:16])
+    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * _k.KB)
+    # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
+    T = S * Cg
+    off = np.zeros((G, -(-T // _k.TC) * _k.TC), np.int64)
+    s, c = np.divmod(np.arange(T), Cg)
+    off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
+    dwb = np.empty((G, KBn, R, off.shape[1], _k.KB), dtype)
+    N, Hp, Wp, _ = xp.shape
+    _k.conv_dw_tiles(xp.reshape(N, Hp, Wp * C), dyp, off, dwb, C, geo.sh, geo.sw, geo.dlh)
+    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, _k.KB).transpose(0, 1, 5, 4, 2, 3)
+    return np.ascontiguousarray(dw.reshape(G, KBn * _k.KB, Cg, R, S)[:, :Kg]).reshape(
+        weight_shape)
+
+
+def conv2d_grad_bias(grad_output):
+    """Gradient of :func:`conv2d` with respect to its bias: ``db[k] = sum_{n,i,j} dy[n,k,i,j]``.
+
+    Parameters
+    ----------
+    grad_output : array (N, K, OH, OW)
+
+    Returns
+    -------
+    ndarray (K,), summed in float64 and returned in the result dtype.
+    """
+    dy = _as_array("grad_output", grad_output)
+    _check_rank("grad_output", dy, "(N, K, OH, OW)")
+    return dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(_result_dtype(dy))
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in the kernels (1 <= n <= the number Numba started with).
+
+    Like ``numba.set_num_threads`` this applies to the calling Python thread.
+    """
+    if not _is_int(n):
+        raise TypeError(f"number of threads must be an int, got {n!r}")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(f"number of threads must be in [1, {limit}], got {n}")
+    numba.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use in the calling Python thread."""
+    return numba.get_num_threads()
+

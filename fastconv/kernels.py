@@ -1,0 +1,217 @@
+"""Numba kernels for direct 2-D convolution: forward, dX and dW, and a layout packer.
+
+This module holds only ``@njit`` kernels: no validation, no Python objects, no allocation
+of outputs.  The public wrappers in :mod:`fastconv.conv` check arguments, choose the
+layouts, allocate, and call these.  Numba options come from :mod:`fastconv._jit`.
+
+Legend
+------
+``x, w, b``      input, weight, bias           ``N``       batch
+``y``            output                        ``C, K``    input / output channels
+``dy``           output deltas (grad_output)   ``G``       groups; ``Cg = C/G``, ``Kg = K/G``
+``dx, dw``       gradients of ``x`` and ``w``  ``H, W``    input height / width
+``R, S``         kernel height / width         ``OH, OW``  output height / width
+``sh, sw``       strides                       ``dlh, dlw`` dilations
+``KB``           output channels per vector block (16: one zmm of fp32)
+``KBn``          number of such blocks per group
+``TW``           output pixels per register tile (7)
+``TC``           reduction columns per dW register tile (8)
+
+Design
+------
+Activations are channels-last (NHWC) and zero padded, weights are blocked as
+``[G][KBn][R][S][Cg][KB]``.  Each tile keeps ``TW x KB`` outputs in registers (a stack
+array, see :func:`fastconv._jit.stack_tile`), and the reduction over ``(r, s, c)`` does
+an *outer product*: ``TW`` input values, each broadcast, times one vector of ``KB``
+weights, which LLVM turns into ``TW`` packed FMAs per step.
+"""
+
+from numba import prange
+
+from ._jit import parallel_kernel, stack_tile
+
+KB = 16
+TW = 7
+TC = 8
+
+
+@parallel_kernel
+def pack_channels_last(src, dst, pt, pl, G, CgP):
+    """Copy NCHW ``src`` into the pre-zeroed, padded, channels-last ``dst``.
+
+    ``dst[n, pt + h, pl + w, g*CgP + c] = src[n, g*Cg + c, h, w]`` for ``c < Cg = C/G``;
+    ``CgP >= Cg`` leaves zero channels at the end of every group.
+
+    src : (N, C, H, W), any strides.    dst : (N, Hd, Wd, G*CgP), zeros outside the copy.
+    """
+    N, C, H, W = src.shape
+    Cg = C // G
+    for task in prange(N * H):
+        n = task // H
+        h = task % H
+        for g in range(G):
+            for c in range(Cg):
+                for j in range(W):
+                    dst[n, pt + h, pl + j, g * CgP + c] = src[n, g * Cg + c, h, j]
+
+
+@parallel_kernel
+def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw):
+    """Direct convolution with a register tile; the forward pass and every dX phase.
+
+    For ``i < OH``, ``j < OW`` and every output channel ``g*Ko + ko`` (``ko < Ko``)::
+
+        y[n, g*Ko + ko, yh0 + i*ysh, yw0 + j*ysw] = b[g, ko] + sum_{r, s, c}
+            x[n, xh0 + i*sh + r*dlh, xw0 + j*sw + s*dlw, g*Cg + c] * w[g, ko//KB, r, s, c, ko%KB]
+
+    x : (N, Hx, Wx, G*Cg)      channels-last, zero padded so that every index is in range.
+    w : (G, KBn, R, S, Cg, KB) blocked weights, zero past ``Ko`` in the last block.
+    b : (G, KBn*KB)            bias (zeros for none).
+    y : (N, G*Ko, Hy, Wy)      NCHW; only the pixels named above are written.
+
+    Parallel over ``(n, i, g, kb)``: each task owns one output row of one channel block, so
+    no two threads write the same element.  Rows are covered by ``TW``-wide tiles; the last
+    tile is shifted left to end at ``OW`` (it recomputes a few pixels, identically), so no
+    pixel falls to a slow path unless ``OW < TW``.
+    """
+    N = x.shape[0]
+    G, KBn, R, S, Cg = w.shape[:5]
+    Ko = y.shape[1] // G
+    for task in prange(N * OH * G * KBn):
+        kb = task % KBn
+        rest = task // KBn
+        g = rest % G
+        rest //= G
+        i = rest % OH
+        n = rest // OH
+        c0 = g * Cg
+        k0 = g * Ko + kb * KB
+        kn = min(KB, Ko - kb * KB)
+        acc = stack_tile(TW, KB, y.dtype)
+        if OW >= TW:
+            for jt in range((OW + TW - 1) // TW):
+                j0 = min(jt * TW, OW - TW)
+                for t in range(TW):
+                    for k in range(KB):
+                        acc[t, k] = 0
+                for r in range(R):
+                    ih = xh0 + i * sh + r * dlh
+                    for s in range(S):
+                        iw = xw0 + j0 * sw + s * dlw
+                        for c in range(Cg):
+                            # TW broadcast inputs times one weight vector: TW packed FMAs.
+                            x0 = x[n, ih, iw, c0 + c]
+                            x1 = x[n, ih, iw + sw, c0 + c]
+                            x2 = x[n, ih, iw + 2 * sw, c0 + c]
+                            x3 = x[n, ih, iw + 3 * sw, c0 + c]
+                            x4 = x[n, ih, iw + 4 * sw, c0 + c]
+                            x5 = x[n, ih, iw + 5 * sw, c0 + c]
+                            x6 = x[n, ih, iw + 6 * sw, c0 + c]
+                            for k in range(KB):
+                                wk = w[g, kb, r, s, c, k]
+                                acc[0, k] += x0 * wk
+                                acc[1, k] += x1 * wk
+                                acc[2, k] += x2 * wk
+                                acc[3, k] += x3 * wk
+                                acc[4, k] += x4 * wk
+                                acc[5, k] += x5 * wk
+                                acc[6, k] += x6 * wk
+                for k in range(kn):
+                    bk = b[g, kb * KB + k]
+                    for t in range(TW):
+                        y[n, k0 + k, yh0 + i * ysh, yw0 + (j0 + t) * ysw] = acc[t, k] + bk
+        else:
+            # Rows narrower than one tile: one pixel at a time, still vectorised over k.
+            for j in range(OW):
+                for k in range(KB):
+                    acc[0, k] = 0
+                for r in range(R):
+                    ih = xh0 + i * sh + r * dlh
+                    for s in range(S):
+                        iw = xw0 + j * sw + s * dlw
+                        for c in range(Cg):
+                            xv = x[n, ih, iw, c0 + c]
+                            for k in range(KB):
+                                acc[0, k] += xv * w[g, kb, r, s, c, k]
+                for k in range(kn):
+                    y[n, k0 + k, yh0 + i * ysh, yw0 + j * ysw] = acc[0, k] + b[g, kb * KB + k]
+
+
+# dW, derived once
+# ----------------
+# y[n,k,i,j] = b[k] + sum_{c,r,s} x[n, c, i*sh + r*dlh - ph, j*sw + s*dlw - pw] * w[k,c,r,s],
+# so  dL/dw[k,c,r,s] = sum_{n,i,j} dy[n,k,i,j] * x[n, c, i*sh + r*dlh - ph, j*sw + s*dlw - pw]:
+# every weight is shared by all output positions and collects the sum over all of them.
+# That is the correlation of the (padded) input with the deltas.  db[k] = sum_{n,i,j} dy.
+#
+# For a fixed filter row r, the pair (s, c) only moves the read by a constant offset
+# s*dlw*C + c inside the padded input row, so the kernel flattens (s, c) into "columns" with
+# a table of offsets and tiles TC columns x KB output channels.  Each step is one vector of
+# deltas times TC broadcast inputs.
+
+
+@parallel_kernel
+def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
+    """Weight gradient as a correlation of the input with the deltas.
+
+    ``dwb[g, kb, r, t, k] = sum_{n, i, j} x[n, i*sh + r*dlh, j*sw*C + off[g, t]]
+    * dy[n, i, j, g*KBn*KB + kb*KB + k]``
+
+    x   : (N, Hp, Wp*C)            padded channels-last input, each row flattened;
+                                   ``C`` is its channel count.
+    dy  : (N, OH, OW, G*KBn*KB)    channels-last deltas, zero in the padding channels.
+    off : (G, T) int64             column offsets, ``T`` a multiple of ``TC``.
+    dwb : (G, KBn, R, T, KB)       output, every element written once.
+
+    Parallel over ``(g, kb, r, column block)``; each task owns its output tile, so the
+    reduction over the batch needs no sharing between threads.
+    """
+    N, OH, OW = dy.shape[:3]
+    G, KBn, R, T = dwb.shape[:4]
+    TBn = T // TC
+    for task in prange(G * KBn * R * TBn):
+        tb = task % TBn
+        rest = task // TBn
+        r = rest % R
+        rest //= R
+        kb = rest % KBn
+        g = rest // KBn
+        kofs = (g * KBn + kb) * KB
+        o0 = off[g, tb * TC + 0]
+        o1 = off[g, tb * TC + 1]
+        o2 = off[g, tb * TC + 2]
+        o3 = off[g, tb * TC + 3]
+        o4 = off[g, tb * TC + 4]
+        o5 = off[g, tb * TC + 5]
+        o6 = off[g, tb * TC + 6]
+        o7 = off[g, tb * TC + 7]
+        acc = stack_tile(TC, KB, dwb.dtype)
+        for t in range(TC):
+            for k in range(KB):
+                acc[t, k] = 0
+        for n in range(N):
+            for i in range(OH):
+                ih = i * sh + r * dlh
+                for j in range(OW):
+                    base = j * sw * C
+                    x0 = x[n, ih, base + o0]
+                    x1 = x[n, ih, base + o1]
+                    x2 = x[n, ih, base + o2]
+                    x3 = x[n, ih, base + o3]
+                    x4 = x[n, ih, base + o4]
+                    x5 = x[n, ih, base + o5]
+                    x6 = x[n, ih, base + o6]
+                    x7 = x[n, ih, base + o7]
+                    for k in range(KB):
+                        d = dy[n, i, j, kofs + k]
+                        acc[0, k] += x0 * d
+                        acc[1, k] += x1 * d
+                        acc[2, k] += x2 * d
+                        acc[3, k] += x3 * d
+                        acc[4, k] += x4 * d
+                        acc[5, k] += x5 * d
+                        acc[6, k] += x6 * d
+                        acc[7, k] += x7 * d
+        for t in range(TC):
+            for k in range(KB):
+                dwb[g, kb, r, tb * TC + t, k] = acc[t, k]
