@@ -26,6 +26,7 @@ an *outer product*: ``TW`` input values, each broadcast, times one vector of ``K
 weights, which LLVM turns into ``TW`` packed FMAs per step.
 """
 
+import numpy as np
 from numba import prange
 
 from ._jit import parallel_kernel, stack_tile
@@ -155,12 +156,13 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
     """Weight gradient as a correlation of the input with the deltas.
 
     ``dwb[g, kb, r, t, k] = sum_{n, i, j} x[n, i*sh + r*dlh, j*sw*C + off[g, t]]
-    * dy[n, i, j, g*KBn*KB + kb*KB + k]``
+    * dy[n, i, j, g*KBn + kb, k]``
 
     x   : (N, Hp, Wp*C)            padded channels-last input, each row flattened;
                                    ``C`` is its channel count.
-    dy  : (N, OH, OW, G*KBn*KB)    channels-last deltas, zero in the padding channels.
-    off : (G, T) int64             column offsets, ``T`` a multiple of ``TC``.
+    dy  : (N, OH, OW, G*KBn, KB)   channels-last deltas, zero in the padding channels.
+    off : (G, T) uint64            column offsets, ``T`` a multiple of ``TC``.  Unsigned, so
+                                   Numba emits no negative-index wraparound for them.
     dwb : (G, KBn, R, T, KB)       output, every element written once.
 
     Parallel over ``(g, kb, r, column block)``; each task owns its output tile, so the
@@ -176,7 +178,7 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
         rest //= R
         kb = rest % KBn
         g = rest // KBn
-        kofs = (g * KBn + kb) * KB
+        gk = g * KBn + kb
         o0 = off[g, tb * TC + 0]
         o1 = off[g, tb * TC + 1]
         o2 = off[g, tb * TC + 2]
@@ -191,19 +193,19 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
                 acc[t, k] = 0
         for n in range(N):
             for i in range(OH):
-                ih = i * sh + r * dlh
+                xrow = x[n, i * sh + r * dlh]
                 for j in range(OW):
-                    base = j * sw * C
-                    x0 = x[n, ih, base + o0]
-                    x1 = x[n, ih, base + o1]
-                    x2 = x[n, ih, base + o2]
-                    x3 = x[n, ih, base + o3]
-                    x4 = x[n, ih, base + o4]
-                    x5 = x[n, ih, base + o5]
-                    x6 = x[n, ih, base + o6]
-                    x7 = x[n, ih, base + o7]
+                    base = np.uint64(j * sw * C)
+                    x0 = xrow[base + o0]
+                    x1 = xrow[base + o1]
+                    x2 = xrow[base + o2]
+                    x3 = xrow[base + o3]
+                    x4 = xrow[base + o4]
+                    x5 = xrow[base + o5]
+                    x6 = xrow[base + o6]
+                    x7 = xrow[base + o7]
                     for k in range(KB):
-                        d = dy[n, i, j, kofs + k]
+                        d = dy[n, i, j, gk, k]
                         acc[0, k] += x0 * d
                         acc[1, k] += x1 * d
                         acc[2, k] += x2 * d

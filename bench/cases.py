@@ -1,0 +1,154 @@
+"""Benchmark cases shared by the pytest-benchmark suite and ``report.py``.
+
+Every implementation of a pass is a function ``fn(case, arrays) -> result`` so that the
+same inputs feed fastconv, the NumPy im2col + BLAS baseline and (when installed) PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+import fastconv as fc
+
+try:  # torch is optional: ``pip install -e '.[bench]'``
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+
+class Case(NamedTuple):
+    name: str
+    N: int
+    C: int
+    H: int
+    K: int
+    R: int
+    stride: int
+    padding: int
+
+    @property
+    def OH(self) -> int:
+        return fc.conv_output_size(self.H, self.R, self.stride, self.padding, self.padding, 1)
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of one pass (forward, dX and dW all do the same work)."""
+        return 2.0 * self.N * self.K * self.C * self.R * self.R * self.OH * self.OH
+
+
+CASES = [
+    Case("mnist-conv1", 64, 1, 28, 32, 5, 1, 2),
+    Case("mnist-conv2", 64, 32, 14, 64, 5, 1, 2),
+    Case("3x3s1-c64", 64, 64, 14, 64, 3, 1, 1),
+    Case("3x3s2-c64", 64, 64, 28, 64, 3, 2, 1),
+]
+PASSES = ["forward", "dX", "dW"]
+
+
+def make_arrays(case: Case, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((case.N, case.C, case.H, case.H), dtype=np.float32)
+    w = rng.standard_normal((case.K, case.C, case.R, case.R), dtype=np.float32)
+    b = rng.standard_normal(case.K, dtype=np.float32)
+    dy = rng.standard_normal((case.N, case.K, case.OH, case.OH), dtype=np.float32)
+    return {"x": x, "w": w, "b": b, "dy": dy}
+
+
+# ---- fastconv ------------------------------------------------------------------------
+
+
+def fastconv_pass(pass_: str):
+    def forward(c, a):
+        return fc.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
+
+    def dx(c, a):
+        return fc.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
+                                    padding=c.padding)
+
+    def dw(c, a):
+        return fc.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
+                                     padding=c.padding)
+
+    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+
+
+# ---- NumPy im2col + BLAS baseline ----------------------------------------------------
+
+
+def _im2col(x, R, stride, padding):
+    """(N, C, H, W) -> (N, OH*OW, C*R*R) patches, via a strided view and one copy."""
+    N, C, H, W = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (R, R), axis=(2, 3))
+    win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, R, R)
+    N, C, OH, OW = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(N, OH * OW, C * R * R), OH, OW
+
+
+def numpy_pass(pass_: str):
+    def forward(c, a):
+        cols, OH, OW = _im2col(a["x"], c.R, c.stride, c.padding)
+        y = cols @ a["w"].reshape(c.K, -1).T + a["b"]  # (N, OH*OW, K)
+        return y.transpose(0, 2, 1).reshape(c.N, c.K, OH, OW)
+
+    def dw(c, a):
+        cols, _, _ = _im2col(a["x"], c.R, c.stride, c.padding)
+        dy = a["dy"].reshape(c.N, c.K, -1)  # (N, K, OH*OW)
+        return np.einsum("nkp,npq->kq", dy, cols, optimize=True).reshape(a["w"].shape)
+
+    def dx(c, a):
+        # col2im: scatter dy @ W back into the padded input, one (r, s) tap at a time.
+        N, C, H, _ = a["x"].shape
+        P, OH = c.padding, c.OH
+        dcols = np.einsum("nkp,kq->npq", a["dy"].reshape(c.N, c.K, -1),
+                          a["w"].reshape(c.K, -1), optimize=True)
+        dcols = dcols.reshape(N, OH, OH, C, c.R, c.R)
+        dxp = np.zeros((N, C, H + 2 * P, H + 2 * P), np.float32)
+        span = c.stride * (OH - 1) + 1
+        for r in range(c.R):
+            for s in range(c.R):
+                dxp[:, :, r:r + span:c.stride, s:s + span:c.stride] += (
+                    dcols[:, :, :, :, r, s].transpose(0, 3, 1, 2))
+        return dxp[:, :, P:P + H, P:P + H]
+
+    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+
+
+# ---- PyTorch -------------------------------------------------------------------------
+
+
+def torch_pass(pass_: str):
+    if torch is None:
+        return None
+
+    def tensors(a):
+        if "_t" not in a:
+            a["_t"] = {k: torch.from_numpy(v) for k, v in a.items() if isinstance(v, np.ndarray)}
+        return a["_t"]
+
+    def forward(c, a):
+        t = tensors(a)
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(t["x"], t["w"], t["b"], c.stride, c.padding)
+
+    def dx(c, a):
+        t = tensors(a)
+        return torch.nn.grad.conv2d_input(a["x"].shape, t["w"], t["dy"], c.stride, c.padding)
+
+    def dw(c, a):
+        t = tensors(a)
+        return torch.nn.grad.conv2d_weight(t["x"], a["w"].shape, t["dy"], c.stride, c.padding)
+
+    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+
+
+IMPLS = {"fastconv": fastconv_pass, "numpy-im2col": numpy_pass, "torch": torch_pass}
+
+
+def sync_threads() -> int:
+    """Give torch the same thread count as fastconv; returns it."""
+    n = fc.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(n)
+    return n
