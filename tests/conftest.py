@@ -1,0 +1,58 @@
+"""Shared test helpers: hypothesis profiles, and running every pass through fastconv or the
+reference with the same public arguments."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import fastconv as fc
+from fastconv import reference as ref
+
+# JIT compilation makes first examples slow: no deadline.  CI runs a fixed, moderate budget.
+settings.register_profile("default", deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def normalised(x_shape, w_shape, stride, padding, dilation, groups):
+    """The reference's argument form, from the public one."""
+    g = fc.conv_geometry(x_shape, w_shape, stride, padding, dilation, groups)
+    return dict(stride=(g.sh, g.sw), pads=(g.pt, g.pb, g.pl, g.pr), dilation=(g.dlh, g.dlw),
+                groups=groups)
+
+
+def all_passes(x, w, b, dy, conv):
+    """(y, dx, dw) from fastconv for ``conv = dict(stride, padding, dilation, groups)``."""
+    y = fc.conv2d(x, w, b, **conv)
+    dx = fc.conv2d_grad_input(dy, w, x.shape, **conv)
+    dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
+    return y, dx, dw
+
+
+def reference_passes(x, w, b, dy, conv):
+    """(y, dx, dw) from the NumPy reference."""
+    n = normalised(x.shape, w.shape, **conv)
+    y = ref.conv2d_forward(x, w, b, **n)
+    dx = ref.conv2d_grad_input(dy, w, x.shape, **n)
+    dw = ref.conv2d_grad_weight(x, dy, w.shape, **n)
+    return y, dx, dw
+
+
+def random_problem(rng, N, C, H, W, K, R, S, conv, dtype=np.float64):
+    """Random x, w, b and deltas of the right output shape for one configuration."""
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C // conv["groups"], R, S)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    g = fc.conv_geometry(x.shape, w.shape, **conv)
+    dy = rng.standard_normal((N, K, g.OH, g.OW)).astype(dtype)
+    return x, w, b, dy
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

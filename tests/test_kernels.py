@@ -1,0 +1,152 @@
+"""The kernels against the NumPy reference: a parameter grid, hypothesis-generated
+configurations, float32 and float64, and finite-difference gradient checks."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import all_passes, random_problem, reference_passes
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+
+
+def _grid():
+    # (N, C, H, W, K, R, S, groups): odd and non-square sizes, batch 1, 1x1 kernels,
+    # a kernel equal to the input, grouped and depthwise, C = 1, K beyond one vector block.
+    shapes = [
+        (2, 3, 7, 9, 5, 3, 3, 1),
+        (1, 4, 6, 5, 6, 2, 3, 2),
+        (2, 4, 8, 7, 4, 3, 3, 4),  # depthwise
+        (2, 4, 8, 7, 8, 3, 2, 4),  # depthwise, channel multiplier 2
+        (1, 1, 11, 10, 20, 5, 5, 1),
+        (2, 17, 6, 6, 33, 1, 1, 1),  # 1x1, K not a multiple of 16
+        (1, 3, 5, 4, 2, 5, 4, 1),  # kernel equal to the input
+        (3, 2, 16, 15, 3, 4, 2, 1),  # rows wider than one register tile
+    ]
+    for shape, stride, padding, dilation in itertools.product(
+            shapes, [1, 2, 3, (1, 2)], [0, 1, 2, "valid", "same", (2, 0)], [1, 2]):
+        N, C, H, W, K, R, S, groups = shape
+        conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        if padding == "same" and stride != 1:
+            continue
+        try:
+            fc.conv_geometry((N, C, H, W), (K, C // groups, R, S), **conv)
+        except ValueError:
+            continue  # kernel larger than the padded input: covered in test_api
+        yield pytest.param(shape, conv, id=f"{shape}-s{stride}-p{padding}-d{dilation}")
+
+
+GRID = list(_grid())
+
+
+def _compare(got, want, dtype):
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+        assert a.shape == b.shape, name
+        assert a.dtype == dtype, name
+        np.testing.assert_allclose(a, b, err_msg=name, **tol)
+
+
+def test_grid_is_large():
+    assert len(GRID) > 300
+
+
+@pytest.mark.parametrize("shape, conv", GRID)
+def test_grid_float64(shape, conv, rng):
+    N, C, H, W, K, R, S, _ = shape
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv)
+    _compare(all_passes(x, w, b, dy, conv), reference_passes(x, w, b, dy, conv), np.float64)
+
+
+@pytest.mark.parametrize("shape, conv", GRID[::7])
+def test_grid_float32(shape, conv, rng):
+    N, C, H, W, K, R, S, _ = shape
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, np.float32)
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)
+    _compare(all_passes(x, w, b, dy, conv), want, np.float32)
+
+
+@st.composite
+def configurations(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    C = groups * draw(st.integers(1, 5))
+    K = groups * draw(st.integers(1, 20))
+    R, S = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(st.one_of(st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                             st.sampled_from(["valid", "same"])))
+    if padding == "same":
+        stride = (1, 1)
+    H = draw(st.integers(1, 17))
+    W = draw(st.integers(1, 17))
+    N = draw(st.integers(1, 3))
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    try:
+        fc.conv_geometry((N, C, H, W), (K, C // groups, R, S), **conv)
+    except ValueError:
+        from hypothesis import assume
+
+        assume(False)
+    return (N, C, H, W, K, R, S), conv
+
+
+@given(configurations(), st.integers(0, 2**32 - 1))
+def test_hypothesis_against_reference(cfg, seed):
+    (N, C, H, W, K, R, S), conv = cfg
+    rng = np.random.default_rng(seed)
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv)
+    _compare(all_passes(x, w, b, dy, conv), reference_passes(x, w, b, dy, conv), np.float64)
+
+
+# Finite differences, float64.  L(x, w, b) = sum(conv2d(x, w, b) * g) is linear in each
+# argument, so a central difference is exact up to rounding.
+
+
+@pytest.mark.parametrize("conv", [
+    dict(stride=1, padding=1, dilation=1, groups=1),
+    dict(stride=2, padding=(1, 2), dilation=(2, 1), groups=2),
+    dict(stride=1, padding="same", dilation=(1, 3), groups=1),
+])
+def test_finite_differences(conv, rng):
+    x, w, b, g = random_problem(rng, 2, 4, 7, 6, 4, 3, 2, conv)
+
+    def loss(x_, w_, b_):
+        return float(np.sum(fc.conv2d(x_, w_, b_, **conv) * g))
+
+    def numeric(arr, which):
+        grad = np.zeros_like(arr)
+        eps = 1e-6
+        for idx in np.ndindex(arr.shape):
+            args = {"x": x, "w": w, "b": b}
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += eps
+            minus[idx] -= eps
+            args[which] = plus
+            lp = loss(args["x"], args["w"], args["b"])
+            args[which] = minus
+            lm = loss(args["x"], args["w"], args["b"])
+            grad[idx] = (lp - lm) / (2 * eps)
+        return grad
+
+    tol = dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fc.conv2d_grad_input(g, w, x.shape, **conv), numeric(x, "x"), **tol)
+    np.testing.assert_allclose(fc.conv2d_grad_weight(x, g, w.shape, **conv), numeric(w, "w"), **tol)
+    np.testing.assert_allclose(fc.conv2d_grad_bias(g), numeric(b, "b"), **tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_results(threads, rng):
+    conv = dict(stride=1, padding=2, dilation=1, groups=1)
+    x, w, b, dy = random_problem(rng, 4, 8, 14, 14, 32, 5, 5, conv, np.float32)
+    before = fc.get_num_threads()
+    try:
+        fc.set_num_threads(threads)
+        assert fc.get_num_threads() == threads
+        got = all_passes(x, w, b, dy, conv)
+    finally:
+        fc.set_num_threads(before)
+    for a, b_ in zip(got, all_passes(x, w, b, dy, conv), strict=True):
+        np.testing.assert_array_equal(a, b_)
