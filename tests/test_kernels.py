@@ -5,11 +5,12 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import all_passes, random_problem, reference_passes
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
+
+from conftest import all_passes, random_problem, reference_passes
 
 
 def _grid():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from conftest import random_problem
 from test_kernels import GRID
 
