@@ -417,20 +417,20 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     if geo.N == 0:
         return np.zeros(weight_shape, dtype)
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
-    KBn = -(-Kg // _k.KB)
+    KBn = -(-Kg // _k.KBW)
     xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo[12:16])
-    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * _k.KB)
+    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * _k.KBW)
     # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
     T = S * Cg
     off = np.zeros((G, -(-T // _k.TC) * _k.TC), np.uint64)
     s, c = np.divmod(np.arange(T), Cg)
     off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
-    dwb = np.empty((G, KBn, R, off.shape[1], _k.KB), dtype)
+    dwb = np.empty((G, KBn, R, off.shape[1], _k.KBW), dtype)
     N, Hp, Wp, _ = xp.shape
-    dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, _k.KB)
+    dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, _k.KBW)
     _k.conv_dw_tiles(xp.reshape(N, Hp, Wp * C), dyp, off, dwb, C, geo.sh, geo.sw, geo.dlh)
-    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, _k.KB).transpose(0, 1, 5, 4, 2, 3)
-    return np.ascontiguousarray(dw.reshape(G, KBn * _k.KB, Cg, R, S)[:, :Kg]).reshape(
+    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, _k.KBW).transpose(0, 1, 5, 4, 2, 3)
+    return np.ascontiguousarray(dw.reshape(G, KBn * _k.KBW, Cg, R, S)[:, :Kg]).reshape(
         weight_shape)
 
 

@@ -16,6 +16,7 @@ Legend
 ``KBn``          number of such blocks per group
 ``TW``           output pixels per register tile (7)
 ``TC``           reduction columns per dW register tile (8)
+``KBW``          output channels per dW register tile (32: two vectors, 16 accumulators)
 
 Design
 ------
@@ -34,6 +35,7 @@ from ._jit import parallel_kernel, stack_tile
 KB = 16
 TW = 7
 TC = 8
+KBW = 2 * KB
 
 
 @parallel_kernel
@@ -156,14 +158,14 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
     """Weight gradient as a correlation of the input with the deltas.
 
     ``dwb[g, kb, r, t, k] = sum_{n, i, j} x[n, i*sh + r*dlh, j*sw*C + off[g, t]]
-    * dy[n, i, j, g*KBn + kb, k]``
+    * dy[n, i, j, g*KBn + kb, k]`` with ``KBn`` blocks of ``KBW`` output channels
 
     x   : (N, Hp, Wp*C)            padded channels-last input, each row flattened;
                                    ``C`` is its channel count.
-    dy  : (N, OH, OW, G*KBn, KB)   channels-last deltas, zero in the padding channels.
+    dy  : (N, OH, OW, G*KBn, KBW)   channels-last deltas, zero in the padding channels.
     off : (G, T) uint64            column offsets, ``T`` a multiple of ``TC``.  Unsigned, so
                                    Numba emits no negative-index wraparound for them.
-    dwb : (G, KBn, R, T, KB)       output, every element written once.
+    dwb : (G, KBn, R, T, KBW)      output, every element written once.
 
     Parallel over ``(g, kb, r, column block)``; each task owns its output tile, so the
     reduction over the batch needs no sharing between threads.
@@ -187,9 +189,9 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
         o5 = off[g, tb * TC + 5]
         o6 = off[g, tb * TC + 6]
         o7 = off[g, tb * TC + 7]
-        acc = stack_tile(TC, KB, dwb.dtype)
+        acc = stack_tile(TC, KBW, dwb.dtype)
         for t in range(TC):
-            for k in range(KB):
+            for k in range(KBW):
                 acc[t, k] = 0
         for n in range(N):
             for i in range(OH):
@@ -204,7 +206,7 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
                     x5 = xrow[base + o5]
                     x6 = xrow[base + o6]
                     x7 = xrow[base + o7]
-                    for k in range(KB):
+                    for k in range(KBW):
                         d = dy[n, i, j, gk, k]
                         acc[0, k] += x0 * d
                         acc[1, k] += x1 * d
@@ -215,5 +217,5 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
                         acc[6, k] += x6 * d
                         acc[7, k] += x7 * d
         for t in range(TC):
-            for k in range(KB):
+            for k in range(KBW):
                 dwb[g, kb, r, tb * TC + t, k] = acc[t, k]

@@ -33,9 +33,9 @@ def test_forward_and_dx_kernel_uses_packed_fma():
 def test_dw_kernel_uses_packed_fma_without_gathers():
     f = _fresh(K.conv_dw_tiles)
     x = np.zeros((1, 5, 5 * 2), np.float32)
-    dy = np.zeros((1, 3, 3, 1, K.KB), np.float32)
+    dy = np.zeros((1, 3, 3, 1, K.KBW), np.float32)
     off = np.zeros((1, K.TC), np.uint64)
-    dwb = np.zeros((1, 1, 3, K.TC, K.KB), np.float32)
+    dwb = np.zeros((1, 1, 3, K.TC, K.KBW), np.float32)
     f(x, dy, off, dwb, 2, 1, 1, 1)
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= K.TC
