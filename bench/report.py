@@ -34,17 +34,27 @@ def _time(fn, case, arrays, min_seconds=0.1):
             return elapsed / calls
 
 
-def measure(case, pass_, impls, reps):
+def measure(case, pass_, interleaved, extra, reps):
+    """Seconds per call of each implementation, ``reps`` samples each.
+
+    ``interleaved`` implementations alternate round by round.  ``extra`` ones (the NumPy
+    baseline) are timed afterwards in a block of their own: OpenBLAS worker threads
+    busy-wait after every call and would steal the cores from the next implementation.
+    """
     arrays = cases.make_arrays(case)
-    fns = {name: cases.IMPLS[name](pass_) for name in impls}
+    fns = {name: cases.IMPLS[name](pass_) for name in interleaved + extra}
     fns = {k: v for k, v in fns.items() if v is not None}
-    for fn in fns.values():  # warm up: JIT compilation, caches, thread pools
-        fn(case, arrays)
-        fn(case, arrays)
     times = {k: [] for k in fns}
+    inter = [k for k in interleaved if k in fns]
+    for name in inter:  # warm up: JIT compilation, caches, thread pools
+        fns[name](case, arrays)
     for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(_time(fn, case, arrays))
+        for name in inter:
+            times[name].append(_time(fns[name], case, arrays))
+    for name in extra:
+        for _ in range(reps):
+            times[name].append(_time(fns[name], case, arrays))
+        time.sleep(0.5)  # let its spinning threads go to sleep
     return times
 
 
@@ -55,11 +65,13 @@ def main(argv=None):
     p.add_argument("--cases", nargs="*", default=[c.name for c in cases.CASES])
     p.add_argument("--passes", nargs="*", default=cases.PASSES)
     p.add_argument("--impl", action="append", default=[],
-                   help="extra implementation to show, e.g. numpy-im2col")
+                   help="extra implementation to show, e.g. numpy-im2col (timed in its own "
+                        "block after the interleaved rounds)")
     args = p.parse_args(argv)
     threads = cases.sync_threads()
     have_torch = cases.torch is not None
-    impls = ["fastconv"] + (["torch"] if have_torch else []) + args.impl
+    interleaved = ["fastconv"] + (["torch"] if have_torch else [])
+    impls = interleaved + args.impl
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{threads} threads, fp32, median of {args.reps} interleaved rounds")
     if have_torch:
@@ -73,7 +85,7 @@ def main(argv=None):
     for name in args.cases:
         case = by_name[name]
         for pass_ in args.passes:
-            times = measure(case, pass_, impls, args.reps)
+            times = measure(case, pass_, interleaved, args.impl, args.reps)
             row = [name, pass_] + [f"{case.flops() / statistics.median(times[i]) / 1e9:.1f}"
                                    for i in impls]
             if have_torch:
