@@ -6,26 +6,8 @@
 (1, 1, 2, 2)
 """
 
-from .conv import (
-    conv2d,
-    conv2d_grad_bias,
-    conv2d_grad_input,
-    conv2d_grad_weight,
-    conv_geometry,
-    conv_output_size,
-    get_num_threads,
-    set_num_threads,
-)
+from . import conv
+from .conv import *  # noqa: F403  (the public API is conv.__all__)
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "conv2d",
-    "conv2d_grad_bias",
-    "conv2d_grad_input",
-    "conv2d_grad_weight",
-    "conv_geometry",
-    "conv_output_size",
-    "get_num_threads",
-    "set_num_threads",
-]
+__all__ = list(conv.__all__)

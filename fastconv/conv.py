@@ -139,6 +139,10 @@ class ConvGeometry(NamedTuple):
     def Kg(self) -> int:
         return self.K // self.G
 
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        return self.pt, self.pb, self.pl, self.pr
+
 
 def _resolve_padding(padding, R, S, sh, sw, dlh, dlw) -> tuple[int, int, int, int]:
     if isinstance(padding, str):
@@ -285,7 +289,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), dtype)
     if geo.N > 0:
         G, Kg = geo.G, geo.Kg
-        xp = _channels_last(x.astype(dtype, copy=False), G, geo.Cg, geo[12:16])
+        xp = _channels_last(x.astype(dtype, copy=False), G, geo.Cg, geo.pads)
         wb = _blocked_weights(w.astype(dtype, copy=False).reshape(G, Kg, geo.Cg, geo.R, geo.S))
         bb = np.zeros((G, wb.shape[1] * _k.KB), dtype)
         if b is not None:
@@ -418,7 +422,7 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
         return np.zeros(weight_shape, dtype)
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
     KBn = -(-Kg // _k.KBW)
-    xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo[12:16])
+    xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo.pads)
     dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * _k.KBW)
     # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
     T = S * Cg
