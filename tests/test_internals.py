@@ -1,0 +1,68 @@
+"""Promises of the design that the public results alone cannot show."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastconv import conv_output_size
+from fastconv.conv import _dx_phases
+
+AXES = [(size, pad, stride, dilation, kernel, conv_output_size(size, kernel, stride, pad, pad,
+                                                                  dilation))
+        for size, pad, stride, dilation, kernel in itertools.product(
+            [5, 8, 13], [0, 1, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3, 5])]
+
+
+@pytest.mark.parametrize("size, pad, stride, dilation, kernel, out_size",
+                         [a for a in AXES if a[-1] >= 1])
+def test_dx_phases_multiply_no_inserted_zero(size, pad, stride, dilation, kernel, out_size):
+    """Every (output row, tap) the dX kernel visits meets a real delta position, and every
+    (row, tap) pair that meets a delta of the output is visited."""
+    phases, pad_lo, pad_hi = _dx_phases(size, pad, stride, dilation, kernel, out_size)
+    visited = set()
+    for ph in phases:
+        for u in range(ph.count):
+            h = ph.out0 + u * stride  # dx row
+            for m, r in enumerate(ph.taps):
+                hp = h + pad
+                assert (hp - r * dilation) % stride == 0, "an inserted zero is multiplied"
+                i = (hp - r * dilation) // stride
+                # The kernel reads padded delta row start + pad_lo + u + m*step for this tap.
+                assert ph.start + pad_lo + u + m * ph.step == i + pad_lo
+                assert 0 <= i + pad_lo < out_size + pad_lo + pad_hi
+                visited.add((h, r, i))
+    needed = {(h, r, (h + pad - r * dilation) // stride)
+              for h in range(size) for r in range(kernel)
+              if (h + pad - r * dilation) % stride == 0
+              and 0 <= (h + pad - r * dilation) // stride < out_size}
+    assert needed <= visited
+
+
+_PROBE = """
+import json, numpy as np, fastconv as fc
+from fastconv import kernels as k
+x = np.ones((2, 3, 9, 9), np.float32); w = np.ones((4, 3, 3, 3), np.float32)
+fc.conv2d(x, w, padding=1)
+fc.conv2d_grad_input(np.ones((2, 4, 9, 9), np.float32), w, x.shape, padding=1)
+fc.conv2d_grad_weight(x, np.ones((2, 4, 9, 9), np.float32), w.shape, padding=1)
+print(json.dumps({f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+                  for f in (k.conv_tiles, k.conv_dw_tiles, k.pack_channels_last)}))
+"""
+
+
+def test_warm_cache_serves_a_new_process(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), FASTCONV_NO_CACHE="0")
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    cold = run()
+    assert all(misses > 0 and hits == 0 for hits, misses in cold.values()), cold
+    warm = run()
+    assert all(hits > 0 and misses == 0 for hits, misses in warm.values()), warm
