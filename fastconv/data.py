@@ -1,0 +1,259 @@
+"""MNIST-family datasets: an IDX reader and a loader that finds or downloads the files.
+
+:func:`load_dataset` looks for the four standard files in this order:
+
+1. the ``data_dir`` argument (the folder itself, or its ``<name>`` subfolder);
+2. ``$FASTCONV_DATA/<name>``;
+3. the user cache, ``~/.cache/fastconv/<name>`` (``$XDG_CACHE_HOME`` is honoured);
+4. Debian's ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``);
+5. a download from the dataset's public mirrors into the user cache, verified by SHA-256,
+   with a timeout, written to a temporary file and renamed into place only when complete.
+
+Each file may be gzipped (``*.gz``) or raw.  A file is verified on download by the SHA-256
+of the gzip file as published or of its decompressed IDX payload (which does not change
+when a distribution such as Debian recompresses the archive).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import os
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DATASETS", "DatasetNotFoundError", "IDXError", "load_dataset", "read_idx"]
+
+
+class IDXError(ValueError):
+    """An IDX file is truncated, corrupt or not an IDX file."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are neither on disk nor downloadable."""
+
+
+# IDX type codes -> big-endian numpy dtypes.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _parse_idx(raw: bytes, name: str) -> np.ndarray:
+    if len(raw) < 4:
+        raise IDXError(f"{name}: {len(raw)} bytes is too short for an IDX header")
+    zero, code, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or code not in _IDX_TYPES or ndim == 0:
+        raise IDXError(f"{name}: bad IDX magic number 0x{raw[:4].hex()} "
+                       "(expected 0x0000TTNN: type code TT, NN dimensions)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IDXError(f"{name}: truncated header: {len(raw)} bytes, need {header}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[code])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise IDXError(f"{name}: the header says dims {dims} of {dtype.name} "
+                       f"({expected} bytes with the header), but the data has {len(raw)} bytes"
+                       + (" (truncated)" if len(raw) < expected else ""))
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _read_payload(path: Path) -> bytes:
+    """The file's bytes, decompressed if it is gzip."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise IDXError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    return data
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (gzipped or raw) into a native-endian array.
+
+    The magic number, the dimensions and the file length are checked against each other;
+    a truncated or corrupt file raises :class:`IDXError` naming the file.
+    """
+    path = Path(path)
+    return _parse_idx(_read_payload(path), str(path))
+
+
+@dataclass(frozen=True)
+class _File:
+    stem: str  # e.g. "train-images-idx3-ubyte"
+    shape: tuple  # expected array shape
+    sha256: frozenset = field(default_factory=frozenset)  # accepted digests, gz or payload
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    name: str
+    mirrors: tuple
+    files: tuple  # train images, train labels, test images, test labels
+    system_dirs: tuple = ()
+
+
+DATASETS = {
+    "mnist": _Dataset(
+        "mnist",
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        files=(
+            _File("train-images-idx3-ubyte", (60000, 28, 28), frozenset({
+                "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"})),
+            _File("train-labels-idx1-ubyte", (60000,), frozenset({
+                "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"})),
+            _File("t10k-images-idx3-ubyte", (10000, 28, 28), frozenset({
+                "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"})),
+            _File("t10k-labels-idx1-ubyte", (10000,), frozenset({
+                "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"})),
+        ),
+    ),
+    "fashion-mnist": _Dataset(
+        "fashion-mnist",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        files=(
+            _File("train-images-idx3-ubyte", (60000, 28, 28), frozenset({
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"})),
+            _File("train-labels-idx1-ubyte", (60000,), frozenset({
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"})),
+            _File("t10k-images-idx3-ubyte", (10000, 28, 28), frozenset({
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"})),
+            _File("t10k-labels-idx1-ubyte", (10000,), frozenset({
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"})),
+        ),
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+    ),
+}
+
+
+def _cache_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastconv" / name
+
+
+def _candidate_dirs(ds: _Dataset, data_dir) -> list[Path]:
+    dirs = []
+    if data_dir is not None:
+        dirs += [Path(data_dir), Path(data_dir) / ds.name]
+    if os.environ.get("FASTCONV_DATA"):
+        dirs.append(Path(os.environ["FASTCONV_DATA"]) / ds.name)
+    dirs.append(_cache_dir(ds.name))
+    dirs += [Path(d) for d in ds.system_dirs]
+    return dirs
+
+
+def _find(folder: Path, f: _File) -> Path | None:
+    for candidate in (folder / f"{f.stem}.gz", folder / f.stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _digests(data: bytes) -> set[str]:
+    """SHA-256 of the bytes, and of the payload too when they are gzip."""
+    found = {hashlib.sha256(data).hexdigest()}
+    if data[:2] == b"\x1f\x8b":
+        try:
+            found.add(hashlib.sha256(gzip.decompress(data)).hexdigest())
+        except (OSError, EOFError, zlib.error):
+            pass
+    return found
+
+
+def download(url: str, dest: Path, sha256: frozenset, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest`` atomically, accepting it only if a digest matches.
+
+    The bytes go to a temporary file beside ``dest``, which is renamed into place only
+    after the transfer completed and the checksum matched; on any failure it is removed,
+    so an interrupted or corrupt download leaves nothing behind.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            buf = io.BytesIO()
+            while chunk := resp.read(1 << 20):
+                buf.write(chunk)
+            data = buf.getvalue()
+            length = resp.headers.get("Content-Length")
+            if length is not None and len(data) != int(length):
+                raise OSError(f"incomplete download: got {len(data)} of {length} bytes")
+            if sha256 and not (_digests(data) & sha256):
+                raise OSError(f"checksum mismatch: got sha256 {hashlib.sha256(data).hexdigest()}")
+            out.write(data)
+        os.replace(tmp, dest)
+        return dest
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float = 30.0):
+    """Load an MNIST-family dataset as uint8 arrays.
+
+    Parameters
+    ----------
+    name : ``'mnist'`` or ``'fashion-mnist'``
+    data_dir : folder holding the four IDX files (or a ``<name>`` subfolder), optional
+    download : fetch missing files from the public mirrors into the user cache
+    timeout : seconds per network operation
+
+    Returns
+    -------
+    train_images (60000, 28, 28) uint8, train_labels (60000,) uint8,
+    test_images (10000, 28, 28) uint8, test_labels (10000,) uint8
+        (the sizes of the standard files; a user's own split may differ).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    ds = DATASETS[name]
+    dirs = _candidate_dirs(ds, data_dir)
+    paths, missing, errors = [], [], []
+    for f in ds.files:
+        found = next((p for d in dirs if (p := _find(d, f)) is not None), None)
+        if found is None and download:
+            found = _download_any(ds, f, timeout, errors)
+        if found is None:
+            missing.append(f.stem)
+        paths.append(found)
+    if missing:
+        lines = [f"{name}: could not find {', '.join(missing)} (.gz or raw IDX files).",
+                 "Looked in:", *(f"  {d}" for d in dirs)]
+        if errors:
+            lines += ["Download failed:", *(f"  {e}" for e in errors)]
+        elif not download:
+            lines.append("Downloading was turned off.")
+        lines.append(f"Put the files in one of these folders, pass data_dir=..., or set "
+                     f"FASTCONV_DATA to a folder with a '{name}' subfolder.")
+        raise DatasetNotFoundError("\n".join(lines))
+    arrays = [read_idx(p) for p in paths]
+    for a, f, p in zip(arrays, ds.files, paths, strict=True):
+        if a.ndim != len(f.shape) or a.shape[1:] != f.shape[1:] or a.dtype != np.uint8:
+            raise IDXError(f"{p}: expected {f.stem} of shape (n, {f.shape[1:]}) uint8, got "
+                           f"{a.shape} {a.dtype}")
+    for images, labels, (pi, pl) in ((arrays[0], arrays[1], paths[:2]),
+                                     (arrays[2], arrays[3], paths[2:])):
+        if len(images) != len(labels):
+            raise IDXError(f"{pi} has {len(images)} images but {pl} has {len(labels)} labels")
+    return tuple(arrays)
+
+
+def _download_any(ds: _Dataset, f: _File, timeout: float, errors: list) -> Path | None:
+    dest = _cache_dir(ds.name) / f"{f.stem}.gz"
+    for mirror in ds.mirrors:
+        url = f"{mirror}{f.stem}.gz"
+        try:
+            return download(url, dest, f.sha256, timeout)
+        except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts are OSError
+            errors.append(f"{url}: {e}")
+    return None
