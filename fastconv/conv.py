@@ -40,8 +40,11 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
+_INT_MAX = 2**31 - 1  # kernel index arithmetic stays far from int64 overflow
+
+
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    """Normalise an int or an ``(h, w)`` pair of ints, each ``>= minimum``."""
+    """Normalise an int or an ``(h, w)`` pair of ints, each in ``[minimum, 2**31 - 1]``."""
     if _is_int(value):
         pair = (int(value), int(value))
     elif (
@@ -54,6 +57,8 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > _INT_MAX:
+        raise ValueError(f"{name} must be <= {_INT_MAX}, got {value!r}")
     return pair
 
 
@@ -64,9 +69,9 @@ def _shape4(name: str, shape) -> tuple[int, int, int, int]:
     except TypeError:
         raise TypeError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
     if len(dims) != 4 or not all(_is_int(d) for d in dims):
-        raise ValueError(f"{name} must be 4 ints, got {shape!r}")
+        raise ValueError(f"{name} must be 4 ints, got {dims!r}")
     if min(dims) < 0:
-        raise ValueError(f"{name} must not have negative sizes, got {shape!r}")
+        raise ValueError(f"{name} must not have negative sizes, got {dims!r}")
     return tuple(int(d) for d in dims)
 
 
@@ -187,6 +192,9 @@ def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
         raise ValueError(f"groups must be >= 1, got {groups}")
     if min(K, Cg, R, S) < 1:
         raise ValueError(f"weight shape {tuple(weight_shape)} must have every size >= 1")
+    if min(H, W) < 1:
+        raise ValueError(f"input spatial size must be at least 1x1, got {H}x{W} "
+                         f"(input shape {tuple(input_shape)}); only the batch may be empty")
     if C % groups:
         raise ValueError(f"groups={groups} must divide the input channels C={C}")
     if K % groups:
@@ -295,7 +303,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if b is not None:
             bb[:, :Kg] = b.reshape(G, Kg)
         _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
-                      0, 0, 0, 0, 1, 1)
+                      0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
     return y[0] if unbatched else y
 
 
@@ -329,7 +337,8 @@ class _Phase(NamedTuple):
 def _dx_phases(size, pad_lo, stride, dilation, kernel, out_size):
     """Per phase of one axis: the taps that meet real deltas, and how dy is padded."""
     phases, pad_lo_dy, pad_hi_dy = [], 0, 0
-    for a in range(stride):
+    # Only phases that some input row h (padded position pad_lo + h) has: O(min(size, stride)).
+    for a in sorted({(pad_lo + h) % stride for h in range(min(size, stride))}):
         taps = [r for r in range(kernel) if (r * dilation - a) % stride == 0]
         u_lo = -((a - pad_lo) // stride)  # first u with a + stride*u >= pad_lo
         u_hi = (pad_lo + size - 1 - a) // stride
@@ -368,9 +377,9 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     w = _as_array("weight", weight)
     dtype = _result_dtype(dy, w)
     _check_rank("weight", w, "(K, C/groups, R, S)")
-    geo = conv_geometry(_shape4("input_shape", input_shape), w.shape, stride, padding,
-                        dilation, groups)
-    _check_grad_output(dy, geo, f"input_shape {tuple(input_shape)} with weight {w.shape}")
+    input_shape = _shape4("input_shape", input_shape)
+    geo = conv_geometry(input_shape, w.shape, stride, padding, dilation, groups)
+    _check_grad_output(dy, geo, f"input_shape {input_shape} with weight {w.shape}")
 
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dtype)
     if geo.N == 0:
@@ -382,11 +391,15 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction is k.
     wt = w.astype(dtype, copy=False).reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
     zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dtype)
+    # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
+    # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
+    exact = not np.isfinite(wt).all()
     for ph in rows:
         for pw in cols:
             wb = _blocked_weights(wt[:, :, :, ph.taps][:, :, :, :, pw.taps])
             _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
-                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw)
+                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
+                          exact, pt, pt + geo.OH, pl, pl + geo.OW)
     return dx
 
 

@@ -59,7 +59,8 @@ def pack_channels_last(src, dst, pt, pl, G, CgP):
 
 
 @parallel_kernel
-def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw):
+def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw,
+               exact, h_lo, h_hi, w_lo, w_hi):
     """Direct convolution with a register tile; the forward pass and every dX phase.
 
     For ``i < OH``, ``j < OW`` and every output channel ``g*Ko + ko`` (``ko < Ko``)::
@@ -76,6 +77,11 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
     no two threads write the same element.  Rows are covered by ``TW``-wide tiles; the last
     tile is shifted left to end at ``OW`` (it recomputes a few pixels, identically), so no
     pixel falls to a slow path unless ``OW < TW``.
+
+    ``exact`` makes every pixel take the one-pixel path, which skips the taps that read
+    outside ``x[:, h_lo:h_hi, w_lo:w_hi]`` (its zero border).  Products with the border are
+    zero for finite weights, but ``inf * 0`` is NaN: with non-finite weights, dX uses this
+    so that a NaN or inf reaches only the pixels that its tap really touches.
     """
     N = x.shape[0]
     G, KBn, R, S, Cg = w.shape[:5]
@@ -91,7 +97,7 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
         k0 = g * Ko + kb * KB
         kn = min(KB, Ko - kb * KB)
         acc = stack_tile(TW, KB, y.dtype)
-        if OW >= TW:
+        if OW >= TW and not exact:
             for jt in range((OW + TW - 1) // TW):
                 j0 = min(jt * TW, OW - TW)
                 for t in range(TW):
@@ -124,14 +130,19 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
                     for t in range(TW):
                         y[n, k0 + k, yh0 + i * ysh, yw0 + (j0 + t) * ysw] = acc[t, k] + bk
         else:
-            # Rows narrower than one tile: one pixel at a time, still vectorised over k.
+            # Rows narrower than one tile, or exact mode: one pixel at a time, still
+            # vectorised over k.
             for j in range(OW):
                 for k in range(KB):
                     acc[0, k] = 0
                 for r in range(R):
                     ih = xh0 + i * sh + r * dlh
+                    if exact and (ih < h_lo or ih >= h_hi):
+                        continue
                     for s in range(S):
                         iw = xw0 + j * sw + s * dlw
+                        if exact and (iw < w_lo or iw >= w_hi):
+                            continue
                         for c in range(Cg):
                             xv = x[n, ih, iw, c0 + c]
                             for k in range(KB):

@@ -8,6 +8,8 @@ import pytest
 import fastconv as fc
 from fastconv import reference as ref
 
+import conftest
+
 
 @pytest.fixture
 def data(rng):
@@ -127,6 +129,41 @@ def test_nan_propagates_only_to_outputs_it_touches(rng):
     assert np.isnan(dx).sum() == 2 * 4
 
 
+@pytest.mark.parametrize("conv", [dict(), dict(padding=1), dict(stride=2),
+                                  dict(stride=2, padding=1), dict(dilation=2, padding=2)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_reaches_only_what_it_touches_in_dx(conv, bad):
+    # inf * (a zero of the padding) would be NaN: dX must not multiply the border.
+    rng = np.random.default_rng(3)
+    w = rng.uniform(0.5, 1.5, (2, 3, 3, 3))
+    w[1, 2, 0, 0] = bad
+    shape = (1, 3, 7, 7)
+    g = fc.conv_geometry(shape, w.shape, **conv)
+    dy = rng.uniform(0.5, 1.5, (1, 2, g.OH, g.OW))
+    dx = fc.conv2d_grad_input(dy, w, shape, **conv)
+    # Input pixels the bad tap (r, s) = (0, 0) reads, for some output pixel.
+    touched = np.zeros(shape, bool)
+    for i in range(g.OH):
+        for j in range(g.OW):
+            h, v = i * g.sh - g.pt, j * g.sw - g.pl
+            if 0 <= h < 7 and 0 <= v < 7:
+                touched[0, 2, h, v] = True
+    assert np.array_equal(~np.isfinite(dx), touched)
+    assert np.isfinite(dx[0, :2]).all()
+    # The exact path's numbers: channels without the bad tap match the reference.
+    w_ok = np.where(np.isfinite(w), w, 0.0)
+    n = conftest.normalised(shape, w.shape, groups=1, **{"stride": 1, "padding": 0,
+                                                           "dilation": 1} | conv)
+    want = ref.conv2d_grad_input(dy, w_ok, shape, **n)
+    np.testing.assert_allclose(dx[0, :2], want[0, :2], rtol=1e-13)
+
+
+def test_huge_stride_is_fast_and_exact():
+    x_shape, w = (1, 1, 4, 4), np.ones((1, 1, 2, 2))
+    dx = fc.conv2d_grad_input(np.ones((1, 1, 1, 1)), w, x_shape, stride=10**9)
+    np.testing.assert_array_equal(dx[0, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0] * 4])
+
+
 def test_empty_batch(data):
     x, w, b = data
     y = fc.conv2d(x[:0], w, b, padding=1, groups=2)
@@ -178,6 +215,15 @@ DY = np.zeros((2, 6, 7, 6))
     (lambda: fc.conv2d(X, Wt, stride=(1, 0), groups=2), ValueError,
      "stride must be >= 1, got (1, 0)"),
     (lambda: fc.conv2d(X, Wt, dilation=0, groups=2), ValueError, "dilation must be >= 1, got 0"),
+    (lambda: fc.conv2d(X, Wt, stride=2**63, groups=2), ValueError,
+     f"stride must be <= 2147483647, got {2**63}"),
+    (lambda: fc.conv2d(X, Wt, dilation=(1, 2**40), groups=2), ValueError,
+     "dilation must be <= 2147483647"),
+    (lambda: fc.conv2d(np.zeros((2, 4, 0, 8)), Wt, padding=3, groups=2), ValueError,
+     "input spatial size must be at least 1x1, got 0x8 (input shape (2, 4, 0, 8)); only the "
+     "batch may be empty"),
+    (lambda: fc.conv2d_grad_input(DY, Wt, iter((2, 4, 9)), groups=2), ValueError,
+     "input_shape must be 4 ints, got (2, 4, 9)"),
     (lambda: fc.conv2d(X, Wt, stride=1.5, groups=2), TypeError,
      "stride must be an int or a pair of ints (h, w), got 1.5"),
     (lambda: fc.conv2d(X, Wt, stride=(1, 2, 3), groups=2), TypeError, "got (1, 2, 3)"),
