@@ -230,3 +230,94 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
         for t in range(TC):
             for k in range(KBW):
                 dwb[g, kb, r, tb * TC + t, k] = acc[t, k]
+
+
+# Pooling, derived once
+# ---------------------
+# Max: y[n,c,i,j] = max over the window of x, so dL/dx routes each delta to the position of
+# the window's maximum (the first one on ties) and every other position gets nothing.
+# Average: y = (1/(kh*kw)) * sum over the window (zero padding counted), so each delta is
+# spread evenly, dy/(kh*kw), over the window's positions inside the input.
+# Windows overlap when stride < kernel: each task owns whole (n, c) planes, so its += never
+# meets another thread's writes.
+
+
+@parallel_kernel
+def max_pool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
+    """``y[n,c,i,j] = max x[n, c, i*sh - ph + r, j*sw - pw + s]`` over the window in the input.
+
+    x : (N, C, H, W);  y : (N, C, OH, OW);  arg : (N, C, OH, OW) int32 flat index
+    ``h*W + w`` of the maximum (the first on ties; a NaN wins, the first NaN).
+    """
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        for i in range(OH):
+            h0 = i * sh - ph
+            for j in range(OW):
+                w0 = j * sw - pw
+                best = -np.inf
+                where = -1
+                for r in range(max(0, -h0), min(kh, H - h0)):
+                    for s in range(max(0, -w0), min(kw, W - w0)):
+                        v = x[n, c, h0 + r, w0 + s]
+                        if where < 0 or v > best or (np.isnan(v) and not np.isnan(best)):
+                            best = v
+                            where = (h0 + r) * W + w0 + s
+                y[n, c, i, j] = best
+                arg[n, c, i, j] = where
+
+
+@parallel_kernel
+def max_pool_bwd(dy, arg, dx):
+    """``dx[n, c, arg // W, arg % W] += dy[n, c, i, j]``; ``dx`` is pre-zeroed (N, C, H, W)."""
+    N, C, OH, OW = dy.shape
+    W = dx.shape[3]
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        for i in range(OH):
+            for j in range(OW):
+                a = arg[n, c, i, j]
+                dx[n, c, a // W, a % W] += dy[n, c, i, j]
+
+
+@parallel_kernel
+def avg_pool_fwd(x, y, kh, kw, sh, sw, ph, pw):
+    """``y[n,c,i,j] = sum of x over the window / (kh*kw)`` (zero padding counted)."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    scale = 1.0 / (kh * kw)
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        for i in range(OH):
+            h0 = i * sh - ph
+            for j in range(OW):
+                w0 = j * sw - pw
+                total = 0.0
+                for r in range(max(0, -h0), min(kh, H - h0)):
+                    for s in range(max(0, -w0), min(kw, W - w0)):
+                        total += x[n, c, h0 + r, w0 + s]
+                y[n, c, i, j] = total * scale
+
+
+@parallel_kernel
+def avg_pool_bwd(dy, dx, kh, kw, sh, sw, ph, pw):
+    """``dx[window of (i, j)] += dy[n,c,i,j] / (kh*kw)``; ``dx`` is pre-zeroed (N, C, H, W)."""
+    N, C, OH, OW = dy.shape
+    H, W = dx.shape[2], dx.shape[3]
+    scale = 1.0 / (kh * kw)
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        for i in range(OH):
+            h0 = i * sh - ph
+            for j in range(OW):
+                w0 = j * sw - pw
+                g = dy[n, c, i, j] * scale
+                for r in range(max(0, -h0), min(kh, H - h0)):
+                    for s in range(max(0, -w0), min(kw, W - w0)):
+                        dx[n, c, h0 + r, w0 + s] += g

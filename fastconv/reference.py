@@ -125,3 +125,59 @@ def conv2d_grad_input(dy, w, input_shape, stride=(1, 1), pads=(0, 0, 0, 0), dila
 def conv2d_grad_bias(dy):
     """db: every bias is added to every output position of its channel, ``db[k] = sum dy``."""
     return dy.sum(axis=(0, 2, 3))
+
+
+def max_pool2d(x, kernel, stride, padding):
+    """Max pooling with -inf padding, and for each output the flat input index of the first
+    maximum in row-major window order.  Returns ``(y, indices)``."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    N, C, H, W = x.shape
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (ph, ph), (pw, pw)],
+                constant_values=-np.inf)
+    OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    y = np.empty((N, C, OH, OW))
+    idx = np.empty((N, C, OH, OW), np.int64)
+    for n in range(N):
+        for c in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    win = xp[n, c, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                    k = int(np.argmax(win))  # first occurrence of the maximum (or a NaN)
+                    r, s = divmod(k, kw)
+                    y[n, c, i, j] = win[r, s]
+                    idx[n, c, i, j] = (i * sh + r - ph) * W + (j * sw + s - pw)
+    return y.astype(x.dtype), idx
+
+
+def max_pool2d_backward(dy, idx, input_shape):
+    """Each delta goes to the position its window's maximum came from."""
+    dx = np.zeros(input_shape, dy.dtype)
+    N, C, H, W = input_shape
+    for n, c, i, j in np.ndindex(dy.shape):
+        h, w = divmod(int(idx[n, c, i, j]), W)
+        dx[n, c, h, w] += dy[n, c, i, j]
+    return dx
+
+
+def avg_pool2d(x, kernel, stride, padding):
+    """Average over each window, zero padding counted in the divisor ``kh*kw``."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = pad(x, (ph, ph, pw, pw))
+    OH, OW = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    y = np.empty((*x.shape[:2], OH, OW), x.dtype)
+    for i in range(OH):
+        for j in range(OW):
+            y[:, :, i, j] = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw].mean(axis=(2, 3))
+    return y
+
+
+def avg_pool2d_backward(dy, input_shape, kernel, stride, padding):
+    """Each delta is spread evenly, ``dy/(kh*kw)``, over its window; padding is dropped."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    N, C, H, W = input_shape
+    dxp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dy.dtype)
+    for i in range(dy.shape[2]):
+        for j in range(dy.shape[3]):
+            dxp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += (
+                dy[:, :, i, j, None, None] / (kh * kw))
+    return dxp[:, :, ph:ph + H, pw:pw + W]

@@ -1,0 +1,154 @@
+"""2-D max and average pooling with their backward passes, like ``torch.nn.functional``.
+
+Windows are ``kernel_size`` (int or pair), ``stride`` defaults to ``kernel_size``, and
+``padding`` (at most half the kernel, as in PyTorch) pads with -inf for max pooling and with
+zeros, counted in the divisor, for average pooling.  Output sizes come from
+:func:`fastconv.conv_output_size`, like every convolution's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import kernels as _k
+from .conv import _as_array, _check_rank, _pair, _result_dtype, _shape4, conv_output_size
+
+__all__ = ["avg_pool2d", "avg_pool2d_backward", "max_pool2d", "max_pool2d_backward",
+           "pool_geometry"]
+
+
+class PoolGeometry(NamedTuple):
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    OH: int
+    OW: int
+
+
+def pool_geometry(input_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
+    """Validate pooling arguments for an (N, C, H, W) input and compute the output size."""
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    sh, sw = (kh, kw) if stride is None else _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"padding {(ph, pw)} must be at most half the kernel size "
+                         f"{(kh, kw)}, so that every window holds an input element")
+    H, W = input_shape[2], input_shape[3]
+    OH = conv_output_size(H, kh, sh, ph, ph, 1)
+    OW = conv_output_size(W, kw, sw, pw, pw, 1)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output size would be {OH}x{OW} (< 1): input {H}x{W} with padding "
+                         f"{(ph, pw)} is smaller than the pooling window {kh}x{kw}")
+    return PoolGeometry(kh, kw, sh, sw, ph, pw, OH, OW)
+
+
+def _input(name, value):
+    a = _as_array(name, value)
+    _check_rank(name, a, "(N, C, H, W)")
+    return a.astype(_result_dtype(a), copy=False)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, return_indices=False):
+    """Max pooling: the largest value of each window (a NaN wins).
+
+    Parameters
+    ----------
+    input : array (N, C, H, W)
+    kernel_size, stride, padding : int or (h, w) pair; ``stride`` defaults to the kernel
+
+    Returns
+    -------
+    y : ndarray (N, C, OH, OW)
+    indices : ndarray (N, C, OH, OW) int32, if ``return_indices``
+        The flat index ``h*W + w`` of each maximum in its input plane (the first on ties),
+        as :func:`max_pool2d_backward` takes it.
+    """
+    x = _input("input", input)
+    g = pool_geometry(x.shape, kernel_size, stride, padding)
+    N, C = x.shape[:2]
+    y = np.empty((N, C, g.OH, g.OW), x.dtype)
+    arg = np.empty((N, C, g.OH, g.OW), np.int32)
+    if y.size:
+        _k.max_pool_fwd(x, y, arg, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
+    return (y, arg) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, indices, input_shape):
+    """Route each delta to its window's maximum: ``dx[n, c, idx] += dy[n, c, i, j]``.
+
+    Parameters
+    ----------
+    grad_output : array (N, C, OH, OW)
+    indices : int array (N, C, OH, OW), from ``max_pool2d(..., return_indices=True)``
+    input_shape : (N, C, H, W)
+
+    Returns
+    -------
+    ndarray (N, C, H, W)
+    """
+    dy = _input("grad_output", grad_output)
+    arg = np.asarray(indices)
+    shape = _shape4("input_shape", input_shape)
+    if arg.shape != dy.shape or arg.dtype.kind not in "iu":
+        raise ValueError(f"indices must be integers of the grad_output shape {dy.shape}, got "
+                         f"{arg.dtype} {arg.shape}")
+    if dy.shape[:2] != shape[:2]:
+        raise ValueError(f"grad_output {dy.shape} and input_shape {shape} differ in (N, C)")
+    if arg.size and (arg.min() < 0 or arg.max() >= shape[2] * shape[3]):
+        raise ValueError(f"indices must lie in [0, H*W) = [0, {shape[2] * shape[3]}), got "
+                         f"values in [{arg.min()}, {arg.max()}]")
+    dx = np.zeros(shape, dy.dtype)
+    if dy.size:
+        _k.max_pool_bwd(dy, arg.astype(np.int32, copy=False), dx)
+    return dx
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0):
+    """Average pooling; zero padding is counted in the divisor (``count_include_pad``).
+
+    Parameters
+    ----------
+    input : array (N, C, H, W)
+    kernel_size, stride, padding : int or (h, w) pair; ``stride`` defaults to the kernel
+
+    Returns
+    -------
+    ndarray (N, C, OH, OW)
+    """
+    x = _input("input", input)
+    g = pool_geometry(x.shape, kernel_size, stride, padding)
+    y = np.empty((*x.shape[:2], g.OH, g.OW), x.dtype)
+    if y.size:
+        _k.avg_pool_fwd(x, y, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
+    return y
+
+
+def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0):
+    """Spread each delta evenly over its window: ``dx[window] += dy / (kh*kw)``.
+
+    Parameters
+    ----------
+    grad_output : array (N, C, OH, OW)
+    input_shape : (N, C, H, W)
+    kernel_size, stride, padding : as given to :func:`avg_pool2d`
+
+    Returns
+    -------
+    ndarray (N, C, H, W)
+    """
+    dy = _input("grad_output", grad_output)
+    shape = _shape4("input_shape", input_shape)
+    g = pool_geometry(shape, kernel_size, stride, padding)
+    expected = (*shape[:2], g.OH, g.OW)
+    if dy.shape != expected:
+        raise ValueError(f"grad_output has shape {dy.shape}, but input_shape {shape} gives "
+                         f"the pooled shape {expected}")
+    dx = np.zeros(shape, dy.dtype)
+    if dy.size:
+        _k.avg_pool_bwd(dy, dx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
+    return dx
