@@ -1,0 +1,42 @@
+"""Model presets."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+__all__ = ["MODELS", "seed_net", "two_conv"]
+
+
+def two_conv(seed=None, dtype=np.float32) -> Sequential:
+    """The MNIST two-conv network (the default), for (N, 1, 28, 28) inputs and 10 classes.
+
+    conv 5x5 1->32 pad 2 -> ReLU -> maxpool 2 -> conv 5x5 32->64 pad 2 -> ReLU -> maxpool 2
+    -> Flatten (3136) -> Linear 3136->128 -> ReLU -> Linear 128->10.
+    """
+    rng = np.random.default_rng(seed)
+    kw = dict(rng=rng, dtype=dtype)
+    return Sequential(
+        Conv2d(1, 32, 5, padding=2, **kw), ReLU(), MaxPool2d(2),
+        Conv2d(32, 64, 5, padding=2, **kw), ReLU(), MaxPool2d(2),
+        Flatten(), Linear(7 * 7 * 64, 128, **kw), ReLU(), Linear(128, 10, **kw),
+    )
+
+
+def seed_net(seed=None, dtype=np.float32) -> Sequential:
+    """The seeds' tiny network: one 3x3 filter per conv, 'same' padding.
+
+    28x28 -> conv -> ReLU -> pool 14x14 -> conv -> ReLU -> pool 7x7 -> Flatten 49
+    -> Linear 49->49 -> Linear 49->10.
+    """
+    rng = np.random.default_rng(seed)
+    kw = dict(rng=rng, dtype=dtype)
+    return Sequential(
+        Conv2d(1, 1, 3, padding=1, **kw), ReLU(), MaxPool2d(2),
+        Conv2d(1, 1, 3, padding=1, **kw), ReLU(), MaxPool2d(2),
+        Flatten(), Linear(49, 49, **kw), Linear(49, 10, **kw),
+    )
+
+
+MODELS = {"two-conv": two_conv, "seed": seed_net}

@@ -1,0 +1,384 @@
+"""Thin layers over the kernels, with PyTorch's names and default initialisation.
+
+The contract of every layer:
+
+* ``forward(x)`` returns the output and, in training mode, keeps only what ``backward``
+  needs;
+* ``backward(dy)`` returns ``dx`` and fills ``grads`` with the same keys as ``params``;
+* ``train()`` / ``eval()`` switch modes (``eval`` keeps nothing for backward);
+* ``state_dict()`` / ``load_state_dict()`` copy parameters in and out, keyed like PyTorch's
+  (``"0.weight"`` for the first layer of a :class:`Sequential`).
+
+Parameters are float32 NumPy arrays by default and are updated in place by the optimizers
+in :mod:`fastconv.optim`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from . import pool
+from .conv import conv2d, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
+
+__all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
+           "ReLU", "Sequential", "SoftmaxCrossEntropy"]
+
+
+class Parameter:
+    """A named reference to one parameter array and its gradient in a module."""
+
+    __slots__ = ("module", "key", "name")
+
+    def __init__(self, module: Module, key: str, name: str):
+        self.module, self.key, self.name = module, key, name
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.module.params[self.key]
+
+    @property
+    def grad(self) -> np.ndarray | None:
+        return self.module.grads.get(self.key)
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: ``params``/``grads`` dicts, modes and state dicts."""
+
+    def __init__(self):
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.training = True
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def children(self) -> list[Module]:
+        return []
+
+    def train(self, mode: bool = True) -> Module:
+        self.training = bool(mode)
+        if not mode:
+            self._forget()
+        for child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def _forget(self) -> None:
+        """Drop what forward kept for backward."""
+
+    def named_parameters(self, prefix: str = "") -> Iterator[Parameter]:
+        for key in self.params:
+            yield Parameter(self, key, prefix + key)
+        for i, child in enumerate(self.children()):
+            yield from child.named_parameters(f"{prefix}{i}.")
+
+    def parameters(self) -> list[Parameter]:
+        return list(self.named_parameters())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {p.name: p.data.copy() for p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy ``state`` into the parameters; keys and shapes must match exactly."""
+        params = {p.name: p for p in self.named_parameters()}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match the model: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        for name, p in params.items():
+            value = np.asarray(state[name])
+            if value.shape != p.data.shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {value.shape}, the model's "
+                                 f"parameter has {p.data.shape}")
+            np.copyto(p.data, value, casting="same_kind")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _uniform(rng, bound, shape, dtype):
+    return rng.uniform(-bound, bound, shape).astype(dtype)
+
+
+def _rng(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+class Conv2d(Module):
+    """2-D convolution layer, arguments as ``torch.nn.Conv2d``.
+
+    Weights ``(out_channels, in_channels/groups, kh, kw)`` and bias are initialised like
+    PyTorch's (Kaiming-uniform with a = sqrt(5)): uniform in ``±1/sqrt(fan_in)``.
+    Set ``needs_input_grad = False`` on a first layer to skip computing dX in backward
+    (``backward`` then returns ``None``).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, *, rng=None, dtype=np.float32):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(in_channels // groups * kh * kw)
+        self.params["weight"] = _uniform(rng, bound, (out_channels, in_channels // groups, kh, kw),
+                                         dtype)
+        if bias:
+            self.params["bias"] = _uniform(rng, bound, (out_channels,), dtype)
+        self.needs_input_grad = True
+        self._x = None
+
+    def forward(self, x):
+        y = conv2d(x, self.params["weight"], self.params.get("bias"), **self.conv)
+        self._x = x if self.training else None
+        return y
+
+    def backward(self, dy):
+        x, w = self._x, self.params["weight"]
+        if x is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        self.grads["weight"] = conv2d_grad_weight(x, dy, w.shape, **self.conv)
+        if "bias" in self.params:
+            self.grads["bias"] = conv2d_grad_bias(dy)
+        return conv2d_grad_input(dy, w, x.shape, **self.conv) if self.needs_input_grad else None
+
+    def _forget(self):
+        self._x = None
+
+    def __repr__(self):
+        c = self.conv
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={c['stride']}, padding={c['padding']})")
+
+
+class ReLU(Module):
+    """``max(x, 0)``; the gradient passes where ``x > 0``."""
+
+    def __init__(self):
+        super().__init__()
+        self._mask = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if self.training:
+            self._mask = x > 0
+        return np.maximum(x, 0)
+
+    def backward(self, dy):
+        if self._mask is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        return dy * self._mask
+
+    def _forget(self):
+        self._mask = None
+
+    def __repr__(self):
+        return "ReLU()"
+
+
+class MaxPool2d(Module):
+    """Max pooling; backward routes each delta to its window's maximum (first on ties)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.args = dict(kernel_size=kernel_size, stride=stride, padding=padding)
+        self._saved = None
+
+    def forward(self, x):
+        y, idx = pool.max_pool2d(x, **self.args, return_indices=True)
+        self._saved = (idx, np.shape(x)) if self.training else None
+        return y
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        idx, shape = self._saved
+        return pool.max_pool2d_backward(dy, idx, shape)
+
+    def _forget(self):
+        self._saved = None
+
+    def __repr__(self):
+        return f"MaxPool2d({self.args['kernel_size']})"
+
+
+class AvgPool2d(Module):
+    """Average pooling (zero padding counted); backward spreads each delta evenly."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.args = dict(kernel_size=kernel_size, stride=stride, padding=padding)
+        self._shape = None
+
+    def forward(self, x):
+        y = pool.avg_pool2d(x, **self.args)
+        self._shape = np.shape(x) if self.training else None
+        return y
+
+    def backward(self, dy):
+        if self._shape is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        return pool.avg_pool2d_backward(dy, self._shape, **self.args)
+
+    def _forget(self):
+        self._shape = None
+
+    def __repr__(self):
+        return f"AvgPool2d({self.args['kernel_size']})"
+
+
+class Flatten(Module):
+    """``(N, ...) -> (N, prod(...))``."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._shape)
+
+    def __repr__(self):
+        return "Flatten()"
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` with weight ``(out_features, in_features)``, on BLAS.
+
+    Initialised like ``torch.nn.Linear``: uniform in ``±1/sqrt(in_features)``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
+        super().__init__()
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.params["weight"] = _uniform(rng, bound, (out_features, in_features), dtype)
+        if bias:
+            self.params["bias"] = _uniform(rng, bound, (out_features,), dtype)
+        self._x = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}) needs input of "
+                             f"shape (N, {self.in_features}), got {x.shape}")
+        y = x @ self.params["weight"].T
+        if "bias" in self.params:
+            y += self.params["bias"]
+        self._x = x if self.training else None
+        return y
+
+    def backward(self, dy):
+        if self._x is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        self.grads["weight"] = dy.T @ self._x
+        if "bias" in self.params:
+            self.grads["bias"] = dy.sum(axis=0)
+        return dy @ self.params["weight"]
+
+    def _forget(self):
+        self._x = None
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features})"
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        self.layers = list(layers)
+
+    def children(self):
+        return self.layers
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by cross-entropy with integer labels, computed stably.
+
+    ``forward(logits, labels)`` returns the loss: ``logsumexp(z) - z[label]`` per row,
+    averaged (``reduction='mean'``) or summed (``'sum'``).  ``backward()`` returns
+    ``dL/dlogits = (softmax(z) - onehot(label))``, divided by N for the mean.
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self._saved = None
+
+    def __call__(self, logits, labels):
+        return self.forward(logits, labels)
+
+    def forward(self, logits, labels) -> float:
+        z = np.asarray(logits)
+        y = np.asarray(labels)
+        if z.ndim != 2:
+            raise ValueError(f"logits must be 2-D (N, classes), got shape {z.shape}")
+        if y.shape != (z.shape[0],) or y.dtype.kind not in "iu":
+            raise ValueError(f"labels must be {z.shape[0]} integers, got {y.dtype} {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
+            raise ValueError(f"labels must lie in [0, {z.shape[1]}), got values in "
+                             f"[{y.min()}, {y.max()}]")
+        shifted = z - z.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_p = shifted - log_norm
+        rows = np.arange(len(y))
+        losses = -log_p[rows, y]
+        self._saved = (np.exp(log_p), y)
+        total = losses.sum(dtype=np.float64)
+        return float(total / max(len(y), 1) if self.reduction == "mean" else total)
+
+    def backward(self):
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() first")
+        p, y = self._saved
+        d = p.copy()
+        d[np.arange(len(y)), y] -= 1
+        if self.reduction == "mean":
+            d /= max(len(y), 1)
+        return d

@@ -1,0 +1,134 @@
+"""Optimizers with PyTorch's update rules, updating parameter arrays in place.
+
+``params`` is a list of :class:`fastconv.nn.Parameter` (``model.parameters()``); each
+``step()`` reads the gradients that the last ``backward`` left in the layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SGD", "Adam", "Optimizer"]
+
+
+class Optimizer:
+    def __init__(self, params, lr):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        self.lr = float(lr)
+        self.step_count = 0
+
+    def _grads(self):
+        for p in self.params:
+            if p.grad is None:
+                raise RuntimeError(f"parameter {p.name!r} has no gradient: run backward() "
+                                   "before step()")
+            yield p, p.data, p.grad
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Optimizer state as flat arrays (for ``.npz`` checkpoints)."""
+        return {"step_count": np.array(self.step_count), "lr": np.array(self.lr)}
+
+    def load_state_dict(self, state) -> None:
+        self.step_count = int(state["step_count"])
+        self.lr = float(state["lr"])
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, as ``torch.optim.SGD``::
+
+        g = grad + weight_decay * p
+        buf = g (first step), else momentum * buf + g
+        p -= lr * (g + momentum * buf if nesterov else buf)      (momentum > 0)
+        p -= lr * g                                              (momentum = 0)
+    """
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
+        super().__init__(params, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, "
+                             f"{weight_decay}")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self.buffers = [None] * len(self.params)
+
+    def step(self) -> None:
+        for i, (_, p, g) in enumerate(self._grads()):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = np.array(g, dtype=p.dtype, copy=True)
+                else:
+                    buf *= self.momentum
+                    buf += g
+                g = g + self.momentum * buf if self.nesterov else buf
+            p -= (self.lr * g).astype(p.dtype, copy=False)
+        self.step_count += 1
+
+    def state_dict(self):
+        state = super().state_dict()
+        for i, buf in enumerate(self.buffers):
+            if buf is not None:
+                state[f"momentum_buffer.{i}"] = buf.copy()
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.buffers = [np.array(state[f"momentum_buffer.{i}"], self.params[i].data.dtype)
+                        if f"momentum_buffer.{i}" in state else None
+                        for i in range(len(self.params))]
+
+
+class Adam(Optimizer):
+    """Adam, as ``torch.optim.Adam`` (L2 ``weight_decay`` added to the gradient)::
+
+        g = grad + weight_decay * p
+        m = b1*m + (1-b1)*g;   v = b2*v + (1-b2)*g^2
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
+        self.m = [np.zeros_like(p.data) for p in self.params]
+        self.v = [np.zeros_like(p.data) for p in self.params]
+
+    def step(self) -> None:
+        b1, b2 = self.betas
+        t = self.step_count + 1
+        step_size = self.lr / (1 - b1**t)
+        root_bc2 = np.sqrt(1 - b2**t)
+        for i, (_, p, g) in enumerate(self._grads()):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            m, v = self.m[i], self.v[i]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            p -= (step_size * m / (np.sqrt(v) / root_bc2 + self.eps)).astype(p.dtype, copy=False)
+        self.step_count = t
+
+    def state_dict(self):
+        state = super().state_dict()
+        for i in range(len(self.params)):
+            state[f"exp_avg.{i}"] = self.m[i].copy()
+            state[f"exp_avg_sq.{i}"] = self.v[i].copy()
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        for i in range(len(self.params)):
+            np.copyto(self.m[i], state[f"exp_avg.{i}"])
+            np.copyto(self.v[i], state[f"exp_avg_sq.{i}"])

@@ -1,0 +1,236 @@
+"""Layers, loss, optimizers and model presets: gradient checks, torch parity, contracts."""
+
+import re
+
+import numpy as np
+import pytest
+
+from fastconv import models, nn, optim
+
+
+def _loss_and_grads(model, x, y):
+    loss = nn.SoftmaxCrossEntropy()
+    value = loss(model(x), y)
+    dx = model.backward(loss.backward())
+    return value, dx
+
+
+def _kink_margin(model, x):
+    """Smallest distance of any ReLU input from 0, or of any 2x2 max-pool window's top two
+    values from each other: a finite difference must not step across these kinks."""
+    margin = np.inf
+    a = x
+    for layer in model.layers:
+        if isinstance(layer, nn.ReLU):
+            margin = min(margin, np.abs(a).min())
+        if isinstance(layer, nn.MaxPool2d):
+            N, C, H, W = a.shape
+            win = a.reshape(N, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5)
+            top = np.sort(win.reshape(N, C, H // 2, W // 2, 4), axis=-1)
+            live = top[..., -1] > 0  # all-zero windows (after ReLU) carry no gradient
+            margin = min(margin, (top[..., -1] - top[..., -2])[live].min())
+        a = layer(a)
+    return margin
+
+
+@pytest.mark.parametrize("make", [models.two_conv, models.seed_net])
+def test_whole_network_finite_differences(make, rng):
+    """Every parameter (and the input): random directional derivatives, float64."""
+    model = make(seed=1, dtype=np.float64)
+    eps = 1e-7
+    for _ in range(50):  # an input whose kinks are far from where the steps reach
+        x = rng.standard_normal((2, 1, 28, 28))
+        if _kink_margin(model, x) > 1e-5:
+            break
+    assert _kink_margin(model, x) > 1e-5
+    y = np.array([3, 7])
+    _, dx = _loss_and_grads(model, x, y)
+    grads = {p.name: p.grad.copy() for p in model.parameters()}
+    loss = nn.SoftmaxCrossEntropy()
+    for p in model.parameters():
+        for _ in range(3):
+            v = rng.standard_normal(p.data.shape)
+            v /= np.sqrt(v.size)  # steps of size eps in parameter space
+            p.data[...] += eps * v
+            lp = loss(model(x), y)
+            p.data[...] -= 2 * eps * v
+            lm = loss(model(x), y)
+            p.data[...] += eps * v
+            numeric = (lp - lm) / (2 * eps)
+            analytic = float(np.sum(grads[p.name] * v))
+            assert numeric == pytest.approx(analytic, rel=1e-5, abs=1e-8), p.name
+        # and one coordinate, the largest gradient entry
+        i = np.unravel_index(np.argmax(np.abs(grads[p.name])), p.data.shape)
+        old = p.data[i]
+        p.data[i] = old + eps
+        lp = loss(model(x), y)
+        p.data[i] = old - eps
+        lm = loss(model(x), y)
+        p.data[i] = old
+        assert (lp - lm) / (2 * eps) == pytest.approx(grads[p.name][i], rel=1e-5, abs=1e-8)
+    v = rng.standard_normal(x.shape) / 28
+    numeric = (loss(model(x + eps * v), y) - loss(model(x - eps * v), y)) / (2 * eps)
+    assert numeric == pytest.approx(float(np.sum(dx * v)), rel=1e-5, abs=1e-8)
+
+
+def test_first_layer_can_skip_dx(rng):
+    model = models.two_conv(seed=0)
+    model[0].needs_input_grad = False
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    _, dx = _loss_and_grads(model, x, np.array([1, 2]))
+    assert dx is None and model[0].grads["weight"].shape == (32, 1, 5, 5)
+
+
+def test_init_matches_pytorch_bounds():
+    model = models.two_conv(seed=0)
+    for layer, fan_in in [(model[0], 25), (model[3], 32 * 25), (model[7], 3136), (model[9], 128)]:
+        for key in ("weight", "bias"):
+            a = layer.params[key]
+            assert a.dtype == np.float32
+            assert np.abs(a).max() <= 1 / np.sqrt(fan_in)
+            assert np.abs(a).max() > 0.5 / np.sqrt(fan_in)  # really uses the range
+    assert np.array_equal(models.two_conv(seed=5)[3].params["weight"],
+                          models.two_conv(seed=5)[3].params["weight"])
+
+
+def test_state_dict_round_trip_and_errors():
+    a, b = models.two_conv(seed=0), models.two_conv(seed=1)
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        np.testing.assert_array_equal(pa.data, pb.data)
+    state = a.state_dict()
+    state["0.weight"][...] = 7  # a copy: the model is untouched
+    assert not (a[0].params["weight"] == 7).any()
+    with pytest.raises(ValueError, match=re.escape("missing keys ['9.bias'], unexpected keys "
+                                                   "['9.b']")):
+        b.load_state_dict({**{k: v for k, v in state.items() if k != "9.bias"}, "9.b": 0})
+    with pytest.raises(ValueError, match=re.escape("state_dict['0.bias'] has shape (3,), the "
+                                                   "model's parameter has (32,)")):
+        b.load_state_dict({**state, "0.bias": np.zeros(3)})
+
+
+def test_train_eval_modes(rng):
+    model = models.seed_net(seed=0)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    model.eval()
+    assert not model[0].training
+    y_eval = model(x)
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        model.backward(np.ones_like(y_eval))
+    model.train()
+    np.testing.assert_array_equal(model(x), y_eval)
+    model.backward(np.ones_like(y_eval))
+
+
+def test_softmax_cross_entropy_is_stable_and_checks_labels():
+    loss = nn.SoftmaxCrossEntropy()
+    z = np.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
+    value = loss(z, np.array([0, 2]))
+    assert value == pytest.approx((0.0 + np.log(3)) / 2)
+    d = loss.backward()
+    np.testing.assert_allclose(d, [[0, 0, 0], [1 / 6, 1 / 6, -1 / 3]], atol=1e-12)
+    assert nn.SoftmaxCrossEntropy("sum")(z, np.array([0, 2])) == pytest.approx(np.log(3))
+    with pytest.raises(ValueError, match=re.escape("labels must lie in [0, 3), got values in "
+                                                   "[0, 3]")):
+        loss(z, np.array([0, 3]))
+    with pytest.raises(ValueError, match="labels must be 2 integers, got float64"):
+        loss(z, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        nn.SoftmaxCrossEntropy("none")
+
+
+def test_optimizer_argument_errors():
+    params = models.seed_net(seed=0).parameters()
+    with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
+        optim.SGD(params, lr=-1)
+    with pytest.raises(ValueError, match="nesterov momentum needs momentum > 0"):
+        optim.SGD(params, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=re.escape("betas must lie in [0, 1), got (0.9, 1.0)")):
+        optim.Adam(params, betas=(0.9, 1.0))
+    with pytest.raises(RuntimeError, match="has no gradient: run backward"):
+        optim.SGD(params, lr=0.1).step()
+
+
+# ---- against torch -------------------------------------------------------------------
+
+
+def _torch_twin(model):
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, nn.Conv2d):
+            t = tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                           padding=layer.conv["padding"])
+        elif isinstance(layer, nn.Linear):
+            t = tnn.Linear(layer.in_features, layer.out_features)
+        elif isinstance(layer, nn.ReLU):
+            t = tnn.ReLU()
+        elif isinstance(layer, nn.MaxPool2d):
+            t = tnn.MaxPool2d(2)
+        else:
+            t = tnn.Flatten()
+        layers.append(t)
+    twin = tnn.Sequential(*layers)
+    if model[0].params["weight"].dtype == np.float64:
+        twin = twin.double()
+    twin.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.state_dict().items()})
+    return torch, twin
+
+
+@pytest.mark.parametrize("make", [models.two_conv, models.seed_net])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_layer_by_layer_and_one_step_against_torch(make, opt, rng):
+    # SGD in float32 ("within fp32 tolerance").  Adam divides each gradient by its own
+    # magnitude, which amplifies fp32 rounding in near-zero gradients up to a whole step, so
+    # its rule is compared in float64, tightly.
+    dtype = np.float32 if opt == "sgd" else np.float64
+    model = make(seed=2, dtype=dtype)
+    torch, twin = _torch_twin(model)
+    x = rng.random((8, 1, 28, 28)).astype(dtype)
+    y = rng.integers(0, 10, 8)
+    # layer by layer, forward
+    a, t = x, torch.from_numpy(x)
+    for ours, theirs in zip(model.layers, twin, strict=True):
+        a, t = ours(a), theirs(t)
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-4, atol=1e-5)
+    # one training step on the same batch
+    if opt == "sgd":
+        ours_opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        their_opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    else:
+        ours_opt = optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        their_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(2):  # the second step exercises momentum / moment buffers
+        loss_ours, _ = _loss_and_grads(model, x, y)
+        their_opt.zero_grad()
+        loss_t = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x)),
+                                                   torch.from_numpy(y))
+        loss_t.backward()
+        assert loss_ours == pytest.approx(loss_t.item(), rel=1e-5)
+        for p, (name, tp) in zip(model.parameters(), twin.named_parameters(), strict=True):
+            assert p.name == name
+            np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-4, atol=1e-6)
+        ours_opt.step()
+        their_opt.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    for p, tp in zip(model.parameters(), twin.parameters(), strict=True):
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), **tol)
+
+
+def test_optimizer_state_round_trip(rng):
+    for make_opt in (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9),
+                     lambda ps: optim.Adam(ps, lr=0.01)):
+        m1, m2 = models.seed_net(seed=0), models.seed_net(seed=0)
+        o1, o2 = make_opt(m1.parameters()), make_opt(m2.parameters())
+        x = rng.random((4, 1, 28, 28), dtype=np.float32)
+        y = np.arange(4)
+        for m, o in ((m1, o1), (m2, o2)):
+            _loss_and_grads(m, x, y)
+            o.step()
+        o2.load_state_dict({k: v.copy() for k, v in o1.state_dict().items()})
+        for m, o in ((m1, o1), (m2, o2)):
+            _loss_and_grads(m, x, y)
+            o.step()
+        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+            np.testing.assert_array_equal(a.data, b.data)
