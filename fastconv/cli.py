@@ -1,0 +1,124 @@
+"""The ``fastconv`` command: ``fastconv train`` and ``fastconv evaluate``.
+
+Errors are one line on stderr, with exit code 2 for bad arguments and 1 for failures
+(missing or corrupt data, a diverged run); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastconv", description="Train and evaluate CNNs with fastconv.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a model on MNIST or Fashion-MNIST",
+                       description="Train a model; one line per epoch, a progress bar on a "
+                       "terminal.  Datasets are found in --data-dir, $FASTCONV_DATA/<name>, "
+                       "~/.cache/fastconv/<name>, /usr/share/datasets, or downloaded.")
+    t.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    t.add_argument("--data-dir", help="folder with the IDX files (or a <dataset> subfolder)")
+    t.add_argument("--model", choices=["two-conv", "seed"], default="two-conv")
+    t.add_argument("--epochs", type=_positive_int, default=1, help="total epochs (default 1)")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=_positive_float, default=0.05)
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--threads", type=_positive_int, help="kernel threads (default: all cores)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
+    t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
+    t.add_argument("--save", metavar="PATH", help="checkpoint (.npz) after every epoch")
+    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
+    t.add_argument("--plot", metavar="PATH", help="PNG of loss/accuracy and conv1 filters")
+    t.add_argument("--no-download", action="store_true", help="never use the network")
+    t.add_argument("--quiet", action="store_true", help="no progress bar, no epoch lines")
+    e = sub.add_parser("evaluate", help="evaluate a saved checkpoint on a test set")
+    e.add_argument("--model", required=True, metavar="PATH", help="checkpoint from --save")
+    e.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+                   help="default: the dataset it was trained on")
+    e.add_argument("--data-dir")
+    e.add_argument("--threads", type=_positive_int)
+    e.add_argument("--no-download", action="store_true")
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from . import conv, data, train  # after parsing: --help stays instant
+
+    try:
+        if args.threads is not None:
+            conv.set_num_threads(args.threads)
+        if args.command == "train":
+            cfg = train.TrainConfig(
+                dataset=args.dataset, model=args.model, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                momentum=args.momentum, seed=args.seed, limit=args.limit)
+            train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
+                        save=args.save, resume=args.resume, metrics_json=args.metrics_json,
+                        plot=args.plot, quiet=args.quiet,
+                        log=(lambda *a: None) if args.quiet else print)
+        else:
+            ck = train.load_checkpoint(args.model)
+            cfg = ck["config"]
+            model, _ = train.build(cfg)
+            model.load_state_dict(ck["model"])
+            name = args.dataset or cfg.dataset
+            _, _, xte, yte = data.load_dataset(name, args.data_dir,
+                                               download=not args.no_download)
+            loss, acc = train.evaluate(model, xte, yte.astype("int64"))
+            print(f"{name} test: loss {loss:.4f}, accuracy {acc:.4f} ({len(xte)} images)")
+    except KeyboardInterrupt:
+        print("fastconv: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""Training and evaluation loops, checkpoints and plots, used by ``fastconv train``.
+
+:func:`train` runs the loop:
+
+* it shuffles every epoch from the seed and normalises pixels to [0, 1];
+* it shows a tqdm bar when stderr is a terminal and prints one line per epoch;
+* it writes atomic ``.npz`` checkpoints that hold the weights, the optimizer state, the
+  epoch, the RNG state and the history.  ``resume`` continues a killed run from its last
+  checkpoint.
+
+A NaN or inf loss stops the run with :class:`TrainingDiverged`, and the last good
+checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import conv, data, models, nn, optim
+
+__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "load_checkpoint", "save_checkpoint",
+           "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What a run trains: everything a checkpoint needs to rebuild and continue it."""
+
+    dataset: str = "mnist"
+    model: str = "two-conv"
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    seed: int = 0
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
+                             f"{sorted(data.DATASETS)}")
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if not self.lr > 0 or not np.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return (images.astype(np.float32) / np.float32(255.0))[:, None]
+
+
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500):
+    """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images."""
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.SoftmaxCrossEntropy("sum")
+    total_loss, correct = 0.0, 0
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalise(images[start:start + batch_size])
+            y = labels[start:start + batch_size].astype(np.int64)
+            logits = model(x)
+            total_loss += loss_fn(logits, y)
+            correct += int((logits.argmax(axis=1) == y).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(images), 1)
+    return total_loss / n, correct / n
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, cfg: TrainConfig, model, optimizer, epoch: int, rng, history) -> None:
+    """Write an ``.npz`` checkpoint atomically (temp file + rename)."""
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays |= {f"optim/{k}": v for k, v in optimizer.state_dict().items()}
+    arrays["epoch"] = np.array(epoch)
+    arrays["config"] = np.array(json.dumps(dataclasses.asdict(cfg)))
+    arrays["rng"] = np.array(json.dumps(rng.bit_generator.state))
+    arrays["history"] = np.array(json.dumps(history))
+    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint (``allow_pickle=False``) into a dict of its parts."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            items = {k: z[k] for k in z.files}
+        return {
+            "config": TrainConfig(**json.loads(str(items["config"]))),
+            "epoch": int(items["epoch"]),
+            "rng": json.loads(str(items["rng"])),
+            "history": json.loads(str(items["history"])),
+            "model": {k[6:]: v for k, v in items.items() if k.startswith("model/")},
+            "optim": {k[6:]: v for k, v in items.items() if k.startswith("optim/")},
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable fastconv checkpoint ({e})") from None
+
+
+def build(cfg: TrainConfig):
+    """The model and optimizer a config describes."""
+    model = models.MODELS[cfg.model](seed=cfg.seed)
+    model[0].needs_input_grad = False  # nobody needs dL/d(pixels)
+    return model, make_optimizer(cfg, model)
+
+
+# ---- the loop ------------------------------------------------------------------------
+
+
+def _blas_single_thread():
+    """BLAS on one thread while the conv kernels use all of them.
+
+    The Linear layers are small; OpenBLAS workers busy-wait after each call and would steal
+    the cores from the Numba kernels that run next.  Needs ``threadpoolctl`` (the ``train``
+    extra); without it, BLAS keeps its own setting.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _progress(total, desc, quiet):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=None,
+          resume=None, metrics_json=None, plot=None, quiet=False, log=print) -> dict:
+    """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``)."""
+    cfg.validate()
+    if threads is not None:
+        conv.set_num_threads(threads)
+    if plot is not None:
+        _require_matplotlib()
+
+    model, opt = build(cfg)
+    rng = np.random.default_rng([cfg.seed, 1])  # the shuffling stream
+    history, start_epoch = [], 0
+    if resume is not None:
+        ck = load_checkpoint(resume)
+        saved, target = ck["config"], cfg.epochs
+        cfg = dataclasses.replace(saved, epochs=target)
+        model, opt = build(cfg)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        rng.bit_generator.state = ck["rng"]
+        history, start_epoch = ck["history"], ck["epoch"]
+        log(f"resumed {resume} after epoch {start_epoch} of {cfg.epochs}")
+
+    xtr, ytr, xte, yte = data.load_dataset(cfg.dataset, data_dir, download=download)
+    if cfg.limit is not None:
+        xtr, ytr = xtr[:cfg.limit], ytr[:cfg.limit]
+    ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
+    loss_fn = nn.SoftmaxCrossEntropy()
+    step_seconds = sum(e["train_seconds"] for e in history)
+    step_samples = sum(e["train_samples"] for e in history)
+    curve = []
+
+    with _blas_single_thread():
+        _warm_up(model, loss_fn, xtr, ytr)
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            order = rng.permutation(len(xtr))
+            bar = _progress(len(xtr), f"epoch {epoch + 1}/{cfg.epochs}", quiet)
+            seen, loss_sum, correct, busy = 0, 0.0, 0, 0.0
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                x, y = normalise(xtr[idx]), ytr[idx]
+                t0 = time.perf_counter()
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                if not np.isfinite(loss):
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingDiverged(
+                        f"loss became {loss} in epoch {epoch + 1} after {seen} samples; "
+                        f"try a smaller --lr (now {cfg.lr})"
+                        + (f"; the last good checkpoint is kept in {save}" if save else ""))
+                model.backward(loss_fn.backward())
+                opt.step()
+                busy += time.perf_counter() - t0
+                seen += len(idx)
+                loss_sum += loss * len(idx)
+                correct += int((logits.argmax(axis=1) == y).sum())
+                curve.append((epoch + seen / len(xtr), loss))
+                if bar is not None:
+                    bar.update(len(idx))
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{seen / busy:.0f}")
+            if bar is not None:
+                bar.close()
+            test_loss, test_acc = evaluate(model, xte, yte)
+            step_seconds += busy
+            step_samples += seen
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                   "train_accuracy": correct / seen, "test_loss": test_loss,
+                   "test_accuracy": test_acc, "seconds": time.perf_counter() - t_epoch,
+                   "samples_per_second": seen / busy, "train_seconds": busy,
+                   "train_samples": seen}
+            history.append(row)
+            log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc "
+                f"{row['train_accuracy']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
+                f"{row['seconds']:.1f} s, {row['samples_per_second']:.0f} samples/s")
+            if save is not None:
+                save_checkpoint(save, cfg, model, opt, epoch + 1, rng, history)
+
+    metrics = _metrics(cfg, history, step_samples, step_seconds)
+    if metrics_json is not None:
+        _atomic_write(Path(metrics_json),
+                      lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    if plot is not None:
+        write_plot(plot, history, curve, model)
+    return metrics
+
+
+def _warm_up(model, loss_fn, xtr, ytr):
+    """Compile (or load) every kernel a step uses, outside the timed steps."""
+    x, y = normalise(xtr[:2]), ytr[:2]
+    loss_fn(model(x), y)
+    model.backward(loss_fn.backward())  # gradients only: the next step overwrites them
+    model.eval()
+    model(x)
+    model.train()
+
+
+def _metrics(cfg, history, samples, seconds) -> dict:
+    last = history[-1] if history else {}
+    return {
+        "dataset": cfg.dataset, "model": cfg.model, "batch_size": cfg.batch_size,
+        "threads": conv.get_num_threads(), "optimizer": cfg.optimizer, "lr": cfg.lr,
+        "seed": cfg.seed,
+        "epochs": [{k: e[k] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+                                      "test_accuracy", "seconds", "samples_per_second")}
+                   for e in history],
+        "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+        "train_samples_per_second": samples / seconds if seconds else None,
+    }
+
+
+# ---- plots ---------------------------------------------------------------------------
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'fastconv[train]'") from None
+
+
+def write_plot(path, history, curve, model) -> None:
+    """A PNG with loss and accuracy curves and the learned first-layer filters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 4), layout="constrained")
+    grid = fig.add_gridspec(1, 3)
+    ax = fig.add_subplot(grid[0])
+    if curve:
+        t, v = np.array(curve).T
+        ax.plot(t, v, lw=0.5, alpha=0.5, label="train (per batch)")
+    epochs = [e["epoch"] for e in history]
+    ax.plot(epochs, [e["train_loss"] for e in history], "o-", label="train (epoch mean)")
+    ax.plot(epochs, [e["test_loss"] for e in history], "s-", label="test")
+    ax.set(xlabel="epoch", ylabel="loss", title="loss", yscale="log")
+    ax.legend()
+    ax = fig.add_subplot(grid[1])
+    ax.plot(epochs, [e["train_accuracy"] for e in history], "o-", label="train")
+    ax.plot(epochs, [e["test_accuracy"] for e in history], "s-", label="test")
+    ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax.legend()
+    w = model[0].params["weight"][:, 0]  # (K, R, S) first-layer filters
+    cols = int(np.ceil(np.sqrt(len(w))))
+    rows = int(np.ceil(len(w) / cols))
+    sub = grid[2].subgridspec(rows, cols, wspace=0.05, hspace=0.05)
+    for k in range(len(w)):
+        a = fig.add_subplot(sub[k // cols, k % cols])
+        a.imshow(w[k], cmap="gray")
+        a.set_axis_off()
+    fig.suptitle(f"conv1 filters (right), {len(history)} epoch(s)")
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
