@@ -152,3 +152,63 @@ def sync_threads() -> int:
     if torch is not None:
         torch.set_num_threads(n)
     return n
+
+
+# ---- training steps: the MNIST two-conv network, SGD momentum 0.9, lr 0.05 ------------
+
+
+def fastconv_training(batch: int = 64, seed: int = 0):
+    """One fastconv training step on a fixed random batch; returns ``step() -> loss``."""
+    from fastconv import nn, train
+
+    model, opt = train.build(train.TrainConfig(batch_size=batch, seed=seed))
+    loss_fn = nn.SoftmaxCrossEntropy()
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, batch)
+
+    def step():
+        loss = loss_fn(model(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+        return loss
+
+    return step
+
+
+def torch_model():
+    tnn = torch.nn
+    return tnn.Sequential(
+        tnn.Conv2d(1, 32, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+        tnn.Conv2d(32, 64, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+        tnn.Flatten(), tnn.Linear(3136, 128), tnn.ReLU(), tnn.Linear(128, 10))
+
+
+def torch_training(batch: int = 64, seed: int = 0):
+    """The same step in PyTorch; ``None`` without torch."""
+    if torch is None:
+        return None
+    torch.manual_seed(seed)
+    model = torch_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.rand(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+TRAINERS = {"fastconv": fastconv_training, "torch": torch_training}
+
+
+def blas_single_thread():
+    """What ``fastconv train`` does: numpy's BLAS on one thread (torch has its own)."""
+    from fastconv.train import _blas_single_thread
+
+    return _blas_single_thread()

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=0.05)
     t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     t.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate: annealed to 0 over --epochs along a half cosine "
+                   "(default), or constant")
     t.add_argument("--threads", type=_positive_int, help="kernel threads (default: all cores)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
             cfg = train.TrainConfig(
                 dataset=args.dataset, model=args.model, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                momentum=args.momentum, seed=args.seed, limit=args.limit)
+                momentum=args.momentum, schedule=args.schedule, seed=args.seed,
+                limit=args.limit)
             train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
                         save=args.save, resume=args.resume, metrics_json=args.metrics_json,
                         plot=args.plot, quiet=args.quiet,

@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
+    schedule: str = "cosine"
     seed: int = 0
     limit: int | None = None
 
@@ -55,6 +56,9 @@ class TrainConfig:
                              f"{sorted(data.DATASETS)}")
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or "
+                             "'constant'")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
         for name in ("epochs", "batch_size"):
@@ -72,6 +76,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> optim.Optimizer:
     if cfg.optimizer == "sgd":
         return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     return optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of a step: ``lr`` throughout (``'constant'``), or annealed along a
+    half cosine from ``lr`` at the first step to 0 after the last (``'cosine'``)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * step / total_steps))
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -209,6 +221,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     step_seconds = sum(e["train_seconds"] for e in history)
     step_samples = sum(e["train_samples"] for e in history)
     curve = []
+    steps_per_epoch = -(-len(xtr) // cfg.batch_size)
 
     # The loop checks the loss itself (TrainingDiverged): no NumPy float warnings on the way.
     with _blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -232,6 +245,8 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                         f"try a smaller --lr (now {cfg.lr})"
                         + (f"; the last good checkpoint is kept in {save}" if save else ""))
                 model.backward(loss_fn.backward())
+                opt.lr = learning_rate(cfg, epoch * steps_per_epoch + start // cfg.batch_size,
+                                       cfg.epochs * steps_per_epoch)
                 opt.step()
                 busy += time.perf_counter() - t0
                 seen += len(idx)
