@@ -27,6 +27,7 @@ an *outer product*: ``TW`` input values, each broadcast, times one vector of ``K
 weights, which LLVM turns into ``TW`` packed FMAs per step.
 """
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -242,12 +243,27 @@ def conv_dw_tiles(x, dy, off, dwb, C, sh, sw, dlh):
 # meets another thread's writes.
 
 
+@numba.njit(inline="always")
+def _take(v, best, idx, where):
+    """Keep the larger value and its index; a NaN wins over numbers; ties keep the first.
+
+    Written as selects, not branches: on real data ``v > best`` is unpredictable, and a
+    mispredicted branch per comparison made max pooling ten times slower.
+    """
+    take = (v > best) | ((v != v) & (best == best))
+    return (v if take else best), (idx if take else where)
+
+
 @parallel_kernel
 def max_pool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
     """``y[n,c,i,j] = max x[n, c, i*sh - ph + r, j*sw - pw + s]`` over the window in the input.
 
     x : (N, C, H, W);  y : (N, C, OH, OW);  arg : (N, C, OH, OW) int32 flat index
     ``h*W + w`` of the maximum (the first on ties; a NaN wins, the first NaN).
+
+    Taps are the outer loops and output columns the inner one, so every inner loop runs the
+    row's full width whatever the window size; the window is visited in row-major order, so
+    the strict comparison keeps the first maximum.
     """
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
@@ -255,17 +271,40 @@ def max_pool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
         n = p // C
         c = p % C
         for i in range(OH):
-            h0 = i * sh - ph
             for j in range(OW):
-                w0 = j * sw - pw
-                best = -np.inf
-                where = -1
-                for r in range(max(0, -h0), min(kh, H - h0)):
-                    for s in range(max(0, -w0), min(kw, W - w0)):
-                        v = x[n, c, h0 + r, w0 + s]
-                        if where < 0 or v > best or (np.isnan(v) and not np.isnan(best)):
-                            best = v
-                            where = (h0 + r) * W + w0 + s
+                y[n, c, i, j] = -np.inf
+                arg[n, c, i, j] = -1
+            h0 = i * sh - ph
+            for r in range(max(0, -h0), min(kh, H - h0)):
+                h = h0 + r
+                for s in range(kw):
+                    # the output columns whose tap s lands inside the row
+                    for j in range(max(0, (pw - s + sw - 1) // sw),
+                                   min(OW, (W - 1 + pw - s) // sw + 1)):
+                        w = j * sw + s - pw
+                        v, b, a = x[n, c, h, w], y[n, c, i, j], arg[n, c, i, j]
+                        take = (a < 0) | (v > b) | ((v != v) & (b == b))  # as _take
+                        y[n, c, i, j] = v if take else b
+                        arg[n, c, i, j] = h * W + w if take else a
+
+
+@parallel_kernel
+def max_pool_2x2_fwd(x, y, arg):
+    """:func:`max_pool_fwd` for 2x2 windows, stride 2, no padding: the common case, fully
+    unrolled so that LLVM vectorises it."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        for i in range(OH):
+            h = 2 * i
+            for j in range(OW):
+                w = 2 * j
+                best, where = x[n, c, h, w], h * W + w
+                best, where = _take(x[n, c, h, w + 1], best, h * W + w + 1, where)
+                best, where = _take(x[n, c, h + 1, w], best, (h + 1) * W + w, where)
+                best, where = _take(x[n, c, h + 1, w + 1], best, (h + 1) * W + w + 1, where)
                 y[n, c, i, j] = best
                 arg[n, c, i, j] = where
 

@@ -73,7 +73,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, return_indices=False)
     N, C = x.shape[:2]
     y = np.empty((N, C, g.OH, g.OW), x.dtype)
     arg = np.empty((N, C, g.OH, g.OW), np.int32)
-    if y.size:
+    if y.size and g[:6] == (2, 2, 2, 2, 0, 0):
+        _k.max_pool_2x2_fwd(x, y, arg)
+    elif y.size:
         _k.max_pool_fwd(x, y, arg, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
     return (y, arg) if return_indices else y
 
