@@ -360,3 +360,22 @@ def avg_pool_bwd(dy, dx, kh, kw, sh, sw, ph, pw):
                 for r in range(max(0, -h0), min(kh, H - h0)):
                     for s in range(max(0, -w0), min(kw, W - w0)):
                         dx[n, c, h0 + r, w0 + s] += g
+
+
+# ReLU: y = max(x, 0), so dL/dx = dy where y > 0 and 0 elsewhere (the saved output is the
+# mask; at x = 0 the gradient is 0, as in PyTorch).  NaN propagates: max(NaN, 0) is NaN.
+
+
+@parallel_kernel
+def relu_fwd(x, y):
+    """``y = max(x, 0)`` elementwise, NaN kept; 1-D contiguous arrays."""
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = v if (v > 0) | (v != v) else 0
+
+
+@parallel_kernel
+def relu_bwd(dy, y, dx):
+    """``dx = dy where y > 0 else 0``; 1-D contiguous arrays."""
+    for i in prange(dy.size):
+        dx[i] = dy[i] if y[i] > 0 else 0

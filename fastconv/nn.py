@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import kernels as _k
 from . import pool
 from .conv import conv2d, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
 
@@ -170,25 +171,36 @@ class Conv2d(Module):
 
 
 class ReLU(Module):
-    """``max(x, 0)``; the gradient passes where ``x > 0``."""
+    """``max(x, 0)``; the gradient passes where the output is positive.
+
+    Keeps its output (not a separate mask) for backward.  Numba kernels, in parallel.
+    """
 
     def __init__(self):
         super().__init__()
-        self._mask = None
+        self._y = None
 
     def forward(self, x):
-        x = np.asarray(x)
-        if self.training:
-            self._mask = x > 0
-        return np.maximum(x, 0)
+        x = np.ascontiguousarray(x)
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
+        y = np.empty_like(x)
+        _k.relu_fwd(x.reshape(-1), y.reshape(-1))
+        self._y = y if self.training else None
+        return y
 
     def backward(self, dy):
-        if self._mask is None:
+        if self._y is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        return dy * self._mask
+        dy = np.ascontiguousarray(dy, dtype=self._y.dtype)
+        if dy.shape != self._y.shape:
+            raise ValueError(f"ReLU.backward got shape {dy.shape}, forward gave {self._y.shape}")
+        dx = np.empty_like(dy)
+        _k.relu_bwd(dy.reshape(-1), self._y.reshape(-1), dx.reshape(-1))
+        return dx
 
     def _forget(self):
-        self._mask = None
+        self._y = None
 
     def __repr__(self):
         return "ReLU()"
