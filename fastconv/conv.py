@@ -41,6 +41,7 @@ def _is_int(v) -> bool:
 
 
 _INT_MAX = 2**31 - 1  # kernel index arithmetic stays far from int64 overflow
+_DW_CHUNK_BYTES = 256 * 1024  # deltas per dW batch chunk: about a quarter of a Zen L2
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -442,10 +443,15 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     off = np.zeros((G, -(-T // _k.TC) * _k.TC), np.uint64)
     s, c = np.divmod(np.arange(T), Cg)
     off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
-    dwb = np.empty((G, KBn, R, off.shape[1], _k.KBW), dtype)
     N, Hp, Wp, _ = xp.shape
+    # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
+    # result does not depend on the thread count.
+    per_sample = geo.OH * geo.OW * G * KBn * _k.KBW * dyp.itemsize
+    P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
+    part = np.empty((P, G, KBn, R, off.shape[1], _k.KBW), dtype)
     dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, _k.KBW)
-    _k.conv_dw_tiles(xp.reshape(N, Hp, Wp * C), dyp, off, dwb, C, geo.sh, geo.sw, geo.dlh)
+    _k.conv_dw_tiles(xp.reshape(N, Hp, Wp * C), dyp, off, part, C, geo.sh, geo.sw, geo.dlh)
+    dwb = part.sum(axis=0) if P > 1 else part[0]
     dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, _k.KBW).transpose(0, 1, 5, 4, 2, 3)
     return np.ascontiguousarray(dw.reshape(G, KBn * _k.KBW, Cg, R, S)[:, :Kg]).reshape(
         weight_shape)

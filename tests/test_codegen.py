@@ -36,7 +36,7 @@ def test_dw_kernel_uses_packed_fma_without_gathers():
     x = np.zeros((1, 5, 5 * 2), np.float32)
     dy = np.zeros((1, 3, 3, 1, K.KBW), np.float32)
     off = np.zeros((1, K.TC), np.uint64)
-    dwb = np.zeros((1, 1, 3, K.TC, K.KBW), np.float32)
+    dwb = np.zeros((1, 1, 1, 3, K.TC, K.KBW), np.float32)
     f(x, dy, off, dwb, 2, 1, 1, 1)
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= K.TC
