@@ -323,17 +323,26 @@ def max_pool_2x2_fwd(x, y, arg):
 
 
 @parallel_kernel
-def max_pool_bwd(dy, arg, dx):
-    """``dx[n, c, arg // W, arg % W] += dy[n, c, i, j]``; ``dx`` is pre-zeroed (N, C, H, W)."""
+def max_pool_bwd(dy, arg, dx, mask, use_mask):
+    """``dx[n, c, arg // W, arg % W] += dy[n, c, i, j]``, and zero everywhere else.
+
+    With ``use_mask``, only deltas where ``mask > 0`` pass: the backward of ReLU followed by
+    max pooling, fused (``mask`` is the pooled, rectified output).  Each task zeroes and
+    fills whole planes of ``dx`` (N, C, H, W), which may be uninitialised.
+    """
     N, C, OH, OW = dy.shape
     W = dx.shape[3]
     for p in prange(N * C):
         n = p // C
         c = p % C
+        dx[n, c] = 0
         for i in range(OH):
             for j in range(OW):
                 a = arg[n, c, i, j]
-                dx[n, c, a // W, a % W] += dy[n, c, i, j]
+                g = dy[n, c, i, j]
+                if use_mask:
+                    g = g if mask[n, c, i, j] > 0 else 0
+                dx[n, c, a // W, a % W] += g
 
 
 @parallel_kernel

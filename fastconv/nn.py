@@ -216,14 +216,29 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         y, idx = pool.max_pool2d(x, **self.args, return_indices=True)
-        self._saved = (idx, np.shape(x)) if self.training else None
+        self._saved = (idx, np.shape(x), None) if self.training else None
+        return y
+
+    def forward_after_relu(self, x):
+        """``self(relu(x))``, computed as ``relu(self(x))``: the same values and gradients
+        (max and ReLU commute), with ReLU on the pooled, smaller array."""
+        y, idx = pool.max_pool2d(x, **self.args, return_indices=True)
+        _k.relu_fwd(y.reshape(-1), y.reshape(-1))
+        self._saved = (idx, np.shape(x), y) if self.training else None
         return y
 
     def backward(self, dy):
+        """The backward of :meth:`forward`, or of ReLU and this layer after
+        :meth:`forward_after_relu` (deltas pass where the pooled output is positive)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        idx, shape = self._saved
-        return pool.max_pool2d_backward(dy, idx, shape)
+        idx, shape, relu_out = self._saved
+        if relu_out is None:
+            return pool.max_pool2d_backward(dy, idx, shape)
+        dy = np.ascontiguousarray(dy, dtype=relu_out.dtype)
+        dx = np.empty(shape, relu_out.dtype)
+        _k.max_pool_bwd(dy, idx, dx, relu_out, True)
+        return dx
 
     def _forget(self):
         self._saved = None
@@ -334,14 +349,32 @@ class Sequential(Module):
     def __len__(self):
         return len(self.layers)
 
+    def _steps(self):
+        """Layers in order, with each ReLU directly followed by MaxPool2d fused into one
+        step (the pool runs first, then ReLU on its 4x smaller output; see
+        :meth:`MaxPool2d.forward_after_relu`)."""
+        i, layers = 0, self.layers
+        while i < len(layers):
+            if (isinstance(layers[i], ReLU) and i + 1 < len(layers)
+                    and isinstance(layers[i + 1], MaxPool2d)):
+                yield (layers[i], layers[i + 1])
+                i += 2
+            else:
+                yield (layers[i],)
+                i += 1
+
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        for step in self._steps():
+            if len(step) == 2:
+                x = np.asarray(x)
+                x = step[1].forward_after_relu(x if x.dtype.kind == "f" else x.astype(float))
+            else:
+                x = step[0].forward(x)
         return x
 
     def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        for step in reversed(list(self._steps())):
+            dy = step[-1].backward(dy)  # a fused pair's pool does the ReLU's part too
         return dy
 
     def __repr__(self):

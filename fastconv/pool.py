@@ -104,9 +104,11 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     if arg.size and (arg.min() < 0 or arg.max() >= shape[2] * shape[3]):
         raise ValueError(f"indices must lie in [0, H*W) = [0, {shape[2] * shape[3]}), got "
                          f"values in [{arg.min()}, {arg.max()}]")
-    dx = np.zeros(shape, dy.dtype)
+    dx = np.empty(shape, dy.dtype)
     if dy.size:
-        _k.max_pool_bwd(dy, arg.astype(np.int32, copy=False), dx)
+        _k.max_pool_bwd(dy, arg.astype(np.int32, copy=False), dx, dy, False)
+    else:
+        dx[...] = 0
     return dx
 
 

@@ -234,3 +234,22 @@ def test_optimizer_state_round_trip(rng):
             o.step()
         for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
             np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_fused_relu_maxpool_equals_the_separate_layers(rng):
+    """Sequential runs ReLU -> MaxPool2d as pool-then-ReLU; values and gradients must be
+    bit-identical to the layers run one by one, including all-negative windows, zeros,
+    NaN and ties."""
+    x = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
+    x[0, 0, :2, :2] = -1.0  # a window with no positive value
+    x[0, 1, 2:4, 2:4] = 0.0  # zeros only
+    x[1, 0, 4, 4] = np.nan
+    x[1, 2, 0, 0:2] = 5.0  # a tie
+    for pool_args in [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)]:
+        fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(**pool_args))
+        relu, mp = nn.ReLU(), nn.MaxPool2d(**pool_args)
+        y_f = fused(x)
+        y_s = mp(relu(x))
+        np.testing.assert_array_equal(y_f, y_s)
+        dy = rng.standard_normal(y_f.shape).astype(np.float32)
+        np.testing.assert_array_equal(fused.backward(dy), relu.backward(mp.backward(dy)))
