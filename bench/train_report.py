@@ -69,6 +69,8 @@ def main(argv=None):
     print(f"| peak RSS (MB) | {rss['fastconv']:.0f} | {rss['torch']:.0f} | "
           f"{rss['fastconv'] / rss['torch']:.2f}x |")
     print(f"| test accuracy | {acc['fastconv']:.4f} | {acc['torch']:.4f} | |")
+    print("\nper round, samples/s: " + ", ".join(
+        f"{f:.0f} vs {t:.0f}" for f, t in zip(sps["fastconv"], sps["torch"], strict=True)))
 
 
 if __name__ == "__main__":
