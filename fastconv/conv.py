@@ -435,25 +435,29 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     if geo.N == 0:
         return np.zeros(weight_shape, dtype)
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
-    KBn = -(-Kg // _k.KBW)
+    # The wide 6 x 64 tile for groups of more than 32 output channels, else 8 x 32.
+    wide = Kg > _k.KBW
+    KBW, TC = (_k.KBWW, _k.TCW) if wide else (_k.KBW, _k.TC)
+    KBn = -(-Kg // KBW)
     xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo.pads)
-    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * _k.KBW)
+    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * KBW)
     # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
     T = S * Cg
-    off = np.zeros((G, -(-T // _k.TC) * _k.TC), np.uint64)
+    off = np.zeros((G, -(-T // TC) * TC), np.uint64)
     s, c = np.divmod(np.arange(T), Cg)
     off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
     N, Hp, Wp, _ = xp.shape
     # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
     # result does not depend on the thread count.
-    per_sample = geo.OH * geo.OW * G * KBn * _k.KBW * dyp.itemsize
+    per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
     P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
-    part = np.empty((P, G, KBn, R, off.shape[1], _k.KBW), dtype)
-    dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, _k.KBW)
-    _k.conv_dw_tiles(xp.reshape(N, Hp, Wp * C), dyp, off, part, C, geo.sh, geo.sw, geo.dlh)
+    part = np.empty((P, G, KBn, R, off.shape[1], KBW), dtype)
+    dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, KBW)
+    kernel = _k.conv_dw_tiles_wide if wide else _k.conv_dw_tiles
+    kernel(xp.reshape(N, Hp, Wp * C), dyp, off, part, C, geo.sh, geo.sw, geo.dlh)
     dwb = part.sum(axis=0) if P > 1 else part[0]
-    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, _k.KBW).transpose(0, 1, 5, 4, 2, 3)
-    return np.ascontiguousarray(dw.reshape(G, KBn * _k.KBW, Cg, R, S)[:, :Kg]).reshape(
+    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, KBW).transpose(0, 1, 5, 4, 2, 3)
+    return np.ascontiguousarray(dw.reshape(G, KBn * KBW, Cg, R, S)[:, :Kg]).reshape(
         weight_shape)
 
 

@@ -17,6 +17,7 @@ Legend
 ``TW``           output pixels per register tile (7)
 ``TC``           reduction columns per dW register tile (8)
 ``KBW``          output channels per dW register tile (32: two vectors, 16 accumulators)
+``TCW, KBWW``    the wide dW tile for groups of more than 32 output channels: 6 x 64
 
 Design
 ------
@@ -37,6 +38,8 @@ KB = 32
 TW = 7
 TC = 8
 KBW = 32
+TCW = 6
+KBWW = 64
 
 
 @parallel_kernel
@@ -244,6 +247,64 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
         for t in range(TC):
             for k in range(KBW):
                 part[p, g, kb, r, tb * TC + t, k] = acc[t, k]
+
+
+@parallel_kernel
+def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
+    """:func:`conv_dw_tiles` with a TCW x KBWW = 6 x 64 tile, for groups of more than 32
+    output channels: 24 accumulators, 4 delta vectors and 6 broadcast inputs per 24 FMAs
+    (about 30% faster there than 8 x 32; with 32 channels or fewer it would pad half the
+    lanes).  Arguments and layout as :func:`conv_dw_tiles`, with KBWW channels per block
+    and ``T`` a multiple of TCW.
+    """
+    N, OH, OW = dy.shape[:3]
+    P, G, KBn, R, T = part.shape[:5]
+    TBn = T // TCW
+    NT = G * KBn * R * TBn
+    for task in prange(P * NT):
+        p = task // NT
+        tile = task % NT
+        n0 = p * N // P
+        n1 = (p + 1) * N // P
+        tb = tile % TBn
+        rest = tile // TBn
+        r = rest % R
+        rest //= R
+        kb = rest % KBn
+        g = rest // KBn
+        gk = g * KBn + kb
+        o0 = off[g, tb * TCW + 0]
+        o1 = off[g, tb * TCW + 1]
+        o2 = off[g, tb * TCW + 2]
+        o3 = off[g, tb * TCW + 3]
+        o4 = off[g, tb * TCW + 4]
+        o5 = off[g, tb * TCW + 5]
+        acc = stack_tile(TCW, KBWW, part.dtype)
+        for t in range(TCW):
+            for k in range(KBWW):
+                acc[t, k] = 0
+        for n in range(n0, n1):
+            for i in range(OH):
+                xrow = x[n, i * sh + r * dlh]
+                for j in range(OW):
+                    base = np.uint64(j * sw * C)
+                    x0 = xrow[base + o0]
+                    x1 = xrow[base + o1]
+                    x2 = xrow[base + o2]
+                    x3 = xrow[base + o3]
+                    x4 = xrow[base + o4]
+                    x5 = xrow[base + o5]
+                    for k in range(KBWW):
+                        d = dy[n, i, j, gk, k]
+                        acc[0, k] += x0 * d
+                        acc[1, k] += x1 * d
+                        acc[2, k] += x2 * d
+                        acc[3, k] += x3 * d
+                        acc[4, k] += x4 * d
+                        acc[5, k] += x5 * d
+        for t in range(TCW):
+            for k in range(KBWW):
+                part[p, g, kb, r, tb * TCW + t, k] = acc[t, k]
 
 
 # Pooling, derived once

@@ -8,6 +8,7 @@ import re
 
 import numba
 import numpy as np
+import pytest
 
 from fastconv import _jit
 from fastconv import kernels as K
@@ -31,13 +32,15 @@ def test_forward_and_dx_kernel_uses_packed_fma():
     assert len(PACKED_FMA.findall(asm)) >= K.TW
 
 
-def test_dw_kernel_uses_packed_fma_without_gathers():
-    f = _fresh(K.conv_dw_tiles)
+@pytest.mark.parametrize("kernel, tc, kbw", [(K.conv_dw_tiles, K.TC, K.KBW),
+                                              (K.conv_dw_tiles_wide, K.TCW, K.KBWW)])
+def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
+    f = _fresh(kernel)
     x = np.zeros((1, 5, 5 * 2), np.float32)
-    dy = np.zeros((1, 3, 3, 1, K.KBW), np.float32)
-    off = np.zeros((1, K.TC), np.uint64)
-    dwb = np.zeros((1, 1, 1, 3, K.TC, K.KBW), np.float32)
+    dy = np.zeros((1, 3, 3, 1, kbw), np.float32)
+    off = np.zeros((1, tc), np.uint64)
+    dwb = np.zeros((1, 1, 1, 3, tc, kbw), np.float32)
     f(x, dy, off, dwb, 2, 1, 1, 1)
     asm = f.inspect_asm(f.signatures[0])
-    assert len(PACKED_FMA.findall(asm)) >= K.TC
+    assert len(PACKED_FMA.findall(asm)) >= tc
     assert "vgather" not in asm  # the deltas are loaded as whole vectors
