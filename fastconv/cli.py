@@ -35,6 +35,7 @@ def _checked(convert, ok, expected: str):
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "a non-negative integer")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,19 +45,21 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train a model; one line per epoch, a progress bar on a "
                        "terminal.  Datasets are found in --data-dir, $FASTCONV_DATA/<name>, "
                        "~/.cache/fastconv/<name>, /usr/share/datasets, or downloaded.")
-    t.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    # Settings default to None so that --resume can tell given flags from defaults.
+    t.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="default: mnist")
     t.add_argument("--data-dir", help="folder with the IDX files (or a <dataset> subfolder)")
-    t.add_argument("--model", choices=["two-conv", "seed"], default="two-conv")
-    t.add_argument("--epochs", type=_positive_int, default=1, help="total epochs (default 1)")
-    t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=0.05)
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    t.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+    t.add_argument("--model", choices=["two-conv", "seed"], help="default: two-conv")
+    t.add_argument("--epochs", type=_positive_int,
+                   help="total epochs (default 1; with --resume, the saved total)")
+    t.add_argument("--batch-size", type=_positive_int, help="default: 64")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default 0.05)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], help="default: sgd")
+    t.add_argument("--momentum", type=_fraction, help="SGD momentum (default 0.9)")
+    t.add_argument("--schedule", choices=["cosine", "constant"],
                    help="learning rate: annealed to 0 over --epochs along a half cosine "
                    "(default), or constant")
     t.add_argument("--threads", type=_positive_int, help="kernel threads (default: all cores)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, help="default: 0")
     t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
     t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
     t.add_argument("--save", metavar="PATH", help="checkpoint (.npz) after every epoch")
@@ -86,11 +89,14 @@ def main(argv=None) -> int:
         if args.threads is not None:
             conv.set_num_threads(args.threads)
         if args.command == "train":
-            cfg = train.TrainConfig(
-                dataset=args.dataset, model=args.model, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                momentum=args.momentum, schedule=args.schedule, seed=args.seed,
-                limit=args.limit)
+            given = {k: getattr(args, k) for k in (
+                "dataset", "model", "epochs", "batch_size", "lr", "optimizer", "momentum",
+                "schedule", "seed", "limit") if getattr(args, k) is not None}
+            if args.resume is not None:
+                ck = train.load_checkpoint(args.resume)
+                cfg = train.resume_config(ck["config"], ck["epoch"], given)
+            else:
+                cfg = train.TrainConfig(**given)
             train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
                         save=args.save, resume=args.resume, metrics_json=args.metrics_json,
                         plot=args.plot, quiet=args.quiet,
@@ -101,8 +107,8 @@ def main(argv=None) -> int:
             model, _ = train.build(cfg)
             model.load_state_dict(ck["model"])
             name = args.dataset or cfg.dataset
-            _, _, xte, yte = data.load_dataset(name, args.data_dir,
-                                               download=not args.no_download)
+            xte, yte = data.load_dataset(name, args.data_dir, download=not args.no_download,
+                                         split="test")
             loss, acc = train.evaluate(model, xte, yte.astype("int64"))
             print(f"{name} test: loss {loss:.4f}, accuracy {acc:.4f} ({len(xte)} images)")
     except KeyboardInterrupt:

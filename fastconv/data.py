@@ -2,7 +2,7 @@
 
 :func:`load_dataset` looks for the four standard files in this order:
 
-1. the ``data_dir`` argument (the folder itself, or its ``<name>`` subfolder);
+1. the ``data_dir`` argument (its ``<name>`` subfolder, then the folder itself);
 2. ``$FASTCONV_DATA/<name>``;
 3. the user cache, ``~/.cache/fastconv/<name>`` (``$XDG_CACHE_HOME`` is honoured);
 4. Debian's ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``);
@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "DatasetNotFoundError", "IDXError", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "NUM_CLASSES", "DatasetNotFoundError", "IDXError", "load_dataset",
+           "read_idx"]
+
+NUM_CLASSES = 10  # both datasets: digits 0-9, or ten kinds of clothing
 
 
 class IDXError(ValueError):
@@ -144,7 +147,7 @@ def _cache_dir(name: str) -> Path:
 def _candidate_dirs(ds: _Dataset, data_dir) -> list[Path]:
     dirs = []
     if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / ds.name]
+        dirs += [Path(data_dir) / ds.name, Path(data_dir)]
     if os.environ.get("FASTCONV_DATA"):
         dirs.append(Path(os.environ["FASTCONV_DATA"]) / ds.name)
     dirs.append(_cache_dir(ds.name))
@@ -180,6 +183,9 @@ def download(url: str, dest: Path, sha256: frozenset, timeout: float = 30.0) -> 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             buf = io.BytesIO()
             while chunk := resp.read(1 << 20):
@@ -198,37 +204,50 @@ def download(url: str, dest: Path, sha256: frozenset, timeout: float = 30.0) -> 
         raise
 
 
-def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float = 30.0):
+def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float = 30.0,
+                 *, split: str = "both"):
     """Load an MNIST-family dataset as uint8 arrays.
+
+    All the files come from one folder: the first in the search order that holds every
+    file needed (``data_dir/<name>`` before ``data_dir`` itself).  Failing that, and with
+    ``download``, the missing files are fetched into the user cache.
 
     Parameters
     ----------
     name : ``'mnist'`` or ``'fashion-mnist'``
-    data_dir : folder holding the four IDX files (or a ``<name>`` subfolder), optional
+    data_dir : folder holding the IDX files (or a ``<name>`` subfolder), optional
     download : fetch missing files from the public mirrors into the user cache
     timeout : seconds per network operation
+    split : ``'both'`` (default), or ``'test'`` to need only the two test files
 
     Returns
     -------
     train_images (60000, 28, 28) uint8, train_labels (60000,) uint8,
     test_images (10000, 28, 28) uint8, test_labels (10000,) uint8
-        (the sizes of the standard files; a user's own split may differ).
+        (the sizes of the standard files; a user's own split may differ).  With
+        ``split='test'``: test_images, test_labels.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if split not in ("both", "test"):
+        raise ValueError(f"split must be 'both' or 'test', got {split!r}")
     ds = DATASETS[name]
+    files = ds.files if split == "both" else ds.files[2:]
     dirs = _candidate_dirs(ds, data_dir)
-    paths, missing, errors = [], [], []
-    for f in ds.files:
-        found = next((p for d in dirs if (p := _find(d, f)) is not None), None)
-        if found is None and download:
-            found = _download_any(ds, f, timeout, errors)
-        if found is None:
-            missing.append(f.stem)
-        paths.append(found)
-    if missing:
-        lines = [f"{name}: could not find {', '.join(missing)} (.gz or raw IDX files).",
-                 "Looked in:", *(f"  {d}" for d in dirs)]
+    paths, errors = None, []
+    for d in dirs:
+        found = [_find(d, f) for f in files]
+        if all(found):
+            paths = found
+            break
+    if paths is None and download:
+        cache = _cache_dir(ds.name)
+        paths = [_find(cache, f) or _download_any(ds, f, timeout, errors) for f in files]
+    if paths is None or not all(paths):
+        missing = [f.stem for f in files] if paths is None else [
+            f.stem for f, p in zip(files, paths, strict=True) if p is None]
+        lines = [f"{name}: could not find {', '.join(missing)} (.gz or raw IDX files) "
+                 "together in one folder.", "Looked in:", *(f"  {d}" for d in dirs)]
         if errors:
             lines += ["Download failed:", *(f"  {e}" for e in errors)]
         elif not download:
@@ -237,14 +256,17 @@ def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float
                      f"FASTCONV_DATA to a folder with a '{name}' subfolder.")
         raise DatasetNotFoundError("\n".join(lines))
     arrays = [read_idx(p) for p in paths]
-    for a, f, p in zip(arrays, ds.files, paths, strict=True):
+    for a, f, p in zip(arrays, files, paths, strict=True):
         if a.ndim != len(f.shape) or a.shape[1:] != f.shape[1:] or a.dtype != np.uint8:
             raise IDXError(f"{p}: expected {f.stem} of shape (n, {f.shape[1:]}) uint8, got "
                            f"{a.shape} {a.dtype}")
-    for images, labels, (pi, pl) in ((arrays[0], arrays[1], paths[:2]),
-                                     (arrays[2], arrays[3], paths[2:])):
+    for k in range(0, len(arrays), 2):
+        images, labels, pi, pl = arrays[k], arrays[k + 1], paths[k], paths[k + 1]
         if len(images) != len(labels):
             raise IDXError(f"{pi} has {len(images)} images but {pl} has {len(labels)} labels")
+        if labels.size and labels.max() >= NUM_CLASSES:
+            raise IDXError(f"{pl}: labels must lie in [0, {NUM_CLASSES}), found "
+                           f"{int(labels.max())}")
     return tuple(arrays)
 
 

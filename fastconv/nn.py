@@ -101,12 +101,13 @@ class Module:
         if missing or unexpected:
             raise ValueError(f"state_dict does not match the model: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
+        values = {name: np.asarray(state[name]) for name in params}
+        for name, p in params.items():  # check everything before changing anything
+            if values[name].shape != p.data.shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {values[name].shape}, the "
+                                 f"model's parameter has {p.data.shape}")
         for name, p in params.items():
-            value = np.asarray(state[name])
-            if value.shape != p.data.shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {value.shape}, the model's "
-                                 f"parameter has {p.data.shape}")
-            np.copyto(p.data, value, casting="same_kind")
+            np.copyto(p.data, values[name], casting="same_kind")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -182,8 +183,8 @@ class ReLU(Module):
 
     def forward(self, x):
         x = np.ascontiguousarray(x)
-        if x.dtype.kind != "f":
-            x = x.astype(np.float64)
+        if x.dtype not in (np.float32, np.float64):  # the conv rules: f16 -> f32, else f64
+            x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
         y = np.empty_like(x)
         _k.relu_fwd(x.reshape(-1), y.reshape(-1))
         self._y = y if self.training else None
@@ -222,7 +223,7 @@ class MaxPool2d(Module):
     def forward_after_relu(self, x):
         """``self(relu(x))``, computed as ``relu(self(x))``: the same values and gradients
         (max and ReLU commute), with ReLU on the pooled, smaller array."""
-        y, idx = pool.max_pool2d(x, **self.args, return_indices=True)
+        y, idx = pool.max_pool2d(x, **self.args, return_indices=True)  # float32/64 out
         _k.relu_fwd(y.reshape(-1), y.reshape(-1))
         self._saved = (idx, np.shape(x), y) if self.training else None
         return y
@@ -236,6 +237,9 @@ class MaxPool2d(Module):
         if relu_out is None:
             return pool.max_pool2d_backward(dy, idx, shape)
         dy = np.ascontiguousarray(dy, dtype=relu_out.dtype)
+        if dy.shape != relu_out.shape:
+            raise ValueError(f"backward got grad_output of shape {dy.shape}, but the forward "
+                             f"output had shape {relu_out.shape}")
         dx = np.empty(shape, relu_out.dtype)
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
@@ -366,8 +370,7 @@ class Sequential(Module):
     def forward(self, x):
         for step in self._steps():
             if len(step) == 2:
-                x = np.asarray(x)
-                x = step[1].forward_after_relu(x if x.dtype.kind == "f" else x.astype(float))
+                x = step[1].forward_after_relu(x)
             else:
                 x = step[0].forward(x)
         return x

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -127,6 +129,12 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path, cfg: TrainConfig, model, optimizer, epoch: int, rng, history) -> None:
@@ -153,8 +161,26 @@ def load_checkpoint(path) -> dict:
             "model": {k[6:]: v for k, v in items.items() if k.startswith("model/")},
             "optim": {k[6:]: v for k, v in items.items() if k.startswith("optim/")},
         }
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable fastconv checkpoint ({e})") from None
+
+
+def resume_config(saved: TrainConfig, done: int, given: dict) -> TrainConfig:
+    """The config to continue a checkpoint with.
+
+    ``--resume`` continues the saved run: its settings stay, and every setting given again
+    must agree with them.  Only ``epochs`` (the total to reach, by default the saved one)
+    may change; raising it extends the cosine schedule over the new total.
+    """
+    for key, value in given.items():
+        if key != "epochs" and value != getattr(saved, key):
+            raise ValueError(f"--resume continues the saved run, which has {key}="
+                             f"{getattr(saved, key)!r}; got {key}={value!r}")
+    epochs = given.get("epochs", saved.epochs)
+    if epochs < done:
+        raise ValueError(f"the checkpoint has already trained {done} epochs; --epochs "
+                         f"{epochs} is fewer")
+    return dataclasses.replace(saved, epochs=epochs)
 
 
 def build(cfg: TrainConfig):
@@ -204,8 +230,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     history, start_epoch = [], 0
     if resume is not None:
         ck = load_checkpoint(resume)
-        saved, target = ck["config"], cfg.epochs
-        cfg = dataclasses.replace(saved, epochs=target)
+        cfg = resume_config(ck["config"], ck["epoch"], {"epochs": cfg.epochs})
         model, opt = build(cfg)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -259,6 +284,12 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
             if bar is not None:
                 bar.close()
             test_loss, test_acc = evaluate(model, xte, yte)
+            if not (np.isfinite(test_loss)
+                    and all(np.isfinite(p.data).all() for p in model.parameters())):
+                raise TrainingDiverged(
+                    f"the weights became non-finite in epoch {epoch + 1} (test loss "
+                    f"{test_loss}); try a smaller --lr (now {cfg.lr})"
+                    + (f"; the last good checkpoint is kept in {save}" if save else ""))
             step_seconds += busy
             step_samples += seen
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen,

@@ -196,3 +196,49 @@ def test_fashion_mnist_two_epochs_with_defaults_reaches_90_percent(tmp_path):
             "--epochs", 2, "--metrics-json", m, "--quiet", timeout=1200)
     assert r.returncode == 0, r.stderr
     assert json.loads(m.read_text())["test_accuracy"] >= 0.90
+
+
+def test_resume_keeps_the_saved_settings(toy, tmp_path):
+    ck = tmp_path / "ck.npz"
+    assert run("train", *_common(toy), "--epochs", 2, "--save", ck, "--quiet").returncode == 0
+    again = run("train", "--data-dir", toy, "--no-download", "--resume", ck)
+    assert again.returncode == 0 and "after epoch 2 of 2" in again.stdout  # the saved total
+    r = run("train", "--data-dir", toy, "--no-download", "--resume", ck, "--lr", "0.1")
+    assert r.returncode == 1
+    assert "--resume continues the saved run, which has lr=0.05; got lr=0.1" in r.stderr
+    r = run("train", "--data-dir", toy, "--no-download", "--resume", ck, "--epochs", 1)
+    assert r.returncode == 1 and "already trained 2 epochs; --epochs 1 is fewer" in r.stderr
+
+
+def test_corrupt_checkpoint_is_one_line(toy, tmp_path):
+    ck = tmp_path / "ck.npz"
+    assert run("train", *_common(toy), "--save", ck, "--quiet").returncode == 0
+    ck.write_bytes(ck.read_bytes()[:3000])
+    for args in (["evaluate", "--model", ck], ["train", "--resume", ck]):
+        r = run(*args, "--data-dir", toy, "--no-download")
+        assert r.returncode == 1 and "not a readable fastconv checkpoint" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_divergence_on_the_last_step_is_caught(toy, tmp_path):
+    ck, m = tmp_path / "d.npz", tmp_path / "d.json"
+    r = run("train", *_common(toy), "--model", "seed", "--limit", 32, "--lr", "1e38",
+            "--save", ck, "--metrics-json", m)
+    assert r.returncode == 1 and ("non-finite" in r.stderr or "loss became" in r.stderr)
+    assert not ck.exists() and not m.exists()
+
+
+def test_evaluate_needs_only_the_test_files(toy, tmp_path):
+    ck = tmp_path / "ck.npz"
+    assert run("train", *_common(toy), "--save", ck, "--quiet").returncode == 0
+    only_test = tmp_path / "t"
+    only_test.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (only_test / name).write_bytes((toy / name).read_bytes())
+    r = run("evaluate", "--model", ck, "--data-dir", only_test, "--no-download")
+    assert r.returncode == 0 and "mnist test: loss" in r.stdout, r.stderr
+
+
+def test_negative_seed_is_a_usage_error():
+    r = run("train", "--seed", "-1")
+    assert r.returncode == 2 and "argument --seed: expected a non-negative integer" in r.stderr

@@ -226,3 +226,28 @@ def test_download_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(data.DATASETS, "mnist", fake)
     with pytest.raises(DatasetNotFoundError, match="Download failed:\n  http://127.0.0.1:9/"):
         load_dataset("mnist", timeout=2)
+
+
+def test_all_files_come_from_one_folder(tmp_path):
+    write_dataset(tmp_path / "cache" / "fastconv" / "mnist", value=3)
+    partial = tmp_path / "arg"
+    write_dataset(partial, value=1)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: not used at all
+    xtr, _, xte, _ = load_dataset("mnist", partial, download=False)
+    assert xtr[0, 0, 0] == 3 and xte[0, 0, 0] == 3
+
+
+def test_labels_out_of_range_name_the_file(tmp_path):
+    write_dataset(tmp_path)
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(gzip.compress(idx_bytes(np.full(6, 200, np.uint8))))
+    with pytest.raises(IDXError, match=f"{bad}: labels must lie in \\[0, 10\\), found 200"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_test_split_only(tmp_path):
+    write_dataset(tmp_path, n_test=5)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / f"{stem}.gz").unlink()
+    xte, yte = load_dataset("mnist", tmp_path, download=False, split="test")
+    assert xte.shape == (5, 28, 28) and yte.shape == (5,)

@@ -253,3 +253,18 @@ def test_fused_relu_maxpool_equals_the_separate_layers(rng):
         np.testing.assert_array_equal(y_f, y_s)
         dy = rng.standard_normal(y_f.shape).astype(np.float32)
         np.testing.assert_array_equal(fused.backward(dy), relu.backward(mp.backward(dy)))
+
+
+def test_fused_backward_checks_the_delta_shape():
+    fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    fused(np.ones((2, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=re.escape("grad_output of shape (2, 3, 4, 40000), but "
+                                                   "the forward output had shape (2, 3, 4, 4)")):
+        fused.backward(np.ones((2, 3, 4, 40000), np.float32))
+
+
+def test_relu_dtypes_follow_the_conv_rules():
+    assert nn.ReLU()(np.ones(3, np.float16)).dtype == np.float32
+    assert nn.ReLU()(np.ones(3, np.int64)).dtype == np.float64
+    fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    assert fused(np.ones((1, 1, 4, 4), np.float16)).dtype == np.float32
