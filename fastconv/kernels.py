@@ -174,6 +174,18 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
 # thread count, so results are identical for any number of threads.
 
 
+@numba.njit(inline="always")
+def _dw_task(task, NT, N, P, TBn, R, KBn):
+    """Decode a dW task into (chunk p, its samples [n0, n1), column block, r, kb, g)."""
+    p = task // NT
+    tile = task % NT
+    tb = tile % TBn
+    rest = tile // TBn
+    r = rest % R
+    rest //= R
+    return p, p * N // P, (p + 1) * N // P, tb, r, rest % KBn, rest // KBn
+
+
 @parallel_kernel
 def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
     """Weight gradient as a correlation of the input with the deltas, per batch chunk.
@@ -198,16 +210,7 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
     TBn = T // TC
     NT = G * KBn * R * TBn
     for task in prange(P * NT):
-        p = task // NT
-        tile = task % NT
-        n0 = p * N // P
-        n1 = (p + 1) * N // P
-        tb = tile % TBn
-        rest = tile // TBn
-        r = rest % R
-        rest //= R
-        kb = rest % KBn
-        g = rest // KBn
+        p, n0, n1, tb, r, kb, g = _dw_task(task, NT, N, P, TBn, R, KBn)
         gk = g * KBn + kb
         o0 = off[g, tb * TC + 0]
         o1 = off[g, tb * TC + 1]
@@ -262,16 +265,7 @@ def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
     TBn = T // TCW
     NT = G * KBn * R * TBn
     for task in prange(P * NT):
-        p = task // NT
-        tile = task % NT
-        n0 = p * N // P
-        n1 = (p + 1) * N // P
-        tb = tile % TBn
-        rest = tile // TBn
-        r = rest % R
-        rest //= R
-        kb = rest % KBn
-        g = rest // KBn
+        p, n0, n1, tb, r, kb, g = _dw_task(task, NT, N, P, TBn, R, KBn)
         gk = g * KBn + kb
         o0 = off[g, tb * TCW + 0]
         o1 = off[g, tb * TCW + 1]
