@@ -225,13 +225,14 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     if plot is not None:
         _require_matplotlib()
 
-    model, opt = build(cfg)
-    rng = np.random.default_rng([cfg.seed, 1])  # the shuffling stream
-    history, start_epoch = [], 0
+    ck = None
     if resume is not None:
         ck = load_checkpoint(resume)
         cfg = resume_config(ck["config"], ck["epoch"], {"epochs": cfg.epochs})
-        model, opt = build(cfg)
+    model, opt = build(cfg)
+    rng = np.random.default_rng([cfg.seed, 1])  # the shuffling stream
+    history, start_epoch = [], 0
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         rng.bit_generator.state = ck["rng"]
@@ -265,10 +266,8 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                 if not np.isfinite(loss):
                     if bar is not None:
                         bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {loss} in epoch {epoch + 1} after {seen} samples; "
-                        f"try a smaller --lr (now {cfg.lr})"
-                        + (f"; the last good checkpoint is kept in {save}" if save else ""))
+                    raise _diverged(f"loss became {loss} in epoch {epoch + 1} after {seen} "
+                                    "samples", cfg, save)
                 model.backward(loss_fn.backward())
                 opt.lr = learning_rate(cfg, epoch * steps_per_epoch + start // cfg.batch_size,
                                        cfg.epochs * steps_per_epoch)
@@ -286,10 +285,8 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
             test_loss, test_acc = evaluate(model, xte, yte)
             if not (np.isfinite(test_loss)
                     and all(np.isfinite(p.data).all() for p in model.parameters())):
-                raise TrainingDiverged(
-                    f"the weights became non-finite in epoch {epoch + 1} (test loss "
-                    f"{test_loss}); try a smaller --lr (now {cfg.lr})"
-                    + (f"; the last good checkpoint is kept in {save}" if save else ""))
+                raise _diverged(f"the weights became non-finite in epoch {epoch + 1} (test "
+                                f"loss {test_loss})", cfg, save)
             step_seconds += busy
             step_samples += seen
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
@@ -311,6 +308,11 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     if plot is not None:
         write_plot(plot, history, curve, model)
     return metrics
+
+
+def _diverged(what: str, cfg: TrainConfig, save) -> TrainingDiverged:
+    kept = f"; the last good checkpoint is kept in {save}" if save else ""
+    return TrainingDiverged(f"{what}; try a smaller --lr (now {cfg.lr}){kept}")
 
 
 def _warm_up(model, loss_fn, xtr, ytr):
