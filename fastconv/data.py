@@ -103,36 +103,37 @@ class _Dataset:
     system_dirs: tuple = ()
 
 
+def _standard_files(*digests) -> tuple:
+    """The four files of the MNIST layout (train images, train labels, test images, test
+    labels), each with its set of accepted SHA-256 digests."""
+    layout = (("train-images-idx3-ubyte", (60000, 28, 28)), ("train-labels-idx1-ubyte", (60000,)),
+              ("t10k-images-idx3-ubyte", (10000, 28, 28)), ("t10k-labels-idx1-ubyte", (10000,)))
+    return tuple(_File(stem, shape, frozenset(d))
+                 for (stem, shape), d in zip(layout, digests, strict=True))
+
+
 DATASETS = {
     "mnist": _Dataset(
         "mnist",
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/"),
-        files=(
-            _File("train-images-idx3-ubyte", (60000, 28, 28), frozenset({
-                "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"})),
-            _File("train-labels-idx1-ubyte", (60000,), frozenset({
-                "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"})),
-            _File("t10k-images-idx3-ubyte", (10000, 28, 28), frozenset({
-                "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"})),
-            _File("t10k-labels-idx1-ubyte", (10000,), frozenset({
-                "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"})),
+        files=_standard_files(
+            {"440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"},
+            {"3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"},
+            {"8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+             "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"},
+            {"f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+             "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"},
         ),
     ),
     "fashion-mnist": _Dataset(
         "fashion-mnist",
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        files=(
-            _File("train-images-idx3-ubyte", (60000, 28, 28), frozenset({
-                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"})),
-            _File("train-labels-idx1-ubyte", (60000,), frozenset({
-                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"})),
-            _File("t10k-images-idx3-ubyte", (10000, 28, 28), frozenset({
-                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"})),
-            _File("t10k-labels-idx1-ubyte", (10000,), frozenset({
-                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"})),
+        files=_standard_files(
+            {"c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"},
+            {"bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"},
+            {"5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"},
+            {"0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"},
         ),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
     ),

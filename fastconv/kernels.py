@@ -312,13 +312,14 @@ def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
 
 
 @numba.njit(inline="always")
-def _take(v, best, idx, where):
+def _take(v, best, idx, where, first):
     """Keep the larger value and its index; a NaN wins over numbers; ties keep the first.
+    ``first`` takes ``v`` unconditionally (the window's first element).
 
     Written as selects, not branches: on real data ``v > best`` is unpredictable, and a
     mispredicted branch per comparison made max pooling ten times slower.
     """
-    take = (v > best) | ((v != v) & (best == best))
+    take = first | (v > best) | ((v != v) & (best == best))
     return (v if take else best), (idx if take else where)
 
 
@@ -350,10 +351,9 @@ def max_pool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
                     for j in range(max(0, (pw - s + sw - 1) // sw),
                                    min(OW, (W - 1 + pw - s) // sw + 1)):
                         w = j * sw + s - pw
-                        v, b, a = x[n, c, h, w], y[n, c, i, j], arg[n, c, i, j]
-                        take = (a < 0) | (v > b) | ((v != v) & (b == b))  # as _take
-                        y[n, c, i, j] = v if take else b
-                        arg[n, c, i, j] = h * W + w if take else a
+                        y[n, c, i, j], arg[n, c, i, j] = _take(
+                            x[n, c, h, w], y[n, c, i, j], h * W + w, arg[n, c, i, j],
+                            arg[n, c, i, j] < 0)
 
 
 @parallel_kernel
@@ -370,9 +370,9 @@ def max_pool_2x2_fwd(x, y, arg):
             for j in range(OW):
                 w = 2 * j
                 best, where = x[n, c, h, w], h * W + w
-                best, where = _take(x[n, c, h, w + 1], best, h * W + w + 1, where)
-                best, where = _take(x[n, c, h + 1, w], best, (h + 1) * W + w, where)
-                best, where = _take(x[n, c, h + 1, w + 1], best, (h + 1) * W + w + 1, where)
+                best, where = _take(x[n, c, h, w + 1], best, h * W + w + 1, where, False)
+                best, where = _take(x[n, c, h + 1, w], best, (h + 1) * W + w, where, False)
+                best, where = _take(x[n, c, h + 1, w + 1], best, (h + 1) * W + w + 1, where, False)
                 y[n, c, i, j] = best
                 arg[n, c, i, j] = where
 
