@@ -301,6 +301,20 @@ def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
                 part[p, g, kb, r, tb * TCW + t, k] = acc[t, k]
 
 
+@parallel_kernel
+def bias_grad(dy, db):
+    """``db[k] = sum_{n, i, j} dy[n, k, i, j]``, accumulated in float64 (see the derivation
+    above).  dy : (N, K, OH, OW), C-contiguous;  db : (K,) float64.  One task per channel."""
+    N, K, OH, OW = dy.shape
+    for k in prange(K):
+        total = 0.0
+        for n in range(N):
+            for i in range(OH):
+                for j in range(OW):
+                    total += np.float64(dy[n, k, i, j])
+        db[k] = total
+
+
 # Pooling, derived once
 # ---------------------
 # Max: y[n,c,i,j] = max over the window of x, so dL/dx routes each delta to the position of
@@ -456,3 +470,20 @@ def relu_bwd(dy, y, dx):
     """``dx = dy where y > 0 else 0``; 1-D contiguous arrays."""
     for i in prange(dy.size):
         dx[i] = dy[i] if y[i] > 0 else 0
+
+
+# SGD with momentum, as torch.optim.SGD: g = grad + wd*p; buf = g on the first step, else
+# momentum*buf + g; the step is g + momentum*buf (Nesterov) or buf, or g without momentum.
+
+
+@parallel_kernel
+def sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov, first):
+    """One SGD step on 1-D contiguous ``p`` (in place), its gradient ``g`` and momentum
+    buffer ``buf`` (in place; unused when ``momentum == 0``), in a single pass."""
+    for i in prange(p.size):
+        d = g[i] + weight_decay * p[i]
+        if momentum != 0:
+            m = d if first else momentum * buf[i] + d
+            buf[i] = m
+            d = d + momentum * m if nesterov else m
+        p[i] -= lr * d

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels as _k
+
 __all__ = ["SGD", "Adam", "Optimizer"]
 
 
@@ -58,18 +60,31 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for i, (_, p, g) in enumerate(self._grads()):
-            if self.weight_decay:
-                g = g + self.weight_decay * p
-            if self.momentum:
-                buf = self.buffers[i]
-                if buf is None:
-                    buf = self.buffers[i] = np.array(g, dtype=p.dtype, copy=True)
-                else:
-                    buf *= self.momentum
-                    buf += g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p -= (self.lr * g).astype(p.dtype, copy=False)
+            first = self.momentum and self.buffers[i] is None
+            if first:
+                self.buffers[i] = np.empty_like(p)
+            buf = self.buffers[i]
+            g = np.asarray(g)
+            if p.flags.c_contiguous and g.shape == p.shape:
+                # One fused pass (a NumPy version makes five over the larger layers).
+                _k.sgd_update(p.reshape(-1), np.ascontiguousarray(g).reshape(-1),
+                              p.reshape(-1) if buf is None else buf.reshape(-1), self.lr,
+                              self.momentum, self.weight_decay, self.nesterov, bool(first))
+            else:
+                self._step_numpy(p, g, buf, bool(first))
         self.step_count += 1
+
+    def _step_numpy(self, p, g, buf, first):
+        """The same update for parameters the kernel cannot update in place."""
+        g = g + self.weight_decay * p
+        if self.momentum:
+            if first:
+                buf[...] = g
+            else:
+                buf *= self.momentum
+                buf += g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= (self.lr * g).astype(p.dtype, copy=False)
 
     def state_dict(self):
         state = super().state_dict()
