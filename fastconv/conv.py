@@ -20,6 +20,11 @@ from . import kernels as _k
 
 __all__ = [
     "ConvGeometry",
+    "DeltaLayout",
+    "backward_saved",
+    "conv2d_saving",
+    "delta_layout",
+    "pack_deltas",
     "conv2d",
     "conv2d_grad_bias",
     "conv2d_grad_input",
@@ -238,11 +243,12 @@ def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0)) -> np.ndarray:
-    """NCHW ``a`` as zero-padded NHWC, each of the ``G`` channel groups padded to ``CgP``."""
+def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), extra=0) -> np.ndarray:
+    """NCHW ``a`` as zero-padded NHWC, each of the ``G`` channel groups padded to ``CgP``,
+    and ``extra`` zero channels at the end."""
     N, _, H, W = a.shape
     pt, pb, pl, pr = pads
-    out = np.zeros((N, H + pt + pb, W + pl + pr, G * CgP), a.dtype)
+    out = np.zeros((N, H + pt + pb, W + pl + pr, G * CgP + extra), a.dtype)
     _k.pack_channels_last(a, out, pt, pl, G, CgP)
     return out
 
@@ -254,6 +260,125 @@ def _blocked_weights(wg: np.ndarray) -> np.ndarray:
     out = np.zeros((G, KBn * _k.KB, Cr, R, S), wg.dtype)
     out[:, :Ko] = wg
     return np.ascontiguousarray(out.reshape(G, KBn, _k.KB, Cr, R, S).transpose(0, 1, 4, 5, 3, 2))
+
+
+class DeltaLayout(NamedTuple):
+    """Where the backward passes read the deltas ``dy`` (N, K, OH, OW): a zero-bordered
+    channels-last array of ``shape`` (N, Hd, Wd, Cd), holding ``dy[n, k, i, j]`` at
+    ``[n, top + i, left + j, k]``.
+
+    One layout serves both passes.  dX reads ``dy`` padded by the border that its stride
+    phases need (:func:`_dx_phases`); dW reads the interior in vectors of ``KBW`` channels,
+    so each group's ``Kg`` channels are zero-padded to ``KgP``, a multiple of ``KBW``
+    (``Cd = G * KgP``).
+    """
+
+    shape: tuple[int, int, int, int]
+    top: int
+    left: int
+    KgP: int
+    rows: list  # dX phases of each axis (empty without dX)
+    cols: list
+
+
+def _dw_tile(geo: ConvGeometry):
+    """The dW kernel for a geometry and its channel block: the wide 6 x 64 tile for groups
+    of more than 32 output channels, else 8 x 32."""
+    if geo.Kg > _k.KBW:
+        return _k.conv_dw_tiles_wide, _k.KBWW, _k.TCW
+    return _k.conv_dw_tiles, _k.KBW, _k.TC
+
+
+def delta_layout(geo: ConvGeometry, need_dx: bool = True) -> DeltaLayout:
+    """The layout in which the backward passes of ``geo`` read their deltas."""
+    rows, cols, (pt, pb, pl, pr) = [], [], (0, 0, 0, 0)
+    if need_dx:
+        rows, pt, pb = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
+        cols, pl, pr = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
+    _, KBW, _ = _dw_tile(geo)
+    KgP = -(-geo.Kg // KBW) * KBW
+    return DeltaLayout((geo.N, geo.OH + pt + pb, geo.OW + pl + pr, geo.G * KgP), pt, pl, KgP,
+                       rows, cols)
+
+
+def pack_deltas(dy: np.ndarray, layout: DeltaLayout) -> np.ndarray:
+    """NCHW deltas in ``layout`` (a new array)."""
+    N, Hd, Wd, Cd = layout.shape
+    OH, OW = dy.shape[2:]
+    pads = (layout.top, Hd - OH - layout.top, layout.left, Wd - OW - layout.left)
+    return _channels_last(dy, Cd // layout.KgP, layout.KgP, pads)
+
+
+def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
+                       geo: ConvGeometry) -> np.ndarray:
+    """dX from deltas in ``layout``; ``w`` (K, Cg, R, S) in the deltas' dtype."""
+    G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
+    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    # (K, Cg, R, S) -> (G, Cg, KgP, R, S): output channels are now c, the reduction runs
+    # over k, including the layout's zero channels (with zero weights).
+    wt = np.zeros((G, Cg, layout.KgP, geo.R, geo.S), dyp.dtype)
+    wt[:, :, :Kg] = w.reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
+    zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dyp.dtype)
+    # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
+    # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
+    exact = not np.isfinite(wt).all()
+    for ph in layout.rows:
+        for pw in layout.cols:
+            wb = _blocked_weights(wt[:, :, :, ph.taps][:, :, :, :, pw.taps])
+            _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
+                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
+                          exact, pt, pt + geo.OH, pl, pl + geo.OW)
+    return dx
+
+
+def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
+                        geo: ConvGeometry) -> np.ndarray:
+    """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas."""
+    G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
+    kernel, KBW, TC = _dw_tile(geo)
+    KBn = -(-Kg // KBW)
+    # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
+    T = S * Cg
+    off = np.zeros((G, -(-T // TC) * TC), np.uint64)
+    s, c = np.divmod(np.arange(T), Cg)
+    off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
+    N, Hp, Wp, _ = xp.shape
+    # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
+    # result does not depend on the thread count.
+    per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
+    P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
+    part = np.empty((P, G, KBn, R, off.shape[1], KBW), dyp.dtype)
+    kernel(xp.reshape(N, Hp, Wp * C), dyp.reshape(*dyp.shape[:3], G * KBn, KBW), off, part, C,
+           geo.sh, geo.sw, geo.dlh, geo.OH, geo.OW, layout.top, layout.left)
+    dwb = part.sum(axis=0) if P > 1 else part[0]
+    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, KBW).transpose(0, 1, 5, 4, 2, 3)
+    return np.ascontiguousarray(dw.reshape(G, KBn * KBW, Cg, R, S)[:, :Kg]).reshape(
+        geo.K, Cg, R, S)
+
+
+def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -> np.ndarray:
+    """db (K,) in float64 from deltas in ``layout``."""
+    part = np.empty((geo.N, dyp.shape[3]), np.float64)
+    _k.bias_grad_channels_last(dyp, layout.top, layout.left, geo.OH, geo.OW, part)
+    return part.sum(axis=0).reshape(geo.G, layout.KgP)[:, :geo.Kg].reshape(geo.K)
+
+
+def _pack_input(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """The input as the forward and dW kernels read it: zero-padded channels-last."""
+    return _channels_last(x, geo.G, geo.Cg, geo.pads)
+
+
+def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry) -> np.ndarray:
+    """y (N, K, OH, OW) from the packed input; ``w``, ``b`` in its dtype."""
+    G, Kg = geo.G, geo.Kg
+    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
+    wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
+    bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
+    if b is not None:
+        bb[:, :Kg] = b.reshape(G, Kg)
+    _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
+                  0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
+    return y
 
 
 # --------------------------------------------------------------------------------------
@@ -282,6 +407,22 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     ndarray (N, K, OH, OW), or (K, OH, OW) for unbatched input
         float32 if all arguments are float16/float32, else float64.
     """
+    y, _, _ = conv2d_saving(input, weight, bias, stride, padding, dilation, groups)
+    return y
+
+
+def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """:func:`conv2d`, also returning what its backward passes reuse.
+
+    Returns
+    -------
+    y : ndarray, as :func:`conv2d`
+    xp : ndarray (N, H + pt + pb, W + pl + pr, C) or None
+        The input as the kernels read it (zero-padded channels-last, in the result dtype):
+        :func:`backward_saved` reads it again for dW.  None for an empty batch.
+    geo : ConvGeometry
+        With ``N = 1`` for unbatched input.
+    """
     x = _as_array("input", input)
     w = _as_array("weight", weight)
     b = None if bias is None else _as_array("bias", bias)
@@ -295,17 +436,33 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if b is not None and b.shape != (geo.K,):
         raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
 
-    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), dtype)
-    if geo.N > 0:
-        G, Kg = geo.G, geo.Kg
-        xp = _channels_last(x.astype(dtype, copy=False), G, geo.Cg, geo.pads)
-        wb = _blocked_weights(w.astype(dtype, copy=False).reshape(G, Kg, geo.Cg, geo.R, geo.S))
-        bb = np.zeros((G, wb.shape[1] * _k.KB), dtype)
-        if b is not None:
-            bb[:, :Kg] = b.reshape(G, Kg)
-        _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
-                      0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
-    return y[0] if unbatched else y
+    if geo.N == 0:
+        return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
+    xp = _pack_input(x.astype(dtype, copy=False), geo)
+    y = _forward_packed(xp, w.astype(dtype, copy=False),
+                        None if b is None else b.astype(dtype, copy=False), geo)
+    return (y[0] if unbatched else y), xp, geo
+
+
+def backward_saved(xp, geo, weight, dyp, layout, need_dx=True):
+    """dX, dW and db of one convolution from :func:`conv2d_saving`'s packed input and
+    deltas already in ``layout`` (:func:`delta_layout` of ``geo``, :func:`pack_deltas`).
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W), or None without ``need_dx``
+    dw : ndarray (K, C/groups, R, S)
+    db : ndarray (K,)
+        In the deltas' dtype.
+    """
+    w = np.asarray(weight, dyp.dtype)
+    if geo.N == 0:
+        return (np.zeros((0, geo.C, geo.H, geo.W), dyp.dtype) if need_dx else None,
+                np.zeros(w.shape, dyp.dtype), np.zeros(geo.K, dyp.dtype))
+    dw = _grad_weight_packed(xp, dyp, layout, geo)
+    db = _grad_bias_packed(dyp, layout, geo).astype(dyp.dtype)
+    dx = _grad_input_packed(dyp, layout, w, geo) if need_dx else None
+    return dx, dw, db
 
 
 # dX, derived once
@@ -382,26 +539,11 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     geo = conv_geometry(input_shape, w.shape, stride, padding, dilation, groups)
     _check_grad_output(dy, geo, f"input_shape {input_shape} with weight {w.shape}")
 
-    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dtype)
     if geo.N == 0:
-        return dx
-    rows, pt, pb = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
-    cols, pl, pr = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
-    G, Kg, Cg = geo.G, geo.Kg, geo.Cg
-    dyp = _channels_last(dy.astype(dtype, copy=False), G, Kg, (pt, pb, pl, pr))
-    # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction is k.
-    wt = w.astype(dtype, copy=False).reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
-    zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dtype)
-    # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
-    # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
-    exact = not np.isfinite(wt).all()
-    for ph in rows:
-        for pw in cols:
-            wb = _blocked_weights(wt[:, :, :, ph.taps][:, :, :, :, pw.taps])
-            _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
-                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
-                          exact, pt, pt + geo.OH, pl, pl + geo.OW)
-    return dx
+        return np.zeros((0, geo.C, geo.H, geo.W), dtype)
+    layout = delta_layout(geo)
+    return _grad_input_packed(pack_deltas(dy.astype(dtype, copy=False), layout), layout,
+                              w.astype(dtype, copy=False), geo)
 
 
 def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, dilation=1,
@@ -434,31 +576,9 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
 
     if geo.N == 0:
         return np.zeros(weight_shape, dtype)
-    G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
-    # The wide 6 x 64 tile for groups of more than 32 output channels, else 8 x 32.
-    wide = Kg > _k.KBW
-    KBW, TC = (_k.KBWW, _k.TCW) if wide else (_k.KBW, _k.TC)
-    KBn = -(-Kg // KBW)
-    xp = _channels_last(x.astype(dtype, copy=False), G, Cg, geo.pads)
-    dyp = _channels_last(dy.astype(dtype, copy=False), G, KBn * KBW)
-    # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
-    T = S * Cg
-    off = np.zeros((G, -(-T // TC) * TC), np.uint64)
-    s, c = np.divmod(np.arange(T), Cg)
-    off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
-    N, Hp, Wp, _ = xp.shape
-    # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
-    # result does not depend on the thread count.
-    per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
-    P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
-    part = np.empty((P, G, KBn, R, off.shape[1], KBW), dtype)
-    dyp = dyp.reshape(N, geo.OH, geo.OW, G * KBn, KBW)
-    kernel = _k.conv_dw_tiles_wide if wide else _k.conv_dw_tiles
-    kernel(xp.reshape(N, Hp, Wp * C), dyp, off, part, C, geo.sh, geo.sw, geo.dlh)
-    dwb = part.sum(axis=0) if P > 1 else part[0]
-    dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, KBW).transpose(0, 1, 5, 4, 2, 3)
-    return np.ascontiguousarray(dw.reshape(G, KBn * KBW, Cg, R, S)[:, :Kg]).reshape(
-        weight_shape)
+    layout = delta_layout(geo, need_dx=False)
+    return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
+                               pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)
 
 
 def conv2d_grad_bias(grad_output):

@@ -187,16 +187,17 @@ def _dw_task(task, NT, N, P, TBn, R, KBn):
 
 
 @parallel_kernel
-def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
+def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
     """Weight gradient as a correlation of the input with the deltas, per batch chunk.
 
-    ``part[p, g, kb, r, t, k] = sum_{n in chunk p} sum_{i, j} x[n, i*sh + r*dlh,
-    j*sw*C + off[g, t]] * dy[n, i, j, g*KBn + kb, k]``, chunk ``p`` holding samples
-    ``[p*N//P, (p+1)*N//P)``; the weight gradient is ``part.sum(axis=0)``.
+    ``part[p, g, kb, r, t, k] = sum_{n in chunk p} sum_{i < OH, j < OW} x[n, i*sh + r*dlh,
+    j*sw*C + off[g, t]] * dy[n, dh0 + i, dw0 + j, g*KBn + kb, k]``, chunk ``p`` holding
+    samples ``[p*N//P, (p+1)*N//P)``; the weight gradient is ``part.sum(axis=0)``.
 
     x    : (N, Hp, Wp*C)              padded channels-last input, each row flattened;
                                       ``C`` is its channel count.
-    dy   : (N, OH, OW, G*KBn, KBW)    channels-last deltas, zero in the padding channels.
+    dy   : (N, Hd, Wd, G*KBn, KBW)    channels-last deltas at offset ``(dh0, dw0)``, each
+                                      group's channels padded to ``KBn*KBW``.
     off  : (G, T) uint64              column offsets, ``T`` a multiple of ``TC``.  Unsigned,
                                       so Numba emits no negative-index wraparound for them.
     part : (P, G, KBn, R, T, KBW)     output, every element written once.
@@ -205,7 +206,7 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
     them, mostly within one chunk, and every pair owns its output tile in ``part``, so no two
     threads write the same memory.
     """
-    N, OH, OW = dy.shape[:3]
+    N = dy.shape[0]
     P, G, KBn, R, T = part.shape[:5]
     TBn = T // TC
     NT = G * KBn * R * TBn
@@ -238,7 +239,7 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
                     x6 = xrow[base + o6]
                     x7 = xrow[base + o7]
                     for k in range(KBW):
-                        d = dy[n, i, j, gk, k]
+                        d = dy[n, dh0 + i, dw0 + j, gk, k]
                         acc[0, k] += x0 * d
                         acc[1, k] += x1 * d
                         acc[2, k] += x2 * d
@@ -253,14 +254,14 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh):
 
 
 @parallel_kernel
-def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
+def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
     """:func:`conv_dw_tiles` with a TCW x KBWW = 6 x 64 tile, for groups of more than 32
     output channels: 24 accumulators, 4 delta vectors and 6 broadcast inputs per 24 FMAs
     (about 30% faster there than 8 x 32; with 32 channels or fewer it would pad half the
     lanes).  Arguments and layout as :func:`conv_dw_tiles`, with KBWW channels per block
     and ``T`` a multiple of TCW.
     """
-    N, OH, OW = dy.shape[:3]
+    N = dy.shape[0]
     P, G, KBn, R, T = part.shape[:5]
     TBn = T // TCW
     NT = G * KBn * R * TBn
@@ -289,7 +290,7 @@ def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh):
                     x4 = xrow[base + o4]
                     x5 = xrow[base + o5]
                     for k in range(KBWW):
-                        d = dy[n, i, j, gk, k]
+                        d = dy[n, dh0 + i, dw0 + j, gk, k]
                         acc[0, k] += x0 * d
                         acc[1, k] += x1 * d
                         acc[2, k] += x2 * d
@@ -313,6 +314,20 @@ def bias_grad(dy, db):
                 for j in range(OW):
                     total += np.float64(dy[n, k, i, j])
         db[k] = total
+
+
+@parallel_kernel
+def bias_grad_channels_last(dy, h0, w0, OH, OW, part):
+    """``part[n, k] = sum_{i < OH, j < OW} dy[n, h0 + i, w0 + j, k]`` in float64, for
+    channels-last deltas (N, Hd, Wd, Cd); ``part`` (N, Cd).  The caller sums over n."""
+    N, Cd = part.shape
+    for n in prange(N):
+        for k in range(Cd):
+            part[n, k] = 0
+        for i in range(OH):
+            for j in range(OW):
+                for k in range(Cd):
+                    part[n, k] += dy[n, h0 + i, w0 + j, k]
 
 
 # Pooling, derived once
@@ -412,6 +427,57 @@ def max_pool_bwd(dy, arg, dx, mask, use_mask):
                 if use_mask:
                     g = g if mask[n, c, i, j] > 0 else 0
                 dx[n, c, a // W, a % W] += g
+
+
+@parallel_kernel
+def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W, KgP):
+    """:func:`max_pool_bwd` after :func:`max_pool_2x2_fwd`, written straight into the
+    channels-last deltas of the convolution before the pool (``conv.DeltaLayout``).
+
+    ``dst[n, top + h, left + w, g*KgP + c] = dx[n, g*Kg + c, h, w]`` for ``h < H``,
+    ``w < W``, ``c < Kg``, where ``G = Cd // KgP`` groups of ``Kg = C // G`` channels; every
+    other element of ``dst`` (N, Hd, Wd, Cd) is set to zero.  The 2x2 windows do not
+    overlap, so each element reads the one window it belongs to: a select, no scatter.
+    """
+    N, C, OH, OW = dy.shape
+    Hd, Wd, Cd = dst.shape[1:]
+    G = Cd // KgP
+    Kg = C // G
+    for n in prange(N):
+        val = np.empty((OW, Cd), dst.dtype)
+        pos = np.empty((OW, Cd), np.int32)
+        for hd in range(Hd):
+            h = hd - top
+            i = h // 2
+            row = dst[n, hd]  # (Wd, Cd)
+            if h < 0 or h >= H or i >= OH:
+                row[:] = 0
+                continue
+            if h % 2 == 0 or h == 0:
+                # Pooled row i transposed to channels-last (reads along j, writes into L1),
+                # so that the output loop below runs over contiguous channels on both sides.
+                for g in range(G):
+                    for c in range(KgP):
+                        cd = g * KgP + c
+                        if c < Kg:
+                            k = g * Kg + c
+                            for j in range(OW):
+                                pass_ = (not use_mask) | (mask[n, k, i, j] > 0)
+                                val[j, cd] = dy[n, k, i, j] if pass_ else 0
+                                pos[j, cd] = arg[n, k, i, j]
+                        else:
+                            for j in range(OW):
+                                val[j, cd] = 0
+                                pos[j, cd] = -1
+            for wd in range(Wd):
+                w = wd - left
+                j = w // 2
+                if w < 0 or w >= W or j >= OW:
+                    row[wd] = 0
+                    continue
+                p = h * W + w
+                for cd in range(Cd):
+                    row[wd, cd] = val[j, cd] if pos[j, cd] == p else 0
 
 
 @parallel_kernel

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import conv as _conv
 from . import kernels as _k
 from . import pool
-from .conv import conv2d, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
 
 __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
            "ReLU", "Sequential", "SoftmaxCrossEntropy"]
@@ -146,24 +146,48 @@ class Conv2d(Module):
         if bias:
             self.params["bias"] = _uniform(rng, bound, (out_channels,), dtype)
         self.needs_input_grad = True
-        self._x = None
+        self._saved = None
 
     def forward(self, x):
-        y = conv2d(x, self.params["weight"], self.params.get("bias"), **self.conv)
-        self._x = x if self.training else None
+        y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
+                                         **self.conv)
+        # The packed input, not x: dW reads it again in backward.
+        self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
         return y
 
-    def backward(self, dy):
-        x, w = self._x, self.params["weight"]
-        if x is None:
+    def delta_layout(self) -> _conv.DeltaLayout:
+        """The layout :meth:`backward_packed` takes its deltas in (after a forward)."""
+        if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        self.grads["weight"] = conv2d_grad_weight(x, dy, w.shape, **self.conv)
+        return _conv.delta_layout(self._saved[1], self.needs_input_grad)
+
+    def backward(self, dy):
+        layout = self.delta_layout()
+        xp, geo, unbatched, dtype = self._saved
+        dy = np.asarray(dy)
+        if unbatched:
+            dy = dy[None]
+        expected = (geo.N, geo.K, geo.OH, geo.OW)
+        if dy.shape != expected:
+            raise ValueError(f"Conv2d.backward got grad_output of shape {dy.shape}, the "
+                             f"forward output had shape {expected}")
+        dx = self.backward_packed(_conv.pack_deltas(dy.astype(dtype, copy=False), layout),
+                                  layout)
+        return dx[0] if unbatched and dx is not None else dx
+
+    def backward_packed(self, dyp, layout):
+        """:meth:`backward` from deltas already in :meth:`delta_layout` (as fused layers
+        write them)."""
+        xp, geo = self._saved[:2]
+        dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
+                                          self.needs_input_grad)
+        self.grads["weight"] = dw
         if "bias" in self.params:
-            self.grads["bias"] = conv2d_grad_bias(dy)
-        return conv2d_grad_input(dy, w, x.shape, **self.conv) if self.needs_input_grad else None
+            self.grads["bias"] = db
+        return dx
 
     def _forget(self):
-        self._x = None
+        self._saved = None
 
     def __repr__(self):
         c = self.conv
@@ -243,6 +267,22 @@ class MaxPool2d(Module):
         dx = np.empty(shape, relu_out.dtype)
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
+
+    def backward_packed(self, dy, layout):
+        """:meth:`backward`, with ``dx`` returned in ``layout`` (a ``conv.DeltaLayout``) for
+        the :class:`Conv2d` before this layer: the 2x2 pool writes it there directly."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        idx, shape, relu_out = self._saved
+        g = pool.pool_geometry(shape, **self.args)
+        dy = np.asarray(dy)
+        if g[:6] != (2, 2, 2, 2, 0, 0) or dy.shape != idx.shape or not dy.size:
+            return _conv.pack_deltas(self.backward(dy), layout)
+        dyp = np.empty(layout.shape, dy.dtype)
+        _k.max_pool_2x2_bwd_channels_last(
+            np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,
+            relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP)
+        return dyp
 
     def _forget(self):
         self._saved = None
@@ -376,8 +416,19 @@ class Sequential(Module):
         return x
 
     def backward(self, dy):
-        for step in reversed(list(self._steps())):
-            dy = step[-1].backward(dy)  # a fused pair's pool does the ReLU's part too
+        steps = list(self._steps())
+        packed = None  # deltas already in the next (earlier) Conv2d's layout
+        for t in reversed(range(len(steps))):
+            layer = steps[t][-1]  # a fused pair's pool does the ReLU's part too
+            if packed is not None:
+                dy, packed = layer.backward_packed(dy, packed), None
+            elif (isinstance(layer, MaxPool2d) and t > 0 and isinstance(steps[t - 1][0], Conv2d)
+                    and steps[t - 1][0].training):
+                # The pool writes its dx as the convolution's packed deltas: no NCHW pass.
+                packed = steps[t - 1][0].delta_layout()
+                dy = layer.backward_packed(dy, packed)
+            else:
+                dy = layer.backward(dy)
         return dy
 
     def __repr__(self):

@@ -40,7 +40,7 @@ def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
     dy = np.zeros((1, 3, 3, 1, kbw), np.float32)
     off = np.zeros((1, tc), np.uint64)
     dwb = np.zeros((1, 1, 1, 3, tc, kbw), np.float32)
-    f(x, dy, off, dwb, 2, 1, 1, 1)
+    f(x, dy, off, dwb, 2, 1, 1, 1, 3, 3, 0, 0)
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= tc
     assert "vgather" not in asm  # the deltas are loaded as whole vectors

@@ -268,3 +268,62 @@ def test_relu_dtypes_follow_the_conv_rules():
     assert nn.ReLU()(np.ones(3, np.int64)).dtype == np.float64
     fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
     assert fused(np.ones((1, 1, 4, 4), np.float16)).dtype == np.float32
+
+
+@pytest.mark.parametrize("conv_args, shape, pool_args, relu, dx, dtype", [
+    (dict(in_channels=1, out_channels=32, kernel_size=5, padding=2), (3, 1, 12, 12),
+     dict(kernel_size=2), True, False, np.float32),  # conv1 of two_conv
+    (dict(in_channels=4, out_channels=64, kernel_size=5, padding=2), (2, 4, 10, 10),
+     dict(kernel_size=2), True, True, np.float32),  # the wide dW tile
+    (dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
+     (2, 4, 11, 9), dict(kernel_size=2), True, True, np.float64),  # groups, odd, strided
+    (dict(in_channels=3, out_channels=5, kernel_size=3), (2, 3, 9, 8),
+     dict(kernel_size=2), False, True, np.float32),  # a pool straight after the conv
+    (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (2, 3, 9, 8),
+     dict(kernel_size=3, stride=2, padding=1), True, True, np.float32),  # the general pool
+])
+def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape, pool_args,
+                                                                relu, dx, dtype, rng):
+    """In a Sequential, the pool after a conv writes the conv's deltas straight in its packed
+    layout; gradients must be bit-identical to running the layers one by one."""
+    x = rng.standard_normal(shape).astype(dtype)
+
+    def layers():
+        conv = nn.Conv2d(**conv_args, rng=np.random.default_rng(1), dtype=dtype)
+        conv.needs_input_grad = dx
+        return [conv, *([nn.ReLU()] if relu else []), nn.MaxPool2d(**pool_args)]
+
+    seq, single = nn.Sequential(*layers()), layers()
+    y = seq(x)
+    a = x
+    for layer in single:
+        a = layer(a)
+    np.testing.assert_array_equal(y, a)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx_seq = seq.backward(dy)
+    for layer in reversed(single):
+        dy = layer.backward(dy)
+    if dx:
+        np.testing.assert_array_equal(dx_seq, dy)
+    else:
+        assert dx_seq is None and dy is None
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(seq[0].grads[key], single[0].grads[key])
+
+
+def test_sgd_kernel_equals_the_numpy_update(rng):
+    """The fused SGD kernel and the NumPy path (taken for non-contiguous parameters) agree."""
+    models_ = [models.seed_net(seed=3) for _ in range(2)]
+    for p in models_[1].parameters():  # Fortran order: not C-contiguous, so the NumPy path
+        p.module.params[p.key] = np.asfortranarray(p.data)
+    opts = [optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+            for m in models_]
+    x = rng.random((4, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 4)
+    for _ in range(3):
+        for m, o in zip(models_, opts, strict=True):
+            _loss_and_grads(m, x, y)
+            o.step()
+    for a, b in zip(models_[0].parameters(), models_[1].parameters(), strict=True):
+        assert not b.data.flags.c_contiguous or b.data.ndim == 1 or min(b.data.shape) == 1
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-7)
