@@ -372,6 +372,16 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry) -> np.n
     """y (N, K, OH, OW) from the packed input; ``w``, ``b`` in its dtype."""
     G, Kg = geo.G, geo.Kg
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
+    if geo.C == 1 and geo.sw == 1 and geo.OW >= _k.PX:
+        # One input channel: vectorise over pixels (xp is then also an NCHW plane).
+        Kp = -(-geo.K // _k.KP) * _k.KP
+        wp = np.zeros((Kp, geo.R, geo.S), xp.dtype)
+        wp[:geo.K] = w[:, 0]
+        bp = np.zeros(Kp, xp.dtype)
+        if b is not None:
+            bp[:geo.K] = b
+        _k.conv_pixel_tiles(xp.reshape(xp.shape[:3]), wp, bp, y, geo.sh, geo.dlh, geo.dlw)
+        return y
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
     if b is not None:

@@ -15,7 +15,8 @@ from conftest import all_passes, random_problem, reference_passes
 
 def _grid():
     # (N, C, H, W, K, R, S, groups): odd and non-square sizes, batch 1, 1x1 kernels,
-    # a kernel equal to the input, grouped and depthwise, C = 1, K beyond one vector block.
+    # a kernel equal to the input, grouped and depthwise, C = 1 (narrow and wide rows),
+    # K beyond one vector block.
     shapes = [
         (2, 3, 7, 9, 5, 3, 3, 1),
         (1, 4, 6, 5, 6, 2, 3, 2),
@@ -25,6 +26,7 @@ def _grid():
         (2, 17, 6, 6, 33, 1, 1, 1),  # 1x1, K not a multiple of 16
         (1, 3, 5, 4, 2, 5, 4, 1),  # kernel equal to the input
         (3, 2, 16, 15, 3, 4, 2, 1),  # rows wider than one register tile
+        (2, 1, 9, 21, 20, 5, 3, 1),  # C = 1 with rows of >= 16 pixels: the pixel kernel
     ]
     for shape, stride, padding, dilation in itertools.product(
             shapes, [1, 2, 3, (1, 2)], [0, 1, 2, "valid", "same", (2, 0)], [1, 2]):
