@@ -243,12 +243,57 @@ def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), extra=0) -> np.ndarray:
-    """NCHW ``a`` as zero-padded NHWC, each of the ``G`` channel groups padded to ``CgP``,
-    and ``extra`` zero channels at the end."""
+class Workspace:
+    """Arrays for the internal layouts of one convolution, kept and reused by name.
+
+    :class:`fastconv.nn.Conv2d` keeps one, so that its packed input, packed deltas and dW
+    partial sums are allocated once and reused while the shapes stay the same (a new shape
+    replaces the array).  Only arrays that never leave the layer live here: outputs
+    returned to callers (``y``, ``dx``, ``dw``, ``db``) are always new, so callers may keep
+    them.  Without a workspace (the functional API) every call allocates.
+    """
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def zeros(self, name: str, shape, dtype) -> np.ndarray:
+        """Zeros when first allocated, then the same array as the last caller left it: for
+        layouts whose callers rewrite the same elements every time (zero borders stay zero)."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = self._arrays[name] = np.zeros(shape, dtype)
+        return a
+
+    def empty(self, name: str, shape, dtype) -> np.ndarray:
+        """An array whose every element the caller overwrites."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(shape, dtype)
+        return a
+
+
+class _Fresh:
+    """The workspace of the functional API: new arrays every call."""
+
+    @staticmethod
+    def zeros(name, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def empty(name, shape, dtype):
+        return np.empty(shape, dtype)
+
+
+_FRESH = _Fresh()
+
+
+def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), ws=_FRESH,
+                   name="") -> np.ndarray:
+    """NCHW ``a`` as zero-padded NHWC, each of the ``G`` channel groups padded to ``CgP``
+    (the array ``name`` of workspace ``ws``)."""
     N, _, H, W = a.shape
     pt, pb, pl, pr = pads
-    out = np.zeros((N, H + pt + pb, W + pl + pr, G * CgP + extra), a.dtype)
+    out = ws.zeros(name, (N, H + pt + pb, W + pl + pr, G * CgP), a.dtype)
     _k.pack_channels_last(a, out, pt, pl, G, CgP)
     return out
 
@@ -301,12 +346,12 @@ def delta_layout(geo: ConvGeometry, need_dx: bool = True) -> DeltaLayout:
                        rows, cols)
 
 
-def pack_deltas(dy: np.ndarray, layout: DeltaLayout) -> np.ndarray:
-    """NCHW deltas in ``layout`` (a new array)."""
+def pack_deltas(dy: np.ndarray, layout: DeltaLayout, ws=_FRESH) -> np.ndarray:
+    """NCHW deltas in ``layout`` (in workspace ``ws``, a :class:`Workspace`)."""
     N, Hd, Wd, Cd = layout.shape
     OH, OW = dy.shape[2:]
     pads = (layout.top, Hd - OH - layout.top, layout.left, Wd - OW - layout.left)
-    return _channels_last(dy, Cd // layout.KgP, layout.KgP, pads)
+    return _channels_last(dy, Cd // layout.KgP, layout.KgP, pads, ws, "dy")
 
 
 def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
@@ -332,7 +377,7 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
 
 
 def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
-                        geo: ConvGeometry) -> np.ndarray:
+                        geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas."""
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
     kernel, KBW, TC = _dw_tile(geo)
@@ -347,7 +392,7 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
     # result does not depend on the thread count.
     per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
     P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
-    part = np.empty((P, G, KBn, R, off.shape[1], KBW), dyp.dtype)
+    part = ws.empty("dw", (P, G, KBn, R, off.shape[1], KBW), dyp.dtype)
     kernel(xp.reshape(N, Hp, Wp * C), dyp.reshape(*dyp.shape[:3], G * KBn, KBW), off, part, C,
            geo.sh, geo.sw, geo.dlh, geo.OH, geo.OW, layout.top, layout.left)
     dwb = part.sum(axis=0) if P > 1 else part[0]
@@ -363,9 +408,9 @@ def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -
     return part.sum(axis=0).reshape(geo.G, layout.KgP)[:, :geo.Kg].reshape(geo.K)
 
 
-def _pack_input(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+def _pack_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """The input as the forward and dW kernels read it: zero-padded channels-last."""
-    return _channels_last(x, geo.G, geo.Cg, geo.pads)
+    return _channels_last(x, geo.G, geo.Cg, geo.pads, ws, "x")
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry) -> np.ndarray:
@@ -421,7 +466,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return y
 
 
-def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                  workspace=None):
     """:func:`conv2d`, also returning what its backward passes reuse.
 
     Returns
@@ -432,6 +478,9 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
         :func:`backward_saved` reads it again for dW.  None for an empty batch.
     geo : ConvGeometry
         With ``N = 1`` for unbatched input.
+
+    ``xp`` lives in ``workspace`` (a :class:`Workspace`) if one is given: the next call
+    with the same workspace overwrites it.
     """
     x = _as_array("input", input)
     w = _as_array("weight", weight)
@@ -448,13 +497,13 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
 
     if geo.N == 0:
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
-    xp = _pack_input(x.astype(dtype, copy=False), geo)
+    xp = _pack_input(x.astype(dtype, copy=False), geo, workspace or _FRESH)
     y = _forward_packed(xp, w.astype(dtype, copy=False),
                         None if b is None else b.astype(dtype, copy=False), geo)
     return (y[0] if unbatched else y), xp, geo
 
 
-def backward_saved(xp, geo, weight, dyp, layout, need_dx=True):
+def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None):
     """dX, dW and db of one convolution from :func:`conv2d_saving`'s packed input and
     deltas already in ``layout`` (:func:`delta_layout` of ``geo``, :func:`pack_deltas`).
 
@@ -469,7 +518,7 @@ def backward_saved(xp, geo, weight, dyp, layout, need_dx=True):
     if geo.N == 0:
         return (np.zeros((0, geo.C, geo.H, geo.W), dyp.dtype) if need_dx else None,
                 np.zeros(w.shape, dyp.dtype), np.zeros(geo.K, dyp.dtype))
-    dw = _grad_weight_packed(xp, dyp, layout, geo)
+    dw = _grad_weight_packed(xp, dyp, layout, geo, workspace or _FRESH)
     db = _grad_bias_packed(dyp, layout, geo).astype(dyp.dtype)
     dx = _grad_input_packed(dyp, layout, w, geo) if need_dx else None
     return dx, dw, db

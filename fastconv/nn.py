@@ -147,10 +147,11 @@ class Conv2d(Module):
             self.params["bias"] = _uniform(rng, bound, (out_channels,), dtype)
         self.needs_input_grad = True
         self._saved = None
+        self._workspace = _conv.Workspace()  # packed input and deltas, reused every step
 
     def forward(self, x):
         y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
-                                         **self.conv)
+                                         **self.conv, workspace=self._workspace)
         # The packed input, not x: dW reads it again in backward.
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
         return y
@@ -160,6 +161,11 @@ class Conv2d(Module):
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
         return _conv.delta_layout(self._saved[1], self.needs_input_grad)
+
+    def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray:
+        """This layer's reusable array for deltas in ``layout``, for a layer after it that
+        writes all of it (border included) in :meth:`backward_packed`'s layout."""
+        return self._workspace.zeros("dy", layout.shape, self._saved[3])
 
     def backward(self, dy):
         layout = self.delta_layout()
@@ -171,8 +177,8 @@ class Conv2d(Module):
         if dy.shape != expected:
             raise ValueError(f"Conv2d.backward got grad_output of shape {dy.shape}, the "
                              f"forward output had shape {expected}")
-        dx = self.backward_packed(_conv.pack_deltas(dy.astype(dtype, copy=False), layout),
-                                  layout)
+        dyp = _conv.pack_deltas(dy.astype(dtype, copy=False), layout, self._workspace)
+        dx = self.backward_packed(dyp, layout)
         return dx[0] if unbatched and dx is not None else dx
 
     def backward_packed(self, dyp, layout):
@@ -180,7 +186,7 @@ class Conv2d(Module):
         write them)."""
         xp, geo = self._saved[:2]
         dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
-                                          self.needs_input_grad)
+                                          self.needs_input_grad, self._workspace)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
@@ -268,9 +274,10 @@ class MaxPool2d(Module):
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
 
-    def backward_packed(self, dy, layout):
+    def backward_packed(self, dy, layout, out=None):
         """:meth:`backward`, with ``dx`` returned in ``layout`` (a ``conv.DeltaLayout``) for
-        the :class:`Conv2d` before this layer: the 2x2 pool writes it there directly."""
+        the :class:`Conv2d` before this layer: the 2x2 pool writes it there directly, into
+        ``out`` if given (:meth:`Conv2d.delta_buffer`)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
         idx, shape, relu_out = self._saved
@@ -278,7 +285,7 @@ class MaxPool2d(Module):
         dy = np.asarray(dy)
         if g[:6] != (2, 2, 2, 2, 0, 0) or dy.shape != idx.shape or not dy.size:
             return _conv.pack_deltas(self.backward(dy), layout)
-        dyp = np.empty(layout.shape, dy.dtype)
+        dyp = np.empty(layout.shape, dy.dtype) if out is None else out
         _k.max_pool_2x2_bwd_channels_last(
             np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,
             relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP)
@@ -425,8 +432,9 @@ class Sequential(Module):
             elif (isinstance(layer, MaxPool2d) and t > 0 and isinstance(steps[t - 1][0], Conv2d)
                     and steps[t - 1][0].training):
                 # The pool writes its dx as the convolution's packed deltas: no NCHW pass.
-                packed = steps[t - 1][0].delta_layout()
-                dy = layer.backward_packed(dy, packed)
+                conv = steps[t - 1][0]
+                packed = conv.delta_layout()
+                dy = layer.backward_packed(dy, packed, conv.delta_buffer(packed))
             else:
                 dy = layer.backward(dy)
         return dy

@@ -285,30 +285,33 @@ def test_relu_dtypes_follow_the_conv_rules():
 def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape, pool_args,
                                                                 relu, dx, dtype, rng):
     """In a Sequential, the pool after a conv writes the conv's deltas straight in its packed
-    layout; gradients must be bit-identical to running the layers one by one."""
-    x = rng.standard_normal(shape).astype(dtype)
+    layout, and the conv reuses its workspace; over several steps, with a batch size change,
+    gradients must be bit-identical to fresh layers run one by one."""
 
     def layers():
         conv = nn.Conv2d(**conv_args, rng=np.random.default_rng(1), dtype=dtype)
         conv.needs_input_grad = dx
         return [conv, *([nn.ReLU()] if relu else []), nn.MaxPool2d(**pool_args)]
 
-    seq, single = nn.Sequential(*layers()), layers()
-    y = seq(x)
-    a = x
-    for layer in single:
-        a = layer(a)
-    np.testing.assert_array_equal(y, a)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    dx_seq = seq.backward(dy)
-    for layer in reversed(single):
-        dy = layer.backward(dy)
-    if dx:
-        np.testing.assert_array_equal(dx_seq, dy)
-    else:
-        assert dx_seq is None and dy is None
-    for key in ("weight", "bias"):
-        np.testing.assert_array_equal(seq[0].grads[key], single[0].grads[key])
+    seq = nn.Sequential(*layers())
+    for n in (shape[0], shape[0] + 1, shape[0]):
+        x = rng.standard_normal((n, *shape[1:])).astype(dtype)
+        single = layers()
+        y = seq(x)
+        a = x
+        for layer in single:
+            a = layer(a)
+        np.testing.assert_array_equal(y, a)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx_seq = seq.backward(dy)
+        for layer in reversed(single):
+            dy = layer.backward(dy)
+        if dx:
+            np.testing.assert_array_equal(dx_seq, dy)
+        else:
+            assert dx_seq is None and dy is None
+        for key in ("weight", "bias"):
+            np.testing.assert_array_equal(seq[0].grads[key], single[0].grads[key])
 
 
 def test_sgd_kernel_equals_the_numpy_update(rng):
