@@ -1,19 +1,35 @@
-"""Print fastconv vs PyTorch (and NumPy im2col) GF/s per shape and pass, interleaved.
+"""The performance report: fastconv vs PyTorch, interleaved, for the four speed targets.
 
-    python bench/report.py [--reps 15] [--impl numpy-im2col] [--cases mnist-conv2 ...]
+    python bench/report.py [--reps 15] [--targets 1 2 3 4] [--data-dir DIR]
+        [--impl numpy-im2col] [--cases mnist-conv2 ...]
+
+Targets (see the performance issue; ratio = t_torch / t_fastconv, > 1 means fastconv is
+faster, the median of per-round ratios):
+
+1. every pass of the MNIST two-conv layers at batch 64 is >= 1.0x torch (conv1 needs no dX);
+2. over the wider shape set (``cases.GENERAL``) the geometric mean ratio is >= 0.8x and
+   no shape is below 0.5x (input layers, C <= 3, need no dX);
+3. MNIST conv2 forward, dX and dW each reach >= 60% of the measured FMA peak
+   (``bench/peak.py``);
+4. ``fastconv train`` samples/s is >= 1.5x its PyTorch twin's, with a lower peak RSS
+   (``bench/train_report.py``, alternating processes; needs the Fashion-MNIST files in
+   ``--data-dir`` or ``$FASTCONV_DATA``).
 
 For each (shape, pass) the implementations are timed in turn, round after round, so that
-machine noise hits them alike; the table shows the median GF/s of each and the ratio
-``t_torch / t_fastconv`` (> 1 means fastconv is faster), the median of per-round ratios.
+machine noise hits them alike.  ``--impl numpy-im2col`` adds the NumPy baseline, timed in
+a block of its own afterwards (its OpenBLAS threads busy-wait and would distort the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
 import time
+
+import numba
 
 import cases
 
@@ -58,41 +74,124 @@ def measure(case, pass_, interleaved, extra, reps):
     return times
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--cases", nargs="*", default=[c.name for c in cases.CASES])
-    p.add_argument("--passes", nargs="*", default=cases.PASSES)
-    p.add_argument("--impl", action="append", default=[],
-                   help="extra implementation to show, e.g. numpy-im2col (timed in its own "
-                        "block after the interleaved rounds)")
-    args = p.parse_args(argv)
-    threads = cases.sync_threads()
-    have_torch = cases.torch is not None
-    interleaved = ["fastconv"] + (["torch"] if have_torch else [])
-    impls = interleaved + args.impl
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{threads} threads, fp32, median of {args.reps} interleaved rounds")
-    if have_torch:
-        print(f"# torch {cases.torch.__version__}")
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def conv_table(names, passes, impls, extra, reps):
+    """Print one row per (shape, pass); return {(name, pass): (fastconv GF/s, ratio)}."""
+    interleaved = [i for i in impls if i not in extra]
     head = ["shape", "pass"] + [f"{i} GF/s" for i in impls]
+    have_torch = "torch" in impls
     if have_torch:
         head.append("ratio vs torch")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     by_name = {c.name: c for c in cases.CASES}
-    for name in args.cases:
+    out = {}
+    for name in names:
         case = by_name[name]
-        for pass_ in args.passes:
-            times = measure(case, pass_, interleaved, args.impl, args.reps)
-            row = [name, pass_] + [f"{case.flops() / statistics.median(times[i]) / 1e9:.1f}"
-                                   for i in impls]
+        for pass_ in passes:
+            if pass_ == "dX" and not cases.needs_dx(case):
+                continue
+            times = measure(case, pass_, interleaved, extra, reps)
+            gf = {i: case.flops() / statistics.median(times[i]) / 1e9 for i in impls}
+            row = [name, pass_] + [f"{gf[i]:.1f}" for i in impls]
+            ratio = None
             if have_torch:
-                ratio = statistics.median(t / f for t, f in zip(times["torch"], times["fastconv"],
-                                                                 strict=True))
+                ratio = statistics.median(t / f for t, f in zip(times["torch"],
+                                                                 times["fastconv"], strict=True))
                 row.append(f"{ratio:.2f}x")
+            out[name, pass_] = (gf["fastconv"], ratio)
             print("| " + " | ".join(row) + " |", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=15, help="interleaved rounds (default 15)")
+    p.add_argument("--targets", nargs="*", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--cases", nargs="*",
+                   help="just these shapes, no target verdicts (names from bench/cases.py)")
+    p.add_argument("--passes", nargs="*", default=cases.PASSES)
+    p.add_argument("--impl", action="append", default=[],
+                   help="extra implementation to show, e.g. numpy-im2col")
+    p.add_argument("--data-dir", default=os.environ.get("FASTCONV_DATA"),
+                   help="Fashion-MNIST for target 4 (default $FASTCONV_DATA)")
+    p.add_argument("--train-rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    threads = cases.sync_threads()
+    have_torch = cases.torch is not None
+    impls = ["fastconv"] + (["torch"] if have_torch else []) + args.impl
+    print(f"# {_cpu_name()}, {os.cpu_count()} CPUs, {threads} threads, fp32, "
+          f"median of {args.reps} interleaved rounds")
+    print(f"# Python {platform.python_version()}, Numba {numba.__version__}"
+          + (f", torch {cases.torch.__version__}" if have_torch else ", no torch"))
+    if args.cases:
+        conv_table(args.cases, args.passes, impls, args.impl, args.reps)
+        return
+    if not have_torch:
+        print("# torch is not installed (pip install torch==2.13.0): no ratios, no verdicts")
+
+    verdicts = []
+    if 3 in args.targets:
+        from peak import measured_peak
+
+        peak = measured_peak(threads)
+        print(f"\n# measured fp32 FMA peak ({threads} threads, bench/peak.py): {peak:.0f} GF/s")
+    if 1 in args.targets or 3 in args.targets:
+        print("\n## Target 1: MNIST layers, every pass >= 1.0x torch\n")
+        res = conv_table([c.name for c in cases.MNIST], args.passes, impls, args.impl,
+                         args.reps)
+        if have_torch and 1 in args.targets:
+            worst = min(r for _, r in res.values())
+            verdicts.append(f"1. MNIST passes >= 1.0x torch: worst {worst:.2f}x -> "
+                            f"{_verdict(worst >= 1.0)}")
+        if 3 in args.targets:
+            conv2 = {ps: gf for (n, ps), (gf, _) in res.items() if n == "mnist-conv2"}
+            low = min(conv2.values())
+            verdicts.append("3. conv2 >= 60% of peak: " + ", ".join(
+                f"{ps} {gf:.0f} GF/s ({gf / peak:.0%})" for ps, gf in conv2.items())
+                + f" of {peak:.0f} -> {_verdict(low >= 0.6 * peak)}")
+    if 2 in args.targets:
+        print("\n## Target 2: wider shapes, geometric mean >= 0.8x torch, none below 0.5x\n")
+        res = conv_table([c.name for c in cases.GENERAL], args.passes, impls, args.impl,
+                         args.reps)
+        if have_torch:
+            ratios = [r for _, r in res.values()]
+            geo = math.exp(statistics.fmean(math.log(r) for r in ratios))
+            worst = min(res, key=lambda k: res[k][1])
+            verdicts.append(f"2. wider shapes: geomean {geo:.2f}x, worst {res[worst][1]:.2f}x "
+                            f"({worst[0]} {worst[1]}) -> "
+                            f"{_verdict(geo >= 0.8 and res[worst][1] >= 0.5)}")
+    if 4 in args.targets and have_torch:
+        print("\n## Target 4: fastconv train >= 1.5x torch, lower peak RSS\n")
+        if not args.data_dir:
+            print("skipped: no --data-dir or $FASTCONV_DATA with Fashion-MNIST")
+        else:
+            import train_report
+
+            r = train_report.compare(args.data_dir, rounds=args.train_rounds, threads=threads)
+            rss = r["rss"]
+            ok = r["ratio"] >= 1.5 and rss["fastconv"] < rss["torch"]
+            verdicts.append(f"4. training: {r['ratio']:.2f}x torch, peak RSS "
+                            f"{rss['fastconv']:.0f} vs {rss['torch']:.0f} MB -> {_verdict(ok)}")
+    if verdicts:
+        print("\n## Verdicts\n")
+        for v in verdicts:
+            print(f"* {v}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,48 @@ def _run(cmd, metrics_path):
     return json.loads(Path(metrics_path).read_text()), usage.ru_maxrss / 1024
 
 
+def compare(data_dir, *, dataset="fashion-mnist", limit=12800, epochs=1, threads=None,
+            rounds=3, verbose=True) -> dict:
+    """Alternate ``rounds`` pairs of runs; return samples/s and peak RSS (MB) per library,
+    the median per-round ratio, and the final test accuracies.  Prints the table."""
+    threads = threads or os.cpu_count()
+    common = ["--dataset", dataset, "--limit", str(limit), "--epochs", str(epochs),
+              "--batch-size", "64", "--threads", str(threads)]
+    if data_dir:
+        common += ["--data-dir", str(data_dir)]
+    res = {"fastconv": [], "torch": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        m = str(Path(tmp) / "m.json")
+        for _ in range(rounds):
+            res["fastconv"].append(_run([sys.executable, "-m", "fastconv", "train", *common,
+                                         "--no-download", "--quiet", "--metrics-json", m], m))
+            res["torch"].append(_run([sys.executable, str(HERE / "torch_train.py"), *common,
+                                      "--metrics-json", m], m))
+    sps = {k: [r[0]["train_samples_per_second"] for r in v] for k, v in res.items()}
+    out = {
+        "samples_per_second": {k: statistics.median(v) for k, v in sps.items()},
+        "rss": {k: max(r[1] for r in v) for k, v in res.items()},
+        "accuracy": {k: v[-1][0]["test_accuracy"] for k, v in res.items()},
+        "ratio": statistics.median(f / t for f, t in zip(sps["fastconv"], sps["torch"],
+                                                         strict=True)),
+        "rounds": list(zip(sps["fastconv"], sps["torch"], strict=True)),
+    }
+    if verbose:
+        sp, rss, acc = out["samples_per_second"], out["rss"], out["accuracy"]
+        print(f"# {dataset}, {limit} training images x {epochs} epoch(s), batch 64, SGD "
+              f"momentum 0.9, {threads} threads, {rounds} alternating rounds")
+        print("| | fastconv | torch | ratio |")
+        print("|---|---|---|---|")
+        print(f"| train samples/s (median) | {sp['fastconv']:.0f} | {sp['torch']:.0f} | "
+              f"{out['ratio']:.2f}x |")
+        print(f"| peak RSS (MB) | {rss['fastconv']:.0f} | {rss['torch']:.0f} | "
+              f"{rss['fastconv'] / rss['torch']:.2f}x |")
+        print(f"| test accuracy | {acc['fastconv']:.4f} | {acc['torch']:.4f} | |")
+        print("\nper round, samples/s: " + ", ".join(f"{f:.0f} vs {t:.0f}"
+                                                     for f, t in out["rounds"]))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,33 +86,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
-    common = ["--dataset", a.dataset, "--limit", str(a.limit), "--epochs", str(a.epochs),
-              "--batch-size", "64", "--threads", str(a.threads)]
-    if a.data_dir:
-        common += ["--data-dir", a.data_dir]
-    res = {"fastconv": [], "torch": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        m = str(Path(tmp) / "m.json")
-        for _ in range(a.rounds):
-            res["fastconv"].append(_run([sys.executable, "-m", "fastconv", "train", *common,
-                                         "--no-download", "--quiet", "--metrics-json", m], m))
-            res["torch"].append(_run([sys.executable, str(HERE / "torch_train.py"), *common,
-                                      "--metrics-json", m], m))
-    sps = {k: [r[0]["train_samples_per_second"] for r in v] for k, v in res.items()}
-    rss = {k: max(r[1] for r in v) for k, v in res.items()}
-    acc = {k: v[-1][0]["test_accuracy"] for k, v in res.items()}
-    ratio = statistics.median(f / t for f, t in zip(sps["fastconv"], sps["torch"], strict=True))
-    print(f"# {a.dataset}, {a.limit} training images x {a.epochs} epoch(s), batch 64, SGD "
-          f"momentum 0.9, {a.threads} threads, {a.rounds} alternating rounds")
-    print("| | fastconv | torch | ratio |")
-    print("|---|---|---|---|")
-    print(f"| train samples/s (median) | {statistics.median(sps['fastconv']):.0f} | "
-          f"{statistics.median(sps['torch']):.0f} | {ratio:.2f}x |")
-    print(f"| peak RSS (MB) | {rss['fastconv']:.0f} | {rss['torch']:.0f} | "
-          f"{rss['fastconv'] / rss['torch']:.2f}x |")
-    print(f"| test accuracy | {acc['fastconv']:.4f} | {acc['torch']:.4f} | |")
-    print("\nper round, samples/s: " + ", ".join(
-        f"{f:.0f} vs {t:.0f}" for f, t in zip(sps["fastconv"], sps["torch"], strict=True)))
+    compare(a.data_dir, dataset=a.dataset, limit=a.limit, epochs=a.epochs, threads=a.threads,
+            rounds=a.rounds)
 
 
 if __name__ == "__main__":

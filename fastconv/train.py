@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     loss_fn = nn.SoftmaxCrossEntropy()
     step_seconds = sum(e["train_seconds"] for e in history)
     step_samples = sum(e["train_samples"] for e in history)
-    curve = []
+    curve, first_step = [], None
     steps_per_epoch = -(-len(xtr) // cfg.batch_size)
 
     # The loop checks the loss itself (TrainingDiverged): no NumPy float warnings on the way.
@@ -273,6 +273,8 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                                        cfg.epochs * steps_per_epoch)
                 opt.step()
                 busy += time.perf_counter() - t0
+                if first_step is None:
+                    first_step = _since_process_start()
                 seen += len(idx)
                 loss_sum += loss * len(idx)
                 correct += int((logits.argmax(axis=1) == y).sum())
@@ -301,7 +303,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
             if save is not None:
                 save_checkpoint(save, cfg, model, opt, epoch + 1, rng, history)
 
-    metrics = _metrics(cfg, history, step_samples, step_seconds)
+    metrics = _metrics(cfg, history, step_samples, step_seconds, first_step)
     if metrics_json is not None:
         _atomic_write(Path(metrics_json),
                       lambda f: f.write(json.dumps(metrics, indent=2).encode()))
@@ -325,9 +327,22 @@ def _warm_up(model, loss_fn, xtr, ytr):
     model.train()
 
 
-def _metrics(cfg, history, samples, seconds) -> dict:
+def _since_process_start() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _metrics(cfg, history, samples, seconds, first_step=None) -> dict:
     last = history[-1] if history else {}
     return {
+        "first_step_seconds": first_step,
         "dataset": cfg.dataset, "model": cfg.model, "batch_size": cfg.batch_size,
         "threads": conv.get_num_threads(), "optimizer": cfg.optimizer, "lr": cfg.lr,
         "seed": cfg.seed,
