@@ -1,6 +1,6 @@
 """pytest-benchmark suite: fastconv vs NumPy im2col + BLAS vs PyTorch, per shape and pass.
 
-    pytest bench --benchmark-autosave                 # run and save to .benchmarks/
+    pytest bench                                      # run; saved to .benchmarks/ (conftest)
     pytest bench --benchmark-compare                  # compare with the last saved run
     pytest bench --benchmark-disable                  # run each once, as plain tests (CI)
 

@@ -150,8 +150,11 @@ class Conv2d(Module):
         self._workspace = _conv.Workspace()  # packed input and deltas, reused every step
 
     def forward(self, x):
+        # Only training steps reuse the workspace: evaluation batches (often larger) would
+        # otherwise keep their buffers alive and make the next training step reallocate.
         y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
-                                         **self.conv, workspace=self._workspace)
+                                         **self.conv,
+                                         workspace=self._workspace if self.training else None)
         # The packed input, not x: dW reads it again in backward.
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
         return y
