@@ -23,11 +23,16 @@ a block of its own afterwards (its OpenBLAS threads busy-wait and would distort 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numba
 
@@ -181,9 +186,15 @@ def main(argv=None):
         if not args.data_dir:
             print("skipped: no --data-dir or $FASTCONV_DATA with Fashion-MNIST")
         else:
-            import train_report
-
-            r = train_report.compare(args.data_dir, rounds=args.train_rounds, threads=threads)
+            # In a small process of its own: children forked from this one (torch loaded)
+            # would count its memory in their peak RSS.
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "train.json"
+                subprocess.run([sys.executable, str(Path(__file__).with_name("train_report.py")),
+                                "--data-dir", str(args.data_dir), "--rounds",
+                                str(args.train_rounds), "--threads", str(threads),
+                                "--json", str(out)], check=True)
+                r = json.loads(out.read_text())
             rss = r["rss"]
             ok = r["ratio"] >= 1.5 and rss["fastconv"] < rss["torch"]
             verdicts.append(f"4. training: {r['ratio']:.2f}x torch, peak RSS "

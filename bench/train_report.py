@@ -7,6 +7,8 @@ Each round runs ``fastconv train`` and ``bench/torch_train.py`` one after the ot
 separate processes (same dataset, limit, batch 64, SGD momentum 0.9, threads), so noise
 hits both alike.  Throughput is each run's ``train_samples_per_second`` (training steps
 only); the ratio is the median of per-round ratios.  Peak RSS is the child's ``ru_maxrss``.
+Run this script as its own small process: a child forked from a large parent (one that
+has imported torch, say) reports the parent's RSS as its own peak.
 """
 
 from __future__ import annotations
@@ -90,9 +92,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
-    compare(a.data_dir, dataset=a.dataset, limit=a.limit, epochs=a.epochs, threads=a.threads,
-            rounds=a.rounds)
+    out = compare(a.data_dir, dataset=a.dataset, limit=a.limit, epochs=a.epochs,
+                  threads=a.threads, rounds=a.rounds)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out))
 
 
 if __name__ == "__main__":
