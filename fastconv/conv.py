@@ -382,19 +382,23 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
     kernel, KBW, TC = _dw_tile(geo)
     KBn = -(-Kg // KBW)
-    # Column t = s*Cg + c of filter row r reads the flattened input row at s*dlw*C + g*Cg + c.
-    T = S * Cg
-    off = np.zeros((G, -(-T // TC) * TC), np.uint64)
-    s, c = np.divmod(np.arange(T), Cg)
-    off[:, :T] = s * geo.dlw * C + c + (np.arange(G) * Cg)[:, None]
     N, Hp, Wp, _ = xp.shape
+    # Column t = s*Cg + c of filter row r reads the input row at s*dlw*C + g*Cg + c.  When
+    # the columns of one row fill the tiles badly, the rows are folded in too (one "row" of
+    # R*S*Cg columns, t = (r*S + s)*Cg + c, at r*dlh*Wp*C + s*dlw*C + g*Cg + c).
+    fold = -(-R * S * Cg // TC) < R * -(-S * Cg // TC)  # fewer tiles of TC columns
+    Rt, T = (1, R * S * Cg) if fold else (R, S * Cg)
+    off = np.zeros((G, -(-T // TC) * TC), np.uint64)
+    rs, c = np.divmod(np.arange(T), Cg)
+    r, s = np.divmod(rs, S) if fold else (0, rs)
+    off[:, :T] = (r * geo.dlh * Wp * C + s * geo.dlw * C + c) + (np.arange(G) * Cg)[:, None]
     # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
     # result does not depend on the thread count.
     per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
     P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
-    part = ws.empty("dw", (P, G, KBn, R, off.shape[1], KBW), dyp.dtype)
-    kernel(xp.reshape(N, Hp, Wp * C), dyp.reshape(*dyp.shape[:3], G * KBn, KBW), off, part, C,
-           geo.sh, geo.sw, geo.dlh, geo.OH, geo.OW, layout.top, layout.left)
+    part = ws.empty("dw", (P, G, KBn, Rt, off.shape[1], KBW), dyp.dtype)
+    kernel(xp.reshape(N, Hp * Wp * C), dyp.reshape(*dyp.shape[:3], G * KBn, KBW), off, part, C,
+           Wp * C, geo.sh, geo.sw, geo.dlh, geo.OH, geo.OW, layout.top, layout.left)
     dwb = part.sum(axis=0) if P > 1 else part[0]
     dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, KBW).transpose(0, 1, 5, 4, 2, 3)
     return np.ascontiguousarray(dw.reshape(G, KBn * KBW, Cg, R, S)[:, :Kg]).reshape(

@@ -248,7 +248,9 @@ def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
 # For a fixed filter row r, the pair (s, c) only moves the read by a constant offset
 # s*dlw*C + c inside the padded input row, so the kernel flattens (s, c) into "columns" with
 # a table of offsets and tiles TC columns x KBW output channels.  Each step is two vectors
-# of deltas times TC broadcast inputs.
+# of deltas times TC broadcast inputs.  With few channels (S*C of a row fills a tile badly:
+# 5 of 8 columns for conv1) the wrapper folds the filter rows into the columns as well,
+# offset r*dlh*Wp*C + s*dlw*C + c, and runs the kernel with a single "row".
 #
 # The batch is cut into chunks whose deltas fit in a core's L2 cache; each chunk computes
 # every tile over its own samples into its own buffer, and the wrapper adds the buffers up
@@ -270,15 +272,15 @@ def _dw_task(task, NT, N, P, TBn, R, KBn):
 
 
 @parallel_kernel
-def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
+def conv_dw_tiles(x, dy, off, part, C, WpC, sh, sw, dlh, OH, OW, dh0, dw0):
     """Weight gradient as a correlation of the input with the deltas, per batch chunk.
 
-    ``part[p, g, kb, r, t, k] = sum_{n in chunk p} sum_{i < OH, j < OW} x[n, i*sh + r*dlh,
-    j*sw*C + off[g, t]] * dy[n, dh0 + i, dw0 + j, g*KBn + kb, k]``, chunk ``p`` holding
+    ``part[p, g, kb, r, t, k] = sum_{n in chunk p} sum_{i < OH, j < OW} x[n, (i*sh + r*dlh)*WpC
+    + j*sw*C + off[g, t]] * dy[n, dh0 + i, dw0 + j, g*KBn + kb, k]``, chunk ``p`` holding
     samples ``[p*N//P, (p+1)*N//P)``; the weight gradient is ``part.sum(axis=0)``.
 
-    x    : (N, Hp, Wp*C)              padded channels-last input, each row flattened;
-                                      ``C`` is its channel count.
+    x    : (N, Hp*Wp*C)               padded channels-last input, each sample flattened;
+                                      ``C`` is its channel count, ``WpC = Wp*C`` a row.
     dy   : (N, Hd, Wd, G*KBn, KBW)    channels-last deltas at offset ``(dh0, dw0)``, each
                                       group's channels padded to ``KBn*KBW``.
     off  : (G, T) uint64              column offsets, ``T`` a multiple of ``TC``.  Unsigned,
@@ -309,18 +311,19 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
             for k in range(KBW):
                 acc[t, k] = 0
         for n in range(n0, n1):
+            xn = x[n]
             for i in range(OH):
-                xrow = x[n, i * sh + r * dlh]
+                row = np.uint64((i * sh + r * dlh) * WpC)
                 for j in range(OW):
-                    base = np.uint64(j * sw * C)
-                    x0 = xrow[base + o0]
-                    x1 = xrow[base + o1]
-                    x2 = xrow[base + o2]
-                    x3 = xrow[base + o3]
-                    x4 = xrow[base + o4]
-                    x5 = xrow[base + o5]
-                    x6 = xrow[base + o6]
-                    x7 = xrow[base + o7]
+                    base = row + np.uint64(j * sw * C)
+                    x0 = xn[base + o0]
+                    x1 = xn[base + o1]
+                    x2 = xn[base + o2]
+                    x3 = xn[base + o3]
+                    x4 = xn[base + o4]
+                    x5 = xn[base + o5]
+                    x6 = xn[base + o6]
+                    x7 = xn[base + o7]
                     for k in range(KBW):
                         d = dy[n, dh0 + i, dw0 + j, gk, k]
                         acc[0, k] += x0 * d
@@ -337,7 +340,7 @@ def conv_dw_tiles(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
 
 
 @parallel_kernel
-def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
+def conv_dw_tiles_wide(x, dy, off, part, C, WpC, sh, sw, dlh, OH, OW, dh0, dw0):
     """:func:`conv_dw_tiles` with a TCW x KBWW = 6 x 64 tile, for groups of more than 32
     output channels: 24 accumulators, 4 delta vectors and 6 broadcast inputs per 24 FMAs
     (about 30% faster there than 8 x 32; with 32 channels or fewer it would pad half the
@@ -362,16 +365,17 @@ def conv_dw_tiles_wide(x, dy, off, part, C, sh, sw, dlh, OH, OW, dh0, dw0):
             for k in range(KBWW):
                 acc[t, k] = 0
         for n in range(n0, n1):
+            xn = x[n]
             for i in range(OH):
-                xrow = x[n, i * sh + r * dlh]
+                row = np.uint64((i * sh + r * dlh) * WpC)
                 for j in range(OW):
-                    base = np.uint64(j * sw * C)
-                    x0 = xrow[base + o0]
-                    x1 = xrow[base + o1]
-                    x2 = xrow[base + o2]
-                    x3 = xrow[base + o3]
-                    x4 = xrow[base + o4]
-                    x5 = xrow[base + o5]
+                    base = row + np.uint64(j * sw * C)
+                    x0 = xn[base + o0]
+                    x1 = xn[base + o1]
+                    x2 = xn[base + o2]
+                    x3 = xn[base + o3]
+                    x4 = xn[base + o4]
+                    x5 = xn[base + o5]
                     for k in range(KBWW):
                         d = dy[n, dh0 + i, dw0 + j, gk, k]
                         acc[0, k] += x0 * d

@@ -36,11 +36,11 @@ def test_forward_and_dx_kernel_uses_packed_fma():
                                               (K.conv_dw_tiles_wide, K.TCW, K.KBWW)])
 def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
     f = _fresh(kernel)
-    x = np.zeros((1, 5, 5 * 2), np.float32)
+    x = np.zeros((1, 5 * 5 * 2), np.float32)
     dy = np.zeros((1, 3, 3, 1, kbw), np.float32)
     off = np.zeros((1, tc), np.uint64)
     dwb = np.zeros((1, 1, 1, 3, tc, kbw), np.float32)
-    f(x, dy, off, dwb, 2, 1, 1, 1, 3, 3, 0, 0)
+    f(x, dy, off, dwb, 2, 10, 1, 1, 1, 3, 3, 0, 0)
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= tc
     assert "vgather" not in asm  # the deltas are loaded as whole vectors
