@@ -417,20 +417,59 @@ def _pack_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     return _channels_last(x, geo.G, geo.Cg, geo.pads, ws, "x")
 
 
+_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernel beats the channel tile
+
+
+def _pixel_plan(geo: ConvGeometry):
+    """How :func:`kernels.conv_pixel_tiles` can run this forward pass, or None.
+
+    ``'flat'``: a 1x1, stride-1, unpadded layer is a matrix product per image, so the NCHW
+    input is read as it is, its pixels flattened into one row.  ``'padded'``: few input
+    channels, read from a zero-padded NCHW copy.  Both need one group and rows of at least
+    ``PX`` output pixels at stride 1.
+    """
+    if geo.G != 1:
+        return None
+    if (geo.R, geo.S, geo.sh, geo.sw) == (1, 1, 1, 1) and geo.pads == (0, 0, 0, 0) \
+            and geo.H * geo.W >= _k.PX:
+        return "flat"
+    if geo.C <= _PIXEL_MAX_C and geo.sw == 1 and geo.OW >= _k.PX:
+        return "padded"
+    return None
+
+
+def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None) -> np.ndarray:
+    """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x`` NCHW in the result dtype.
+    ``xp`` is the channels-last packed input if there is one (for C = 1 it is also the
+    padded NCHW input)."""
+    N, C, H, W = x.shape
+    K, R, S = geo.K, geo.R, geo.S
+    KPn = -(-K // _k.KP)
+    wp = np.zeros((KPn * _k.KP, C, R, S), x.dtype)
+    wp[:K] = w
+    wp = np.ascontiguousarray(wp.reshape(KPn, _k.KP, C, R, S).transpose(0, 2, 3, 4, 1))
+    bp = np.zeros(KPn * _k.KP, x.dtype)
+    if b is not None:
+        bp[:K] = b
+    if plan == "flat":
+        y = np.empty((N, K, 1, H * W), x.dtype)
+        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C, 1, H * W), wp, bp, y, 1, 1, 1)
+        return y.reshape(N, K, H, W)
+    if xp is not None and C == 1:
+        xin = xp.reshape(N, 1, *xp.shape[1:3])
+    else:
+        xin = np.zeros((N, C, H + geo.pt + geo.pb, W + geo.pl + geo.pr), x.dtype)
+        xin[:, :, geo.pt:geo.pt + H, geo.pl:geo.pl + W] = x
+    y = np.empty((N, K, geo.OH, geo.OW), x.dtype)
+    _k.conv_pixel_tiles(xin, wp, bp, y, geo.sh, geo.dlh, geo.dlw)
+    return y
+
+
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry) -> np.ndarray:
-    """y (N, K, OH, OW) from the packed input; ``w``, ``b`` in its dtype."""
+    """y (N, K, OH, OW) from the packed input by the channel tile; ``w``, ``b`` in its
+    dtype."""
     G, Kg = geo.G, geo.Kg
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
-    if geo.C == 1 and geo.sw == 1 and geo.OW >= _k.PX:
-        # One input channel: vectorise over pixels (xp is then also an NCHW plane).
-        Kp = -(-geo.K // _k.KP) * _k.KP
-        wp = np.zeros((Kp, geo.R, geo.S), xp.dtype)
-        wp[:geo.K] = w[:, 0]
-        bp = np.zeros(Kp, xp.dtype)
-        if b is not None:
-            bp[:geo.K] = b
-        _k.conv_pixel_tiles(xp.reshape(xp.shape[:3]), wp, bp, y, geo.sh, geo.dlh, geo.dlw)
-        return y
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
     if b is not None:
@@ -466,7 +505,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     ndarray (N, K, OH, OW), or (K, OH, OW) for unbatched input
         float32 if all arguments are float16/float32, else float64.
     """
-    y, _, _ = conv2d_saving(input, weight, bias, stride, padding, dilation, groups)
+    y, _, _ = _conv2d(input, weight, bias, stride, padding, dilation, groups, None, False)
     return y
 
 
@@ -486,6 +525,11 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     ``xp`` lives in ``workspace`` (a :class:`Workspace`) if one is given: the next call
     with the same workspace overwrites it.
     """
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True)
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, keep):
+    """:func:`conv2d_saving`; without ``keep``, ``xp`` may be None (not packed)."""
     x = _as_array("input", input)
     w = _as_array("weight", weight)
     b = None if bias is None else _as_array("bias", bias)
@@ -501,9 +545,16 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
 
     if geo.N == 0:
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
-    xp = _pack_input(x.astype(dtype, copy=False), geo, workspace or _FRESH)
-    y = _forward_packed(xp, w.astype(dtype, copy=False),
-                        None if b is None else b.astype(dtype, copy=False), geo)
+    x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
+    b = None if b is None else b.astype(dtype, copy=False)
+    plan = _pixel_plan(geo)
+    xp = None
+    if keep or plan is None or (plan == "padded" and geo.C == 1):
+        xp = _pack_input(x, geo, workspace or _FRESH)
+    if plan is None:
+        y = _forward_packed(xp, w, b, geo)
+    else:
+        y = _forward_pixels(x, w, b, geo, plan, xp)
     return (y[0] if unbatched else y), xp, geo
 
 
@@ -604,6 +655,12 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
 
     if geo.N == 0:
         return np.zeros((0, geo.C, geo.H, geo.W), dtype)
+    if _pixel_plan(geo) == "flat":
+        # dx[n] = W^T dy[n] per image: the 1x1 forward pass with the roles of C and K swapped.
+        tgeo = conv_geometry((geo.N, geo.K, geo.H, geo.W), (geo.C, geo.K, 1, 1))
+        return _forward_pixels(dy.astype(dtype, copy=False),
+                               w.astype(dtype, copy=False).transpose(1, 0, 2, 3), None, tgeo,
+                               "flat")
     layout = delta_layout(geo)
     return _grad_input_packed(pack_deltas(dy.astype(dtype, copy=False), layout), layout,
                               w.astype(dtype, copy=False), geo)

@@ -18,7 +18,7 @@ Legend
 ``TC``           reduction columns per dW register tile (8)
 ``KBW``          output channels per dW register tile (32: two vectors, 16 accumulators)
 ``TCW, KBWW``    the wide dW tile for groups of more than 32 output channels: 6 x 64
-``PX, KP``       pixels x output channels per tile of the one-channel forward kernel
+``PX, KP``       pixels x output channels per tile of the pixel-vectorised forward kernel
 
 Design
 ------
@@ -160,26 +160,26 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
 
 @parallel_kernel
 def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
-    """Forward pass for one input channel (``C = 1``, the first layer of an image network),
-    vectorised over output pixels instead of output channels.
+    """Forward pass vectorised over output pixels instead of output channels, for layers
+    with few input channels (the first layer of an image network) and for 1x1 layers.
 
-    ``y[n, k, i, j] = b[k] + sum_{r, s} x[n, i*sh + r*dlh, j + s*dlw] * w[k, r, s]``
-    (stride 1 along rows).
+    ``y[n, k, i, j] = b[k] + sum_{c, r, s} x[n, c, i*sh + r*dlh, j + s*dlw]
+    * w[k // KP, c, r, s, k % KP]`` (stride 1 along rows).
 
-    x : (N, Hp, Wp)          the zero-padded input plane of each image.
-    w : (KPn*KP, R, S)       weights, zero past ``K``.     b : (KPn*KP,) bias.
-    y : (N, K, OH, OW)       NCHW output, ``OW >= PX``.
+    x : (N, C, Hp, Wp)          zero-padded NCHW input.
+    w : (KPn, C, R, S, KP)      weights, blocked by ``KP`` output channels, zero past ``K``.
+    b : (KPn*KP,)               bias.
+    y : (N, K, OH, OW)          NCHW output, ``OW >= PX``.
 
-    With one channel, :func:`conv_tiles` has only ``R*S`` steps to amortise its
+    With few channels, :func:`conv_tiles` has only ``C*R*S`` steps to amortise its
     transposing epilogue.  Here the tile is ``KP`` channels x ``PX`` pixels of one output
-    row: each tap loads one vector of ``PX`` inputs and multiplies it by ``KP`` broadcast
+    row: each step loads one vector of ``PX`` inputs and multiplies it by ``KP`` broadcast
     weights, and every channel's row is stored as whole vectors.  The last tile of a row is
     shifted left to end at ``OW``, like :func:`conv_tiles`.  Parallel over (n, i, channel
     block): each task owns its outputs.
     """
     N, K, OH, OW = y.shape
-    KPn = w.shape[0] // KP
-    R, S = w.shape[1], w.shape[2]
+    KPn, C, R, S = w.shape[:4]
     for task in prange(N * OH * KPn):
         kt = task % KPn
         rest = task // KPn
@@ -193,45 +193,47 @@ def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
             for kk in range(KP):
                 for p in range(PX):
                     acc[kk, p] = 0
-            for r in range(R):
-                xrow = x[n, i * sh + r * dlh]
-                for s in range(S):
-                    xs = xrow[j0 + s * dlw:j0 + s * dlw + PX]  # a view: no index checks
-                    # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
-                    w0 = w[k0 + 0, r, s]
-                    w1 = w[k0 + 1, r, s]
-                    w2 = w[k0 + 2, r, s]
-                    w3 = w[k0 + 3, r, s]
-                    w4 = w[k0 + 4, r, s]
-                    w5 = w[k0 + 5, r, s]
-                    w6 = w[k0 + 6, r, s]
-                    w7 = w[k0 + 7, r, s]
-                    w8 = w[k0 + 8, r, s]
-                    w9 = w[k0 + 9, r, s]
-                    w10 = w[k0 + 10, r, s]
-                    w11 = w[k0 + 11, r, s]
-                    w12 = w[k0 + 12, r, s]
-                    w13 = w[k0 + 13, r, s]
-                    w14 = w[k0 + 14, r, s]
-                    w15 = w[k0 + 15, r, s]
-                    for p in range(PX):
-                        xv = xs[p]
-                        acc[0, p] += w0 * xv
-                        acc[1, p] += w1 * xv
-                        acc[2, p] += w2 * xv
-                        acc[3, p] += w3 * xv
-                        acc[4, p] += w4 * xv
-                        acc[5, p] += w5 * xv
-                        acc[6, p] += w6 * xv
-                        acc[7, p] += w7 * xv
-                        acc[8, p] += w8 * xv
-                        acc[9, p] += w9 * xv
-                        acc[10, p] += w10 * xv
-                        acc[11, p] += w11 * xv
-                        acc[12, p] += w12 * xv
-                        acc[13, p] += w13 * xv
-                        acc[14, p] += w14 * xv
-                        acc[15, p] += w15 * xv
+            for c in range(C):
+                for r in range(R):
+                    xrow = x[n, c, i * sh + r * dlh]
+                    for s in range(S):
+                        xs = xrow[j0 + s * dlw:j0 + s * dlw + PX]  # a view: no index checks
+                        wv = w[kt, c, r, s]
+                        # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
+                        w0 = wv[0]
+                        w1 = wv[1]
+                        w2 = wv[2]
+                        w3 = wv[3]
+                        w4 = wv[4]
+                        w5 = wv[5]
+                        w6 = wv[6]
+                        w7 = wv[7]
+                        w8 = wv[8]
+                        w9 = wv[9]
+                        w10 = wv[10]
+                        w11 = wv[11]
+                        w12 = wv[12]
+                        w13 = wv[13]
+                        w14 = wv[14]
+                        w15 = wv[15]
+                        for p in range(PX):
+                            xv = xs[p]
+                            acc[0, p] += w0 * xv
+                            acc[1, p] += w1 * xv
+                            acc[2, p] += w2 * xv
+                            acc[3, p] += w3 * xv
+                            acc[4, p] += w4 * xv
+                            acc[5, p] += w5 * xv
+                            acc[6, p] += w6 * xv
+                            acc[7, p] += w7 * xv
+                            acc[8, p] += w8 * xv
+                            acc[9, p] += w9 * xv
+                            acc[10, p] += w10 * xv
+                            acc[11, p] += w11 * xv
+                            acc[12, p] += w12 * xv
+                            acc[13, p] += w13 * xv
+                            acc[14, p] += w14 * xv
+                            acc[15, p] += w15 * xv
             for kk in range(kn):
                 bk = b[k0 + kk]
                 for p in range(PX):

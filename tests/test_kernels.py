@@ -27,9 +27,11 @@ def _grid():
         (1, 3, 5, 4, 2, 5, 4, 1),  # kernel equal to the input
         (3, 2, 16, 15, 3, 4, 2, 1),  # rows wider than one register tile
         (2, 1, 9, 21, 20, 5, 3, 1),  # C = 1 with rows of >= 16 pixels: the pixel kernel
+        (2, 3, 7, 19, 18, 3, 2, 1),  # few channels, wide rows: the pixel kernel, padded copy
+        (2, 5, 4, 5, 19, 1, 1, 1),  # 1x1 on 20 pixels: the pixel kernel on flattened rows
     ]
     for shape, stride, padding, dilation in itertools.product(
-            shapes, [1, 2, 3, (1, 2)], [0, 1, 2, "valid", "same", (2, 0)], [1, 2]):
+            shapes, [1, 2, 3, (1, 2), (2, 1)], [0, 1, 2, "valid", "same", (2, 0)], [1, 2]):
         N, C, H, W, K, R, S, groups = shape
         conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         if padding == "same" and stride != 1:
