@@ -405,6 +405,20 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
         geo.K, Cg, R, S)
 
 
+def _grad_weight_1x1(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """dW (K, C, 1, 1) of a 1x1, stride-1, unpadded layer from NCHW x and dy, unpacked."""
+    N, C, K, Q = geo.N, geo.C, geo.K, geo.H * geo.W
+    # Chunks of about 2 MiB of x and dy, so that a chunk's rows stay in L2 while its tiles
+    # sweep them (shapes only: the result does not depend on the thread count).
+    per_sample = (C + K) * Q * x.itemsize
+    P = -(-N // max(1, 8 * _DW_CHUNK_BYTES // per_sample))
+    part = np.empty((P, -(-K // 4), -(-C // 4), 4, 4), x.dtype)
+    _k.conv_dw_1x1(np.ascontiguousarray(x).reshape(N, C, Q),
+                   np.ascontiguousarray(dy).reshape(N, K, Q), part)
+    dw = part.sum(axis=0).transpose(0, 2, 1, 3).reshape(part.shape[1] * 4, part.shape[2] * 4)
+    return np.ascontiguousarray(dw[:K, :C]).reshape(K, C, 1, 1)
+
+
 def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -> np.ndarray:
     """db (K,) in float64 from deltas in ``layout``."""
     part = np.empty((geo.N, dyp.shape[3]), np.float64)
@@ -696,6 +710,8 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
 
     if geo.N == 0:
         return np.zeros(weight_shape, dtype)
+    if _pixel_plan(geo) == "flat":
+        return _grad_weight_1x1(x.astype(dtype, copy=False), dy.astype(dtype, copy=False), geo)
     layout = delta_layout(geo, need_dx=False)
     return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
                                pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)

@@ -129,6 +129,19 @@ def test_nan_propagates_only_to_outputs_it_touches(rng):
     assert np.isnan(dx).sum() == 2 * 4
 
 
+def test_inf_delta_in_the_shared_lanes_of_1x1_dw_stays_inf():
+    """The 1x1 dW kernel's last vector of an image overlaps the one before it; an inf delta
+    there must give inf (inf * x counted once), not NaN (inf * a zeroed lane)."""
+    x = np.full((1, 2, 4, 5), 0.5)  # 20 pixels: vectors at 0..15 and 4..19
+    dy = np.ones((1, 3, 4, 5))
+    dy[0, 1, 1, 2] = np.inf  # pixel 7: in both vectors
+    dw = fc.conv2d_grad_weight(x, dy, (3, 2, 1, 1))
+    want = ref.conv2d_grad_weight(x, dy, (3, 2, 1, 1), stride=(1, 1), pads=(0, 0, 0, 0),
+                                  dilation=(1, 1), groups=1)
+    assert np.isposinf(dw[1]).all()
+    np.testing.assert_array_equal(dw, want)
+
+
 @pytest.mark.parametrize("conv", [dict(), dict(padding=1), dict(stride=2),
                                   dict(stride=2, padding=1), dict(dilation=2, padding=2)])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

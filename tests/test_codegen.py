@@ -53,3 +53,12 @@ def test_pixel_forward_kernel_uses_packed_fma():
     f(x, np.zeros((1, 1, 5, 5, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 1, 1)
     # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
     assert len(PACKED_FMA.findall(f.inspect_asm(f.signatures[0]))) >= K.KP
+
+
+def test_1x1_dw_kernel_uses_packed_fma_without_gathers():
+    f = _fresh(K.conv_dw_1x1)
+    x = np.zeros((2, 4, 20), np.float32)
+    f(x, np.zeros((2, 4, 20), np.float32), np.zeros((1, 1, 1, 4, 4), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    assert len(PACKED_FMA.findall(asm)) >= 16  # the 4 x 4 tile of pixel vectors
+    assert "vgather" not in asm
