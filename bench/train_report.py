@@ -41,17 +41,19 @@ def compare(data_dir, *, dataset="fashion-mnist", limit=12800, epochs=1, threads
     """Alternate ``rounds`` pairs of runs; return samples/s and peak RSS (MB) per library,
     the median per-round ratio, and the final test accuracies.  Prints the table."""
     threads = threads or os.cpu_count()
-    common = ["--dataset", dataset, "--limit", str(limit), "--epochs", str(epochs),
-              "--batch-size", "64", "--threads", str(threads)]
-    if data_dir:
-        common += ["--data-dir", str(data_dir)]
+
+    def args(n):  # the flags both scripts take, training on the first n images
+        a = ["--dataset", dataset, "--limit", str(n), "--epochs", str(epochs),
+             "--batch-size", "64", "--threads", str(threads)]
+        return a + (["--data-dir", str(data_dir)] if data_dir else [])
+
+    common = args(limit)
     res = {"fastconv": [], "torch": []}
     with tempfile.TemporaryDirectory() as tmp:
         m = str(Path(tmp) / "m.json")
         # One short untimed run first, so that no round pays for (or measures the memory
         # of) filling the JIT cache.
-        warm = [*common[:2], "--limit", "64", *common[4:]]
-        _run([sys.executable, "-m", "fastconv", "train", *warm, "--no-download", "--quiet",
+        _run([sys.executable, "-m", "fastconv", "train", *args(64), "--no-download", "--quiet",
               "--metrics-json", m], m)
         for _ in range(rounds):
             res["fastconv"].append(_run([sys.executable, "-m", "fastconv", "train", *common,

@@ -259,16 +259,16 @@ class Workspace:
     def zeros(self, name: str, shape, dtype) -> np.ndarray:
         """Zeros when first allocated, then the same array as the last caller left it: for
         layouts whose callers rewrite the same elements every time (zero borders stay zero)."""
-        a = self._arrays.get(name)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-            a = self._arrays[name] = np.zeros(shape, dtype)
-        return a
+        return self._get(name, shape, dtype, np.zeros)
 
     def empty(self, name: str, shape, dtype) -> np.ndarray:
         """An array whose every element the caller overwrites."""
+        return self._get(name, shape, dtype, np.empty)
+
+    def _get(self, name, shape, dtype, make):
         a = self._arrays.get(name)
         if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
+            a = self._arrays[name] = make(shape, dtype)
         return a
 
 

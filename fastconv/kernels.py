@@ -636,7 +636,7 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
             if h < 0 or h >= H or i >= OH:
                 row[:] = 0
                 continue
-            if h % 2 == 0 or h == 0:
+            if h % 2 == 0:  # rows 2i and 2i + 1 share pooled row i
                 # Pooled row i transposed to channels-last (reads along j, writes into L1),
                 # so that the output loop below runs over contiguous channels on both sides.
                 for g in range(G):

@@ -263,6 +263,15 @@ def test_fused_backward_checks_the_delta_shape():
         fused.backward(np.ones((2, 3, 4, 40000), np.float32))
 
 
+def test_conv_backward_checks_the_delta_shape(rng):
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    conv(rng.standard_normal((2, 2, 5, 5)).astype(np.float32))
+    with pytest.raises(ValueError, match=re.escape("Conv2d.backward got grad_output of shape "
+                                                   "(2, 3, 5, 4), the forward output had "
+                                                   "shape (2, 3, 5, 5)")):
+        conv.backward(np.ones((2, 3, 5, 4), np.float32))
+
+
 def test_relu_dtypes_follow_the_conv_rules():
     assert nn.ReLU()(np.ones(3, np.float16)).dtype == np.float32
     assert nn.ReLU()(np.ones(3, np.int64)).dtype == np.float64
