@@ -452,10 +452,10 @@ def _pixel_plan(geo: ConvGeometry):
     return None
 
 
-def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None) -> np.ndarray:
+def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None, ws=_FRESH) -> np.ndarray:
     """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x`` NCHW in the result dtype.
     ``xp`` is the channels-last packed input if there is one (for C = 1 it is also the
-    padded NCHW input)."""
+    padded NCHW input); ``y`` is the array ``"y"`` of workspace ``ws``."""
     N, C, H, W = x.shape
     K, R, S = geo.K, geo.R, geo.S
     KPn = -(-K // _k.KP)
@@ -466,7 +466,7 @@ def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None) -> np.ndarra
     if b is not None:
         bp[:K] = b
     if plan == "flat":
-        y = np.empty((N, K, 1, H * W), x.dtype)
+        y = ws.empty("y", (N, K, 1, H * W), x.dtype)
         _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C, 1, H * W), wp, bp, y, 1, 1, 1)
         return y.reshape(N, K, H, W)
     if xp is not None and C == 1:
@@ -474,16 +474,17 @@ def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None) -> np.ndarra
     else:
         xin = np.zeros((N, C, H + geo.pt + geo.pb, W + geo.pl + geo.pr), x.dtype)
         xin[:, :, geo.pt:geo.pt + H, geo.pl:geo.pl + W] = x
-    y = np.empty((N, K, geo.OH, geo.OW), x.dtype)
+    y = ws.empty("y", (N, K, geo.OH, geo.OW), x.dtype)
     _k.conv_pixel_tiles(xin, wp, bp, y, geo.sh, geo.dlh, geo.dlw)
     return y
 
 
-def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry) -> np.ndarray:
+def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
+                    ws=_FRESH) -> np.ndarray:
     """y (N, K, OH, OW) from the packed input by the channel tile; ``w``, ``b`` in its
-    dtype."""
+    dtype; ``y`` is the array ``"y"`` of workspace ``ws``."""
     G, Kg = geo.G, geo.Kg
-    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
+    y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
     if b is not None:
@@ -524,7 +525,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                  workspace=None):
+                  workspace=None, reuse_output=False):
     """:func:`conv2d`, also returning what its backward passes reuse.
 
     Returns
@@ -537,13 +538,20 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
         With ``N = 1`` for unbatched input.
 
     ``xp`` lives in ``workspace`` (a :class:`Workspace`) if one is given: the next call
-    with the same workspace overwrites it.
+    with the same workspace overwrites it.  With ``reuse_output``, so does ``y``: for a
+    caller that is done with ``y`` before its next call (a layer whose output only the
+    next layer reads).
     """
-    return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True)
+    if reuse_output and workspace is None:
+        raise ValueError("reuse_output=True needs a workspace to keep the output in")
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True,
+                   workspace if reuse_output else _FRESH)
 
 
-def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, keep):
-    """:func:`conv2d_saving`; without ``keep``, ``xp`` may be None (not packed)."""
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, keep,
+            out_ws=_FRESH):
+    """:func:`conv2d_saving`; without ``keep``, ``xp`` may be None (not packed).  ``y`` is
+    the array ``"y"`` of ``out_ws``."""
     x = _as_array("input", input)
     w = _as_array("weight", weight)
     b = None if bias is None else _as_array("bias", bias)
@@ -566,9 +574,9 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
     if keep or plan is None or (plan == "padded" and geo.C == 1):
         xp = _pack_input(x, geo, workspace or _FRESH)
     if plan is None:
-        y = _forward_packed(xp, w, b, geo)
+        y = _forward_packed(xp, w, b, geo, out_ws)
     else:
-        y = _forward_pixels(x, w, b, geo, plan, xp)
+        y = _forward_pixels(x, w, b, geo, plan, xp, out_ws)
     return (y[0] if unbatched else y), xp, geo
 
 

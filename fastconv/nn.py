@@ -150,11 +150,21 @@ class Conv2d(Module):
         self._workspace = _conv.Workspace()  # packed input and deltas, reused every step
 
     def forward(self, x):
+        return self._forward(x, False)
+
+    def forward_scratch(self, x):
+        """:meth:`forward`, with the output in this layer's workspace in training mode: the
+        next call overwrites it.  For a :class:`Sequential` whose next layer is done with
+        it by then (it keeps no reference to its input)."""
+        return self._forward(x, self.training)
+
+    def _forward(self, x, reuse_output):
         # Only training steps reuse the workspace: evaluation batches (often larger) would
         # otherwise keep their buffers alive and make the next training step reallocate.
         y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
                                          **self.conv,
-                                         workspace=self._workspace if self.training else None)
+                                         workspace=self._workspace if self.training else None,
+                                         reuse_output=reuse_output)
         # The packed input, not x: dW reads it again in backward.
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
         return y
@@ -387,6 +397,10 @@ class Linear(Module):
         return f"Linear({self.in_features}, {self.out_features})"
 
 
+# Layers that keep no reference to their input (only their output, indices or its shape).
+_KEEP_NO_INPUT = (ReLU, MaxPool2d, AvgPool2d)
+
+
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse."""
 
@@ -418,9 +432,14 @@ class Sequential(Module):
                 i += 1
 
     def forward(self, x):
-        for step in self._steps():
+        steps = list(self._steps())
+        for t, step in enumerate(steps):
             if len(step) == 2:
                 x = step[1].forward_after_relu(x)
+            elif (isinstance(step[0], Conv2d) and t + 1 < len(steps)
+                    and isinstance(steps[t + 1][0], _KEEP_NO_INPUT)):
+                # Only the next layer reads this output, and it keeps nothing of it.
+                x = step[0].forward_scratch(x)
             else:
                 x = step[0].forward(x)
         return x

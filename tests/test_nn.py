@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+from fastconv import conv as conv_mod
 from fastconv import models, nn, optim
 
 
@@ -321,6 +322,22 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
             assert dx_seq is None and dy is None
         for key in ("weight", "bias"):
             np.testing.assert_array_equal(seq[0].grads[key], single[0].grads[key])
+    assert "y" in seq[0]._workspace._arrays  # the conv's output was scratch, reused
+
+
+def test_conv_output_is_scratch_only_where_nothing_keeps_it(rng):
+    """A conv's output lives in its workspace only in training, and only when the next
+    layer keeps no reference to it; outputs that callers or Linear keep are new arrays."""
+    x = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(32, 3))
+    seq(x)
+    assert "y" in seq[0]._workspace._arrays and "y" not in seq[2]._workspace._arrays
+    conv = nn.Conv2d(1, 2, 3)
+    conv.eval()
+    assert conv.forward_scratch(x) is not conv.forward_scratch(x)
+    with pytest.raises(ValueError, match="reuse_output=True needs a workspace"):
+        conv_mod.conv2d_saving(x, conv.params["weight"], reuse_output=True)
 
 
 def test_sgd_kernel_equals_the_numpy_update(rng):
