@@ -249,8 +249,11 @@ class Workspace:
     :class:`fastconv.nn.Conv2d` keeps one, so that its packed input, packed deltas and dW
     partial sums are allocated once and reused while the shapes stay the same (a new shape
     replaces the array).  Only arrays that never leave the layer live here: outputs
-    returned to callers (``y``, ``dx``, ``dw``, ``db``) are always new, so callers may keep
-    them.  Without a workspace (the functional API) every call allocates.
+    returned to callers (``y``, ``dx``, ``dw``, ``db``) are new, so callers may keep them.
+    The one exception is asked for by name: ``conv2d_saving(..., reuse_output=True)``
+    keeps ``y`` here too, for a caller whose next layer is done with it before the next
+    call (:meth:`fastconv.nn.Conv2d.forward_scratch`).  Without a workspace (the functional
+    API) every call allocates.
     """
 
     def __init__(self):

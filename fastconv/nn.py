@@ -147,7 +147,7 @@ class Conv2d(Module):
             self.params["bias"] = _uniform(rng, bound, (out_channels,), dtype)
         self.needs_input_grad = True
         self._saved = None
-        self._workspace = _conv.Workspace()  # packed input and deltas, reused every step
+        self._workspace = _conv.Workspace()  # packed input, deltas (and scratch output)
 
     def forward(self, x):
         return self._forward(x, False)
