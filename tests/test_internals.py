@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fastconv import conv_output_size
+from fastconv import kernels as k
 from fastconv.conv import _dx_phases
 
 AXES = [(size, pad, stride, dilation, kernel, conv_output_size(size, kernel, stride, pad, pad,
@@ -40,6 +42,22 @@ def test_dx_phases_multiply_no_inserted_zero(size, pad, stride, dilation, kernel
               if (h + pad - r * dilation) % stride == 0
               and 0 <= (h + pad - r * dilation) // stride < out_size}
     assert needed <= visited
+
+
+@pytest.mark.parametrize("G, Cg, CgP", [(1, 1, 1), (1, 3, 5), (1, 16, 16), (1, 17, 32),
+                                        (1, 33, 40), (2, 16, 18), (3, 15, 16), (2, 40, 40)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pack_channels_last_matches_numpy(G, Cg, CgP, dtype):
+    """The packer's whole channel blocks and its leftover channels land where NumPy puts
+    them, every group's padding channels and the border stay zero, from a strided source."""
+    rng = np.random.default_rng(Cg)
+    N, H, W, pt, pl = 2, 5, 7, 2, 1
+    src = rng.standard_normal((N, G * Cg, H, 2 * W)).astype(dtype)[..., ::2]
+    dst = np.zeros((N, H + pt + 3, W + pl + 2, G * CgP), dtype)
+    k.pack_channels_last(src, dst, pt, pl, G, CgP)
+    want = np.zeros_like(dst).reshape(N, H + pt + 3, W + pl + 2, G, CgP)
+    want[:, pt:pt + H, pl:pl + W, :, :Cg] = src.reshape(N, G, Cg, H, W).transpose(0, 3, 4, 1, 2)
+    np.testing.assert_array_equal(dst, want.reshape(dst.shape))
 
 
 _PROBE = """
