@@ -245,10 +245,16 @@ def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
                             acc[13, p] += w13 * xv
                             acc[14, p] += w14 * xv
                             acc[15, p] += w15 * xv
+            # npx == PX (OW >= PX), but LLVM cannot know it: a loop of constant trip count
+            # this short is fully unrolled into scalar stores, and Numba runs no SLP
+            # vectoriser to merge them again.  With this bound the loop vectoriser turns each
+            # row into vector stores (1.4-1.6x on the whole kernel for conv1-sized layers).
+            npx = min(PX, OW)
             for kk in range(kn):
                 bk = b[k0 + kk]
-                for p in range(PX):
-                    y[n, k0 + kk, i, j0 + p] = acc[kk, p] + bk
+                yrow = y[n, k0 + kk, i, j0:j0 + npx]
+                for p in range(npx):
+                    yrow[p] = acc[kk, p] + bk
 
 
 # dW, derived once

@@ -14,6 +14,7 @@ from fastconv import _jit
 from fastconv import kernels as K
 
 PACKED_FMA = re.compile(r"vfmadd\d+ps\s[^\n]*[yz]mm")
+PACKED_ADD = re.compile(r"vaddps\s[^\n]*[yz]mm")
 
 
 def _fresh(kernel):
@@ -51,8 +52,11 @@ def test_pixel_forward_kernel_uses_packed_fma():
     x = np.zeros((1, 1, 20, 20), np.float32)
     y = np.zeros((1, K.KP, 16, 16), np.float32)
     f(x, np.zeros((1, 1, 5, 5, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 1, 1)
+    asm = f.inspect_asm(f.signatures[0])
     # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
-    assert len(PACKED_FMA.findall(f.inspect_asm(f.signatures[0]))) >= K.KP
+    assert len(PACKED_FMA.findall(asm)) >= K.KP
+    # The epilogue adds the bias and stores each channel's row as vectors, not scalars.
+    assert PACKED_ADD.search(asm)
 
 
 def test_1x1_dw_kernel_uses_packed_fma_without_gathers():
