@@ -422,6 +422,53 @@ def _grad_weight_1x1(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.nda
     return np.ascontiguousarray(dw[:K, :C]).reshape(K, C, 1, 1)
 
 
+def _dw_pixels_ok(geo: ConvGeometry) -> bool:
+    """Whether :func:`kernels.conv_dw_pixels` runs this layer's dW: one group, few input
+    channels (the transposing delta pack would dominate the channel tile), output rows of
+    at least ``PX`` pixels."""
+    return geo.G == 1 and geo.C <= _PIXEL_MAX_C and geo.OW >= _k.PX
+
+
+def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
+    """NCHW ``a`` (any strides) zero-padded by ``pads`` (top, bottom, left, right), each
+    plane's columns split into ``sw`` phases: ``(N, C*sw, Hp, ceil(Wp/sw))``, plane
+    ``c*sw + q`` holding padded columns ``q, q + sw, ...``.  No copy when there is nothing
+    to pad or split and ``a`` is contiguous."""
+    N, C, H, W = a.shape
+    pt, pb, pl, pr = pads
+    Hp, Wp = H + pt + pb, W + pl + pr
+    if sw == 1 and pads == (0, 0, 0, 0) and a.flags.c_contiguous:
+        return a
+    Wq = -(-Wp // sw)
+    out = np.zeros((N, C, sw, Hp, Wq), a.dtype)
+    for q in range(sw):
+        u0 = max(0, -(-(pl - q) // sw))  # first phase column that holds an input column,
+        j0 = u0 * sw + q - pl            # this one
+        if j0 < W:
+            cols = a[:, :, :, j0::sw]
+            out[:, :, q, pt:pt + H, u0:u0 + cols.shape[3]] = cols
+    return out.reshape(N, C * sw, Hp, Wq)
+
+
+def _grad_weight_pixels(xq: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """dW (K, C, R, S) by :func:`kernels.conv_dw_pixels` from NCHW deltas ``dy`` and the
+    input as :func:`_phase_planes` of the padded input (``xq``, in ``dy``'s dtype)."""
+    N, C, K, R, S, sw = geo.N, geo.C, geo.K, geo.R, geo.S, geo.sw
+    Hp, Wq = xq.shape[2:]
+    T = C * R * S
+    TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
+    c, rs = np.divmod(np.arange(T), R * S)
+    r, s = np.divmod(rs, S)
+    toff = np.zeros(TTn * _k.DT, np.int64)
+    toff[:T] = ((c * sw + s * geo.dlw % sw) * Hp + r * geo.dlh) * Wq + s * geo.dlw // sw
+    # Batch chunks of about 256 KiB of deltas, as for the channel tile (shapes only).
+    P = -(-N // max(1, _DW_CHUNK_BYTES // (K * geo.OH * geo.OW * dy.itemsize)))
+    part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
+    _k.conv_dw_pixels(xq.reshape(N, -1), np.ascontiguousarray(dy), toff, part, geo.sh, Wq)
+    dw = part.sum(axis=0).transpose(0, 2, 1, 3).reshape(KTn * _k.DK, TTn * _k.DT)
+    return np.ascontiguousarray(dw[:K, :T]).reshape(K, C, R, S)
+
+
 def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -> np.ndarray:
     """db (K,) in float64 from deltas in ``layout``."""
     part = np.empty((geo.N, dyp.shape[3]), np.float64)
@@ -723,6 +770,9 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
         return np.zeros(weight_shape, dtype)
     if _pixel_plan(geo) == "flat":
         return _grad_weight_1x1(x.astype(dtype, copy=False), dy.astype(dtype, copy=False), geo)
+    if _dw_pixels_ok(geo):
+        return _grad_weight_pixels(_phase_planes(x.astype(dtype, copy=False), geo.pads, geo.sw),
+                                   dy.astype(dtype, copy=False), geo)
     layout = delta_layout(geo, need_dx=False)
     return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
                                pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)

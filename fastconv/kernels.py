@@ -19,6 +19,7 @@ Legend
 ``KBW``          output channels per dW register tile (32: two vectors, 16 accumulators)
 ``TCW, KBWW``    the wide dW tile for groups of more than 32 output channels: 6 x 64
 ``PX, KP``       pixels x output channels per tile of the pixel-vectorised forward kernel
+``DK, DT``       output channels x taps per tile of the pixel-vectorised dW kernel
 ``CL``           channels per pass of the channels-last packer (one 64-byte line of fp32)
 
 Design
@@ -45,6 +46,8 @@ KBWW = 64
 PX = 16
 KP = 16
 CL = 16
+DK = 4
+DT = 5
 
 
 @parallel_kernel
@@ -528,6 +531,113 @@ def conv_dw_1x1(x, dy, part):
                 for q in range(PX):
                     tot += acc[a * 4 + b, q]
                 part[p, kt, ct, a, b] = tot
+
+
+@parallel_kernel
+def conv_dw_pixels(x, dy, toff, part, sh, Wq):
+    """dW for few input channels, vectorised over output pixels: the deltas are read in
+    NCHW as they come, with no transposing pack.
+
+    ``part[p, kt, tt, a, b] = sum_{n in chunk p} sum_{i, j} dy[n, DK*kt + a, i, j]
+    * x[n, toff[DT*tt + b] + i*sh*Wq + j]``, chunk ``p`` holding samples
+    ``[p*N//P, (p+1)*N//P)``; dW is ``part.sum(axis=0)``.
+
+    x : (N, L)                 each image's zero-padded input planes, flattened; see below.
+    dy : (N, K, OH, OW)        NCHW deltas, ``OW >= PX``.
+    toff : (ceil(T/DT)*DT,)    int64 offset of each tap into an image's ``x``.
+    part : (P, ceil(K/DK), ceil(T/DT), DK, DT)
+
+    A tap ``t = (c, r, s)`` of the filter reads input row ``i*sh + r*dlh`` and column
+    ``j*sw + s*dlw``.  The wrapper splits each padded input plane's columns into ``sw``
+    phases of width ``Wq`` (plane ``c*sw + q`` holds columns ``u*sw + q``), so that column is
+    ``j + (s*dlw)//sw`` of phase ``(s*dlw) % sw``: for every tap, consecutive output pixels
+    read consecutive inputs, and ``toff`` is the tap's plane, row and column offset.
+
+    The tile is DK output channels x DT taps, each accumulator a vector of ``PX`` pixels of
+    one output row: per step DK + DT vector loads and DK*DT FMAs; the lanes are summed at
+    the end.  Rows are covered by ``PX``-wide vectors, the last shifted left to end at
+    ``OW``, with the lanes it shares with the previous one zeroed in both operands (selects:
+    0 * 0, never inf * 0).  Channels past ``K`` repeat the last one and padding taps read
+    offset 0; the wrapper drops both.  Parallel over (chunk, channel block, tap block), taps
+    fastest, so consecutive tasks of a thread reuse the same deltas from L2.
+    """
+    N, K, OH, OW = dy.shape
+    P, KTn, TTn = part.shape[:3]
+    NT = KTn * TTn
+    JT = (OW + PX - 1) // PX
+    for task in prange(P * NT):
+        p = task // NT
+        t = task % NT
+        tt = t % TTn
+        kt = t // TTn
+        n0 = p * N // P
+        n1 = (p + 1) * N // P
+        zero = x.dtype.type(0)
+        acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
+        for a in range(DK * DT):
+            for q in range(PX):
+                acc[a, q] = 0
+        k0 = min(kt * DK + 0, K - 1)
+        k1 = min(kt * DK + 1, K - 1)
+        k2 = min(kt * DK + 2, K - 1)
+        k3 = min(kt * DK + 3, K - 1)
+        o0 = np.uint64(toff[tt * DT + 0])
+        o1 = np.uint64(toff[tt * DT + 1])
+        o2 = np.uint64(toff[tt * DT + 2])
+        o3 = np.uint64(toff[tt * DT + 3])
+        o4 = np.uint64(toff[tt * DT + 4])
+        for n in range(n0, n1):
+            xn = x[n]
+            for i in range(OH):
+                d0 = dy[n, k0, i]
+                d1 = dy[n, k1, i]
+                d2 = dy[n, k2, i]
+                d3 = dy[n, k3, i]
+                row = np.uint64(i * sh * Wq)
+                for jt in range(JT):
+                    j0 = min(jt * PX, OW - PX)
+                    lo = jt * PX - j0  # lanes below lo were counted by the previous vector
+                    uj = np.uint64(j0)
+                    ub = row + uj
+                    for q in range(PX):
+                        # unsigned indices: no negative-index wraparound to check
+                        uq = np.uint64(q)
+                        keep = q >= lo
+                        e0 = d0[uj + uq] if keep else zero
+                        e1 = d1[uj + uq] if keep else zero
+                        e2 = d2[uj + uq] if keep else zero
+                        e3 = d3[uj + uq] if keep else zero
+                        a0 = xn[ub + o0 + uq] if keep else zero
+                        a1 = xn[ub + o1 + uq] if keep else zero
+                        a2 = xn[ub + o2 + uq] if keep else zero
+                        a3 = xn[ub + o3 + uq] if keep else zero
+                        a4 = xn[ub + o4 + uq] if keep else zero
+                        acc[0, q] += e0 * a0
+                        acc[1, q] += e0 * a1
+                        acc[2, q] += e0 * a2
+                        acc[3, q] += e0 * a3
+                        acc[4, q] += e0 * a4
+                        acc[5, q] += e1 * a0
+                        acc[6, q] += e1 * a1
+                        acc[7, q] += e1 * a2
+                        acc[8, q] += e1 * a3
+                        acc[9, q] += e1 * a4
+                        acc[10, q] += e2 * a0
+                        acc[11, q] += e2 * a1
+                        acc[12, q] += e2 * a2
+                        acc[13, q] += e2 * a3
+                        acc[14, q] += e2 * a4
+                        acc[15, q] += e3 * a0
+                        acc[16, q] += e3 * a1
+                        acc[17, q] += e3 * a2
+                        acc[18, q] += e3 * a3
+                        acc[19, q] += e3 * a4
+        for a in range(DK):
+            for b in range(DT):
+                tot = zero
+                for q in range(PX):
+                    tot += acc[a * DT + b, q]
+                part[p, kt, tt, a, b] = tot
 
 
 # Pooling, derived once

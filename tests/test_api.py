@@ -142,6 +142,19 @@ def test_inf_delta_in_the_shared_lanes_of_1x1_dw_stays_inf():
     np.testing.assert_array_equal(dw, want)
 
 
+def test_inf_delta_in_the_shared_lanes_of_pixel_dw_stays_inf():
+    """The few-channel dW kernel's last vector of a row overlaps the one before it (20
+    pixels: 0..15 and 4..19); an inf delta there must give inf, not NaN."""
+    x = np.full((1, 1, 3, 22), 0.5)
+    dy = np.ones((1, 3, 1, 20))
+    dy[0, 2, 0, 7] = np.inf
+    dw = fc.conv2d_grad_weight(x, dy, (3, 1, 3, 3))
+    want = ref.conv2d_grad_weight(x, dy, (3, 1, 3, 3), stride=(1, 1), pads=(0, 0, 0, 0),
+                                  dilation=(1, 1), groups=1)
+    assert np.isposinf(dw[2]).all()
+    np.testing.assert_array_equal(dw, want)
+
+
 @pytest.mark.parametrize("conv", [dict(), dict(padding=1), dict(stride=2),
                                   dict(stride=2, padding=1), dict(dilation=2, padding=2)])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -66,3 +66,13 @@ def test_1x1_dw_kernel_uses_packed_fma_without_gathers():
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= 16  # the 4 x 4 tile of pixel vectors
     assert "vgather" not in asm
+
+
+def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
+    f = _fresh(K.conv_dw_pixels)
+    x = np.zeros((2, 1 * 20 * 20), np.float32)
+    dy = np.zeros((2, K.DK, 16, 16), np.float32)
+    f(x, dy, np.zeros(K.DT, np.int64), np.zeros((1, 1, 1, K.DK, K.DT), np.float32), 1, 20)
+    asm = f.inspect_asm(f.signatures[0])
+    assert len(PACKED_FMA.findall(asm)) >= K.DK * K.DT  # the 4 x 5 tile of pixel vectors
+    assert "vgather" not in asm

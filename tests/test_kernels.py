@@ -106,6 +106,41 @@ def test_hypothesis_against_reference(cfg, seed):
     _compare(all_passes(x, w, b, dy, conv), reference_passes(x, w, b, dy, conv), np.float64)
 
 
+def _pixel_dw_cases():
+    # (N, C, H, W, K, R, S, conv): output rows of exactly one vector (16), one and a bit
+    # (17, 31), two (32) and more; K and C*R*S not multiples of the 4 x 5 tile; column
+    # strides 2 and 3 (phase planes), dilation, asymmetric padding.
+    yield 2, 1, 5, 14, 5, 1, 1, dict(padding=1)  # 1x1, padded: not the flat 1x1 path
+    yield 1, 1, 7, 20, 3, 3, 5, dict(padding=(1, 0))
+    yield 2, 3, 6, 31, 7, 3, 3, dict(padding=1)
+    yield 1, 2, 9, 34, 9, 4, 3, dict(dilation=(2, 1))
+    yield 3, 4, 5, 33, 4, 2, 2, dict(stride=(1, 1), padding=(0, 1))
+    yield 1, 1, 11, 40, 6, 5, 5, dict(stride=2, padding=2)
+    yield 2, 3, 8, 70, 5, 3, 4, dict(stride=(2, 3), padding=(1, 2), dilation=(1, 2))
+    yield 1, 2, 6, 50, 17, 2, 3, dict(stride=(1, 3), dilation=2)
+
+
+@pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_pixel_dw_cases()))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pixel_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype, rng,
+                                           monkeypatch):
+    """Few input channels and rows of >= 16 output pixels: dW reads NCHW deltas through
+    conv_dw_pixels (asserted), including the shifted last vector of each row."""
+    from fastconv import kernels
+
+    calls = []
+    kernel = kernels.conv_dw_pixels
+    monkeypatch.setattr(kernels, "conv_dw_pixels", lambda *a: calls.append(1) or kernel(*a))
+    conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    got = fc.conv2d_grad_weight(x, dy, w.shape, **{k: v for k, v in conv.items()})
+    assert calls
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)[2]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, **tol)
+
+
 # Finite differences, float64.  L(x, w, b) = sum(conv2d(x, w, b) * g) is linear in each
 # argument, so a central difference is exact up to rounding.
 
