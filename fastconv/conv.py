@@ -422,6 +422,9 @@ def _grad_weight_1x1(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.nda
     return np.ascontiguousarray(dw[:K, :C]).reshape(K, C, 1, 1)
 
 
+_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernel beats the channel tile
+
+
 def _dw_pixels_ok(geo: ConvGeometry) -> bool:
     """Whether :func:`kernels.conv_dw_pixels` runs this layer's dW: one group, few input
     channels (the transposing delta pack would dominate the channel tile), output rows of
@@ -481,23 +484,21 @@ def _pack_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     return _channels_last(x, geo.G, geo.Cg, geo.pads, ws, "x")
 
 
-_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernel beats the channel tile
-
-
 def _pixel_plan(geo: ConvGeometry):
     """How :func:`kernels.conv_pixel_tiles` can run this forward pass, or None.
 
     ``'flat'``: a 1x1, stride-1, unpadded layer is a matrix product per image, so the NCHW
     input is read as it is, its pixels flattened into one row.  ``'padded'``: few input
-    channels, read from a zero-padded NCHW copy.  Both need one group and rows of at least
-    ``PX`` output pixels at stride 1.
+    channels, read from a zero-padded NCHW copy split into column phases
+    (:func:`_phase_planes`), any stride.  Both need one group and rows of at least ``PX``
+    output pixels.
     """
     if geo.G != 1:
         return None
     if (geo.R, geo.S, geo.sh, geo.sw) == (1, 1, 1, 1) and geo.pads == (0, 0, 0, 0) \
             and geo.H * geo.W >= _k.PX:
         return "flat"
-    if geo.C <= _PIXEL_MAX_C and geo.sw == 1 and geo.OW >= _k.PX:
+    if geo.C <= _PIXEL_MAX_C and geo.OW >= _k.PX:
         return "padded"
     return None
 
@@ -517,15 +518,15 @@ def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None, ws=_FRESH) -
         bp[:K] = b
     if plan == "flat":
         y = ws.empty("y", (N, K, 1, H * W), x.dtype)
-        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C, 1, H * W), wp, bp, y, 1, 1, 1)
+        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C, 1, H * W), wp, bp, y,
+                            1, 1, 1, 1)
         return y.reshape(N, K, H, W)
     if xp is not None and C == 1:
-        xin = xp.reshape(N, 1, *xp.shape[1:3])
+        xin = _phase_planes(xp.transpose(0, 3, 1, 2), (0, 0, 0, 0), geo.sw)
     else:
-        xin = np.zeros((N, C, H + geo.pt + geo.pb, W + geo.pl + geo.pr), x.dtype)
-        xin[:, :, geo.pt:geo.pt + H, geo.pl:geo.pl + W] = x
+        xin = _phase_planes(x, geo.pads, geo.sw)
     y = ws.empty("y", (N, K, geo.OH, geo.OW), x.dtype)
-    _k.conv_pixel_tiles(xin, wp, bp, y, geo.sh, geo.dlh, geo.dlw)
+    _k.conv_pixel_tiles(xin, wp, bp, y, geo.sh, geo.sw, geo.dlh, geo.dlw)
     return y
 
 

@@ -173,14 +173,17 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
 
 
 @parallel_kernel
-def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
+def conv_pixel_tiles(x, w, b, y, sh, sw, dlh, dlw):
     """Forward pass vectorised over output pixels instead of output channels, for layers
     with few input channels (the first layer of an image network) and for 1x1 layers.
 
-    ``y[n, k, i, j] = b[k] + sum_{c, r, s} x[n, c, i*sh + r*dlh, j + s*dlw]
-    * w[k // KP, c, r, s, k % KP]`` (stride 1 along rows).
+    ``y[n, k, i, j] = b[k] + sum_{c, r, s} xpad[n, c, i*sh + r*dlh, j*sw + s*dlw]
+    * w[k // KP, c, r, s, k % KP]``, reading ``xpad`` from its column phases:
 
-    x : (N, C, Hp, Wp)          zero-padded NCHW input.
+    x : (N, C*sw, Hp, Wq)       the zero-padded NCHW input, each plane's columns split into
+                                ``sw`` phases (plane ``c*sw + q`` holds columns ``u*sw + q``),
+                                so that column ``j*sw + s*dlw`` is ``j + (s*dlw)//sw`` of
+                                phase ``(s*dlw) % sw``: consecutive pixels, consecutive inputs.
     w : (KPn, C, R, S, KP)      weights, blocked by ``KP`` output channels, zero past ``K``.
     b : (KPn*KP,)               bias.
     y : (N, K, OH, OW)          NCHW output, ``OW >= PX``.
@@ -209,9 +212,10 @@ def conv_pixel_tiles(x, w, b, y, sh, dlh, dlw):
                     acc[kk, p] = 0
             for c in range(C):
                 for r in range(R):
-                    xrow = x[n, c, i * sh + r * dlh]
                     for s in range(S):
-                        xs = xrow[j0 + s * dlw:j0 + s * dlw + PX]  # a view: no index checks
+                        xrow = x[n, c * sw + s * dlw % sw, i * sh + r * dlh]
+                        u = j0 + s * dlw // sw
+                        xs = xrow[u:u + PX]  # a view: no index checks
                         wv = w[kt, c, r, s]
                         # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
                         w0 = wv[0]

@@ -51,7 +51,7 @@ def test_pixel_forward_kernel_uses_packed_fma():
     f = _fresh(K.conv_pixel_tiles)
     x = np.zeros((1, 1, 20, 20), np.float32)
     y = np.zeros((1, K.KP, 16, 16), np.float32)
-    f(x, np.zeros((1, 1, 5, 5, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 1, 1)
+    f(x, np.zeros((1, 1, 5, 5, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 1, 1, 1)
     asm = f.inspect_asm(f.signatures[0])
     # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
     assert len(PACKED_FMA.findall(asm)) >= K.KP

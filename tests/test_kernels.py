@@ -106,7 +106,7 @@ def test_hypothesis_against_reference(cfg, seed):
     _compare(all_passes(x, w, b, dy, conv), reference_passes(x, w, b, dy, conv), np.float64)
 
 
-def _pixel_dw_cases():
+def _pixel_cases():
     # (N, C, H, W, K, R, S, conv): output rows of exactly one vector (16), one and a bit
     # (17, 31), two (32) and more; K and C*R*S not multiples of the 4 x 5 tile; column
     # strides 2 and 3 (phase planes), dilation, asymmetric padding.
@@ -120,25 +120,29 @@ def _pixel_dw_cases():
     yield 1, 2, 6, 50, 17, 2, 3, dict(stride=(1, 3), dilation=2)
 
 
-@pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_pixel_dw_cases()))
+@pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_pixel_cases()))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_pixel_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype, rng,
-                                           monkeypatch):
-    """Few input channels and rows of >= 16 output pixels: dW reads NCHW deltas through
-    conv_dw_pixels (asserted), including the shifted last vector of each row."""
+def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, monkeypatch):
+    """Few input channels and rows of >= 16 output pixels: the forward pass and dW run
+    the pixel-vectorised kernels (asserted), on column phases for column strides > 1, and
+    dW reads the NCHW deltas; the shifted last vector of each row included."""
     from fastconv import kernels
 
     calls = []
-    kernel = kernels.conv_dw_pixels
-    monkeypatch.setattr(kernels, "conv_dw_pixels", lambda *a: calls.append(1) or kernel(*a))
+    for name in ("conv_pixel_tiles", "conv_dw_pixels"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
     conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
     x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
-    got = fc.conv2d_grad_weight(x, dy, w.shape, **{k: v for k, v in conv.items()})
-    assert calls
-    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)[2]
+    y = fc.conv2d(x, w, b, **conv)
+    dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
+    assert set(calls) == {"conv_pixel_tiles", "conv_dw_pixels"}
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
-    assert got.dtype == dtype
-    np.testing.assert_allclose(got, want, **tol)
+    for got, ref in ((y, want[0]), (dw, want[2])):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, ref, **tol)
 
 
 # Finite differences, float64.  L(x, w, b) = sum(conv2d(x, w, b) * g) is linear in each
