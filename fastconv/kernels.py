@@ -443,104 +443,11 @@ def bias_grad_channels_last(dy, h0, w0, OH, OW, part):
                     part[n, k] += dy[n, h0 + i, w0 + j, k]
 
 
-# dW of a 1x1, stride-1, unpadded layer, derived from the general one: with R = S = 1 and
-# no padding, dw[k, c] = sum_n sum_p dy[n, k, p] * x[n, c, p] over the pixels p of each
-# image, a sum of per-image matrix products dy[n] @ x[n]^T.  In NCHW both operands run
-# along p, so the kernel vectorises over pixels and needs no packing.
-
-
-@parallel_kernel
-def conv_dw_1x1(x, dy, part):
-    """``part[p, kt, ct, a, b] = sum_{n in chunk p} sum_q dy[n, 4*kt + a, q] * x[n, 4*ct + b, q]``,
-    chunk ``p`` holding samples ``[p*N//P, (p+1)*N//P)``; dW is ``part.sum(axis=0)``.
-
-    x : (N, C, Q)    the input, each image's pixels flattened, ``Q >= PX``.
-    dy : (N, K, Q)   the deltas, likewise.
-    part : (P, ceil(K/4), ceil(C/4), 4, 4)
-
-    The tile is 4 output x 4 input channels, each of the 16 accumulators a vector of ``PX``
-    pixels: per step 4 + 4 vector loads and 16 FMAs.  The lanes are summed at the end.  The
-    last vector of an image is shifted left to end at ``Q``, and the lanes it shares with the
-    previous one are zeroed in both operands (selects: 0 * 0, never inf * 0).  Parallel over
-    (chunk, tile): every task owns its output.
-    """
-    N, C, Q = x.shape
-    K = dy.shape[1]
-    P, KT, CT = part.shape[:3]
-    NT = KT * CT
-    QT = (Q + PX - 1) // PX
-    for task in prange(P * NT):
-        p = task // NT
-        t = task % NT
-        ct = t % CT
-        kt = t // CT
-        n0 = p * N // P
-        n1 = (p + 1) * N // P
-        zero = x.dtype.type(0)
-        acc = stack_tile(16, PX, part.dtype)
-        for a in range(16):
-            for q in range(PX):
-                acc[a, q] = 0
-        k0 = min(kt * 4 + 0, K - 1)  # rows past K or C repeat the last one; the
-        k1 = min(kt * 4 + 1, K - 1)  # wrapper drops their results
-        k2 = min(kt * 4 + 2, K - 1)
-        k3 = min(kt * 4 + 3, K - 1)
-        c0 = min(ct * 4 + 0, C - 1)
-        c1 = min(ct * 4 + 1, C - 1)
-        c2 = min(ct * 4 + 2, C - 1)
-        c3 = min(ct * 4 + 3, C - 1)
-        for n in range(n0, n1):
-            d0 = dy[n, k0]
-            d1 = dy[n, k1]
-            d2 = dy[n, k2]
-            d3 = dy[n, k3]
-            x0 = x[n, c0]
-            x1 = x[n, c1]
-            x2 = x[n, c2]
-            x3 = x[n, c3]
-            for vt in range(QT):
-                q0 = min(vt * PX, Q - PX)
-                lo = vt * PX - q0  # lanes below lo were counted by the previous vector
-                u0 = np.uint64(q0)
-                for q in range(PX):
-                    uq = u0 + np.uint64(q)
-                    keep = q >= lo
-                    a0 = x0[uq] if keep else zero
-                    a1 = x1[uq] if keep else zero
-                    a2 = x2[uq] if keep else zero
-                    a3 = x3[uq] if keep else zero
-                    e0 = d0[uq] if keep else zero
-                    e1 = d1[uq] if keep else zero
-                    e2 = d2[uq] if keep else zero
-                    e3 = d3[uq] if keep else zero
-                    acc[0, q] += e0 * a0
-                    acc[1, q] += e0 * a1
-                    acc[2, q] += e0 * a2
-                    acc[3, q] += e0 * a3
-                    acc[4, q] += e1 * a0
-                    acc[5, q] += e1 * a1
-                    acc[6, q] += e1 * a2
-                    acc[7, q] += e1 * a3
-                    acc[8, q] += e2 * a0
-                    acc[9, q] += e2 * a1
-                    acc[10, q] += e2 * a2
-                    acc[11, q] += e2 * a3
-                    acc[12, q] += e3 * a0
-                    acc[13, q] += e3 * a1
-                    acc[14, q] += e3 * a2
-                    acc[15, q] += e3 * a3
-        for a in range(4):
-            for b in range(4):
-                tot = 0.0
-                for q in range(PX):
-                    tot += acc[a * 4 + b, q]
-                part[p, kt, ct, a, b] = tot
-
-
 @parallel_kernel
 def conv_dw_pixels(x, dy, toff, part, sh, Wq):
     """dW for few input channels, vectorised over output pixels: the deltas are read in
-    NCHW as they come, with no transposing pack.
+    NCHW as they come, with no transposing pack.  1x1 stride-1 layers run it too, each
+    image's pixels as one row (``OH = 1``) and one tap per input channel.
 
     ``part[p, kt, tt, a, b] = sum_{n in chunk p} sum_{i, j} dy[n, DK*kt + a, i, j]
     * x[n, toff[DT*tt + b] + i*sh*Wq + j]``, chunk ``p`` holding samples

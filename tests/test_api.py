@@ -130,8 +130,9 @@ def test_nan_propagates_only_to_outputs_it_touches(rng):
 
 
 def test_inf_delta_in_the_shared_lanes_of_1x1_dw_stays_inf():
-    """The 1x1 dW kernel's last vector of an image overlaps the one before it; an inf delta
-    there must give inf (inf * x counted once), not NaN (inf * a zeroed lane)."""
+    """1x1 dW runs the pixel dW kernel with each image's pixels as one row; the row's last
+    vector overlaps the one before it, and an inf delta there must give inf (inf * x
+    counted once), not NaN (inf * a zeroed lane)."""
     x = np.full((1, 2, 4, 5), 0.5)  # 20 pixels: vectors at 0..15 and 4..19
     dy = np.ones((1, 3, 4, 5))
     dy[0, 1, 1, 2] = np.inf  # pixel 7: in both vectors

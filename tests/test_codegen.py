@@ -59,15 +59,6 @@ def test_pixel_forward_kernel_uses_packed_fma():
     assert PACKED_ADD.search(asm)
 
 
-def test_1x1_dw_kernel_uses_packed_fma_without_gathers():
-    f = _fresh(K.conv_dw_1x1)
-    x = np.zeros((2, 4, 20), np.float32)
-    f(x, np.zeros((2, 4, 20), np.float32), np.zeros((1, 1, 1, 4, 4), np.float32))
-    asm = f.inspect_asm(f.signatures[0])
-    assert len(PACKED_FMA.findall(asm)) >= 16  # the 4 x 4 tile of pixel vectors
-    assert "vgather" not in asm
-
-
 def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
     f = _fresh(K.conv_dw_pixels)
     x = np.zeros((2, 1 * 20 * 20), np.float32)
