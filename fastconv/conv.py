@@ -454,19 +454,28 @@ def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
     return out.reshape(N, C * sw, Hp, Wq)
 
 
+def _tap_offsets(xq: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """Where each tap ``t = (c, r, s)`` of the filter (in that order) starts reading an
+    image of the column phases ``xq`` (:func:`_phase_planes`): plane ``c*sw + (s*dlw) % sw``,
+    row ``r*dlh``, column ``(s*dlw) // sw``, as an int64 offset into the flattened image."""
+    Hp, Wq = xq.shape[2:]
+    c, rs = np.divmod(np.arange(geo.C * geo.R * geo.S), geo.R * geo.S)
+    r, s = np.divmod(rs, geo.S)
+    sw, dlw = geo.sw, geo.dlw
+    return ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
+
+
 def _grad_weight_pixels(xq: np.ndarray, dy: np.ndarray, geo: ConvGeometry,
                         chunk_bytes: int = _DW_CHUNK_BYTES) -> np.ndarray:
     """dW (K, C, R, S) by :func:`kernels.conv_dw_pixels` from NCHW deltas ``dy`` and the
     input as :func:`_phase_planes` of the padded input (``xq``, in ``dy``'s dtype), in
     batch chunks of about ``chunk_bytes`` of deltas."""
-    N, C, K, R, S, sw = geo.N, geo.C, geo.K, geo.R, geo.S, geo.sw
-    Hp, Wq = xq.shape[2:]
+    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
+    Wq = xq.shape[3]
     T = C * R * S
     TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
-    c, rs = np.divmod(np.arange(T), R * S)
-    r, s = np.divmod(rs, S)
     toff = np.zeros(TTn * _k.DT, np.int64)
-    toff[:T] = ((c * sw + s * geo.dlw % sw) * Hp + r * geo.dlh) * Wq + s * geo.dlw // sw
+    toff[:T] = _tap_offsets(xq, geo)
     # Batch chunks that stay in a core's L2 while the tasks sweep them (shapes only).
     P = -(-N // max(1, chunk_bytes // (K * geo.OH * geo.OW * dy.itemsize)))
     part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
@@ -513,23 +522,25 @@ def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None, ws=_FRESH) -
     N, C, H, W = x.shape
     K, R, S = geo.K, geo.R, geo.S
     KPn = -(-K // _k.KP)
-    wp = np.zeros((KPn * _k.KP, C, R, S), x.dtype)
-    wp[:K] = w
-    wp = np.ascontiguousarray(wp.reshape(KPn, _k.KP, C, R, S).transpose(0, 2, 3, 4, 1))
+    wp = np.zeros((KPn * _k.KP, C * R * S), x.dtype)
+    wp[:K] = w.reshape(K, C * R * S)
+    wp = np.ascontiguousarray(wp.reshape(KPn, _k.KP, C * R * S).transpose(0, 2, 1))
     bp = np.zeros(KPn * _k.KP, x.dtype)
     if b is not None:
         bp[:K] = b
     if plan == "flat":
+        # Each image's pixels as one row; tap c reads plane c.
         y = ws.empty("y", (N, K, 1, H * W), x.dtype)
-        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C, 1, H * W), wp, bp, y,
-                            1, 1, 1, 1)
+        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C * H * W),
+                            np.arange(C, dtype=np.int64) * (H * W), wp, bp, y, 1, H * W)
         return y.reshape(N, K, H, W)
     if xp is not None and C == 1:
-        xin = _phase_planes(xp.transpose(0, 3, 1, 2), (0, 0, 0, 0), geo.sw)
+        xq = _phase_planes(xp.transpose(0, 3, 1, 2), (0, 0, 0, 0), geo.sw)
     else:
-        xin = _phase_planes(x, geo.pads, geo.sw)
+        xq = _phase_planes(x, geo.pads, geo.sw)
     y = ws.empty("y", (N, K, geo.OH, geo.OW), x.dtype)
-    _k.conv_pixel_tiles(xin, wp, bp, y, geo.sh, geo.sw, geo.dlh, geo.dlw)
+    _k.conv_pixel_tiles(xq.reshape(N, -1), _tap_offsets(xq, geo), wp, bp, y, geo.sh,
+                        xq.shape[3])
     return y
 
 

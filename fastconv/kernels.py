@@ -173,30 +173,33 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
 
 
 @parallel_kernel
-def conv_pixel_tiles(x, w, b, y, sh, sw, dlh, dlw):
+def conv_pixel_tiles(x, toff, w, b, y, sh, Wq):
     """Forward pass vectorised over output pixels instead of output channels, for layers
     with few input channels (the first layer of an image network) and for 1x1 layers.
 
-    ``y[n, k, i, j] = b[k] + sum_{c, r, s} xpad[n, c, i*sh + r*dlh, j*sw + s*dlw]
-    * w[k // KP, c, r, s, k % KP]``, reading ``xpad`` from its column phases:
+    ``y[n, k, i, j] = b[k] + sum_t x[n, toff[t] + i*sh*Wq + j] * w[k // KP, t, k % KP]``
+    over the taps ``t = (c, r, s)`` of the filter:
 
-    x : (N, C*sw, Hp, Wq)       the zero-padded NCHW input, each plane's columns split into
-                                ``sw`` phases (plane ``c*sw + q`` holds columns ``u*sw + q``),
-                                so that column ``j*sw + s*dlw`` is ``j + (s*dlw)//sw`` of
-                                phase ``(s*dlw) % sw``: consecutive pixels, consecutive inputs.
-    w : (KPn, C, R, S, KP)      weights, blocked by ``KP`` output channels, zero past ``K``.
-    b : (KPn*KP,)               bias.
-    y : (N, K, OH, OW)          NCHW output, ``OW >= PX``.
+    x : (N, L)                 each image's zero-padded input planes, flattened, with each
+                               plane's columns split into phases as for
+                               :func:`conv_dw_pixels` (``Wq`` columns per phase row), so
+                               that for every tap consecutive pixels read consecutive inputs.
+    toff : (T,) int64          offset of each tap into an image's ``x``, ``T = C*R*S``.
+    w : (KPn, T, KP)           weights, blocked by ``KP`` output channels, zero past ``K``.
+    b : (KPn*KP,)              bias.
+    y : (N, K, OH, OW)         NCHW output, ``OW >= PX``.
 
     With few channels, :func:`conv_tiles` has only ``C*R*S`` steps to amortise its
     transposing epilogue.  Here the tile is ``KP`` channels x ``PX`` pixels of one output
     row: each step loads one vector of ``PX`` inputs and multiplies it by ``KP`` broadcast
-    weights, and every channel's row is stored as whole vectors.  The last tile of a row is
-    shifted left to end at ``OW``, like :func:`conv_tiles`.  Parallel over (n, i, channel
-    block): each task owns its outputs.
+    weights, and every channel's row is stored as whole vectors.  The tap table keeps the
+    step free of index arithmetic: with the plane, row and phase of each tap computed in
+    the loop (an integer division by the stride), the scalar work outran the 16 FMAs.  The
+    last tile of a row is shifted left to end at ``OW``, like :func:`conv_tiles`.  Parallel
+    over (n, i, channel block): each task owns its outputs.
     """
     N, K, OH, OW = y.shape
-    KPn, C, R, S = w.shape[:4]
+    KPn, T = w.shape[:2]
     for task in prange(N * OH * KPn):
         kt = task % KPn
         rest = task // KPn
@@ -204,54 +207,53 @@ def conv_pixel_tiles(x, w, b, y, sh, sw, dlh, dlw):
         n = rest // OH
         k0 = kt * KP
         kn = min(KP, K - k0)
+        xn = x[n]
+        wk = w[kt]
         acc = stack_tile(KP, PX, y.dtype)
         for jt in range((OW + PX - 1) // PX):
             j0 = min(jt * PX, OW - PX)
+            ub = np.uint64(i * sh * Wq + j0)
             for kk in range(KP):
                 for p in range(PX):
                     acc[kk, p] = 0
-            for c in range(C):
-                for r in range(R):
-                    for s in range(S):
-                        xrow = x[n, c * sw + s * dlw % sw, i * sh + r * dlh]
-                        u = j0 + s * dlw // sw
-                        xs = xrow[u:u + PX]  # a view: no index checks
-                        wv = w[kt, c, r, s]
-                        # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
-                        w0 = wv[0]
-                        w1 = wv[1]
-                        w2 = wv[2]
-                        w3 = wv[3]
-                        w4 = wv[4]
-                        w5 = wv[5]
-                        w6 = wv[6]
-                        w7 = wv[7]
-                        w8 = wv[8]
-                        w9 = wv[9]
-                        w10 = wv[10]
-                        w11 = wv[11]
-                        w12 = wv[12]
-                        w13 = wv[13]
-                        w14 = wv[14]
-                        w15 = wv[15]
-                        for p in range(PX):
-                            xv = xs[p]
-                            acc[0, p] += w0 * xv
-                            acc[1, p] += w1 * xv
-                            acc[2, p] += w2 * xv
-                            acc[3, p] += w3 * xv
-                            acc[4, p] += w4 * xv
-                            acc[5, p] += w5 * xv
-                            acc[6, p] += w6 * xv
-                            acc[7, p] += w7 * xv
-                            acc[8, p] += w8 * xv
-                            acc[9, p] += w9 * xv
-                            acc[10, p] += w10 * xv
-                            acc[11, p] += w11 * xv
-                            acc[12, p] += w12 * xv
-                            acc[13, p] += w13 * xv
-                            acc[14, p] += w14 * xv
-                            acc[15, p] += w15 * xv
+            for t in range(T):
+                o = ub + np.uint64(toff[t])
+                wv = wk[t]
+                # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                w4 = wv[4]
+                w5 = wv[5]
+                w6 = wv[6]
+                w7 = wv[7]
+                w8 = wv[8]
+                w9 = wv[9]
+                w10 = wv[10]
+                w11 = wv[11]
+                w12 = wv[12]
+                w13 = wv[13]
+                w14 = wv[14]
+                w15 = wv[15]
+                for p in range(PX):
+                    xv = xn[o + np.uint64(p)]  # unsigned: no negative-index wraparound
+                    acc[0, p] += w0 * xv
+                    acc[1, p] += w1 * xv
+                    acc[2, p] += w2 * xv
+                    acc[3, p] += w3 * xv
+                    acc[4, p] += w4 * xv
+                    acc[5, p] += w5 * xv
+                    acc[6, p] += w6 * xv
+                    acc[7, p] += w7 * xv
+                    acc[8, p] += w8 * xv
+                    acc[9, p] += w9 * xv
+                    acc[10, p] += w10 * xv
+                    acc[11, p] += w11 * xv
+                    acc[12, p] += w12 * xv
+                    acc[13, p] += w13 * xv
+                    acc[14, p] += w14 * xv
+                    acc[15, p] += w15 * xv
             # npx == PX (OW >= PX), but LLVM cannot know it: a loop of constant trip count
             # this short is fully unrolled into scalar stores, and Numba runs no SLP
             # vectoriser to merge them again.  With this bound the loop vectoriser turns each

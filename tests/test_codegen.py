@@ -21,6 +21,19 @@ def _fresh(kernel):
     return numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(kernel.py_func)
 
 
+def _fma_loop(asm: str) -> str:
+    """The innermost loop around the first packed FMA: from the label that the first
+    backward jump after it goes to, down to that jump."""
+    lines = asm.splitlines()
+    first = next(i for i, line in enumerate(lines) if PACKED_FMA.search(line))
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.\w+:$", line)}
+    for i in range(first, len(lines)):
+        jump = re.match(r"^\s+j\w+\s+(\.\w+)$", lines[i])
+        if jump and labels.get(jump.group(1), len(lines)) < first:
+            return "\n".join(lines[labels[jump.group(1)]:i + 1])
+    raise AssertionError("no loop around the first packed FMA")
+
+
 def test_forward_and_dx_kernel_uses_packed_fma():
     f = _fresh(K.conv_tiles)
     x = np.zeros((1, 9, 9, 2), np.float32)
@@ -49,12 +62,17 @@ def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
 
 def test_pixel_forward_kernel_uses_packed_fma():
     f = _fresh(K.conv_pixel_tiles)
-    x = np.zeros((1, 1, 20, 20), np.float32)
+    x = np.zeros((1, 20 * 20), np.float32)
     y = np.zeros((1, K.KP, 16, 16), np.float32)
-    f(x, np.zeros((1, 1, 5, 5, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 1, 1, 1)
+    toff = np.arange(25, dtype=np.int64)
+    f(x, toff, np.zeros((1, 25, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 20)
     asm = f.inspect_asm(f.signatures[0])
     # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
     assert len(PACKED_FMA.findall(asm)) >= K.KP
+    # The tap table leaves the loop around them no index arithmetic to divide.
+    loop = _fma_loop(asm)
+    assert len(PACKED_FMA.findall(loop)) >= K.KP
+    assert not re.search(r"\bi?div[lq]\b", loop)
     # The epilogue adds the bias and stores each channel's row as vectors, not scalars.
     assert PACKED_ADD.search(asm)
 
