@@ -408,41 +408,52 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
         geo.K, Cg, R, S)
 
 
-def _grad_weight_1x1(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
-    """dW (K, C, 1, 1) of a 1x1, stride-1, unpadded layer from NCHW x and dy, unpacked.
-
-    With R = S = 1 and no padding, ``dw[k, c] = sum_n sum_p dy[n, k, p] * x[n, c, p]`` over
-    the pixels ``p`` of each image: the pixel dW kernel, with each image's pixels as one row
-    and one tap per input channel."""
-    N, Q = geo.N, geo.H * geo.W
-    row = geo._replace(H=1, W=Q, OH=1, OW=Q)
-    # Chunks of about 1 MiB of deltas: with 256 KiB this ran at 0.89-0.94x the speed of the
-    # 4 x 4 channel tile it replaced on 64-128 channel layers, with 1 MiB at 1.04-1.10x.
-    return _grad_weight_pixels(np.ascontiguousarray(x).reshape(N, geo.C, 1, Q),
-                               np.ascontiguousarray(dy).reshape(N, geo.K, 1, Q), row,
-                               4 * _DW_CHUNK_BYTES)
+_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernels beat the channel tile
 
 
-_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernel beats the channel tile
+def _one_by_one(geo: ConvGeometry) -> bool:
+    """A 1x1, stride-1, unpadded layer: a matrix product per image."""
+    return (geo.R, geo.S, geo.sh, geo.sw) == (1, 1, 1, 1) and geo.pads == (0, 0, 0, 0)
 
 
-def _dw_pixels_ok(geo: ConvGeometry) -> bool:
-    """Whether :func:`kernels.conv_dw_pixels` runs this layer's dW: one group, few input
-    channels (the transposing delta pack would dominate the channel tile), output rows of
-    at least ``PX`` pixels."""
-    return geo.G == 1 and geo.C <= _PIXEL_MAX_C and geo.OW >= _k.PX
+def _pixel_ok(geo: ConvGeometry) -> bool:
+    """Whether the pixel-vectorised kernels run this layer's forward pass and dW.
+
+    They need one group, and either few input channels (the first layer of an image
+    network: the channel tile would have only ``C*R*S`` steps per tile, and its dW a
+    transposing delta pack) or a 1x1, stride-1, unpadded layer (a matrix product per
+    image, read as it is).  And rows of at least ``PX`` output pixels, a stride-1 layer's
+    rows being joined into one (:func:`_pixel_input`).
+    """
+    if geo.G != 1:
+        return False
+    if not (_one_by_one(geo) or geo.C <= _PIXEL_MAX_C):
+        return False
+    return (geo.OH * geo.OW if geo.sh == 1 else geo.OW) >= _k.PX
+
+
+def _shifted_planes(a: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """NCHW ``a`` (any strides) as ``(N, C*S, Hp, OW)``: plane ``c*S + s`` holds, for every
+    padded row, the padded columns that filter column ``s`` reads, ``j*sw + s*dlw`` for
+    ``j < OW`` (:func:`kernels.shifted_planes`).  No copy for a 1x1, stride-1, unpadded
+    layer with a contiguous ``a``."""
+    N, C, H, W = a.shape
+    pt, pb, pl, _ = geo.pads
+    if (geo.S, geo.sw) == (1, 1) and geo.pads == (0, 0, 0, 0) and a.flags.c_contiguous:
+        return a
+    out = np.empty((N, C, geo.S, H + pt + pb, geo.OW), a.dtype)
+    _k.shifted_planes(np.ascontiguousarray(a).reshape(N, C, H * W), W, out, pt, pl, geo.sw,
+                      geo.dlw)
+    return out.reshape(N, C * geo.S, H + pt + pb, geo.OW)
 
 
 def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
     """NCHW ``a`` (any strides) zero-padded by ``pads`` (top, bottom, left, right), each
     plane's columns split into ``sw`` phases: ``(N, C*sw, Hp, ceil(Wp/sw))``, plane
-    ``c*sw + q`` holding padded columns ``q, q + sw, ...``.  No copy when there is nothing
-    to pad or split and ``a`` is contiguous."""
+    ``c*sw + q`` holding padded columns ``q, q + sw, ...``."""
     N, C, H, W = a.shape
     pt, pb, pl, pr = pads
     Hp, Wp = H + pt + pb, W + pl + pr
-    if sw == 1 and pads == (0, 0, 0, 0) and a.flags.c_contiguous:
-        return a
     Wq = -(-Wp // sw)
     out = np.zeros((N, C, sw, Hp, Wq), a.dtype)
     for q in range(sw):
@@ -454,34 +465,77 @@ def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
     return out.reshape(N, C * sw, Hp, Wq)
 
 
-def _tap_offsets(xq: np.ndarray, geo: ConvGeometry) -> np.ndarray:
-    """Where each tap ``t = (c, r, s)`` of the filter (in that order) starts reading an
-    image of the column phases ``xq`` (:func:`_phase_planes`): plane ``c*sw + (s*dlw) % sw``,
-    row ``r*dlh``, column ``(s*dlw) // sw``, as an int64 offset into the flattened image."""
+class PixelInput(NamedTuple):
+    """The input as the pixel kernels read it (:func:`_pixel_input`): each image's planes
+    flattened, ``xf`` (N, L); the kernels' taps, ``taps`` (C*R*S,), the index of filter
+    tap ``(c, r, s)`` in ``w.reshape(K, -1)`` for each, and where each starts reading an
+    image, ``toff`` (C*R*S,) int64; and the rows the kernels run over: output pixel ``j``
+    of row ``i`` (of ``OH x OW``) reads ``xf[n, toff[t] + i*sh*Wq + j]``."""
+
+    xf: np.ndarray
+    taps: np.ndarray
+    toff: np.ndarray
+    OH: int
+    OW: int
+    sh: int
+    Wq: int
+
+
+def _pixel_input(x: np.ndarray, geo: ConvGeometry) -> PixelInput:
+    """NCHW ``x`` laid out so that, for every tap, consecutive output pixels read
+    consecutive inputs.
+
+    Stride 1 (``sh == 1``): :func:`_shifted_planes`, whose rows are as wide as the
+    output's, so that tap ``(c, r, s)`` reads plane ``c*S + s`` at ``r*dlh*OW + m`` for
+    output pixel ``m = i*OW + j``: each image's output is one row of ``OH*OW`` pixels, with
+    no row tails to mask or recompute.  It costs ``S`` copies of the padded rows (C <= 4
+    here, or none for 1x1).  The taps run in the order ``(c, s, r)``, so that a tile's taps
+    read one plane, a few rows apart (the dW kernel 1.2x faster than in ``(c, r, s)``
+    order, five planes per tile).  Else :func:`_phase_planes`: tap ``(c, r, s)`` reads
+    phase ``(s*dlw) % sw`` of plane ``c`` at row ``r*dlh``, column ``(s*dlw) // sw``, rows
+    of ``OW`` pixels.
+    """
+    N, C = geo.N, geo.C
+    R, S, sw, dlw = geo.R, geo.S, geo.sw, geo.dlw
+    if geo.sh == 1:
+        xs = _shifted_planes(x, geo)
+        Hp = xs.shape[2]
+        c, sr = np.divmod(np.arange(C * R * S), S * R)
+        s, r = np.divmod(sr, R)
+        toff = ((c * S + s) * Hp + r * geo.dlh) * geo.OW
+        M = geo.OH * geo.OW
+        return PixelInput(xs.reshape(N, -1), (c * R + r) * S + s, toff, 1, M, 1, M)
+    xq = _phase_planes(x, geo.pads, sw)
     Hp, Wq = xq.shape[2:]
-    c, rs = np.divmod(np.arange(geo.C * geo.R * geo.S), geo.R * geo.S)
-    r, s = np.divmod(rs, geo.S)
-    sw, dlw = geo.sw, geo.dlw
-    return ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
+    c, rs = np.divmod(np.arange(C * R * S), R * S)
+    r, s = np.divmod(rs, S)
+    toff = ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
+    return PixelInput(xq.reshape(N, -1), np.arange(C * R * S), toff, geo.OH, geo.OW, geo.sh,
+                      Wq)
 
 
-def _grad_weight_pixels(xq: np.ndarray, dy: np.ndarray, geo: ConvGeometry,
-                        chunk_bytes: int = _DW_CHUNK_BYTES) -> np.ndarray:
-    """dW (K, C, R, S) by :func:`kernels.conv_dw_pixels` from NCHW deltas ``dy`` and the
-    input as :func:`_phase_planes` of the padded input (``xq``, in ``dy``'s dtype), in
-    batch chunks of about ``chunk_bytes`` of deltas."""
+def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """dW (K, C, R, S) by :func:`kernels.conv_dw_pixels` from NCHW ``x`` and ``dy`` in
+    one dtype."""
     N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
-    Wq = xq.shape[3]
+    px = _pixel_input(x, geo)
     T = C * R * S
     TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
     toff = np.zeros(TTn * _k.DT, np.int64)
-    toff[:T] = _tap_offsets(xq, geo)
-    # Batch chunks that stay in a core's L2 while the tasks sweep them (shapes only).
+    toff[:T] = px.toff
+    # Batch chunks that stay in a core's L2 while the tasks sweep them (shapes only).  1x1
+    # layers (many channels) take about 1 MiB of deltas: with 256 KiB they ran at
+    # 0.89-0.94x the speed of the 4 x 4 channel tile this kernel replaced there, with 1 MiB
+    # at 1.04-1.10x.
+    chunk_bytes = _DW_CHUNK_BYTES * (4 if C > _PIXEL_MAX_C else 1)
     P = -(-N // max(1, chunk_bytes // (K * geo.OH * geo.OW * dy.itemsize)))
     part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
-    _k.conv_dw_pixels(xq.reshape(N, -1), np.ascontiguousarray(dy), toff, part, geo.sh, Wq)
-    dw = part.sum(axis=0).transpose(0, 2, 1, 3).reshape(KTn * _k.DK, TTn * _k.DT)
-    return np.ascontiguousarray(dw[:K, :T]).reshape(K, C, R, S)
+    _k.conv_dw_pixels(px.xf, np.ascontiguousarray(dy).reshape(N, K, px.OH, px.OW), toff,
+                      part, px.sh, px.Wq)
+    dw = np.empty((K, T), dy.dtype)
+    dw[:, px.taps] = part.sum(axis=0).transpose(0, 2, 1, 3).reshape(
+        KTn * _k.DK, TTn * _k.DT)[:K, :T]
+    return dw.reshape(K, C, R, S)
 
 
 def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -> np.ndarray:
@@ -496,52 +550,21 @@ def _pack_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     return _channels_last(x, geo.G, geo.Cg, geo.pads, ws, "x")
 
 
-def _pixel_plan(geo: ConvGeometry):
-    """How :func:`kernels.conv_pixel_tiles` can run this forward pass, or None.
-
-    ``'flat'``: a 1x1, stride-1, unpadded layer is a matrix product per image, so the NCHW
-    input is read as it is, its pixels flattened into one row.  ``'padded'``: few input
-    channels, read from a zero-padded NCHW copy split into column phases
-    (:func:`_phase_planes`), any stride.  Both need one group and rows of at least ``PX``
-    output pixels.
-    """
-    if geo.G != 1:
-        return None
-    if (geo.R, geo.S, geo.sh, geo.sw) == (1, 1, 1, 1) and geo.pads == (0, 0, 0, 0) \
-            and geo.H * geo.W >= _k.PX:
-        return "flat"
-    if geo.C <= _PIXEL_MAX_C and geo.OW >= _k.PX:
-        return "padded"
-    return None
-
-
-def _forward_pixels(x, w, b, geo: ConvGeometry, plan: str, xp=None, ws=_FRESH) -> np.ndarray:
-    """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x`` NCHW in the result dtype.
-    ``xp`` is the channels-last packed input if there is one (for C = 1 it is also the
-    padded NCHW input); ``y`` is the array ``"y"`` of workspace ``ws``."""
-    N, C, H, W = x.shape
-    K, R, S = geo.K, geo.R, geo.S
+def _forward_pixels(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+    """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x``, ``w``, ``b`` in the
+    result dtype; ``y`` is the array ``"y"`` of workspace ``ws``."""
+    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
     KPn = -(-K // _k.KP)
     wp = np.zeros((KPn * _k.KP, C * R * S), x.dtype)
-    wp[:K] = w.reshape(K, C * R * S)
+    px = _pixel_input(x, geo)
+    wp[:K] = w.reshape(K, C * R * S)[:, px.taps]
     wp = np.ascontiguousarray(wp.reshape(KPn, _k.KP, C * R * S).transpose(0, 2, 1))
     bp = np.zeros(KPn * _k.KP, x.dtype)
     if b is not None:
         bp[:K] = b
-    if plan == "flat":
-        # Each image's pixels as one row; tap c reads plane c.
-        y = ws.empty("y", (N, K, 1, H * W), x.dtype)
-        _k.conv_pixel_tiles(np.ascontiguousarray(x).reshape(N, C * H * W),
-                            np.arange(C, dtype=np.int64) * (H * W), wp, bp, y, 1, H * W)
-        return y.reshape(N, K, H, W)
-    if xp is not None and C == 1:
-        xq = _phase_planes(xp.transpose(0, 3, 1, 2), (0, 0, 0, 0), geo.sw)
-    else:
-        xq = _phase_planes(x, geo.pads, geo.sw)
-    y = ws.empty("y", (N, K, geo.OH, geo.OW), x.dtype)
-    _k.conv_pixel_tiles(xq.reshape(N, -1), _tap_offsets(xq, geo), wp, bp, y, geo.sh,
-                        xq.shape[3])
-    return y
+    y = ws.empty("y", (N, K, px.OH, px.OW), x.dtype)
+    _k.conv_pixel_tiles(px.xf, px.toff, wp, bp, y, px.sh, px.Wq)
+    return y.reshape(N, K, geo.OH, geo.OW)
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
@@ -634,14 +657,12 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
     x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
     b = None if b is None else b.astype(dtype, copy=False)
-    plan = _pixel_plan(geo)
-    xp = None
-    if keep or plan is None or (plan == "padded" and geo.C == 1):
-        xp = _pack_input(x, geo, workspace or _FRESH)
-    if plan is None:
-        y = _forward_packed(xp, w, b, geo, out_ws)
+    pixels = _pixel_ok(geo)
+    xp = _pack_input(x, geo, workspace or _FRESH) if keep or not pixels else None
+    if pixels:
+        y = _forward_pixels(x, w, b, geo, out_ws)
     else:
-        y = _forward_pixels(x, w, b, geo, plan, xp, out_ws)
+        y = _forward_packed(xp, w, b, geo, out_ws)
     return (y[0] if unbatched else y), xp, geo
 
 
@@ -742,12 +763,11 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
 
     if geo.N == 0:
         return np.zeros((0, geo.C, geo.H, geo.W), dtype)
-    if _pixel_plan(geo) == "flat":
+    if _one_by_one(geo) and _pixel_ok(geo):
         # dx[n] = W^T dy[n] per image: the 1x1 forward pass with the roles of C and K swapped.
         tgeo = conv_geometry((geo.N, geo.K, geo.H, geo.W), (geo.C, geo.K, 1, 1))
-        return _forward_pixels(dy.astype(dtype, copy=False),
-                               w.astype(dtype, copy=False).transpose(1, 0, 2, 3), None, tgeo,
-                               "flat")
+        return _forward_pixels(np.ascontiguousarray(dy, dtype),
+                               w.astype(dtype, copy=False).transpose(1, 0, 2, 3), None, tgeo)
     layout = delta_layout(geo)
     return _grad_input_packed(pack_deltas(dy.astype(dtype, copy=False), layout), layout,
                               w.astype(dtype, copy=False), geo)
@@ -783,11 +803,9 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
 
     if geo.N == 0:
         return np.zeros(weight_shape, dtype)
-    if _pixel_plan(geo) == "flat":
-        return _grad_weight_1x1(x.astype(dtype, copy=False), dy.astype(dtype, copy=False), geo)
-    if _dw_pixels_ok(geo):
-        return _grad_weight_pixels(_phase_planes(x.astype(dtype, copy=False), geo.pads, geo.sw),
-                                   dy.astype(dtype, copy=False), geo)
+    if _pixel_ok(geo):
+        return _grad_weight_pixels(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
+                                   geo)
     layout = delta_layout(geo, need_dx=False)
     return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
                                pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)

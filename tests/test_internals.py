@@ -63,7 +63,7 @@ def test_pack_channels_last_matches_numpy(G, Cg, CgP, dtype):
 _PROBE = """
 import json, numpy as np, fastconv as fc
 from fastconv import kernels as k
-x = np.ones((2, 3, 9, 9), np.float32); w = np.ones((4, 3, 3, 3), np.float32)
+x = np.ones((2, 8, 9, 9), np.float32); w = np.ones((4, 8, 3, 3), np.float32)  # channel tile
 fc.conv2d(x, w, padding=1)
 fc.conv2d_grad_input(np.ones((2, 4, 9, 9), np.float32), w, x.shape, padding=1)
 fc.conv2d_grad_weight(x, np.ones((2, 4, 9, 9), np.float32), w.shape, padding=1)

@@ -107,10 +107,18 @@ def test_hypothesis_against_reference(cfg, seed):
 
 
 def _pixel_cases():
-    # (N, C, H, W, K, R, S, conv): output rows of exactly one vector (16), one and a bit
-    # (17, 31), two (32) and more; K and C*R*S not multiples of the 4 x 5 tile; column
-    # strides 2 and 3 (phase planes), dilation, asymmetric padding.
+    # (N, C, H, W, K, R, S, conv): stride-1 layers run each image's output as one row
+    # (shifted planes), rows narrower than a vector included; row strides > 1 run rows of
+    # exactly one vector (16), one and a bit (17), two (32) and more, on column phases.
+    # K and C*R*S not multiples of the 4 x 5 tile; column strides 2 and 3, dilation,
+    # asymmetric padding.
     yield 2, 1, 5, 14, 5, 1, 1, dict(padding=1)  # 1x1, padded: not the flat 1x1 path
+    yield 2, 3, 6, 9, 5, 3, 3, dict(padding=1)  # rows of 9 joined: 54 pixels
+    yield 1, 2, 4, 4, 3, 1, 1, dict()  # 1x1 on 16 pixels: exactly one vector
+    yield 2, 1, 5, 7, 6, 2, 3, dict(stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+    yield 1, 2, 36, 34, 3, 3, 3, dict(stride=(2, 1))  # rows of 32
+    yield 1, 1, 3, 34, 2, 3, 3, dict(stride=(2, 2))  # rows of 16
+    yield 1, 1, 4, 36, 2, 3, 3, dict(stride=(2, 2), padding=(0, 1))  # rows of 17
     yield 1, 1, 7, 20, 3, 3, 5, dict(padding=(1, 0))
     yield 2, 3, 6, 31, 7, 3, 3, dict(padding=1)
     yield 1, 2, 9, 34, 9, 4, 3, dict(dilation=(2, 1))
