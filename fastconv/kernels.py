@@ -225,10 +225,9 @@ def conv_pixel_tiles(x, toff, w, b, y, sh, Wq):
     ``y[n, k, i, j] = b[k] + sum_t x[n, toff[t] + i*sh*Wq + j] * w[k // KP, t, k % KP]``
     over the taps ``t = (c, r, s)`` of the filter:
 
-    x : (N, L)                 each image's zero-padded input planes, flattened, with each
-                               plane's columns split into phases as for
-                               :func:`conv_dw_pixels` (``Wq`` columns per phase row), so
-                               that for every tap consecutive pixels read consecutive inputs.
+    x : (N, L)                 each image's input planes, flattened, laid out as for
+                               :func:`conv_dw_pixels` (``Wq`` columns per row), so that for
+                               every tap consecutive pixels read consecutive inputs.
     toff : (T,) int64          offset of each tap into an image's ``x``, ``T = C*R*S``.
     w : (KPn, T, KP)           weights, blocked by ``KP`` output channels, zero past ``K``.
     b : (KPn*KP,)              bias.
@@ -506,10 +505,12 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
     part : (P, ceil(K/DK), ceil(T/DT), DK, DT)
 
     A tap ``t = (c, r, s)`` of the filter reads input row ``i*sh + r*dlh`` and column
-    ``j*sw + s*dlw``.  The wrapper splits each padded input plane's columns into ``sw``
-    phases of width ``Wq`` (plane ``c*sw + q`` holds columns ``u*sw + q``), so that column is
-    ``j + (s*dlw)//sw`` of phase ``(s*dlw) % sw``: for every tap, consecutive output pixels
-    read consecutive inputs, and ``toff`` is the tap's plane, row and column offset.
+    ``j*sw + s*dlw``.  The wrapper (``conv._pixel_input``) lays the input out so that for
+    every tap consecutive output pixels read consecutive inputs: a stride-1 layer as
+    shifted planes, each image's output one row (``OH = 1``); otherwise each padded plane's
+    columns split into ``sw`` phases of width ``Wq`` (plane ``c*sw + q`` holds columns
+    ``u*sw + q``), so that the column is ``j + (s*dlw)//sw`` of phase ``(s*dlw) % sw``.
+    ``toff`` is each tap's plane, row and column offset in that layout.
 
     The tile is DK output channels x DT taps, each accumulator a vector of ``PX`` pixels of
     one output row: per step DK + DT vector loads and DK*DT FMAs; the lanes are summed at
