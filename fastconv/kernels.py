@@ -21,6 +21,7 @@ Legend
 ``PX, KP``       pixels x output channels per tile of the pixel-vectorised forward kernel
 ``DK, DT``       output channels x taps per tile of the pixel-vectorised dW kernel
 ``CL``           channels per pass of the channels-last packer (one 64-byte line of fp32)
+``MR, MC``       rows x columns per register tile of the matrix product (Linear layers)
 
 Design
 ------
@@ -48,6 +49,8 @@ KP = 16
 CL = 16
 DK = 4
 DT = 5
+MR = 6
+MC = 64
 
 
 @parallel_kernel
@@ -805,6 +808,60 @@ def relu_bwd(dy, y, dx):
     """``dx = dy where y > 0 else 0``; 1-D contiguous arrays."""
     for i in prange(dy.size):
         dx[i] = dy[i] if y[i] > 0 else 0
+
+
+@parallel_kernel
+def matmul_tiles(a, b, c):
+    """``c[:, :NCn*MC] = a @ b[:, :NCn*MC]`` with ``NCn = b.shape[1] // MC``: the matrix
+    product over the full blocks of ``MC`` columns (the caller does the rest).
+
+    a : (M, Q) C-contiguous    b : (Q, Nc) C-contiguous    c : (M, Nc)
+
+    The outer-product form of the conv kernels: each ``MR x MC`` tile of ``c`` (24 vectors
+    of 16 fp32) stays in registers while ``q`` runs over the whole reduction, adding ``MR``
+    broadcast values of ``a``'s column ``q`` times one row segment of ``b``: 6 broadcasts
+    and 4 vector loads per 24 FMAs.  The last row block repeats row ``M - 1`` for the rows
+    past ``M`` and stores only the real ones.  Parallel over tiles, row blocks innermost
+    (their tasks share ``b``'s column block); each tile writes its own part of ``c``.
+    """
+    M, Q = a.shape
+    NCn = b.shape[1] // MC
+    MRn = -(-M // MR)
+    for task in prange(MRn * NCn):
+        nc = task // MRn
+        m0 = (task % MRn) * MR
+        r0 = m0
+        r1 = min(m0 + 1, M - 1)
+        r2 = min(m0 + 2, M - 1)
+        r3 = min(m0 + 3, M - 1)
+        r4 = min(m0 + 4, M - 1)
+        r5 = min(m0 + 5, M - 1)
+        # An unsigned column offset: Numba then emits no negative-index wraparound, and
+        # LLVM sees the row segment as contiguous (with a signed one it emitted gathers).
+        c0 = np.uint64(nc * MC)
+        acc = stack_tile(MR, MC, c.dtype)
+        for t in range(MR):
+            for k in range(MC):
+                acc[t, k] = 0
+        for q in range(Q):
+            a0 = a[r0, q]
+            a1 = a[r1, q]
+            a2 = a[r2, q]
+            a3 = a[r3, q]
+            a4 = a[r4, q]
+            a5 = a[r5, q]
+            bq = b[q]
+            for k in range(MC):
+                v = bq[c0 + np.uint64(k)]
+                acc[0, k] += a0 * v
+                acc[1, k] += a1 * v
+                acc[2, k] += a2 * v
+                acc[3, k] += a3 * v
+                acc[4, k] += a4 * v
+                acc[5, k] += a5 * v
+        for t in range(min(MR, M - m0)):
+            for k in range(MC):
+                c[m0 + t, nc * MC + k] = acc[t, k]
 
 
 # SGD with momentum, as torch.optim.SGD: g = grad + wd*p; buf = g on the first step, else

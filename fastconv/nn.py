@@ -23,6 +23,7 @@ import numpy as np
 from . import conv as _conv
 from . import kernels as _k
 from . import pool
+from .linalg import matmul
 
 __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
            "ReLU", "Sequential", "SoftmaxCrossEntropy"]
@@ -356,7 +357,10 @@ class Flatten(Module):
 
 
 class Linear(Module):
-    """``y = x @ weight.T + bias`` with weight ``(out_features, in_features)``, on BLAS.
+    """``y = x @ weight.T + bias`` with weight ``(out_features, in_features)``.
+
+    The products run on :func:`fastconv.linalg.matmul`: the forward pass computes
+    ``y.T = weight @ x.T``, so that the batch is the vector dimension.
 
     Initialised like ``torch.nn.Linear``: uniform in ``±1/sqrt(in_features)``.
     """
@@ -376,7 +380,7 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear({self.in_features}, {self.out_features}) needs input of "
                              f"shape (N, {self.in_features}), got {x.shape}")
-        y = x @ self.params["weight"].T
+        y = np.ascontiguousarray(matmul(self.params["weight"], x.T).T)
         if "bias" in self.params:
             y += self.params["bias"]
         self._x = x if self.training else None
@@ -385,10 +389,10 @@ class Linear(Module):
     def backward(self, dy):
         if self._x is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        self.grads["weight"] = dy.T @ self._x
+        self.grads["weight"] = matmul(dy.T, self._x)
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=0)
-        return dy @ self.params["weight"]
+        return matmul(dy, self.params["weight"])
 
     def _forget(self):
         self._x = None

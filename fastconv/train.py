@@ -196,8 +196,9 @@ def build(cfg: TrainConfig):
 def _blas_single_thread():
     """BLAS on one thread while the conv kernels use all of them.
 
-    The Linear layers are small; OpenBLAS workers busy-wait after each call and would steal
-    the cores from the Numba kernels that run next.  Needs ``threadpoolctl`` (the ``train``
+    The Linear layers' float32 products run on Numba (:func:`fastconv.linalg.matmul`);
+    what is left to BLAS is small, and OpenBLAS workers busy-wait after each call and
+    would steal the cores from the Numba kernels that run next.  Needs ``threadpoolctl`` (the ``train``
     extra); without it, BLAS keeps its own setting.
     """
     try:

@@ -85,3 +85,16 @@ def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= K.DK * K.DT  # the 4 x 5 tile of pixel vectors
     assert "vgather" not in asm
+
+
+def test_matmul_kernel_keeps_its_tile_in_registers():
+    f = _fresh(K.matmul_tiles)
+    f(np.zeros((7, 9), np.float32), np.zeros((9, K.MC), np.float32),
+      np.zeros((7, K.MC), np.float32))
+    loop = _fma_loop(f.inspect_asm(f.signatures[0]))
+    # MR rows x MC columns: MR * MC / 16 packed FMAs per step of the reduction, with b's row
+    # segment loaded as vectors (a signed column offset made LLVM emit gathers) and the
+    # accumulators in registers (no vector loads or stores from the stack in the loop).
+    assert len(PACKED_FMA.findall(loop)) == K.MR * K.MC // 16
+    assert "vgather" not in loop
+    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
