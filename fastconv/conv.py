@@ -538,10 +538,13 @@ def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.
     return dw.reshape(K, C, R, S)
 
 
-def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry) -> np.ndarray:
-    """db (K,) in float64 from deltas in ``layout``."""
-    part = np.empty((geo.N, dyp.shape[3]), np.float64)
-    _k.bias_grad_channels_last(dyp, layout.top, layout.left, geo.OH, geo.OW, part)
+def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry,
+                      part=None) -> np.ndarray:
+    """db (K,) in float64 from deltas in ``layout``, or from their per-image channel sums
+    ``part`` (N, Cd) if given."""
+    if part is None:
+        part = np.empty((geo.N, dyp.shape[3]), np.float64)
+        _k.bias_grad_channels_last(dyp, layout.top, layout.left, geo.OH, geo.OW, part)
     return part.sum(axis=0).reshape(geo.G, layout.KgP)[:, :geo.Kg].reshape(geo.K)
 
 
@@ -666,9 +669,11 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
     return (y[0] if unbatched else y), xp, geo
 
 
-def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None):
+def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None, dsum=None):
     """dX, dW and db of one convolution from :func:`conv2d_saving`'s packed input and
     deltas already in ``layout`` (:func:`delta_layout` of ``geo``, :func:`pack_deltas`).
+    ``dsum`` (N, Cd) float64, if the caller has it, holds each image's sum of ``dyp`` per
+    channel (``dyp.sum(axis=(1, 2))``); otherwise db sums ``dyp`` itself.
 
     Returns
     -------
@@ -682,7 +687,7 @@ def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None):
         return (np.zeros((0, geo.C, geo.H, geo.W), dyp.dtype) if need_dx else None,
                 np.zeros(w.shape, dyp.dtype), np.zeros(geo.K, dyp.dtype))
     dw = _grad_weight_packed(xp, dyp, layout, geo, workspace or _FRESH)
-    db = _grad_bias_packed(dyp, layout, geo).astype(dyp.dtype)
+    db = _grad_bias_packed(dyp, layout, geo, dsum).astype(dyp.dtype)
     dx = _grad_input_packed(dyp, layout, w, geo) if need_dx else None
     return dx, dw, db
 

@@ -702,14 +702,18 @@ def max_pool_bwd(dy, arg, dx, mask, use_mask):
 
 
 @parallel_kernel
-def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W, KgP):
+def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W, KgP, dsum):
     """:func:`max_pool_bwd` after :func:`max_pool_2x2_fwd`, written straight into the
-    channels-last deltas of the convolution before the pool (``conv.DeltaLayout``).
+    channels-last deltas of the convolution before the pool (``conv.DeltaLayout``), with
+    each image's sum of them per channel (the convolution's bias gradient, in parts).
 
     ``dst[n, top + h, left + w, g*KgP + c] = dx[n, g*Kg + c, h, w]`` for ``h < H``,
     ``w < W``, ``c < Kg``, where ``G = Cd // KgP`` groups of ``Kg = C // G`` channels; every
     other element of ``dst`` (N, Hd, Wd, Cd) is set to zero.  The 2x2 windows do not
     overlap, so each element reads the one window it belongs to: a select, no scatter.
+    ``dsum[n, cd] = sum_{h, w} dst[n, h, w, cd]`` in float64, ``dsum`` (N, Cd): each
+    window passes its delta to exactly one element, so this sums the (4x fewer) deltas
+    that pass.
     """
     N, C, OH, OW = dy.shape
     Hd, Wd, Cd = dst.shape[1:]
@@ -718,6 +722,8 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
     for n in prange(N):
         val = np.empty((OW, Cd), dst.dtype)
         pos = np.empty((OW, Cd), np.int32)
+        for cd in range(Cd):
+            dsum[n, cd] = 0
         for hd in range(Hd):
             h = hd - top
             i = h // 2
@@ -741,6 +747,9 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
                             for j in range(OW):
                                 val[j, cd] = 0
                                 pos[j, cd] = -1
+                for j in range(OW):
+                    for cd in range(Cd):
+                        dsum[n, cd] += val[j, cd]
             for wd in range(Wd):
                 w = wd - left
                 j = w // 2

@@ -195,12 +195,13 @@ class Conv2d(Module):
         dx = self.backward_packed(dyp, layout)
         return dx[0] if unbatched and dx is not None else dx
 
-    def backward_packed(self, dyp, layout):
+    def backward_packed(self, dyp, layout, dsum=None):
         """:meth:`backward` from deltas already in :meth:`delta_layout` (as fused layers
-        write them)."""
+        write them), and optionally their per-image channel sums ``dsum`` (N, Cd) float64
+        (see :func:`fastconv.conv.backward_saved`)."""
         xp, geo = self._saved[:2]
         dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
-                                          self.needs_input_grad, self._workspace)
+                                          self.needs_input_grad, self._workspace, dsum)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
@@ -291,19 +292,26 @@ class MaxPool2d(Module):
     def backward_packed(self, dy, layout, out=None):
         """:meth:`backward`, with ``dx`` returned in ``layout`` (a ``conv.DeltaLayout``) for
         the :class:`Conv2d` before this layer: the 2x2 pool writes it there directly, into
-        ``out`` if given (:meth:`Conv2d.delta_buffer`)."""
+        ``out`` if given (:meth:`Conv2d.delta_buffer`).
+
+        Returns ``(dx, dsum)``: ``dsum`` (N, Cd) float64 holds each image's sum of ``dx``
+        per channel of the layout, the convolution's bias gradient in parts, which the 2x2
+        pool gets almost for free; None from the other pools (the convolution then sums
+        ``dx`` itself)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
         idx, shape, relu_out = self._saved
         g = pool.pool_geometry(shape, **self.args)
         dy = np.asarray(dy)
         if g[:6] != (2, 2, 2, 2, 0, 0) or dy.shape != idx.shape or not dy.size:
-            return _conv.pack_deltas(self.backward(dy), layout)
+            return _conv.pack_deltas(self.backward(dy), layout), None
         dyp = np.empty(layout.shape, dy.dtype) if out is None else out
+        dsum = np.empty((layout.shape[0], layout.shape[3]), np.float64)
         _k.max_pool_2x2_bwd_channels_last(
             np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,
-            relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP)
-        return dyp
+            relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP,
+            dsum)
+        return dyp, dsum
 
     def _forget(self):
         self._saved = None
@@ -450,17 +458,17 @@ class Sequential(Module):
 
     def backward(self, dy):
         steps = list(self._steps())
-        packed = None  # deltas already in the next (earlier) Conv2d's layout
+        packed = dsum = None  # deltas already in the next (earlier) Conv2d's layout
         for t in reversed(range(len(steps))):
             layer = steps[t][-1]  # a fused pair's pool does the ReLU's part too
             if packed is not None:
-                dy, packed = layer.backward_packed(dy, packed), None
+                dy, packed = layer.backward_packed(dy, packed, dsum), None
             elif (isinstance(layer, MaxPool2d) and t > 0 and isinstance(steps[t - 1][0], Conv2d)
                     and steps[t - 1][0].training):
                 # The pool writes its dx as the convolution's packed deltas: no NCHW pass.
                 conv = steps[t - 1][0]
                 packed = conv.delta_layout()
-                dy = layer.backward_packed(dy, packed, conv.delta_buffer(packed))
+                dy, dsum = layer.backward_packed(dy, packed, conv.delta_buffer(packed))
             else:
                 dy = layer.backward(dy)
         return dy

@@ -198,8 +198,8 @@ def _blas_single_thread():
 
     The Linear layers' float32 products run on Numba (:func:`fastconv.linalg.matmul`);
     what is left to BLAS is small, and OpenBLAS workers busy-wait after each call and
-    would steal the cores from the Numba kernels that run next.  Needs ``threadpoolctl`` (the ``train``
-    extra); without it, BLAS keeps its own setting.
+    would steal the cores from the Numba kernels that run next.  Needs ``threadpoolctl``
+    (the ``train`` extra); without it, BLAS keeps its own setting.
     """
     try:
         from threadpoolctl import threadpool_limits

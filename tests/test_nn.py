@@ -320,9 +320,34 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
             np.testing.assert_array_equal(dx_seq, dy)
         else:
             assert dx_seq is None and dy is None
-        for key in ("weight", "bias"):
-            np.testing.assert_array_equal(seq[0].grads[key], single[0].grads[key])
+        np.testing.assert_array_equal(seq[0].grads["weight"], single[0].grads["weight"])
+        # The 2x2 pool sums the deltas it passes for the bias gradient: the same float64
+        # sum as the conv's own, in another order.
+        tol = 1e-12 if dtype == np.float64 else 1e-6
+        np.testing.assert_allclose(seq[0].grads["bias"], single[0].grads["bias"], rtol=tol,
+                                   atol=tol)
     assert "y" in seq[0]._workspace._arrays  # the conv's output was scratch, reused
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_pool_sums_the_deltas_it_writes_per_image_and_channel(relu, rng):
+    """The 2x2 pool's packed backward returns each image's channel sums of the deltas it
+    wrote (the conv's bias gradient, in parts), padding channels and border included."""
+    conv = nn.Conv2d(3, 20, 3, padding=1, rng=np.random.default_rng(1))
+    pool = nn.MaxPool2d(2)
+    x = rng.standard_normal((3, 3, 9, 10)).astype(np.float32)
+    y = conv(x)
+    out = pool.forward_after_relu(y) if relu else pool(y)
+    layout = conv.delta_layout()
+    dyp, dsum = pool.backward_packed(rng.standard_normal(out.shape).astype(np.float32), layout)
+    assert dsum.shape == (3, layout.shape[3]) and dsum.dtype == np.float64
+    np.testing.assert_allclose(dsum, dyp.astype(np.float64).sum(axis=(1, 2)), rtol=1e-12,
+                               atol=1e-12)
+    assert np.count_nonzero(dsum[:, 20:]) == 0 < np.count_nonzero(dsum[:, :20])
+    # Other pools leave the sum to the conv.
+    pool3 = nn.MaxPool2d(3, stride=2, padding=1)
+    out3 = pool3(y)
+    assert pool3.backward_packed(np.ones_like(out3), layout)[1] is None
 
 
 def test_conv_output_is_scratch_only_where_nothing_keeps_it(rng):
