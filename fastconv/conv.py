@@ -409,6 +409,39 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
         geo.K, Cg, R, S)
 
 
+def _cvec_ok(geo: ConvGeometry) -> bool:
+    """Whether :func:`kernels.conv_dw_cvec` runs the functional dW: one group, and input
+    channels that fill vectors of ``CL`` with at most a quarter of padding."""
+    CP = -(-geo.C // _k.CL) * _k.CL
+    return geo.G == 1 and 4 * CP <= 5 * geo.C
+
+
+def _grad_weight_cvec(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """dW (K, C, R, S) by :func:`kernels.conv_dw_cvec` from NCHW ``x`` and ``dy`` in one
+    dtype: the input packed (its channels padded to a multiple of ``CL``), the deltas as
+    they are."""
+    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
+    CL, CK, CV = _k.CL, _k.CK, _k.CV
+    CP = -(-C // CL) * CL
+    xp = _channels_last(x, 1, CP, geo.pads)
+    Wp = xp.shape[2]
+    # Vector v = (r*S + s)*CP/CL + c/CL of the filter reads the padded input row r*dlh at
+    # column s*dlw, channels c .. c + CL - 1.
+    V = R * S * (CP // CL)
+    off = np.zeros(-(-V // CV) * CV, np.uint64)
+    rs, cv = np.divmod(np.arange(V), CP // CL)
+    r, s = np.divmod(rs, S)
+    off[:V] = (r * geo.dlh * Wp + s * geo.dlw) * CP + cv * CL
+    KTn = -(-K // CK)
+    P = -(-N // max(1, _DW_CHUNK_BYTES // (K * geo.OH * geo.OW * dy.itemsize)))
+    part = np.empty((P, KTn, off.size // CV, CK, CV, CL), dy.dtype)
+    _k.conv_dw_cvec(xp.reshape(N, -1), np.ascontiguousarray(dy), off, part, CP, Wp * CP,
+                    geo.sh, geo.sw, geo.OH, geo.OW)
+    dwv = part.sum(axis=0) if P > 1 else part[0]
+    dwv = dwv.transpose(0, 2, 1, 3, 4).reshape(KTn * CK, off.size * CL)[:K, :V * CL]
+    return np.ascontiguousarray(dwv.reshape(K, R, S, CP)[:, :, :, :C].transpose(0, 3, 1, 2))
+
+
 _PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernels beat the channel tile
 
 
@@ -811,6 +844,9 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     if _pixel_ok(geo):
         return _grad_weight_pixels(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
                                    geo)
+    if _cvec_ok(geo):
+        return _grad_weight_cvec(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
+                                 geo)
     layout = delta_layout(geo, need_dx=False)
     return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
                                pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)

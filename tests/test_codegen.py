@@ -98,3 +98,17 @@ def test_matmul_kernel_keeps_its_tile_in_registers():
     assert len(PACKED_FMA.findall(loop)) == K.MR * K.MC // 16
     assert "vgather" not in loop
     assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+
+
+def test_nchw_delta_dw_kernel_keeps_its_tile_in_registers():
+    f = _fresh(K.conv_dw_cvec)
+    x = np.zeros((2, 5 * 5 * K.CL), np.float32)
+    dy = np.zeros((2, 5, 3, 3), np.float32)
+    f(x, dy, np.zeros(K.CV, np.uint64), np.zeros((1, 2, 1, K.CK, K.CV, K.CL), np.float32),
+      K.CL, 5 * K.CL, 1, 1, 3, 3)
+    loop = _fma_loop(f.inspect_asm(f.signatures[0]))
+    # CK broadcast deltas x CV input vectors per pixel, accumulators in registers, the
+    # input's channels loaded as whole vectors.
+    assert len(PACKED_FMA.findall(loop)) == K.CK * K.CV
+    assert "vgather" not in loop
+    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)

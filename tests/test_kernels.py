@@ -153,6 +153,56 @@ def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, 
         np.testing.assert_allclose(got, ref, **tol)
 
 
+def _cvec_cases():
+    # (N, C, H, W, K, R, S, conv): one group and C filling vectors of 16 channels (a
+    # quarter of padding at most): dW reads the NCHW deltas against vectors of the input's
+    # channels.  K not a multiple of the 4-channel tile, vector counts not multiples of the
+    # 6-vector tile, padding channels (48 -> 48, 60 -> 64), strides, dilation, asymmetric
+    # padding, and a batch of more than one chunk.
+    yield 2, 16, 5, 6, 5, 3, 3, dict(padding=1)
+    yield 1, 32, 14, 14, 64, 5, 5, dict(padding=2)  # MNIST conv2, one image
+    yield 2, 48, 7, 9, 4, 1, 1, dict(stride=2)  # 1x1, stride 2: not the pixel path
+    yield 3, 60, 6, 5, 7, 2, 3, dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    yield 1, 16, 9, 11, 9, 3, 4, dict(stride=3, dilation=2, padding=(2, 0))
+    yield 7, 16, 20, 20, 40, 3, 3, dict(padding=1)  # 7 images in 2 chunks
+
+
+@pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_cvec_cases()))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nchw_delta_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype, rng,
+                                                 monkeypatch):
+    from fastconv import kernels
+
+    calls = []
+    real = kernels.conv_dw_cvec
+    monkeypatch.setattr(kernels, "conv_dw_cvec", lambda *a: calls.append(a) or real(*a))
+    conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
+    assert len(calls) == 1
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)[2]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert dw.dtype == dtype and dw.flags.c_contiguous
+    np.testing.assert_allclose(dw, want, **tol)
+
+
+@pytest.mark.parametrize("C, groups", [(20, 1), (32, 2), (12, 1)])
+def test_nchw_delta_dw_kernel_only_where_channels_fill_vectors(C, groups, rng, monkeypatch):
+    """20 channels would pad to 32 (60% more work), 2 groups have 16 channels each but the
+    kernel has no groups, and 12 channels fill no vector: the channel tile runs them."""
+    from fastconv import kernels
+
+    calls = []
+    real = kernels.conv_dw_cvec
+    monkeypatch.setattr(kernels, "conv_dw_cvec", lambda *a: calls.append(a) or real(*a))
+    conv = dict(stride=1, padding=1, dilation=1, groups=groups)
+    x, w, b, dy = random_problem(rng, 2, C, 6, 6, 8, 3, 3, conv)
+    dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
+    assert not calls
+    np.testing.assert_allclose(dw, reference_passes(x, w, b, dy, conv)[2], rtol=1e-10,
+                               atol=1e-10)
+
+
 # Finite differences, float64.  L(x, w, b) = sum(conv2d(x, w, b) * g) is linear in each
 # argument, so a central difference is exact up to rounding.
 
