@@ -302,13 +302,26 @@ def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), ws=_FRESH
     return out
 
 
-def _blocked_weights(wg: np.ndarray) -> np.ndarray:
-    """``(G, Ko, Cr, R, S)`` weights as ``(G, KBn, R, S, Cr, KB)``, zero-filled past ``Ko``."""
+def _blocked_weights(wg: np.ndarray, CrP: int | None = None) -> np.ndarray:
+    """``(G, Ko, Cr, R, S)`` weights (any strides) as ``(G, KBn, R, S, CrP, KB)``, zero past
+    ``Ko`` and past ``Cr`` (``CrP >= Cr``, default ``Cr``): one strided copy."""
     G, Ko, Cr, R, S = wg.shape
-    KBn = -(-Ko // _k.KB)
-    out = np.zeros((G, KBn * _k.KB, Cr, R, S), wg.dtype)
-    out[:, :Ko] = wg
-    return np.ascontiguousarray(out.reshape(G, KBn, _k.KB, Cr, R, S).transpose(0, 1, 4, 5, 3, 2))
+    KB = _k.KB
+    KBn, full = -(-Ko // KB), Ko // KB
+    out = np.zeros((G, KBn, R, S, Cr if CrP is None else CrP, KB), wg.dtype)
+    if full:
+        out[:, :full, :, :, :Cr] = wg[:, :full * KB].reshape(
+            G, full, KB, Cr, R, S).transpose(0, 1, 4, 5, 3, 2)
+    if Ko > full * KB:
+        out[:, full, :, :, :Cr, :Ko - full * KB] = wg[:, full * KB:].transpose(0, 3, 4, 2, 1)
+    return out
+
+
+def _taps(taps: list) -> slice:
+    """A phase's kernel taps, a descending arithmetic progression, as a slice."""
+    step = taps[1] - taps[0] if len(taps) > 1 else -1
+    stop = taps[-1] + step
+    return slice(taps[0], None if stop < 0 else stop, step)
 
 
 class DeltaLayout(NamedTuple):
@@ -363,17 +376,16 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
     """dX from deltas in ``layout``; ``w`` (K, Cg, R, S) in the deltas' dtype."""
     G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-    # (K, Cg, R, S) -> (G, Cg, KgP, R, S): output channels are now c, the reduction runs
-    # over k, including the layout's zero channels (with zero weights).
-    wt = np.zeros((G, Cg, layout.KgP, geo.R, geo.S), dyp.dtype)
-    wt[:, :, :Kg] = w.reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
+    # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction runs
+    # over k, including the layout's zero channels (KgP, with zero weights).
+    wt = w.reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
     zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dyp.dtype)
     # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
     # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
-    exact = not np.isfinite(wt).all()
+    exact = not np.isfinite(w).all()
     for ph in layout.rows:
         for pw in layout.cols:
-            wb = _blocked_weights(wt[:, :, :, ph.taps][:, :, :, :, pw.taps])
+            wb = _blocked_weights(wt[:, :, :, _taps(ph.taps), _taps(pw.taps)], layout.KgP)
             _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
                           pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
                           exact, pt, pt + geo.OH, pl, pl + geo.OW)
