@@ -397,6 +397,11 @@ class Linear(Module):
     def backward(self, dy):
         if self._x is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
+        dy = np.asarray(dy)
+        expected = (self._x.shape[0], self.out_features)
+        if dy.shape != expected:
+            raise ValueError(f"Linear.backward got grad_output of shape {dy.shape}, the "
+                             f"forward output had shape {expected}")
         self.grads["weight"] = matmul(dy.T, self._x)
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=0)

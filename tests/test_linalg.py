@@ -109,3 +109,12 @@ def test_linear_layer_matches_its_float64_twin(N, kernel_calls):
         np.testing.assert_allclose(lin.grads[name], twin.grads[name], rtol=1e-4, atol=1e-4)
     assert y.flags.c_contiguous and dx.shape == x.shape
     assert kernel_calls  # dX and dW have 300 and 130 columns
+
+
+@pytest.mark.parametrize("shape", [(4, 9), (5, 10), (4,)])
+def test_linear_backward_checks_the_delta_shape(shape):
+    lin = Linear(6, 10)
+    lin(np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match=r"grad_output of shape .*\(4, 10\)"):
+        lin.backward(np.ones(shape, np.float32))
+    assert "weight" not in lin.grads
