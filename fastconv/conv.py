@@ -50,6 +50,18 @@ _DW_CHUNK_BYTES = 256 * 1024  # deltas per dW batch chunk: about a quarter of a 
 _DW_PIXEL_CHUNK_BYTES = 1024 * 1024  # the same for the pixel dW kernel (see there)
 
 
+def _batch_chunks(N: int, per_sample: int, budget: int = _DW_CHUNK_BYTES) -> int:
+    """How many batch chunks a dW kernel runs: as many as keep each chunk's deltas
+    (``per_sample`` bytes per sample) within ``budget``, at least one sample each.  Shapes
+    only, so results do not depend on the thread count."""
+    return -(-N // max(1, budget // per_sample))
+
+
+def _sum_chunks(part: np.ndarray) -> np.ndarray:
+    """A dW kernel's per-chunk buffers (axis 0) added up."""
+    return part.sum(axis=0) if part.shape[0] > 1 else part[0]
+
+
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     """Normalise an int or an ``(h, w)`` pair of ints, each in ``[minimum, 2**31 - 1]``."""
     if _is_int(value):
@@ -408,14 +420,12 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
     rs, c = np.divmod(np.arange(T), Cg)
     r, s = np.divmod(rs, S) if fold else (0, rs)
     off[:, :T] = (r * geo.dlh * Wp * C + s * geo.dlw * C + c) + (np.arange(G) * Cg)[:, None]
-    # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles); shapes only, so the
-    # result does not depend on the thread count.
-    per_sample = geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize
-    P = -(-N // max(1, _DW_CHUNK_BYTES // per_sample))
+    # Batch chunks whose deltas fit in L2 (see kernels.conv_dw_tiles).
+    P = _batch_chunks(N, geo.OH * geo.OW * G * KBn * KBW * dyp.itemsize)
     part = ws.empty("dw", (P, G, KBn, Rt, off.shape[1], KBW), dyp.dtype)
     kernel(xp.reshape(N, Hp * Wp * C), dyp.reshape(*dyp.shape[:3], G * KBn, KBW), off, part, C,
            Wp * C, geo.sh, geo.sw, geo.dlh, geo.OH, geo.OW, layout.top, layout.left)
-    dwb = part.sum(axis=0) if P > 1 else part[0]
+    dwb = _sum_chunks(part)
     dw = dwb[:, :, :, :T].reshape(G, KBn, R, S, Cg, KBW).transpose(0, 1, 5, 4, 2, 3)
     return np.ascontiguousarray(dw.reshape(G, KBn * KBW, Cg, R, S)[:, :Kg]).reshape(
         geo.K, Cg, R, S)
@@ -445,12 +455,12 @@ def _grad_weight_cvec(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.nd
     r, s = np.divmod(rs, S)
     off[:V] = (r * geo.dlh * Wp + s * geo.dlw) * CP + cv * CL
     KTn = -(-K // CK)
-    P = -(-N // max(1, _DW_CHUNK_BYTES // (K * geo.OH * geo.OW * dy.itemsize)))
+    P = _batch_chunks(N, K * geo.OH * geo.OW * dy.itemsize)
     part = np.empty((P, KTn, off.size // CV, CK, CV, CL), dy.dtype)
     _k.conv_dw_cvec(xp.reshape(N, -1), np.ascontiguousarray(dy), off, part, CP, Wp * CP,
                     geo.sh, geo.sw, geo.OH, geo.OW)
-    dwv = part.sum(axis=0) if P > 1 else part[0]
-    dwv = dwv.transpose(0, 2, 1, 3, 4).reshape(KTn * CK, off.size * CL)[:K, :V * CL]
+    dwv = _sum_chunks(part).transpose(0, 2, 1, 3, 4).reshape(KTn * CK, off.size * CL)
+    dwv = dwv[:K, :V * CL]
     return np.ascontiguousarray(dwv.reshape(K, R, S, CP)[:, :, :, :C].transpose(0, 3, 1, 2))
 
 
@@ -573,12 +583,12 @@ def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.
     # sweep them (shapes only).  Against 256 KiB: 1.03-1.06x on the few-channel layers, and
     # 1x1 layers went from 0.89-0.94x to 1.04-1.10x the speed of the channel tile this
     # kernel replaced there.  Each task ends with a horizontal sum of its 20 vectors.
-    P = -(-N // max(1, _DW_PIXEL_CHUNK_BYTES // (K * geo.OH * geo.OW * dy.itemsize)))
+    P = _batch_chunks(N, K * geo.OH * geo.OW * dy.itemsize, _DW_PIXEL_CHUNK_BYTES)
     part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
     _k.conv_dw_pixels(px.xf, np.ascontiguousarray(dy).reshape(N, K, px.OH, px.OW), toff,
                       part, px.sh, px.Wq)
     dw = np.empty((K, T), dy.dtype)
-    dw[:, px.taps] = part.sum(axis=0).transpose(0, 2, 1, 3).reshape(
+    dw[:, px.taps] = _sum_chunks(part).transpose(0, 2, 1, 3).reshape(
         KTn * _k.DK, TTn * _k.DT)[:K, :T]
     return dw.reshape(K, C, R, S)
 

@@ -338,15 +338,23 @@ def conv_pixel_tiles(x, toff, w, b, y, sh, Wq):
 
 
 @numba.njit(inline="always")
+def _chunk_task(task, NT, N, P):
+    """Decode a task of the dW kernels, (batch chunk, tile) pairs with ``NT`` tiles per
+    chunk, into (chunk p, its samples [n0, n1), tile): chunk ``p`` of ``P`` holds samples
+    ``[p*N//P, (p+1)*N//P)``."""
+    p = task // NT
+    return p, p * N // P, (p + 1) * N // P, task % NT
+
+
+@numba.njit(inline="always")
 def _dw_task(task, NT, N, P, TBn, R, KBn):
     """Decode a dW task into (chunk p, its samples [n0, n1), column block, r, kb, g)."""
-    p = task // NT
-    tile = task % NT
+    p, n0, n1, tile = _chunk_task(task, NT, N, P)
     tb = tile % TBn
     rest = tile // TBn
     r = rest % R
     rest //= R
-    return p, p * N // P, (p + 1) * N // P, tb, r, rest % KBn, rest // KBn
+    return p, n0, n1, tb, r, rest % KBn, rest // KBn
 
 
 @parallel_kernel
@@ -486,15 +494,15 @@ def conv_dw_cvec(x, dy, off, part, C, WpC, sh, sw, OH, OW):
     pixel of ``CK`` delta planes, against ``CV`` vectors of the input's channels at that
     pixel: 24 FMAs for 4 broadcasts and 6 vector loads, as in the 6 x 64 tile.  The deltas
     are read where they are, so the functional ``conv2d_grad_weight`` skips transposing
-    them to channels-last (1.05-1.27x on the whole call).  The last channel tile repeats
-    channel ``K - 1`` past ``K``; the caller drops those rows.
+    them to channels-last (0.94-1.38x on the whole call, above 1.05x on most shapes).
+    The last channel tile repeats channel ``K - 1`` past ``K``; the caller drops those
+    rows.
     """
     N, K = dy.shape[0], dy.shape[1]
     P, KTn, VTn = part.shape[:3]
     NT = KTn * VTn
     for task in prange(P * NT):
-        p = task // NT
-        tile = task % NT
+        p, n0, n1, tile = _chunk_task(task, NT, N, P)
         vt = tile % VTn
         kt = tile // VTn
         k0 = kt * CK
@@ -511,7 +519,7 @@ def conv_dw_cvec(x, dy, off, part, C, WpC, sh, sw, OH, OW):
         for t in range(CK * CV):
             for l in range(CL):
                 acc[t, l] = 0
-        for n in range(p * N // P, (p + 1) * N // P):
+        for n in range(n0, n1):
             xn = x[n]
             for i in range(OH):
                 row = np.uint64(i * sh * WpC)
@@ -623,12 +631,9 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
     NT = KTn * TTn
     JT = (OW + PX - 1) // PX
     for task in prange(P * NT):
-        p = task // NT
-        t = task % NT
+        p, n0, n1, t = _chunk_task(task, NT, N, P)
         tt = t % TTn
         kt = t // TTn
-        n0 = p * N // P
-        n1 = (p + 1) * N // P
         zero = x.dtype.type(0)
         acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
         for a in range(DK * DT):
