@@ -153,6 +153,17 @@ def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, 
         np.testing.assert_allclose(got, ref, **tol)
 
 
+@pytest.fixture
+def cvec_calls(monkeypatch):
+    """The calls of kernels.conv_dw_cvec (which still runs)."""
+    from fastconv import kernels
+
+    calls = []
+    real = kernels.conv_dw_cvec
+    monkeypatch.setattr(kernels, "conv_dw_cvec", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 def _cvec_cases():
     # (N, C, H, W, K, R, S, conv): one group and C filling vectors of 16 channels (a
     # quarter of padding at most): dW reads the NCHW deltas against vectors of the input's
@@ -170,16 +181,11 @@ def _cvec_cases():
 @pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_cvec_cases()))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_nchw_delta_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype, rng,
-                                                 monkeypatch):
-    from fastconv import kernels
-
-    calls = []
-    real = kernels.conv_dw_cvec
-    monkeypatch.setattr(kernels, "conv_dw_cvec", lambda *a: calls.append(a) or real(*a))
+                                                 cvec_calls):
     conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
     x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
     dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
-    assert len(calls) == 1
+    assert len(cvec_calls) == 1
     want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)[2]
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
     assert dw.dtype == dtype and dw.flags.c_contiguous
@@ -187,18 +193,13 @@ def test_nchw_delta_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype
 
 
 @pytest.mark.parametrize("C, groups", [(20, 1), (32, 2), (12, 1)])
-def test_nchw_delta_dw_kernel_only_where_channels_fill_vectors(C, groups, rng, monkeypatch):
+def test_nchw_delta_dw_kernel_only_where_channels_fill_vectors(C, groups, rng, cvec_calls):
     """20 channels would pad to 32 (60% more work), 2 groups have 16 channels each but the
     kernel has no groups, and 12 channels fill no vector: the channel tile runs them."""
-    from fastconv import kernels
-
-    calls = []
-    real = kernels.conv_dw_cvec
-    monkeypatch.setattr(kernels, "conv_dw_cvec", lambda *a: calls.append(a) or real(*a))
     conv = dict(stride=1, padding=1, dilation=1, groups=groups)
     x, w, b, dy = random_problem(rng, 2, C, 6, 6, 8, 3, 3, conv)
     dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
-    assert not calls
+    assert not cvec_calls
     np.testing.assert_allclose(dw, reference_passes(x, w, b, dy, conv)[2], rtol=1e-10,
                                atol=1e-10)
 
