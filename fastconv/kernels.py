@@ -224,17 +224,18 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
 
 
 @parallel_kernel
-def conv_pixel_tiles(x, toff, w, b, y, sh, Wq):
+def conv_pixel_tiles(x, toff, w, b, y):
     """Forward pass vectorised over output pixels instead of output channels, for layers
     with few input channels (the first layer of an image network) and for 1x1 layers.
 
-    ``y[n, k, i, j] = b[k] + sum_t x[n, toff[t] + i*sh*Wq + j] * w[k // KP, t, k % KP]``
+    ``y[n, k, i, j] = b[k] + sum_t x[n, toff[i, t] + j] * w[k // KP, t, k % KP]``
     over the taps ``t = (c, r, s)`` of the filter:
 
     x : (N, L)                 each image's input planes, flattened, laid out as for
-                               :func:`conv_dw_pixels` (``Wq`` columns per row), so that for
-                               every tap consecutive pixels read consecutive inputs.
-    toff : (T,) int64          offset of each tap into an image's ``x``, ``T = C*R*S``.
+                               :func:`conv_dw_pixels`, so that for every tap consecutive
+                               pixels of an output row read consecutive inputs.
+    toff : (OH, T) int64       where each output row reads each tap in an image's ``x``,
+                               ``T = C*R*S``.
     w : (KPn, T, KP)           weights, blocked by ``KP`` output channels, zero past ``K``.
     b : (KPn*KP,)              bias.
     y : (N, K, OH, OW)         NCHW output, ``OW >= PX``.
@@ -259,15 +260,16 @@ def conv_pixel_tiles(x, toff, w, b, y, sh, Wq):
         kn = min(KP, K - k0)
         xn = x[n]
         wk = w[kt]
+        ti = toff[i]
         acc = stack_tile(KP, PX, y.dtype)
         for jt in range((OW + PX - 1) // PX):
             j0 = min(jt * PX, OW - PX)
-            ub = np.uint64(i * sh * Wq + j0)
+            ub = np.uint64(j0)
             for kk in range(KP):
                 for p in range(PX):
                     acc[kk, p] = 0
             for t in range(T):
-                o = ub + np.uint64(toff[t])
+                o = ub + np.uint64(ti[t])
                 wv = wk[t]
                 # KP broadcast weights times one vector of PX inputs: KP packed FMAs.
                 w0 = wv[0]
@@ -596,18 +598,18 @@ def bias_grad_channels_last(dy, h0, w0, OH, OW, part):
 
 
 @parallel_kernel
-def conv_dw_pixels(x, dy, toff, part, sh, Wq):
+def conv_dw_pixels(x, dy, toff, part):
     """dW for few input channels, vectorised over output pixels: the deltas are read in
     NCHW as they come, with no transposing pack.  1x1 stride-1 layers run it too, each
     image's pixels as one row (``OH = 1``) and one tap per input channel.
 
     ``part[p, kt, tt, a, b] = sum_{n in chunk p} sum_{i, j} dy[n, DK*kt + a, i, j]
-    * x[n, toff[DT*tt + b] + i*sh*Wq + j]``, chunk ``p`` holding samples
+    * x[n, toff[i, DT*tt + b] + j]``, chunk ``p`` holding samples
     ``[p*N//P, (p+1)*N//P)``; dW is ``part.sum(axis=0)``.
 
     x : (N, L)                 each image's zero-padded input planes, flattened; see below.
     dy : (N, K, OH, OW)        NCHW deltas, ``OW >= PX``.
-    toff : (ceil(T/DT)*DT,)    int64 offset of each tap into an image's ``x``.
+    toff : (OH, ceil(T/DT)*DT) int64 offset of each tap into an image's ``x``, per row.
     part : (P, ceil(K/DK), ceil(T/DT), DK, DT)
 
     A tap ``t = (c, r, s)`` of the filter reads input row ``i*sh + r*dlh`` and column
@@ -616,7 +618,9 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
     shifted planes, each image's output one row (``OH = 1``); otherwise each padded plane's
     columns split into ``sw`` phases of width ``Wq`` (plane ``c*sw + q`` holds columns
     ``u*sw + q``), so that the column is ``j + (s*dlw)//sw`` of phase ``(s*dlw) % sw``.
-    ``toff`` is each tap's plane, row and column offset in that layout.
+    ``toff[i]`` is each tap's plane, row and column offset in that layout for output row
+    ``i``.  (The 2x2 pool's "pool order", ``conv._pool_order_input``, gives each of its
+    four rows a table of its own.)
 
     The tile is DK output channels x DT taps, each accumulator a vector of ``PX`` pixels of
     one output row: per step DK + DT vector loads and DK*DT FMAs; the lanes are summed at
@@ -643,11 +647,6 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
         k1 = min(kt * DK + 1, K - 1)
         k2 = min(kt * DK + 2, K - 1)
         k3 = min(kt * DK + 3, K - 1)
-        o0 = np.uint64(toff[tt * DT + 0])
-        o1 = np.uint64(toff[tt * DT + 1])
-        o2 = np.uint64(toff[tt * DT + 2])
-        o3 = np.uint64(toff[tt * DT + 3])
-        o4 = np.uint64(toff[tt * DT + 4])
         for n in range(n0, n1):
             xn = x[n]
             for i in range(OH):
@@ -655,12 +654,15 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
                 d1 = dy[n, k1, i]
                 d2 = dy[n, k2, i]
                 d3 = dy[n, k3, i]
-                row = np.uint64(i * sh * Wq)
+                o0 = np.uint64(toff[i, tt * DT + 0])
+                o1 = np.uint64(toff[i, tt * DT + 1])
+                o2 = np.uint64(toff[i, tt * DT + 2])
+                o3 = np.uint64(toff[i, tt * DT + 3])
+                o4 = np.uint64(toff[i, tt * DT + 4])
                 for jt in range(JT):
                     j0 = min(jt * PX, OW - PX)
                     lo = jt * PX - j0  # lanes below lo were counted by the previous vector
                     uj = np.uint64(j0)
-                    ub = row + uj
                     for q in range(PX):
                         # unsigned indices: no negative-index wraparound to check
                         uq = np.uint64(q)
@@ -669,11 +671,11 @@ def conv_dw_pixels(x, dy, toff, part, sh, Wq):
                         e1 = d1[uj + uq] if keep else zero
                         e2 = d2[uj + uq] if keep else zero
                         e3 = d3[uj + uq] if keep else zero
-                        a0 = xn[ub + o0 + uq] if keep else zero
-                        a1 = xn[ub + o1 + uq] if keep else zero
-                        a2 = xn[ub + o2 + uq] if keep else zero
-                        a3 = xn[ub + o3 + uq] if keep else zero
-                        a4 = xn[ub + o4 + uq] if keep else zero
+                        a0 = xn[uj + o0 + uq] if keep else zero
+                        a1 = xn[uj + o1 + uq] if keep else zero
+                        a2 = xn[uj + o2 + uq] if keep else zero
+                        a3 = xn[uj + o3 + uq] if keep else zero
+                        a4 = xn[uj + o4 + uq] if keep else zero
                         acc[0, q] += e0 * a0
                         acc[1, q] += e0 * a1
                         acc[2, q] += e0 * a2

@@ -64,8 +64,8 @@ def test_pixel_forward_kernel_uses_packed_fma():
     f = _fresh(K.conv_pixel_tiles)
     x = np.zeros((1, 20 * 20), np.float32)
     y = np.zeros((1, K.KP, 16, 16), np.float32)
-    toff = np.arange(25, dtype=np.int64)
-    f(x, toff, np.zeros((1, 25, K.KP), np.float32), np.zeros(K.KP, np.float32), y, 1, 20)
+    toff = np.arange(16)[:, None] * 20 + np.arange(25)
+    f(x, toff, np.zeros((1, 25, K.KP), np.float32), np.zeros(K.KP, np.float32), y)
     asm = f.inspect_asm(f.signatures[0])
     # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
     assert len(PACKED_FMA.findall(asm)) >= K.KP
@@ -81,7 +81,7 @@ def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
     f = _fresh(K.conv_dw_pixels)
     x = np.zeros((2, 1 * 20 * 20), np.float32)
     dy = np.zeros((2, K.DK, 16, 16), np.float32)
-    f(x, dy, np.zeros(K.DT, np.int64), np.zeros((1, 1, 1, K.DK, K.DT), np.float32), 1, 20)
+    f(x, dy, np.zeros((16, K.DT), np.int64), np.zeros((1, 1, 1, K.DK, K.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= K.DK * K.DT  # the 4 x 5 tile of pixel vectors
     assert "vgather" not in asm
