@@ -21,6 +21,8 @@ from . import kernels as _k
 __all__ = [
     "ConvGeometry",
     "DeltaLayout",
+    "PoolOrderLayout",
+    "backward_pool_order",
     "backward_saved",
     "conv2d_saving",
     "delta_layout",
@@ -31,8 +33,11 @@ __all__ = [
     "conv2d_grad_weight",
     "conv_geometry",
     "conv_output_size",
+    "from_pool_order",
     "get_num_threads",
+    "pool_order_ok",
     "set_num_threads",
+    "to_pool_order",
 ]
 
 
@@ -571,8 +576,15 @@ def _pixel_input(x: np.ndarray, geo: ConvGeometry) -> PixelInput:
 def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     """dW (K, C, R, S) by :func:`kernels.conv_dw_pixels` from NCHW ``x`` and ``dy`` in
     one dtype."""
-    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
     px = _pixel_input(x, geo)
+    return _grad_weight_pixel_input(px, np.ascontiguousarray(dy).reshape(
+        geo.N, geo.K, px.OH, px.OW), geo)
+
+
+def _grad_weight_pixel_input(px: PixelInput, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """dW (K, C, R, S) from the input as the pixel kernels read it and C-contiguous deltas
+    ``dy`` (N, K, px.OH, px.OW) in its rows."""
+    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
     T = C * R * S
     TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
     toff = np.zeros((px.OH, TTn * _k.DT), np.int64)
@@ -581,10 +593,9 @@ def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.
     # sweep them (shapes only).  Against 256 KiB: 1.03-1.06x on the few-channel layers, and
     # 1x1 layers went from 0.89-0.94x to 1.04-1.10x the speed of the channel tile this
     # kernel replaced there.  Each task ends with a horizontal sum of its 20 vectors.
-    P = _batch_chunks(N, K * geo.OH * geo.OW * dy.itemsize, _DW_PIXEL_CHUNK_BYTES)
+    P = _batch_chunks(N, K * px.OH * px.OW * dy.itemsize, _DW_PIXEL_CHUNK_BYTES)
     part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
-    _k.conv_dw_pixels(px.xf, np.ascontiguousarray(dy).reshape(N, K, px.OH, px.OW), toff,
-                      part)
+    _k.conv_dw_pixels(px.xf, dy, toff, part)
     dw = np.empty((K, T), dy.dtype)
     dw[:, px.taps] = _sum_chunks(part).transpose(0, 2, 1, 3).reshape(
         KTn * _k.DK, TTn * _k.DT)[:K, :T]
@@ -609,18 +620,24 @@ def _pack_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
 def _forward_pixels(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x``, ``w``, ``b`` in the
     result dtype; ``y`` is the array ``"y"`` of workspace ``ws``."""
+    y = _forward_pixel_input(_pixel_input(x, geo), w, b, geo, ws)
+    return y.reshape(geo.N, geo.K, geo.OH, geo.OW)
+
+
+def _forward_pixel_input(px: PixelInput, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+    """y (N, K, px.OH, px.OW), the output in the rows of ``px``, by
+    :func:`kernels.conv_pixel_tiles`; ``y`` is the array ``"y"`` of workspace ``ws``."""
     N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
     KPn = -(-K // _k.KP)
-    wp = np.zeros((KPn * _k.KP, C * R * S), x.dtype)
-    px = _pixel_input(x, geo)
+    wp = np.zeros((KPn * _k.KP, C * R * S), w.dtype)
     wp[:K] = w.reshape(K, C * R * S)[:, px.taps]
     wp = np.ascontiguousarray(wp.reshape(KPn, _k.KP, C * R * S).transpose(0, 2, 1))
-    bp = np.zeros(KPn * _k.KP, x.dtype)
+    bp = np.zeros(KPn * _k.KP, w.dtype)
     if b is not None:
         bp[:K] = b
-    y = ws.empty("y", (N, K, px.OH, px.OW), x.dtype)
+    y = ws.empty("y", (N, K, px.OH, px.OW), w.dtype)
     _k.conv_pixel_tiles(px.xf, px.toff, wp, bp, y)
-    return y.reshape(N, K, geo.OH, geo.OW)
+    return y
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
@@ -636,6 +653,107 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
     _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
                   0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
     return y
+
+
+# --------------------------------------------------------------------------------------
+# Pool order: the output as a 2x2, stride-2 max pool after the layer reads it
+# --------------------------------------------------------------------------------------
+# The pool compares the four pixels (2i + a, 2j + b) of each window.  In NCHW they sit two
+# columns apart in two rows, so no loop over windows runs along contiguous memory and the
+# pool stays scalar (a gather version was 3x slower still).  In *pool order* the layer
+# writes its output as (N, K, 4, M), M = OH/2 * OW/2: plane d = 2a + b holds pixel
+# (2i + a, 2j + b) at m = i*OW/2 + j.  The pool is then a max over four contiguous planes
+# (kernels.max_pool_2x2_planes_fwd) whose result is NCHW, and its backward writes the
+# deltas back in pool order for dW, or channels-last for the channel tile's backward.
+#
+# Output row 2i + a reads input row (2i + a)*sh + r*dlh, column likewise: each plane is a
+# convolution with twice the stride, starting a*sh rows and b*sw columns further in.  The
+# channel tile runs the four as they are.  The pixel kernels need, for every tap, the
+# plane's consecutive pixels m to read consecutive inputs; :func:`_pool_order_input` lays
+# the input out so (stride 1 only).
+
+
+class PoolOrderLayout(NamedTuple):
+    """Deltas in pool order, ``shape`` (N, K, 4, M): the layout in which a pixel-path
+    convolution run with ``pool_order`` takes them in backward (see the section above)."""
+
+    shape: tuple[int, int, int, int]
+
+
+def pool_order_ok(geo: ConvGeometry) -> bool:
+    """Whether ``conv2d_saving(..., pool_order=True)`` can run this layer: an even output
+    size, and for the pixel path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX``
+    pixels."""
+    if geo.OH % 2 or geo.OW % 2 or geo.N == 0:
+        return False
+    if _pixel_ok(geo):
+        return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * _k.PX
+    return True
+
+
+def _pool_order_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> PixelInput:
+    """NCHW ``x`` laid out for the pixel kernels to write pool order, stride 1: rows
+    ``d = 2a + b`` of ``M = OH/2 * OW/2`` pixels.
+
+    Output pixel (2i + a, 2j + b) reads, for tap (c, r, s), padded input row
+    2i + u with u = a + r*dlh, and column 2j + q with q = b + s*dlw.  Plane (c, q, u % 2)
+    holds the padded rows of parity u % 2 at the columns 2j + q, ``OW/2`` wide, so that the
+    tap reads it at ``(u // 2) * OW/2 + m`` for pixel m = i*OW/2 + j: consecutive pixels,
+    consecutive inputs, rows joined.  One plane pair per distinct q (S + 1 for dilation 1).
+    """
+    N, C, H, W = x.shape
+    R, S, dlh, dlw = geo.R, geo.S, geo.dlh, geo.dlw
+    pt, pb, pl, pr = geo.pads
+    OH2, OW2 = geo.OH // 2, geo.OW // 2
+    Hp2 = -(-(H + pt + pb) // 2)
+    qs = sorted({b + s * dlw for b in (0, 1) for s in range(S)})
+    xpad = ws.zeros("xpad", (N, C, 2 * Hp2, W + pl + pr), x.dtype)
+    xpad[:, :, pt:pt + H, pl:pl + W] = x
+    xq = ws.empty("xq", (N, C, len(qs), 2, Hp2, OW2), x.dtype)
+    for iq, q in enumerate(qs):
+        cols = xpad[:, :, :, q:q + 2 * OW2 - 1:2]  # (N, C, 2*Hp2, OW2)
+        xq[:, :, iq] = cols.reshape(N, C, Hp2, 2, OW2).transpose(0, 1, 3, 2, 4)
+    # Taps in the order (c, s, r), as :func:`_pixel_input` has them: the same sums in the
+    # same order, so the same outputs to the bit.
+    c, s, r = np.unravel_index(np.arange(C * R * S), (C, S, R))
+    a, b = np.divmod(np.arange(4), 2)
+    u = a[:, None] + r * dlh  # (4, T)
+    iq = np.searchsorted(qs, b[:, None] + s * dlw)
+    toff = (((c * len(qs) + iq) * 2 + u % 2) * Hp2 + u // 2) * OW2
+    return PixelInput(xq.reshape(N, -1), (c * R + r) * S + s, toff, 4, OH2 * OW2)
+
+
+def _forward_pool_order_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
+                               ws=_FRESH) -> np.ndarray:
+    """y (N, K, 4, M) in pool order from the packed input by the channel tile: each plane
+    a convolution of twice the stride (see the section above)."""
+    G, Kg = geo.G, geo.Kg
+    OH2, OW2 = geo.OH // 2, geo.OW // 2
+    y = ws.empty("y", (geo.N, geo.K, 4, OH2 * OW2), xp.dtype)
+    wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
+    bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
+    if b is not None:
+        bb[:, :Kg] = b.reshape(G, Kg)
+    planes = y.reshape(geo.N, geo.K, 4 * OH2, OW2)  # plane d is rows d*OH2 ... + OH2 - 1
+    for d in range(4):
+        a, c = divmod(d, 2)
+        _k.conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
+                      a * geo.sh, c * geo.sw, d * OH2, 0, 1, 1, False, 0, 0, 0, 0)
+    return y
+
+
+def to_pool_order(y: np.ndarray) -> np.ndarray:
+    """NCHW (N, K, OH, OW), OH and OW even, in pool order (N, K, 4, OH/2 * OW/2) (a copy)."""
+    N, K, OH, OW = y.shape
+    return np.ascontiguousarray(y.reshape(N, K, OH // 2, 2, OW // 2, 2).transpose(
+        0, 1, 3, 5, 2, 4)).reshape(N, K, 4, OH * OW // 4)
+
+
+def from_pool_order(y4: np.ndarray, OH: int, OW: int) -> np.ndarray:
+    """(N, K, 4, OH/2 * OW/2) in pool order as NCHW (N, K, OH, OW) (a copy)."""
+    N, K = y4.shape[:2]
+    return np.ascontiguousarray(y4.reshape(N, K, 2, 2, OH // 2, OW // 2).transpose(
+        0, 1, 4, 2, 5, 3)).reshape(N, K, OH, OW)
 
 
 # --------------------------------------------------------------------------------------
@@ -669,15 +787,19 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                  workspace=None, reuse_output=False):
+                  workspace=None, reuse_output=False, pool_order=False):
     """:func:`conv2d`, also returning what its backward passes reuse.
 
     Returns
     -------
     y : ndarray, as :func:`conv2d`
-    xp : ndarray (N, H + pt + pb, W + pl + pr, C) or None
+        With ``pool_order``, (N, K, 4, OH/2 * OW/2) in pool order instead (see
+        :func:`pool_order_ok` and :func:`from_pool_order`), for a 2x2 max pool after it.
+    xp : ndarray (N, H + pt + pb, W + pl + pr, C), PixelInput or None
         The input as the kernels read it (zero-padded channels-last, in the result dtype):
-        :func:`backward_saved` reads it again for dW.  None for an empty batch.
+        :func:`backward_saved` reads it again for dW.  None for an empty batch.  With
+        ``pool_order`` on the pixel path (few input channels), the :class:`PixelInput`
+        that :func:`backward_pool_order` reads instead.
     geo : ConvGeometry
         With ``N = 1`` for unbatched input.
 
@@ -689,11 +811,11 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     if reuse_output and workspace is None:
         raise ValueError("reuse_output=True needs a workspace to keep the output in")
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True,
-                   workspace if reuse_output else _FRESH)
+                   workspace if reuse_output else _FRESH, pool_order)
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, keep,
-            out_ws=_FRESH):
+            out_ws=_FRESH, pool_order=False):
     """:func:`conv2d_saving`; without ``keep``, ``xp`` may be None (not packed).  ``y`` is
     the array ``"y"`` of ``out_ws``."""
     x = _as_array("input", input)
@@ -709,11 +831,21 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
     if b is not None and b.shape != (geo.K,):
         raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
 
+    if pool_order and (unbatched or not pool_order_ok(geo)):
+        raise ValueError(f"pool_order needs a batch and an even, non-empty output size "
+                         f"(stride 1 for input of at most {_PIXEL_MAX_C} channels); got "
+                         f"input {x.shape}, weight {w.shape}, output {geo.OH}x{geo.OW}")
     if geo.N == 0:
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
     x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
     b = None if b is None else b.astype(dtype, copy=False)
     pixels = _pixel_ok(geo)
+    if pool_order and pixels:
+        px = _pool_order_input(x, geo, workspace or _FRESH)
+        return _forward_pixel_input(px, w, b, geo, out_ws), px, geo
+    if pool_order:
+        xp = _pack_input(x, geo, workspace or _FRESH)
+        return _forward_pool_order_packed(xp, w, b, geo, out_ws), xp, geo
     xp = _pack_input(x, geo, workspace or _FRESH) if keep or not pixels else None
     if pixels:
         y = _forward_pixels(x, w, b, geo, out_ws)
@@ -742,6 +874,25 @@ def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None, d
     dw = _grad_weight_packed(xp, dyp, layout, geo, workspace or _FRESH)
     db = _grad_bias_packed(dyp, layout, geo, dsum).astype(dyp.dtype)
     dx = _grad_input_packed(dyp, layout, w, geo) if need_dx else None
+    return dx, dw, db
+
+
+def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4: np.ndarray,
+                        need_dx=True, dsum=None):
+    """dX, dW and db of a pixel-path convolution run by ``conv2d_saving(...,
+    pool_order=True)``, from its :class:`PixelInput` and deltas in pool order ``dy4``
+    (N, K, 4, M), C-contiguous.  ``dsum`` (N, K) float64, if given, holds each image's sum
+    of ``dy4`` per channel.  Returns as :func:`backward_saved`."""
+    w = np.asarray(weight, dy4.dtype)
+    dw = _grad_weight_pixel_input(px, dy4, geo)
+    db = (dy4.sum(axis=(0, 2, 3), dtype=np.float64) if dsum is None
+          else dsum.sum(axis=0)).astype(dy4.dtype)
+    dx = None
+    if need_dx:
+        # Rare (a first layer needs no dX): through the channel tile's layout.
+        layout = delta_layout(geo)
+        dyp = pack_deltas(from_pool_order(dy4, geo.OH, geo.OW), layout)
+        dx = _grad_input_packed(dyp, layout, w, geo)
     return dx, dw, db
 
 

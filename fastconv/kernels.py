@@ -781,6 +781,63 @@ def max_pool_2x2_fwd(x, y, arg):
 
 
 @parallel_kernel
+def max_pool_2x2_planes_fwd(y4, out, arg):
+    """:func:`max_pool_2x2_fwd` then ReLU, on a convolution's output in *pool order*.
+
+    y4 : (N, C, 4, M)     plane ``d = 2*a + b`` holds the pixels ``(2*i + a, 2*j + b)`` of
+                          every 2x2 window, at ``m = i*OW + j`` (``conv2d_saving``'s
+                          ``pool_order``).
+    out : (N, C, M)       ``relu(max_d y4[n, c, d, m])``, the pooled NCHW output.
+    arg : (N, C, M) int8  the window position ``d`` of the maximum.
+
+    The planes run in the window's row-major order, so the strict comparison keeps the
+    first maximum and a NaN wins, as in :func:`max_pool_2x2_fwd`.  Every loop runs along
+    ``m``, contiguous in all three arrays: whole vectors of windows at a time.
+    """
+    N, C, _, M = y4.shape
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        p0 = y4[n, c, 0]
+        p1 = y4[n, c, 1]
+        p2 = y4[n, c, 2]
+        p3 = y4[n, c, 3]
+        o = out[n, c]
+        g = arg[n, c]
+        for m in range(M):
+            best, where = _take(p1[m], p0[m], 1, 0, False)
+            best, where = _take(p2[m], best, 2, where, False)
+            best, where = _take(p3[m], best, 3, where, False)
+            o[m] = best if (best > 0) | (best != best) else 0
+            g[m] = where
+
+
+@parallel_kernel
+def max_pool_2x2_planes_bwd(dy, arg, out, dst, dsum):
+    """The backward of :func:`max_pool_2x2_planes_fwd` (ReLU included), in pool order.
+
+    ``dst[n, c, d, m] = dy[n, c, m]`` if ``arg[n, c, m] == d`` and ``out[n, c, m] > 0``,
+    else 0; ``dsum[n, c]`` (float64) is the sum of ``dst[n, c]``, the convolution's bias
+    gradient in parts.  dy, out : (N, C, M); dst : (N, C, 4, M), every element written.
+    """
+    N, C, M = dy.shape
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        e = dy[n, c]
+        g = arg[n, c]
+        o = out[n, c]
+        tot = 0.0
+        for d in range(4):
+            row = dst[n, c, d]
+            for m in range(M):
+                row[m] = e[m] if (g[m] == d) & (o[m] > 0) else 0
+        for m in range(M):
+            tot += e[m] if o[m] > 0 else 0
+        dsum[n, c] = tot
+
+
+@parallel_kernel
 def max_pool_bwd(dy, arg, dx, mask, use_mask):
     """``dx[n, c, arg // W, arg % W] += dy[n, c, i, j]``, and zero everywhere else.
 
@@ -804,7 +861,8 @@ def max_pool_bwd(dy, arg, dx, mask, use_mask):
 
 
 @parallel_kernel
-def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W, KgP, dsum):
+def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W, KgP, dsum,
+                                    planes):
     """:func:`max_pool_bwd` after :func:`max_pool_2x2_fwd`, written straight into the
     channels-last deltas of the convolution before the pool (``conv.DeltaLayout``), with
     each image's sum of them per channel (the convolution's bias gradient, in parts).
@@ -815,7 +873,8 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
     overlap, so each element reads the one window it belongs to: a select, no scatter.
     ``dsum[n, cd] = sum_{h, w} dst[n, h, w, cd]`` in float64, ``dsum`` (N, Cd): each
     window passes its delta to exactly one element, so this sums the (4x fewer) deltas
-    that pass.
+    that pass.  ``arg`` holds flat indices ``h*W + w`` (:func:`max_pool_2x2_fwd`), or with
+    ``planes`` window positions ``d = 2*(h % 2) + w % 2`` (:func:`max_pool_2x2_planes_fwd`).
     """
     N, C, OH, OW = dy.shape
     Hd, Wd, Cd = dst.shape[1:]
@@ -858,7 +917,7 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
                 if w < 0 or w >= W or j >= OW:
                     row[wd] = 0
                     continue
-                p = h * W + w
+                p = 2 * (h % 2) + w % 2 if planes else h * W + w
                 for cd in range(Cd):
                     row[wd, cd] = val[j, cd] if pos[j, cd] == p else 0
 

@@ -170,11 +170,37 @@ class Conv2d(Module):
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
         return y
 
-    def delta_layout(self) -> _conv.DeltaLayout:
+    def pool_order_shape(self, x) -> tuple | None:
+        """The NCHW output shape if :meth:`forward_pool_order` can take ``x`` (a batch
+        whose output has an even size, :func:`fastconv.conv.pool_order_ok`), else None."""
+        if np.ndim(x) != 4:
+            return None
+        try:
+            geo = _conv.conv_geometry(np.shape(x), self.params["weight"].shape, **self.conv)
+        except (TypeError, ValueError):
+            return None  # forward() raises it, with the same message
+        return (geo.N, geo.K, geo.OH, geo.OW) if _conv.pool_order_ok(geo) else None
+
+    def forward_pool_order(self, x):
+        """:meth:`forward` for a 2x2, stride-2 max pool after this layer: the output in
+        pool order (N, K, 4, OH/2 * OW/2) (see :mod:`fastconv.conv`), and its NCHW shape.
+        In training mode the output lives in this layer's workspace: the next call
+        overwrites it (the pool keeps none of it)."""
+        y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
+                                         **self.conv,
+                                         workspace=self._workspace if self.training else None,
+                                         reuse_output=self.training, pool_order=True)
+        self._saved = (xp, geo, False, y.dtype) if self.training else None
+        return y, (geo.N, geo.K, geo.OH, geo.OW)
+
+    def delta_layout(self) -> _conv.DeltaLayout | _conv.PoolOrderLayout:
         """The layout :meth:`backward_packed` takes its deltas in (after a forward)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        return _conv.delta_layout(self._saved[1], self.needs_input_grad)
+        xp, geo = self._saved[:2]
+        if isinstance(xp, _conv.PixelInput):  # pool order, pixel path
+            return _conv.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
+        return _conv.delta_layout(geo, self.needs_input_grad)
 
     def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray:
         """This layer's reusable array for deltas in ``layout``, for a layer after it that
@@ -191,7 +217,11 @@ class Conv2d(Module):
         if dy.shape != expected:
             raise ValueError(f"Conv2d.backward got grad_output of shape {dy.shape}, the "
                              f"forward output had shape {expected}")
-        dyp = _conv.pack_deltas(dy.astype(dtype, copy=False), layout, self._workspace)
+        dy = dy.astype(dtype, copy=False)
+        if isinstance(layout, _conv.PoolOrderLayout):
+            dyp = _conv.to_pool_order(dy)
+        else:
+            dyp = _conv.pack_deltas(dy, layout, self._workspace)
         dx = self.backward_packed(dyp, layout)
         return dx[0] if unbatched and dx is not None else dx
 
@@ -200,8 +230,12 @@ class Conv2d(Module):
         write them), and optionally their per-image channel sums ``dsum`` (N, Cd) float64
         (see :func:`fastconv.conv.backward_saved`)."""
         xp, geo = self._saved[:2]
-        dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
-                                          self.needs_input_grad, self._workspace, dsum)
+        if isinstance(layout, _conv.PoolOrderLayout):
+            dx, dw, db = _conv.backward_pool_order(xp, geo, self.params["weight"], dyp,
+                                                   self.needs_input_grad, dsum)
+        else:
+            dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
+                                              self.needs_input_grad, self._workspace, dsum)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
@@ -262,7 +296,7 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         y, idx = pool.max_pool2d(x, **self.args, return_indices=True)
-        self._saved = (idx, np.shape(x), None) if self.training else None
+        self._saved = (idx, np.shape(x), None, False) if self.training else None
         return y
 
     def forward_after_relu(self, x):
@@ -270,7 +304,25 @@ class MaxPool2d(Module):
         (max and ReLU commute), with ReLU on the pooled, smaller array."""
         y, idx = pool.max_pool2d(x, **self.args, return_indices=True)  # float32/64 out
         _k.relu_fwd(y.reshape(-1), y.reshape(-1))
-        self._saved = (idx, np.shape(x), y) if self.training else None
+        self._saved = (idx, np.shape(x), y, False) if self.training else None
+        return y
+
+    def is_2x2(self, shape) -> bool:
+        """Whether this pools inputs of ``shape`` in 2x2 windows at stride 2, unpadded."""
+        try:
+            return pool.pool_geometry(shape, **self.args)[:6] == (2, 2, 2, 2, 0, 0)
+        except (TypeError, ValueError):
+            return False  # forward() raises it, with the same message
+
+    def forward_pool_order(self, y4, shape):
+        """:meth:`forward_after_relu` of the convolution output ``y4`` in pool order
+        (N, C, 4, M) whose NCHW shape is ``shape`` (:meth:`Conv2d.forward_pool_order`), for
+        a 2x2, stride-2 pool (:meth:`is_2x2`)."""
+        N, C, H, W = shape
+        y = np.empty((N, C, H // 2, W // 2), y4.dtype)
+        idx = np.empty((N, C, H // 2, W // 2), np.int8)  # window position 2*(h%2) + w%2
+        _k.max_pool_2x2_planes_fwd(y4, y.reshape(N, C, -1), idx.reshape(N, C, -1))
+        self._saved = (idx, tuple(shape), y, True) if self.training else None
         return y
 
     def backward(self, dy):
@@ -278,13 +330,16 @@ class MaxPool2d(Module):
         :meth:`forward_after_relu` (deltas pass where the pooled output is positive)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        idx, shape, relu_out = self._saved
+        idx, shape, relu_out, planes = self._saved
         if relu_out is None:
             return pool.max_pool2d_backward(dy, idx, shape)
         dy = np.ascontiguousarray(dy, dtype=relu_out.dtype)
         if dy.shape != relu_out.shape:
             raise ValueError(f"backward got grad_output of shape {dy.shape}, but the forward "
                              f"output had shape {relu_out.shape}")
+        if planes:
+            dy4, _ = self._planes_backward(dy)
+            return _conv.from_pool_order(dy4, shape[2], shape[3])
         dx = np.empty(shape, relu_out.dtype)
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
@@ -300,18 +355,32 @@ class MaxPool2d(Module):
         ``dx`` itself)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        idx, shape, relu_out = self._saved
-        g = pool.pool_geometry(shape, **self.args)
+        idx, shape, relu_out, planes = self._saved
         dy = np.asarray(dy)
-        if g[:6] != (2, 2, 2, 2, 0, 0) or dy.shape != idx.shape or not dy.size:
+        if isinstance(layout, _conv.PoolOrderLayout):
+            if planes and dy.shape == idx.shape:
+                return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype), out)
+            return _conv.to_pool_order(self.backward(dy)), None
+        if not self.is_2x2(shape) or dy.shape != idx.shape or not dy.size:
             return _conv.pack_deltas(self.backward(dy), layout), None
         dyp = np.empty(layout.shape, dy.dtype) if out is None else out
         dsum = np.empty((layout.shape[0], layout.shape[3]), np.float64)
         _k.max_pool_2x2_bwd_channels_last(
             np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,
             relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP,
-            dsum)
+            dsum, planes)
         return dyp, dsum
+
+    def _planes_backward(self, dy, out=None):
+        """Deltas in pool order (N, C, 4, M) and their sums (N, C) after
+        :meth:`forward_pool_order`; ``dy`` C-contiguous in the output's dtype."""
+        idx, shape, relu_out, _ = self._saved
+        N, C = shape[:2]
+        dy4 = np.empty((N, C, 4, idx[0, 0].size), dy.dtype) if out is None else out
+        dsum = np.empty((N, C), np.float64)
+        _k.max_pool_2x2_planes_bwd(dy.reshape(N, C, -1), idx.reshape(N, C, -1),
+                                   relu_out.reshape(N, C, -1), dy4, dsum)
+        return dy4, dsum
 
     def _forget(self):
         self._saved = None
@@ -450,8 +519,17 @@ class Sequential(Module):
 
     def forward(self, x):
         steps = list(self._steps())
+        pooled = False
         for t, step in enumerate(steps):
-            if len(step) == 2:
+            if pooled:  # this ReLU + pool ran with the convolution before it
+                pooled = False
+                continue
+            if self._pool_order(steps, t, x):
+                # Conv2d, ReLU, 2x2 MaxPool2d: the convolution writes its output in the
+                # order the pool reads (conv.py, "Pool order").
+                y4, shape = step[0].forward_pool_order(x)
+                x, pooled = steps[t + 1][1].forward_pool_order(y4, shape), True
+            elif len(step) == 2:
                 x = step[1].forward_after_relu(x)
             elif (isinstance(step[0], Conv2d) and t + 1 < len(steps)
                     and isinstance(steps[t + 1][0], _KEEP_NO_INPUT)):
@@ -460,6 +538,16 @@ class Sequential(Module):
             else:
                 x = step[0].forward(x)
         return x
+
+    @staticmethod
+    def _pool_order(steps, t, x) -> bool:
+        """Whether step ``t`` is a Conv2d that can write ``x``'s output in pool order for
+        the ReLU + 2x2 max pool of step ``t + 1``."""
+        if not (isinstance(steps[t][0], Conv2d) and t + 1 < len(steps)
+                and len(steps[t + 1]) == 2):
+            return False
+        shape = steps[t][0].pool_order_shape(x)
+        return shape is not None and steps[t + 1][1].is_2x2(shape)
 
     def backward(self, dy):
         steps = list(self._steps())

@@ -280,23 +280,30 @@ def test_relu_dtypes_follow_the_conv_rules():
     assert fused(np.ones((1, 1, 4, 4), np.float16)).dtype == np.float32
 
 
-@pytest.mark.parametrize("conv_args, shape, pool_args, relu, dx, dtype", [
+@pytest.mark.parametrize("conv_args, shape, pool_args, relu, dx, dtype, planes", [
     (dict(in_channels=1, out_channels=32, kernel_size=5, padding=2), (3, 1, 12, 12),
-     dict(kernel_size=2), True, False, np.float32),  # conv1 of two_conv
+     dict(kernel_size=2), True, False, np.float32, True),  # conv1 of two_conv
     (dict(in_channels=4, out_channels=64, kernel_size=5, padding=2), (2, 4, 10, 10),
-     dict(kernel_size=2), True, True, np.float32),  # the wide dW tile
+     dict(kernel_size=2), True, True, np.float32, True),  # the wide dW tile
     (dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
-     (2, 4, 11, 9), dict(kernel_size=2), True, True, np.float64),  # groups, odd, strided
+     (2, 4, 11, 9), dict(kernel_size=2), True, True, np.float64, False),  # groups, odd, strided
     (dict(in_channels=3, out_channels=5, kernel_size=3), (2, 3, 9, 8),
-     dict(kernel_size=2), False, True, np.float32),  # a pool straight after the conv
+     dict(kernel_size=2), False, True, np.float32, False),  # a pool straight after the conv
     (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (2, 3, 9, 8),
-     dict(kernel_size=3, stride=2, padding=1), True, True, np.float32),  # the general pool
+     dict(kernel_size=3, stride=2, padding=1), True, True, np.float32, False),  # the general pool
+    (dict(in_channels=8, out_channels=40, kernel_size=3, padding=1), (2, 8, 10, 12),
+     dict(kernel_size=2), True, True, np.float32, True),  # pool order, channel tile
+    (dict(in_channels=8, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=2),
+     (2, 8, 14, 17), dict(kernel_size=2, stride=2), True, True, np.float64, True),  # ... strided
 ])
 def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape, pool_args,
-                                                                relu, dx, dtype, rng):
+                                                                relu, dx, dtype, planes, rng):
     """In a Sequential, the pool after a conv writes the conv's deltas straight in its packed
-    layout, and the conv reuses its workspace; over several steps, with a batch size change,
-    gradients must be bit-identical to fresh layers run one by one."""
+    layout (or the conv writes its output in pool order and the pool its deltas likewise),
+    and the conv reuses its workspace; over several steps, with a batch size change,
+    outputs and dX must be bit-identical to fresh layers run one by one.  dW too, except
+    after a pool-order pixel layer: its dW runs the pixel kernel on pool-order deltas, the
+    layer alone the channel tile, the same float sums in another order."""
 
     def layers():
         conv = nn.Conv2d(**conv_args, rng=np.random.default_rng(1), dtype=dtype)
@@ -312,6 +319,7 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
         for layer in single:
             a = layer(a)
         np.testing.assert_array_equal(y, a)
+        assert seq[-1]._saved[3] == planes  # the pool ran on pool order
         dy = rng.standard_normal(y.shape).astype(dtype)
         dx_seq = seq.backward(dy)
         for layer in reversed(single):
@@ -320,10 +328,14 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
             np.testing.assert_array_equal(dx_seq, dy)
         else:
             assert dx_seq is None and dy is None
-        np.testing.assert_array_equal(seq[0].grads["weight"], single[0].grads["weight"])
         # The 2x2 pool sums the deltas it passes for the bias gradient: the same float64
         # sum as the conv's own, in another order.
         tol = 1e-12 if dtype == np.float64 else 1e-6
+        if isinstance(seq[0]._saved[0], conv_mod.PixelInput):
+            np.testing.assert_allclose(seq[0].grads["weight"], single[0].grads["weight"],
+                                       rtol=10 * tol, atol=10 * tol)
+        else:
+            np.testing.assert_array_equal(seq[0].grads["weight"], single[0].grads["weight"])
         np.testing.assert_allclose(seq[0].grads["bias"], single[0].grads["bias"], rtol=tol,
                                    atol=tol)
     assert "y" in seq[0]._workspace._arrays  # the conv's output was scratch, reused
