@@ -22,6 +22,7 @@ __all__ = [
     "ConvGeometry",
     "DeltaLayout",
     "PoolOrderLayout",
+    "PooledDeltas",
     "backward_pool_order",
     "backward_saved",
     "conv2d_saving",
@@ -581,9 +582,10 @@ def _grad_weight_pixels(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.
         geo.N, geo.K, px.OH, px.OW), geo)
 
 
-def _grad_weight_pixel_input(px: PixelInput, dy: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+def _grad_weight_pixel_input(px: PixelInput, dy, geo: ConvGeometry) -> np.ndarray:
     """dW (K, C, R, S) from the input as the pixel kernels read it and C-contiguous deltas
-    ``dy`` (N, K, px.OH, px.OW) in its rows."""
+    ``dy`` (N, K, px.OH, px.OW) in its rows, or :class:`PooledDeltas` of its four
+    pool-order rows."""
     N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
     T = C * R * S
     TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
@@ -593,10 +595,14 @@ def _grad_weight_pixel_input(px: PixelInput, dy: np.ndarray, geo: ConvGeometry) 
     # sweep them (shapes only).  Against 256 KiB: 1.03-1.06x on the few-channel layers, and
     # 1x1 layers went from 0.89-0.94x to 1.04-1.10x the speed of the channel tile this
     # kernel replaced there.  Each task ends with a horizontal sum of its 20 vectors.
-    P = _batch_chunks(N, K * px.OH * px.OW * dy.itemsize, _DW_PIXEL_CHUNK_BYTES)
-    part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dy.dtype)
-    _k.conv_dw_pixels(px.xf, dy, toff, part)
-    dw = np.empty((K, T), dy.dtype)
+    dtype = px.xf.dtype
+    P = _batch_chunks(N, K * px.OH * px.OW * dtype.itemsize, _DW_PIXEL_CHUNK_BYTES)
+    part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dtype)
+    if isinstance(dy, PooledDeltas):
+        _k.conv_dw_pool_planes(px.xf, dy.g, dy.sel, toff, part)
+    else:
+        _k.conv_dw_pixels(px.xf, dy, toff, part)
+    dw = np.empty((K, T), dtype)
     dw[:, px.taps] = _sum_chunks(part).transpose(0, 2, 1, 3).reshape(
         KTn * _k.DK, TTn * _k.DT)[:K, :T]
     return dw.reshape(K, C, R, S)
@@ -675,9 +681,28 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
 
 class PoolOrderLayout(NamedTuple):
     """Deltas in pool order, ``shape`` (N, K, 4, M): the layout in which a pixel-path
-    convolution run with ``pool_order`` takes them in backward (see the section above)."""
+    convolution run with ``pool_order`` takes them in backward (see the section above),
+    as an array or as :class:`PooledDeltas`."""
 
     shape: tuple[int, int, int, int]
+
+
+class PooledDeltas(NamedTuple):
+    """Deltas in pool order as the 2x2 pool's backward hands them over, unexpanded:
+    ``dy4[n, k, d, m] = g[n, k, m]`` if ``sel[n, k, m] == d`` else 0.
+
+    g : (N, K, M) the pooled deltas that pass the ReLU;  sel : (N, K, M) int8 the window
+    position of each maximum.  :func:`kernels.conv_dw_pool_planes` reads them as they
+    are, a quarter of the memory of ``dy4``.
+    """
+
+    g: np.ndarray
+    sel: np.ndarray
+
+    def expand(self) -> np.ndarray:
+        """``dy4`` (N, K, 4, M)."""
+        d = np.arange(4, dtype=np.int8)[:, None]
+        return np.where(self.sel[:, :, None] == d, self.g[:, :, None], 0).astype(self.g.dtype)
 
 
 def pool_order_ok(geo: ConvGeometry) -> bool:
@@ -877,16 +902,26 @@ def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None, d
     return dx, dw, db
 
 
-def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4: np.ndarray,
-                        need_dx=True, dsum=None):
+def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4, need_dx=True,
+                        dsum=None):
     """dX, dW and db of a pixel-path convolution run by ``conv2d_saving(...,
-    pool_order=True)``, from its :class:`PixelInput` and deltas in pool order ``dy4``
-    (N, K, 4, M), C-contiguous.  ``dsum`` (N, K) float64, if given, holds each image's sum
-    of ``dy4`` per channel.  Returns as :func:`backward_saved`."""
-    w = np.asarray(weight, dy4.dtype)
-    dw = _grad_weight_pixel_input(px, dy4, geo)
-    db = (dy4.sum(axis=(0, 2, 3), dtype=np.float64) if dsum is None
-          else dsum.sum(axis=0)).astype(dy4.dtype)
+    pool_order=True)``, from its :class:`PixelInput` and deltas in pool order ``dy4``:
+    (N, K, 4, M) C-contiguous, or :class:`PooledDeltas`.  ``dsum`` (N, K) float64, if
+    given, holds each image's sum of the deltas per channel.  Returns as
+    :func:`backward_saved`."""
+    if isinstance(dy4, PooledDeltas):
+        dtype = dy4.g.dtype
+        dw = _grad_weight_pixel_input(px, dy4, geo)
+        if dsum is None:
+            dsum = dy4.g.sum(axis=2, dtype=np.float64)
+        dy4 = dy4.expand() if need_dx else None
+    else:
+        dtype = dy4.dtype
+        dw = _grad_weight_pixel_input(px, dy4, geo)
+        if dsum is None:
+            dsum = dy4.sum(axis=(2, 3), dtype=np.float64)
+    w = np.asarray(weight, dtype)
+    db = dsum.sum(axis=0).astype(dtype)
     dx = None
     if need_dx:
         # Rare (a first layer needs no dX): through the channel tile's layout.

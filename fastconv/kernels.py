@@ -676,32 +676,110 @@ def conv_dw_pixels(x, dy, toff, part):
                         a2 = xn[uj + o2 + uq] if keep else zero
                         a3 = xn[uj + o3 + uq] if keep else zero
                         a4 = xn[uj + o4 + uq] if keep else zero
-                        acc[0, q] += e0 * a0
-                        acc[1, q] += e0 * a1
-                        acc[2, q] += e0 * a2
-                        acc[3, q] += e0 * a3
-                        acc[4, q] += e0 * a4
-                        acc[5, q] += e1 * a0
-                        acc[6, q] += e1 * a1
-                        acc[7, q] += e1 * a2
-                        acc[8, q] += e1 * a3
-                        acc[9, q] += e1 * a4
-                        acc[10, q] += e2 * a0
-                        acc[11, q] += e2 * a1
-                        acc[12, q] += e2 * a2
-                        acc[13, q] += e2 * a3
-                        acc[14, q] += e2 * a4
-                        acc[15, q] += e3 * a0
-                        acc[16, q] += e3 * a1
-                        acc[17, q] += e3 * a2
-                        acc[18, q] += e3 * a3
-                        acc[19, q] += e3 * a4
-        for a in range(DK):
-            for b in range(DT):
-                tot = zero
-                for q in range(PX):
-                    tot += acc[a * DT + b, q]
-                part[p, kt, tt, a, b] = tot
+                        _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
+        _dw_pixel_sums(acc, part[p, kt, tt], zero)
+
+
+@numba.njit(inline="always")
+def _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4):
+    """Lane ``q`` of one step of the pixel dW tile: DK deltas times DT inputs."""
+    acc[0, q] += e0 * a0
+    acc[1, q] += e0 * a1
+    acc[2, q] += e0 * a2
+    acc[3, q] += e0 * a3
+    acc[4, q] += e0 * a4
+    acc[5, q] += e1 * a0
+    acc[6, q] += e1 * a1
+    acc[7, q] += e1 * a2
+    acc[8, q] += e1 * a3
+    acc[9, q] += e1 * a4
+    acc[10, q] += e2 * a0
+    acc[11, q] += e2 * a1
+    acc[12, q] += e2 * a2
+    acc[13, q] += e2 * a3
+    acc[14, q] += e2 * a4
+    acc[15, q] += e3 * a0
+    acc[16, q] += e3 * a1
+    acc[17, q] += e3 * a2
+    acc[18, q] += e3 * a3
+    acc[19, q] += e3 * a4
+
+
+@numba.njit(inline="always")
+def _dw_pixel_sums(acc, out, zero):
+    """``out[a, b]`` (DK, DT) = the sum of the lanes of the pixel dW tile's ``a*DT + b``."""
+    for a in range(DK):
+        for b in range(DT):
+            tot = zero
+            for q in range(PX):
+                tot += acc[a * DT + b, q]
+            out[a, b] = tot
+
+
+@parallel_kernel
+def conv_dw_pool_planes(x, g, sel, toff, part):
+    """:func:`conv_dw_pixels` on deltas in pool order that it makes as it reads them from
+    the pooled deltas, for the layer before a 2x2 max pool: the 4x larger pool-order
+    deltas are never written.
+
+    ``dy[n, k, d, m] = g[n, k, m]`` if ``sel[n, k, m] == d`` else 0, for the four planes
+    ``d`` (rows of ``toff``, (4, ceil(T/DT)*DT)); g : (N, K, M) the pooled deltas, ReLU
+    applied; sel : (N, K, M) int8 the window position of each maximum
+    (:func:`max_pool_2x2_planes_fwd`).  x, part and the tile as in :func:`conv_dw_pixels`.
+    Each pixel vector of ``g`` and ``sel`` is loaded once for all four planes; the selects
+    cost less than the loads of the deltas they replace.
+    """
+    N, K, M = g.shape
+    P, KTn, TTn = part.shape[:3]
+    NT = KTn * TTn
+    JT = (M + PX - 1) // PX
+    for task in prange(P * NT):
+        p, n0, n1, t = _chunk_task(task, NT, N, P)
+        tt = t % TTn
+        kt = t // TTn
+        zero = x.dtype.type(0)
+        acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
+        for a in range(DK * DT):
+            for q in range(PX):
+                acc[a, q] = 0
+        k0 = min(kt * DK + 0, K - 1)
+        k1 = min(kt * DK + 1, K - 1)
+        k2 = min(kt * DK + 2, K - 1)
+        k3 = min(kt * DK + 3, K - 1)
+        for n in range(n0, n1):
+            xn = x[n]
+            g0 = g[n, k0]
+            g1 = g[n, k1]
+            g2 = g[n, k2]
+            g3 = g[n, k3]
+            s0 = sel[n, k0]
+            s1 = sel[n, k1]
+            s2 = sel[n, k2]
+            s3 = sel[n, k3]
+            for jt in range(JT):
+                j0 = min(jt * PX, M - PX)
+                lo = jt * PX - j0  # lanes below lo were counted by the previous vector
+                uj = np.uint64(j0)
+                for d in range(4):
+                    o0 = np.uint64(toff[d, tt * DT + 0])
+                    o1 = np.uint64(toff[d, tt * DT + 1])
+                    o2 = np.uint64(toff[d, tt * DT + 2])
+                    o3 = np.uint64(toff[d, tt * DT + 3])
+                    o4 = np.uint64(toff[d, tt * DT + 4])
+                    for q in range(PX):
+                        uq = np.uint64(q)
+                        keep = q >= lo
+                        e0 = g0[uj + uq] if keep & (s0[uj + uq] == d) else zero
+                        e1 = g1[uj + uq] if keep & (s1[uj + uq] == d) else zero
+                        e2 = g2[uj + uq] if keep & (s2[uj + uq] == d) else zero
+                        e3 = g3[uj + uq] if keep & (s3[uj + uq] == d) else zero
+                        a0 = xn[uj + o0 + uq] if keep else zero
+                        a1 = xn[uj + o1 + uq] if keep else zero
+                        a2 = xn[uj + o2 + uq] if keep else zero
+                        a3 = xn[uj + o3 + uq] if keep else zero
+                        a4 = xn[uj + o4 + uq] if keep else zero
+                        _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
+        _dw_pixel_sums(acc, part[p, kt, tt], zero)
 
 
 # Pooling, derived once
@@ -813,27 +891,25 @@ def max_pool_2x2_planes_fwd(y4, out, arg):
 
 
 @parallel_kernel
-def max_pool_2x2_planes_bwd(dy, arg, out, dst, dsum):
-    """The backward of :func:`max_pool_2x2_planes_fwd` (ReLU included), in pool order.
-
-    ``dst[n, c, d, m] = dy[n, c, m]`` if ``arg[n, c, m] == d`` and ``out[n, c, m] > 0``,
-    else 0; ``dsum[n, c]`` (float64) is the sum of ``dst[n, c]``, the convolution's bias
-    gradient in parts.  dy, out : (N, C, M); dst : (N, C, 4, M), every element written.
+def max_pool_2x2_planes_bwd(dy, out, g, dsum):
+    """The ReLU part of the backward of :func:`max_pool_2x2_planes_fwd`: the pooled deltas
+    that pass, ``g = dy where out > 0 else 0``, and their sums per image and channel,
+    ``dsum`` (N, C) float64 (the convolution's bias gradient in parts).  dy, out, g :
+    (N, C, M).  The routing to the window positions is left to the reader (pool order:
+    ``dy4[n, c, d, m] = g[n, c, m]`` where ``arg[n, c, m] == d``, else 0).
     """
     N, C, M = dy.shape
     for task in prange(N * C):
         n = task // C
         c = task % C
         e = dy[n, c]
-        g = arg[n, c]
         o = out[n, c]
+        gr = g[n, c]
         tot = 0.0
-        for d in range(4):
-            row = dst[n, c, d]
-            for m in range(M):
-                row[m] = e[m] if (g[m] == d) & (o[m] > 0) else 0
         for m in range(M):
-            tot += e[m] if o[m] > 0 else 0
+            v = e[m] if o[m] > 0 else 0
+            gr[m] = v
+            tot += v
         dsum[n, c] = tot
 
 

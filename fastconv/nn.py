@@ -202,9 +202,12 @@ class Conv2d(Module):
             return _conv.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
         return _conv.delta_layout(geo, self.needs_input_grad)
 
-    def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray:
+    def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray | None:
         """This layer's reusable array for deltas in ``layout``, for a layer after it that
-        writes all of it (border included) in :meth:`backward_packed`'s layout."""
+        writes all of it (border included) in :meth:`backward_packed`'s layout.  None for
+        pool order, whose deltas the pool hands over unexpanded (``conv.PooledDeltas``)."""
+        if isinstance(layout, _conv.PoolOrderLayout):
+            return None
         return self._workspace.zeros("dy", layout.shape, self._saved[3])
 
     def backward(self, dy):
@@ -338,8 +341,8 @@ class MaxPool2d(Module):
             raise ValueError(f"backward got grad_output of shape {dy.shape}, but the forward "
                              f"output had shape {relu_out.shape}")
         if planes:
-            dy4, _ = self._planes_backward(dy)
-            return _conv.from_pool_order(dy4, shape[2], shape[3])
+            pooled, _ = self._planes_backward(dy)
+            return _conv.from_pool_order(pooled.expand(), shape[2], shape[3])
         dx = np.empty(shape, relu_out.dtype)
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
@@ -359,7 +362,7 @@ class MaxPool2d(Module):
         dy = np.asarray(dy)
         if isinstance(layout, _conv.PoolOrderLayout):
             if planes and dy.shape == idx.shape:
-                return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype), out)
+                return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype))
             return _conv.to_pool_order(self.backward(dy)), None
         if not self.is_2x2(shape) or dy.shape != idx.shape or not dy.size:
             return _conv.pack_deltas(self.backward(dy), layout), None
@@ -371,16 +374,15 @@ class MaxPool2d(Module):
             dsum, planes)
         return dyp, dsum
 
-    def _planes_backward(self, dy, out=None):
-        """Deltas in pool order (N, C, 4, M) and their sums (N, C) after
-        :meth:`forward_pool_order`; ``dy`` C-contiguous in the output's dtype."""
+    def _planes_backward(self, dy):
+        """The deltas in pool order as ``conv.PooledDeltas`` and their sums (N, C) float64
+        after :meth:`forward_pool_order`; ``dy`` C-contiguous in the output's dtype."""
         idx, shape, relu_out, _ = self._saved
         N, C = shape[:2]
-        dy4 = np.empty((N, C, 4, idx[0, 0].size), dy.dtype) if out is None else out
+        g = np.empty((N, C, idx[0, 0].size), dy.dtype)
         dsum = np.empty((N, C), np.float64)
-        _k.max_pool_2x2_planes_bwd(dy.reshape(N, C, -1), idx.reshape(N, C, -1),
-                                   relu_out.reshape(N, C, -1), dy4, dsum)
-        return dy4, dsum
+        _k.max_pool_2x2_planes_bwd(dy.reshape(N, C, -1), relu_out.reshape(N, C, -1), g, dsum)
+        return _conv.PooledDeltas(g, idx.reshape(N, C, -1)), dsum
 
     def _forget(self):
         self._saved = None

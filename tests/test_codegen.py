@@ -87,6 +87,18 @@ def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
     assert "vgather" not in asm
 
 
+def test_pool_plane_dw_kernel_uses_packed_fma_without_gathers():
+    f = _fresh(K.conv_dw_pool_planes)
+    f(np.zeros((2, 400), np.float32), np.zeros((2, K.DK, 40), np.float32),
+      np.zeros((2, K.DK, 40), np.int8), np.zeros((4, K.DT), np.int64),
+      np.zeros((1, 1, 1, K.DK, K.DT), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # The four planes of a pixel vector, unrolled: DK x DT FMAs each, the deltas made by
+    # selects from vectors of the pooled ones, no gathers.
+    assert len(PACKED_FMA.findall(_fma_loop(asm))) >= 4 * K.DK * K.DT
+    assert "vgather" not in asm
+
+
 def test_matmul_kernel_keeps_its_tile_in_registers():
     f = _fresh(K.matmul_tiles)
     f(np.zeros((7, 9), np.float32), np.zeros((9, K.MC), np.float32),

@@ -52,10 +52,17 @@ def test_pool_order_pixel_backward_matches_the_functional_gradients(xs, ws, kw, 
     w = rng.standard_normal(ws).astype(dtype)
     y4, px, geo = conv.conv2d_saving(x, w, None, **kw, pool_order=True)
     dy4 = rng.standard_normal(y4.shape).astype(dtype)
-    dy = conv.from_pool_order(dy4, geo.OH, geo.OW)
     dsum = dy4.astype(np.float64).sum(axis=(2, 3))
-    for given in (None, dsum):
-        dx, dw, db = conv.backward_pool_order(px, geo, w, dy4, True, given)
+    # The pool's unexpanded form of the same deltas: one window position per pixel.
+    sel = rng.integers(0, 4, (*y4.shape[:2], y4.shape[3])).astype(np.int8)
+    g = rng.standard_normal(sel.shape).astype(dtype)
+    pooled = conv.PooledDeltas(g, sel)
+    np.testing.assert_array_equal(pooled.expand().sum(axis=2), g)
+    for deltas, given in [(dy4, None), (dy4, dsum), (pooled, None),
+                          (pooled, g.astype(np.float64).sum(axis=2))]:
+        dense = deltas if isinstance(deltas, np.ndarray) else deltas.expand()
+        dy = conv.from_pool_order(dense, geo.OH, geo.OW)
+        dx, dw, db = conv.backward_pool_order(px, geo, w, deltas, True, given)
         tol = 1e-10 if dtype == np.float64 else 2e-4
         np.testing.assert_allclose(dw, conv.conv2d_grad_weight(x, dy, w.shape, **kw),
                                    rtol=tol, atol=tol)
@@ -64,6 +71,7 @@ def test_pool_order_pixel_backward_matches_the_functional_gradients(xs, ws, kw, 
         np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=tol, atol=tol)
         assert dw.dtype == db.dtype == dx.dtype == dtype
     assert conv.backward_pool_order(px, geo, w, dy4, False)[0] is None
+    assert conv.backward_pool_order(px, geo, w, pooled, False)[0] is None
 
 
 @pytest.mark.parametrize("xs, ws, kw", [
@@ -119,8 +127,9 @@ def test_planes_pool_backward_routes_like_the_nchw_pool(rng):
     np.testing.assert_array_equal(planes.backward(dy), want)
     # In pool order for a pixel-path convolution, with the per-image channel sums ...
     layout = conv.PoolOrderLayout((2, 6, 4, 30))
-    dy4, dsum = planes.backward_packed(dy, layout)
-    np.testing.assert_array_equal(dy4, conv.to_pool_order(want))
+    pooled, dsum = planes.backward_packed(dy, layout)
+    assert pooled.g.shape == pooled.sel.shape == (2, 6, 30)
+    np.testing.assert_array_equal(pooled.expand(), conv.to_pool_order(want))
     np.testing.assert_allclose(dsum, want.astype(np.float64).sum(axis=(2, 3)), rtol=1e-12)
     # ... and channels-last for the channel tile, as after the NCHW pool.
     layer = nn.Conv2d(3, 6, 3, padding=1, rng=np.random.default_rng(0))
