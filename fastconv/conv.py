@@ -10,6 +10,7 @@ Legend: ``x, w, b, y, dy, dx, dw`` and ``N, C, H, W, K, R, S, OH, OW, G`` as in
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -505,7 +506,7 @@ def _shifted_planes(a: np.ndarray, geo: ConvGeometry) -> np.ndarray:
         return a
     out = np.empty((N, C, geo.S, H + pt + pb, geo.OW), a.dtype)
     _k.shifted_planes(np.ascontiguousarray(a).reshape(N, C, H * W), W, out, pt, pl, geo.sw,
-                      geo.dlw)
+                      np.arange(geo.S) * geo.dlw, 0)
     return out.reshape(N, C * geo.S, H + pt + pb, geo.OW)
 
 
@@ -727,17 +728,21 @@ def _pool_order_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> PixelInput
     consecutive inputs, rows joined.  One plane pair per distinct q (S + 1 for dilation 1).
     """
     N, C, H, W = x.shape
-    R, S, dlh, dlw = geo.R, geo.S, geo.dlh, geo.dlw
-    pt, pb, pl, pr = geo.pads
+    pt, pb, pl, _ = geo.pads
     OH2, OW2 = geo.OH // 2, geo.OW // 2
     Hp2 = -(-(H + pt + pb) // 2)
-    qs = sorted({b + s * dlw for b in (0, 1) for s in range(S)})
-    xpad = ws.zeros("xpad", (N, C, 2 * Hp2, W + pl + pr), x.dtype)
-    xpad[:, :, pt:pt + H, pl:pl + W] = x
+    qs, taps, toff = _pool_order_taps(C, geo.R, geo.S, geo.dlh, geo.dlw, Hp2, OW2)
     xq = ws.empty("xq", (N, C, len(qs), 2, Hp2, OW2), x.dtype)
-    for iq, q in enumerate(qs):
-        cols = xpad[:, :, :, q:q + 2 * OW2 - 1:2]  # (N, C, 2*Hp2, OW2)
-        xq[:, :, iq] = cols.reshape(N, C, Hp2, 2, OW2).transpose(0, 1, 3, 2, 4)
+    _k.shifted_planes(np.ascontiguousarray(x).reshape(N, C, H * W), W,
+                      xq.reshape(N, C, len(qs), 2 * Hp2, OW2), pt, pl, 2, qs, Hp2)
+    return PixelInput(xq.reshape(N, -1), taps, toff, 4, OH2 * OW2)
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_order_taps(C, R, S, dlh, dlw, Hp2, OW2):
+    """:func:`_pool_order_input`'s column offsets ``qs`` and tap tables (read-only, cached:
+    a training step asks for the same ones every time)."""
+    qs = np.array(sorted({b + s * dlw for b in (0, 1) for s in range(S)}))
     # Taps in the order (c, s, r), as :func:`_pixel_input` has them: the same sums in the
     # same order, so the same outputs to the bit.
     c, s, r = np.unravel_index(np.arange(C * R * S), (C, S, R))
@@ -745,7 +750,10 @@ def _pool_order_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> PixelInput
     u = a[:, None] + r * dlh  # (4, T)
     iq = np.searchsorted(qs, b[:, None] + s * dlw)
     toff = (((c * len(qs) + iq) * 2 + u % 2) * Hp2 + u // 2) * OW2
-    return PixelInput(xq.reshape(N, -1), (c * R + r) * S + s, toff, 4, OH2 * OW2)
+    out = qs, (c * R + r) * S + s, toff
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def _forward_pool_order_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,

@@ -86,12 +86,15 @@ def pack_channels_last(src, dst, pt, pl, G, CgP):
 
 
 @parallel_kernel
-def shifted_planes(src, W, dst, pt, pl, sw, dlw):
-    """The input of a stride-1 layer as the pixel kernels read it (``conv._pixel_input``).
+def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
+    """The input of a stride-1 layer as the pixel kernels read it (``conv._pixel_input``,
+    and ``conv._pool_order_input``).
 
-    ``dst[n, c, s, h, j] = x[n, c, h - pt, j*sw + s*dlw - pl]`` where that is inside the
-    input ``x``, else zero: for every filter column ``s``, the columns it reads for output
-    columns ``j < OW``, in every row of the input padded by ``pt`` above.
+    ``dst[n, c, s, h, j] = x[n, c, h - pt, j*sw + qoff[s] - pl]`` where that is inside the
+    input ``x``, else zero: for every filter column ``s`` (column offset ``qoff[s]``), the
+    columns it reads for output columns ``j < OW``, in every row of the input padded by
+    ``pt`` above.  With ``Hh > 0`` the rows come split by parity instead: ``dst`` row ``h``
+    holds padded row ``2*(h % Hh) + h // Hh`` (the even rows, then the odd ones).
 
     src : (N, C, H*W)      the input ``x``, C-contiguous, each plane flattened.
     dst : (N, C, S, Hp, OW), every element written.
@@ -104,13 +107,14 @@ def shifted_planes(src, W, dst, pt, pl, sw, dlw):
         c = task % C
         xs = src[n, c]
         for s in range(S):
-            # Output columns [j0, j1) read input columns j*sw + s*dlw - pl inside [0, W).
-            j0 = min(OW, max(0, (pl - s * dlw + sw - 1) // sw))
-            j1 = max(j0, min(OW, (W - 1 + pl - s * dlw) // sw + 1))
-            u0 = j0 * sw + s * dlw - pl
+            # Output columns [j0, j1) read input columns j*sw + qoff[s] - pl inside [0, W).
+            q = qoff[s]
+            j0 = min(OW, max(0, (pl - q + sw - 1) // sw))
+            j1 = max(j0, min(OW, (W - 1 + pl - q) // sw + 1))
+            u0 = j0 * sw + q - pl
             for h in range(Hp):
                 drow = dst[n, c, s, h]
-                ih = h - pt
+                ih = (2 * (h % Hh) + h // Hh if Hh > 0 else h) - pt
                 if ih < 0 or ih >= H:
                     for j in range(OW):
                         drow[j] = 0
