@@ -639,18 +639,12 @@ def conv_dw_pixels(x, dy, toff, part):
     NT = KTn * TTn
     JT = (OW + PX - 1) // PX
     for task in prange(P * NT):
-        p, n0, n1, t = _chunk_task(task, NT, N, P)
-        tt = t % TTn
-        kt = t // TTn
+        p, n0, n1, kt, tt, k0, k1, k2, k3 = _dw_pixel_task(task, NT, N, P, TTn, K)
         zero = x.dtype.type(0)
         acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
         for a in range(DK * DT):
             for q in range(PX):
                 acc[a, q] = 0
-        k0 = min(kt * DK + 0, K - 1)
-        k1 = min(kt * DK + 1, K - 1)
-        k2 = min(kt * DK + 2, K - 1)
-        k3 = min(kt * DK + 3, K - 1)
         for n in range(n0, n1):
             xn = x[n]
             for i in range(OH):
@@ -658,11 +652,7 @@ def conv_dw_pixels(x, dy, toff, part):
                 d1 = dy[n, k1, i]
                 d2 = dy[n, k2, i]
                 d3 = dy[n, k3, i]
-                o0 = np.uint64(toff[i, tt * DT + 0])
-                o1 = np.uint64(toff[i, tt * DT + 1])
-                o2 = np.uint64(toff[i, tt * DT + 2])
-                o3 = np.uint64(toff[i, tt * DT + 3])
-                o4 = np.uint64(toff[i, tt * DT + 4])
+                o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
                 for jt in range(JT):
                     j0 = min(jt * PX, OW - PX)
                     lo = jt * PX - j0  # lanes below lo were counted by the previous vector
@@ -675,13 +665,37 @@ def conv_dw_pixels(x, dy, toff, part):
                         e1 = d1[uj + uq] if keep else zero
                         e2 = d2[uj + uq] if keep else zero
                         e3 = d3[uj + uq] if keep else zero
-                        a0 = xn[uj + o0 + uq] if keep else zero
-                        a1 = xn[uj + o1 + uq] if keep else zero
-                        a2 = xn[uj + o2 + uq] if keep else zero
-                        a3 = xn[uj + o3 + uq] if keep else zero
-                        a4 = xn[uj + o4 + uq] if keep else zero
+                        a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, uj + uq, o0, o1, o2, o3,
+                                                              o4, keep, zero)
                         _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
         _dw_pixel_sums(acc, part[p, kt, tt], zero)
+
+
+@numba.njit(inline="always")
+def _dw_pixel_task(task, NT, N, P, TTn, K):
+    """A pixel dW task's batch chunk ``p`` (samples ``n0 .. n1 - 1``), its channel and tap
+    blocks ``kt`` and ``tt``, and its DK output channels (past ``K``, the last repeated)."""
+    p, n0, n1, t = _chunk_task(task, NT, N, P)
+    kt = t // TTn
+    return (p, n0, n1, kt, t % TTn, min(kt * DK + 0, K - 1), min(kt * DK + 1, K - 1),
+            min(kt * DK + 2, K - 1), min(kt * DK + 3, K - 1))
+
+
+@numba.njit(inline="always")
+def _dw_tap_offsets(row, tt):
+    """The DT offsets of tap block ``tt`` from one output row's tap table, unsigned (no
+    negative-index wraparound to check in the loads)."""
+    return (np.uint64(row[tt * DT + 0]), np.uint64(row[tt * DT + 1]),
+            np.uint64(row[tt * DT + 2]), np.uint64(row[tt * DT + 3]),
+            np.uint64(row[tt * DT + 4]))
+
+
+@numba.njit(inline="always")
+def _dw_pixel_inputs(xn, u, o0, o1, o2, o3, o4, keep, zero):
+    """Lane ``u`` of the DT input vectors of a pixel dW step (zero unless ``keep``)."""
+    return (xn[u + o0] if keep else zero, xn[u + o1] if keep else zero,
+            xn[u + o2] if keep else zero, xn[u + o3] if keep else zero,
+            xn[u + o4] if keep else zero)
 
 
 @numba.njit(inline="always")
@@ -738,18 +752,12 @@ def conv_dw_pool_planes(x, g, sel, toff, part):
     NT = KTn * TTn
     JT = (M + PX - 1) // PX
     for task in prange(P * NT):
-        p, n0, n1, t = _chunk_task(task, NT, N, P)
-        tt = t % TTn
-        kt = t // TTn
+        p, n0, n1, kt, tt, k0, k1, k2, k3 = _dw_pixel_task(task, NT, N, P, TTn, K)
         zero = x.dtype.type(0)
         acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
         for a in range(DK * DT):
             for q in range(PX):
                 acc[a, q] = 0
-        k0 = min(kt * DK + 0, K - 1)
-        k1 = min(kt * DK + 1, K - 1)
-        k2 = min(kt * DK + 2, K - 1)
-        k3 = min(kt * DK + 3, K - 1)
         for n in range(n0, n1):
             xn = x[n]
             g0 = g[n, k0]
@@ -765,11 +773,7 @@ def conv_dw_pool_planes(x, g, sel, toff, part):
                 lo = jt * PX - j0  # lanes below lo were counted by the previous vector
                 uj = np.uint64(j0)
                 for d in range(4):
-                    o0 = np.uint64(toff[d, tt * DT + 0])
-                    o1 = np.uint64(toff[d, tt * DT + 1])
-                    o2 = np.uint64(toff[d, tt * DT + 2])
-                    o3 = np.uint64(toff[d, tt * DT + 3])
-                    o4 = np.uint64(toff[d, tt * DT + 4])
+                    o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[d], tt)
                     for q in range(PX):
                         uq = np.uint64(q)
                         keep = q >= lo
@@ -777,11 +781,8 @@ def conv_dw_pool_planes(x, g, sel, toff, part):
                         e1 = g1[uj + uq] if keep & (s1[uj + uq] == d) else zero
                         e2 = g2[uj + uq] if keep & (s2[uj + uq] == d) else zero
                         e3 = g3[uj + uq] if keep & (s3[uj + uq] == d) else zero
-                        a0 = xn[uj + o0 + uq] if keep else zero
-                        a1 = xn[uj + o1 + uq] if keep else zero
-                        a2 = xn[uj + o2 + uq] if keep else zero
-                        a3 = xn[uj + o3 + uq] if keep else zero
-                        a4 = xn[uj + o4 + uq] if keep else zero
+                        a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, uj + uq, o0, o1, o2, o3,
+                                                              o4, keep, zero)
                         _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
         _dw_pixel_sums(acc, part[p, kt, tt], zero)
 
