@@ -648,17 +648,28 @@ def _forward_pixel_input(px: PixelInput, w, b, geo: ConvGeometry, ws=_FRESH) -> 
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
-                    ws=_FRESH) -> np.ndarray:
+                    ws=_FRESH, pool_order=False) -> np.ndarray:
     """y (N, K, OH, OW) from the packed input by the channel tile; ``w``, ``b`` in its
-    dtype; ``y`` is the array ``"y"`` of workspace ``ws``."""
+    dtype; ``y`` is the array ``"y"`` of workspace ``ws``.  With ``pool_order``, y
+    (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution of twice the stride
+    (see "Pool order" below)."""
     G, Kg = geo.G, geo.Kg
-    y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
     if b is not None:
         bb[:, :Kg] = b.reshape(G, Kg)
-    _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
-                  0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
+    if not pool_order:
+        y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
+        _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
+                      0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
+        return y
+    OH2, OW2 = geo.OH // 2, geo.OW // 2
+    y = ws.empty("y", (geo.N, geo.K, 4, OH2 * OW2), xp.dtype)
+    planes = y.reshape(geo.N, geo.K, 4 * OH2, OW2)  # plane d is rows d*OH2 ... + OH2 - 1
+    for d in range(4):
+        a, c = divmod(d, 2)
+        _k.conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
+                      a * geo.sh, c * geo.sw, d * OH2, 0, 1, 1, False, 0, 0, 0, 0)
     return y
 
 
@@ -675,9 +686,9 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
 #
 # Output row 2i + a reads input row (2i + a)*sh + r*dlh, column likewise: each plane is a
 # convolution with twice the stride, starting a*sh rows and b*sw columns further in.  The
-# channel tile runs the four as they are.  The pixel kernels need, for every tap, the
-# plane's consecutive pixels m to read consecutive inputs; :func:`_pool_order_input` lays
-# the input out so (stride 1 only).
+# channel tile runs the four as they are (:func:`_forward_packed`).  The pixel kernels
+# need, for every tap, the plane's consecutive pixels m to read consecutive inputs;
+# :func:`_pool_order_input` lays the input out so (stride 1 only).
 
 
 class PoolOrderLayout(NamedTuple):
@@ -754,25 +765,6 @@ def _pool_order_taps(C, R, S, dlh, dlw, Hp2, OW2):
     for a in out:
         a.flags.writeable = False
     return out
-
-
-def _forward_pool_order_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
-                               ws=_FRESH) -> np.ndarray:
-    """y (N, K, 4, M) in pool order from the packed input by the channel tile: each plane
-    a convolution of twice the stride (see the section above)."""
-    G, Kg = geo.G, geo.Kg
-    OH2, OW2 = geo.OH // 2, geo.OW // 2
-    y = ws.empty("y", (geo.N, geo.K, 4, OH2 * OW2), xp.dtype)
-    wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
-    bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
-    if b is not None:
-        bb[:, :Kg] = b.reshape(G, Kg)
-    planes = y.reshape(geo.N, geo.K, 4 * OH2, OW2)  # plane d is rows d*OH2 ... + OH2 - 1
-    for d in range(4):
-        a, c = divmod(d, 2)
-        _k.conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
-                      a * geo.sh, c * geo.sw, d * OH2, 0, 1, 1, False, 0, 0, 0, 0)
-    return y
 
 
 def to_pool_order(y: np.ndarray) -> np.ndarray:
@@ -878,7 +870,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
         return _forward_pixel_input(px, w, b, geo, out_ws), px, geo
     if pool_order:
         xp = _pack_input(x, geo, workspace or _FRESH)
-        return _forward_pool_order_packed(xp, w, b, geo, out_ws), xp, geo
+        return _forward_packed(xp, w, b, geo, out_ws, pool_order=True), xp, geo
     xp = _pack_input(x, geo, workspace or _FRESH) if keep or not pixels else None
     if pixels:
         y = _forward_pixels(x, w, b, geo, out_ws)

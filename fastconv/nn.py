@@ -151,24 +151,25 @@ class Conv2d(Module):
         self._workspace = _conv.Workspace()  # packed input, deltas (and scratch output)
 
     def forward(self, x):
-        return self._forward(x, False)
+        return self._forward(x, False)[0]
 
     def forward_scratch(self, x):
         """:meth:`forward`, with the output in this layer's workspace in training mode: the
         next call overwrites it.  For a :class:`Sequential` whose next layer is done with
         it by then (it keeps no reference to its input)."""
-        return self._forward(x, self.training)
+        return self._forward(x, self.training)[0]
 
-    def _forward(self, x, reuse_output):
+    def _forward(self, x, reuse_output, pool_order=False):
+        """``(y, geo)`` of ``conv2d_saving``, keeping what backward reads."""
         # Only training steps reuse the workspace: evaluation batches (often larger) would
         # otherwise keep their buffers alive and make the next training step reallocate.
         y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
                                          **self.conv,
                                          workspace=self._workspace if self.training else None,
-                                         reuse_output=reuse_output)
+                                         reuse_output=reuse_output, pool_order=pool_order)
         # The packed input, not x: dW reads it again in backward.
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
-        return y
+        return y, geo
 
     def pool_order_shape(self, x) -> tuple | None:
         """The NCHW output shape if :meth:`forward_pool_order` can take ``x`` (a batch
@@ -186,11 +187,7 @@ class Conv2d(Module):
         pool order (N, K, 4, OH/2 * OW/2) (see :mod:`fastconv.conv`), and its NCHW shape.
         In training mode the output lives in this layer's workspace: the next call
         overwrites it (the pool keeps none of it)."""
-        y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
-                                         **self.conv,
-                                         workspace=self._workspace if self.training else None,
-                                         reuse_output=self.training, pool_order=True)
-        self._saved = (xp, geo, False, y.dtype) if self.training else None
+        y, geo = self._forward(x, self.training, pool_order=True)
         return y, (geo.N, geo.K, geo.OH, geo.OW)
 
     def delta_layout(self) -> _conv.DeltaLayout | _conv.PoolOrderLayout:
