@@ -33,6 +33,11 @@ CACHE = os.environ.get("FASTCONV_NO_CACHE", "") in ("", "0")
 #: Decorator for the parallel kernels.
 parallel_kernel = numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True)
 
+#: Decorator for serial helpers that a parallel kernel calls from its loop body.  A helper
+#: compiled on its own, outside the outlined ``prange`` body, can keep its loop-invariant
+#: pointers in registers: inlined there, the same loop reloads them from the stack.
+serial_kernel = numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
+
 
 @intrinsic
 def _stack_alloc(typingctx, rows, cols, dtype):

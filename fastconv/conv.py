@@ -18,6 +18,9 @@ import numba
 import numpy as np
 
 from . import kernels as _k
+from . import winograd as _wino
+from .winograd import enabled as get_winograd
+from .winograd import set_enabled as set_winograd
 
 __all__ = [
     "ConvGeometry",
@@ -37,8 +40,10 @@ __all__ = [
     "conv_output_size",
     "from_pool_order",
     "get_num_threads",
+    "get_winograd",
     "pool_order_ok",
     "set_num_threads",
+    "set_winograd",
     "to_pool_order",
 ]
 
@@ -394,6 +399,10 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
                        geo: ConvGeometry) -> np.ndarray:
     """dX from deltas in ``layout``; ``w`` (K, Cg, R, S) in the deltas' dtype."""
     G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
+    if _wino.usable(geo, dyp.dtype):
+        dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+        if _wino.grad_input(dyp, w, dx):
+            return dx
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
     # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction runs
     # over k, including the layout's zero channels (KgP, with zero weights).
@@ -414,6 +423,10 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
 def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
                         geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas."""
+    if _wino.usable(geo, dyp.dtype):
+        dw = _wino.grad_weight(xp, dyp, layout.top, layout.left, geo.K, geo.C)
+        if dw is not None:
+            return dw
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
     kernel, KBW, TC = _dw_tile(geo)
     KBn = -(-Kg // KBW)
@@ -653,6 +666,12 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
     dtype; ``y`` is the array ``"y"`` of workspace ``ws``.  With ``pool_order``, y
     (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution of twice the stride
     (see "Pool order" below)."""
+    if _wino.usable(geo, xp.dtype):
+        shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
+            geo.N, geo.K, geo.OH, geo.OW)
+        y = ws.empty("y", shape, xp.dtype)
+        if _wino.forward(xp, w, b, y, pool_order):
+            return y
     G, Kg = geo.G, geo.Kg
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
@@ -1050,7 +1069,7 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     if _pixel_ok(geo):
         return _grad_weight_pixels(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
                                    geo)
-    if _cvec_ok(geo):
+    if _cvec_ok(geo) and not _wino.usable(geo, dtype):
         return _grad_weight_cvec(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
                                  geo)
     layout = delta_layout(geo, need_dx=False)

@@ -56,3 +56,13 @@ def random_problem(rng, N, C, H, W, K, R, S, conv, dtype=np.float64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def direct_only():
+    """Run the test with Winograd disabled (for tests of a direct kernel's path)."""
+    from fastconv import winograd
+    was = winograd.enabled()
+    winograd.set_enabled(False)
+    yield
+    winograd.set_enabled(was)

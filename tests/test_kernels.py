@@ -181,7 +181,7 @@ def _cvec_cases():
 @pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_cvec_cases()))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_nchw_delta_dw_kernel_against_reference(N, C, H, W, K, R, S, conv, dtype, rng,
-                                                 cvec_calls):
+                                                 cvec_calls, direct_only):
     conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
     x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
     dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)

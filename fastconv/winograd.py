@@ -1,0 +1,176 @@
+"""Winograd F(2x2, 5x5): the transforms, when they are used, and the calls of
+:mod:`fastconv.winograd_kernels`.
+
+A 5x5, stride-1 convolution computes each 2x2 tile of outputs from a 6x6 tile of input
+with 36 multiplications per channel pair instead of 100 (see the kernels' module for the
+formulas and for dW's derivation).  :mod:`fastconv.conv` calls these wrappers from its
+forward, dX and dW paths when :func:`usable` says so, and falls back to the direct
+kernels otherwise.  Results equal the direct convolution's up to rounding; the rounding
+error is of the same size (see ``tests/test_winograd.py``).
+
+Legend as in :mod:`fastconv.kernels`; ``CP`` and ``KP`` are channel counts padded for the
+kernels' vectors.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import cache
+
+import numpy as np
+
+from . import winograd_kernels as _wk
+
+#: Interpolation points of F(2, 5) (and of F(5, 2) for dW), plus the point at infinity.
+POINTS = (0, 1, -1, Fraction(1, 2), -2)
+
+_enabled = True
+
+
+def set_enabled(flag: bool) -> None:
+    """Use Winograd F(2x2, 5x5) for the fp32 layers where it applies (``True``, the
+    default), or the direct kernels for every layer (``False``).  Process-wide, like
+    :func:`fastconv.set_num_threads`.  Exported as ``fastconv.set_winograd``."""
+    global _enabled
+    if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"set_winograd takes True or False, got {flag!r}")
+    _enabled = bool(flag)
+
+
+def enabled() -> bool:
+    """Whether Winograd may run (:func:`set_enabled`).  Exported as
+    ``fastconv.get_winograd``."""
+    return _enabled
+
+
+def _vandermonde(points, n):
+    """Rows (1, p, ..., p**(n-1)) for each point, then the point at infinity (0, ..., 0, 1)."""
+    rows = [[Fraction(p) ** i for i in range(n)] for p in points]
+    return rows + [[Fraction(0)] * (n - 1) + [Fraction(1)]]
+
+
+def _inverse(m):
+    """Exact inverse of a square matrix of Fractions (Gauss-Jordan)."""
+    n = len(m)
+    a = [row[:] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(m)]
+    for col in range(n):
+        piv = next(i for i in range(col, n) if a[i][col] != 0)
+        a[col], a[piv] = a[piv], a[col]
+        a[col] = [v / a[col][col] for v in a[col]]
+        for i in range(n):
+            if i != col and a[i][col] != 0:
+                f = a[i][col]
+                a[i] = [vi - f * vc for vi, vc in zip(a[i], a[col], strict=True)]
+    return [row[n:] for row in a]
+
+
+@cache
+def transforms(m: int = 2, r: int = 5, points=POINTS):
+    """Exact Toom-Cook matrices of F(m, r) as lists of Fractions: ``(AT, G, BT, scale)``.
+
+    ``AT`` (m, a), ``G`` (a, r), ``BT`` (a, a), ``a = m + r - 1``, with
+    ``y = AT @ ((G @ g) * (BT @ d))`` the correlation ``y[i] = sum_k d[i + k] * g[k]``.
+    ``AT`` and ``G`` are the Vandermonde matrices of the points (with infinity) for
+    degrees below m and r; ``BT`` is the transposed inverse of the full one.  Each row of
+    ``BT`` is then multiplied by ``scale[row]`` to make it small integers, and the same
+    row of ``G`` divided by it.
+    """
+    a = m + r - 1
+    AT = [list(col) for col in zip(*_vandermonde(points, m), strict=True)]
+    G = _vandermonde(points, r)
+    BT = [list(col) for col in zip(*_inverse(_vandermonde(points, a)), strict=True)]
+    scale = []
+    for i, row in enumerate(BT):
+        den = np.lcm.reduce([v.denominator for v in row])
+        num = np.gcd.reduce([(v * int(den)).numerator for v in row])
+        s = Fraction(int(den), int(num))
+        scale.append(s)
+        BT[i] = [v * s for v in row]
+        G[i] = [v / s for v in G[i]]
+    return AT, G, BT, scale
+
+
+def _float(m) -> np.ndarray:
+    return np.array([[float(v) for v in row] for row in m])
+
+
+_G = _float(transforms()[1])  # (6, 5), the kernels' B^T and A^T are hard-coded
+
+
+def kernel_constants(dtype) -> np.ndarray:
+    """The constants ``kc`` of the kernels' transforms, in ``dtype``."""
+    return np.array([0.5, 2, 3, 4, 5, 0], dtype)
+
+
+def usable(geo, dtype) -> bool:
+    """Whether a layer of geometry ``geo`` runs by Winograd in ``dtype``: enabled, fp32,
+    one group, a 5x5 filter at stride 1 without dilation, padding of at most 4 on every
+    side, an even output, output and input (dX's output) at least ``2*TT`` wide, and
+    input channels a multiple of ``VL`` (as the direct kernels pack them).  fp64 keeps
+    the direct kernels: who asks for fp64 wants their accuracy."""
+    return (_enabled and np.dtype(dtype) == np.float32 and geo.G == 1
+            and (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) == (5, 5, 1, 1, 1, 1)
+            and max(geo.pads) <= 4 and geo.OH % 2 == 0 and geo.OW % 2 == 0
+            and geo.OH > 0 and min(geo.OW, geo.W) >= 2 * _wk.TT and geo.N > 0
+            and geo.C % _wk.VL == 0)
+
+
+def filter_transform(w: np.ndarray, CP: int, dtype) -> np.ndarray:
+    """``U`` (36, CP, KP) = ``G w G^T`` per point for weights ``w`` (K, C, 5, 5), in
+    float64 then ``dtype``; zero past ``C`` and ``K``, ``KP`` a multiple of ``KW``."""
+    K, C = w.shape[:2]
+    KP = -(-K // _wk.KW) * _wk.KW
+    U = np.zeros((36, CP, KP), dtype)
+    _wk.filter_transform(w.transpose(1, 2, 3, 0).astype(np.float64), _G, U)
+    return U
+
+
+# Non-finite values.  The direct kernels propagate an inf or NaN to exactly the outputs
+# whose sums it enters; a transform spreads it over the whole 2x2 tile (or, for dW, over
+# the whole filter), and can overflow where the direct sums do not.  Any of these leaves
+# an inf or NaN in the result, which the kernels report (``chk``) or the wrapper sees,
+# and the caller then runs the direct kernel instead.
+
+
+def forward(xp: np.ndarray, w: np.ndarray, b, y: np.ndarray,
+            pool_order: bool = False) -> bool:
+    """The valid 5x5 correlation of the packed input ``xp`` (N, OH+4, OW+4, CP) with
+    ``w`` (K, C, 5, 5), plus ``b`` (K,) or None, into ``y``: (N, K, OH, OW), or with
+    ``pool_order`` (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the
+    result has an inf or NaN (see above)."""
+    U = filter_transform(w, xp.shape[3], xp.dtype)
+    bp = np.zeros(U.shape[2], xp.dtype)
+    if b is not None:
+        bp[:w.shape[0]] = b
+    chk = np.zeros((_wk.NCH, _wk.VL), xp.dtype)
+    _wk.winograd_tiles(xp, U, bp, y, kernel_constants(xp.dtype), pool_order, chk)
+    return bool(np.isfinite(chk).all())
+
+
+def grad_input(dyp: np.ndarray, w: np.ndarray, dx: np.ndarray) -> bool:
+    """dX (N, C, H, W) into ``dx`` from deltas ``dyp`` (N, H+4, W+4, KgP) padded as the
+    full correlation needs, and ``w`` (K, C, 5, 5): the forward kernel with the filters
+    rotated by 180 degrees and the channel roles swapped.  False as :func:`forward`."""
+    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 5, 5)
+    return forward(dyp, wt, None, dx)
+
+
+def grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
+                C: int) -> np.ndarray | None:
+    """dW (K, C, 5, 5) from the packed input ``xp`` (N, OH+4, OW+4, CP) and the
+    channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at
+    ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN.
+
+    The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64 and
+    transformed back with ``G``.
+    """
+    N, Hp, Wp, CP = xp.shape
+    KP = dyp.shape[3]
+    ntile = N * (Hp - 4) // 2 * ((Wp - 4) // 2)
+    P = max(1, min(8, ntile // (4 * _wk.TB)))  # from the shapes only
+    part = np.empty((P, 36, CP, KP), xp.dtype)
+    _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
+    dwt = np.empty((CP, 5, 5, KP))
+    _wk.dw_transform(part, _G, dwt)
+    dw = dwt[:C, :, :, :K].transpose(3, 0, 1, 2).astype(xp.dtype, order="C")
+    return dw if np.isfinite(dw).all() else None

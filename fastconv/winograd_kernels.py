@@ -1,0 +1,470 @@
+"""Numba kernels for Winograd F(2x2, 5x5) convolution: forward (and dX, a forward pass of
+the deltas) and dW.
+
+This module holds only ``@njit`` kernels: no validation, no Python objects.  The transform
+matrices are derived, and the wrappers check arguments, in :mod:`fastconv.winograd`.
+
+Legend
+------
+``x, U, b, y``   input, transformed weights, bias, output
+``dy, dw``       output deltas and the weight gradient
+``N, C, K``      batch, input and output channels (``C`` a multiple of ``VL``, ``KP`` the
+                 output channels padded to a multiple of ``KW``)
+``OH, OW``       output size, both even; ``TH, TWn = OH/2, OW/2`` tiles of 2 x 2 outputs
+``p = 6*xi + nu`` one of the 36 points of the 6 x 6 transform domain
+``TT``           tiles per task of the forward kernel: one register tile of the product
+``KW``           output channels per register tile of the forward product (two vectors)
+``VL``           lanes of one vector of fp32 (zmm)
+``TB``           tiles per block of the dW kernel
+``DC``           input channels per register tile of the dW product
+``NCH``          chunks of the forward's tasks, each with its own scratch
+
+The algorithm (one tile, one input channel c, one output channel k)
+-----------------------------------------------------------------
+A 2 x 2 output tile ``y`` reads a 6 x 6 input tile ``d``.  With the 6 x 6 input transform
+``B^T``, the 6 x 5 filter transform ``G`` and the 2 x 6 output transform ``A^T``::
+
+    y = A^T [ (G w G^T) (.) (B^T d B) ] A          ((.) elementwise, summed over c)
+
+so each of the 36 points p is a matrix product over channels,
+``M[p][tile, k] = sum_c V[p][tile, c] * U[p][c, k]``, with 36 multiplications per 4
+outputs instead of 100.  ``U = G w G^T`` is computed once per call by the wrapper.
+
+Derivation of dW.  Winograd's F(5, 2) from the same interpolation points computes the
+5 x 5 correlation of a 6 x 6 input tile with a 2 x 2 "filter", and that is exactly one
+tile's contribution to dW: ``dw[r, s] = sum_{i,j} d[i + r, j + s] * dy[i, j]``.  Its
+transforms are those of F(2, 5) with the roles of ``A`` and ``G`` swapped (both are the
+interpolation points' Vandermonde matrices; ``B`` depends on the points only)::
+
+    dw = G^T [ sum_tiles (A dy A^T) (.) (B^T d B) ] G
+
+so dW reuses the forward's input transform, sums products over all tiles (a long
+reduction, unlike the forward's over ``C``), and transforms back once per call.
+The wrapper scales the rows of ``B^T`` to small integers and divides ``G``'s rows by the
+same factors, which leaves both formulas unchanged.
+
+Points 0, 1, -1, 1/2, -2 and infinity keep the fp32 rounding error of F(2x2, 5x5) close
+to the direct convolution's (see the tests).  The transforms' constants come in ``kc``,
+an array of the data's dtype: a Python float literal would turn fp32 arithmetic into fp64.
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from ._jit import parallel_kernel, serial_kernel, stack_tile
+
+TT = 7
+KW = 32
+VL = 16
+TB = 28
+DC = 8
+NCH = 32
+
+_u = np.uint64
+
+
+@numba.njit(inline="always")
+def _bt6(d0, d1, d2, d3, d4, d5, kc):
+    """The six rows of the scaled ``B^T`` applied to (d0, ..., d5); ``kc`` holds
+    (1/2, 2, 3, 4, 5, 0) in the data's dtype."""
+    c2, c3, c4, c5 = kc[1], kc[2], kc[3], kc[4]
+    return (c2 * d0 - c3 * d1 - c4 * d2 + c3 * d3 + c2 * d4,
+            -c2 * d1 + d2 + c5 * d3 + c2 * d4,
+            -c2 * d1 + c5 * d2 - d3 - c2 * d4,
+            c2 * d1 + d2 - c2 * d3 - d4,
+            d1 - c2 * d2 - d3 + c2 * d4,
+            c2 * d1 - c3 * d2 - c4 * d3 + c3 * d4 + c2 * d5)
+
+
+@numba.njit(inline="always")
+def _at6(m0, m1, m2, m3, m4, m5, kc):
+    """The two rows of ``A^T`` applied to (m0, ..., m5)."""
+    return m0 + m1 + m2 + m3 + m4, m1 - m2 + kc[0] * m3 - kc[1] * m4 + m5
+
+
+@numba.njit(inline="always")
+def _a6(e0, e1, kc):
+    """The six rows of ``A`` applied to (e0, e1): the deltas' transform in dW."""
+    return e0, e0 + e1, e0 - e1, e0 + kc[0] * e1, e0 - kc[1] * e1, e1
+
+
+@numba.njit(inline="always")
+def _a6_store(dt, nu, c, e0, e1, kc):
+    """``dt[6*xi + nu, c] = (A (e0, e1))[xi]`` for the six xi."""
+    z0, z1, z2, z3, z4, z5 = _a6(e0, e1, kc)
+    dt[nu, c] = z0
+    dt[6 + nu, c] = z1
+    dt[12 + nu, c] = z2
+    dt[18 + nu, c] = z3
+    dt[24 + nu, c] = z4
+    dt[30 + nu, c] = z5
+
+
+@numba.njit(inline="always")
+def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp, vl):
+    """``V[vo + p*vstep + c] = (B^T d B)[p]`` for the 6 x 6 tile of ``vl`` channels whose
+    element (i, j) is ``xf[o + i*rstep + j*cstep + c]``: rows first, then columns,
+    through the stack tile ``tmp`` (36, VL).
+
+    ``vl == VL``, passed at run time: a loop of constant trip count this short is fully
+    unrolled into scalar code, and Numba runs no SLP vectoriser to merge it again; with a
+    bound LLVM cannot see, the loop vectoriser turns it into whole vectors."""
+    for i in range(6):
+        oi = o + _u(i) * rstep
+        for c in range(vl):
+            cu = _u(c)
+            u0, u1, u2, u3, u4, u5 = _bt6(
+                xf[oi + cu], xf[oi + cstep + cu], xf[oi + _u(2) * cstep + cu],
+                xf[oi + _u(3) * cstep + cu], xf[oi + _u(4) * cstep + cu],
+                xf[oi + _u(5) * cstep + cu], kc)
+            tmp[i * 6, c] = u0
+            tmp[i * 6 + 1, c] = u1
+            tmp[i * 6 + 2, c] = u2
+            tmp[i * 6 + 3, c] = u3
+            tmp[i * 6 + 4, c] = u4
+            tmp[i * 6 + 5, c] = u5
+    for nu in range(6):
+        for c in range(vl):
+            v0, v1, v2, v3, v4, v5 = _bt6(tmp[nu, c], tmp[6 + nu, c], tmp[12 + nu, c],
+                                          tmp[18 + nu, c], tmp[24 + nu, c], tmp[30 + nu, c],
+                                          kc)
+            q = vo + _u(nu) * vstep + _u(c)
+            V[q] = v0
+            V[q + _u(6) * vstep] = v1
+            V[q + _u(12) * vstep] = v2
+            V[q + _u(18) * vstep] = v3
+            V[q + _u(24) * vstep] = v4
+            V[q + _u(30) * vstep] = v5
+
+
+@serial_kernel
+def _product(V, U, M, C, KP):
+    """``M[p, t, k] = sum_c V[p, t, c] * U[p, c, k]`` for the 36 points and ``TT`` tiles:
+    V (36, TT, C), U (36, C, KP), M (36, TT, KP), all flat.
+
+    The register tile is ``TT`` tiles x ``KW`` channels: ``TT`` broadcast values of V times
+    two vectors of U, 14 packed FMAs per channel c.
+    """
+    acc = stack_tile(TT, KW, V.dtype)
+    kw = min(KW, KP)  # == KW; a bound LLVM cannot see keeps the stores vectorised
+    for p in range(36):
+        vb = _u(p * TT * C)
+        for kb in range(KP // KW):
+            ub = _u(p * C * KP + kb * KW)
+            for t in range(TT):
+                for k in range(KW):
+                    acc[t, k] = 0
+            for c in range(C):
+                cu = _u(c)
+                v0 = V[vb + cu]
+                v1 = V[vb + _u(C) + cu]
+                v2 = V[vb + _u(2 * C) + cu]
+                v3 = V[vb + _u(3 * C) + cu]
+                v4 = V[vb + _u(4 * C) + cu]
+                v5 = V[vb + _u(5 * C) + cu]
+                v6 = V[vb + _u(6 * C) + cu]
+                uo = ub + cu * _u(KP)
+                for k in range(KW):
+                    uk = U[uo + _u(k)]
+                    acc[0, k] += v0 * uk
+                    acc[1, k] += v1 * uk
+                    acc[2, k] += v2 * uk
+                    acc[3, k] += v3 * uk
+                    acc[4, k] += v4 * uk
+                    acc[5, k] += v5 * uk
+                    acc[6, k] += v6 * uk
+            for t in range(TT):
+                mo = _u((p * TT + t) * KP + kb * KW)
+                for k in range(kw):
+                    M[mo + _u(k)] = acc[t, k]
+
+
+@parallel_kernel
+def winograd_tiles(x, U, b, y, kc, pool_order, chk):
+    """Winograd F(2x2, 5x5) correlation of a padded channels-last input.
+
+    For ``i < OH = Hp - 4``, ``j < OW = Wp - 4`` and ``k < K``::
+
+        y[n, k, i, j] = b[k] + sum_{r, s < 5, c} x[n, i + r, j + s, c] * w[k, c, r, s]
+
+    x : (N, Hp, Wp, C)     channels-last, zero padded; ``C`` a multiple of ``VL``.
+    U : (36, C, KP)        ``G w G^T`` per point, zero past ``K``; ``KP`` a multiple of
+                           ``KW``.
+    b : (KP,)              bias (zeros for none).
+    kc : (6,)              transform constants (1/2, 2, 3, 4, 5, 0) in the data's dtype.
+    y : (N, K, OH, OW)     NCHW; or with ``pool_order`` (N, K, 4, TH*TWn): pixel
+                           (2a + i, 2q + j) of the 2 x 2 tile (a, q) in plane 2i + j at
+                           a*TWn + q (see :mod:`fastconv.conv`, "Pool order").
+    chk : (NCH, VL)        overwritten: a sum of every output times zero, NaN if any output
+                           is inf or NaN (the wrapper then runs the direct kernel).
+
+    ``OH`` and ``OW`` are even and ``OW >= 2*TT``.  Each task is ``TT`` tiles of one tile
+    row (the last task of a row shifted left to end at the row's end, recomputing a few
+    tiles identically): input transform into ``V`` (36, TT, C), the 36 products
+    (:func:`_product`) into ``M`` (36, TT, KP), the output transform of ``VL`` channels
+    at a time into a stack tile, and whole rows of it stored.  The tasks are cut into
+    chunks, each with its own scratch; each task owns its outputs.
+    """
+    N, Hp, Wp, C = x.shape
+    KP = U.shape[2]
+    K = y.shape[1]
+    TH, TWn = (Hp - 4) // 2, (Wp - 4) // 2
+    TG = -(-TWn // TT)
+    ntask = N * TH * TG
+    nch = min(ntask, NCH)
+    xf = x.reshape(-1)
+    rstep, cstep = _u(Wp * C), _u(C)
+    vl = min(VL, C)  # == VL (see _input_tile)
+    for ch in prange(nch):
+        V = np.empty(36 * TT * C, x.dtype)
+        M = np.empty(36 * TT * KP, x.dtype)
+        tmp = stack_tile(36, VL, x.dtype)
+        ot = stack_tile(VL, 28, x.dtype)  # 28 = 4 * TT outputs of VL channels
+        ck = stack_tile(1, VL, x.dtype)
+        for c in range(VL):
+            ck[0, c] = 0
+        for task in range(ch * ntask // nch, (ch + 1) * ntask // nch):
+            tg = task % TG
+            rest = task // TG
+            a = rest % TH
+            n = rest // TH
+            q0 = min(tg * TT, TWn - TT)
+            for t in range(TT):
+                o = _u(((n * Hp + 2 * a) * Wp + 2 * (q0 + t)) * C)
+                for cv in range(C // VL):
+                    _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
+                                _u(t * C + cv * VL), _u(TT * C), kc, tmp, vl)
+            _product(V, U.reshape(-1), M, C, KP)
+            st = _u(TT * KP)
+            for kv in range(-(-K // VL)):
+                for t in range(TT):
+                    for c in range(vl):
+                        o = _u(t * KP + kv * VL + c)
+                        a0, b0 = _at6(M[o], M[o + st], M[o + _u(2) * st], M[o + _u(3) * st],
+                                      M[o + _u(4) * st], M[o + _u(5) * st], kc)
+                        a1, b1 = _at6(M[o + _u(6) * st], M[o + _u(7) * st],
+                                      M[o + _u(8) * st], M[o + _u(9) * st],
+                                      M[o + _u(10) * st], M[o + _u(11) * st], kc)
+                        a2, b2 = _at6(M[o + _u(12) * st], M[o + _u(13) * st],
+                                      M[o + _u(14) * st], M[o + _u(15) * st],
+                                      M[o + _u(16) * st], M[o + _u(17) * st], kc)
+                        a3, b3 = _at6(M[o + _u(18) * st], M[o + _u(19) * st],
+                                      M[o + _u(20) * st], M[o + _u(21) * st],
+                                      M[o + _u(22) * st], M[o + _u(23) * st], kc)
+                        a4, b4 = _at6(M[o + _u(24) * st], M[o + _u(25) * st],
+                                      M[o + _u(26) * st], M[o + _u(27) * st],
+                                      M[o + _u(28) * st], M[o + _u(29) * st], kc)
+                        a5, b5 = _at6(M[o + _u(30) * st], M[o + _u(31) * st],
+                                      M[o + _u(32) * st], M[o + _u(33) * st],
+                                      M[o + _u(34) * st], M[o + _u(35) * st], kc)
+                        y00, y10 = _at6(a0, a1, a2, a3, a4, a5, kc)
+                        y01, y11 = _at6(b0, b1, b2, b3, b4, b5, kc)
+                        bk = b[kv * VL + c]
+                        ck[0, c] += (y00 + y01 + y10 + y11 + bk) * kc[5]
+                        ot[c, t] = y00 + bk  # plane 2i + j, tile t
+                        ot[c, TT + t] = y01 + bk
+                        ot[c, 2 * TT + t] = y10 + bk
+                        ot[c, 3 * TT + t] = y11 + bk
+                for c in range(min(VL, K - kv * VL)):
+                    k = kv * VL + c
+                    if pool_order:
+                        for d in range(4):
+                            yrow = y[n, k, d, a * TWn + q0:a * TWn + q0 + TT]
+                            for t in range(TT):
+                                yrow[t] = ot[c, d * TT + t]
+                    else:
+                        for i in range(2):
+                            yrow = y[n, k, 2 * a + i, 2 * q0:2 * q0 + 2 * TT]
+                            for t in range(TT):
+                                yrow[2 * t] = ot[c, 2 * i * TT + t]
+                                yrow[2 * t + 1] = ot[c, (2 * i + 1) * TT + t]
+        for c in range(VL):
+            chk[ch, c] = ck[0, c]
+
+
+@serial_kernel
+def _dw_product(V, D, acc_out, nt, C, KP):
+    """``acc_out[p, c, k] += sum_{t < nt} V[p, t, c] * D[t, k // KW, p, k % KW]``:
+    V (36, TB, C), D (TB, KP/KW, 36, KW), acc_out (36, C, KP), all flat.
+
+    The register tile is ``DC`` channels c x ``KW`` channels k: ``DC`` broadcast values of
+    V times two vectors of D per tile t, reduced over the block's tiles.
+    """
+    acc = stack_tile(DC, KW, V.dtype)
+    kw = min(KW, KP)
+    for p in range(36):
+        for cb in range(C // DC):
+            for kb in range(KP // KW):
+                ab = _u((p * C + cb * DC) * KP + kb * KW)
+                for i in range(DC):
+                    for k in range(kw):
+                        acc[i, k] = acc_out[ab + _u(i * KP + k)]
+                vb = _u(p * TB * C + cb * DC)
+                db = _u((kb * 36 + p) * KW)
+                for t in range(nt):
+                    vo = vb + _u(t * C)
+                    v0 = V[vo]
+                    v1 = V[vo + _u(1)]
+                    v2 = V[vo + _u(2)]
+                    v3 = V[vo + _u(3)]
+                    v4 = V[vo + _u(4)]
+                    v5 = V[vo + _u(5)]
+                    v6 = V[vo + _u(6)]
+                    v7 = V[vo + _u(7)]
+                    do = db + _u(t * 36 * KP)
+                    for k in range(KW):
+                        dk = D[do + _u(k)]
+                        acc[0, k] += v0 * dk
+                        acc[1, k] += v1 * dk
+                        acc[2, k] += v2 * dk
+                        acc[3, k] += v3 * dk
+                        acc[4, k] += v4 * dk
+                        acc[5, k] += v5 * dk
+                        acc[6, k] += v6 * dk
+                        acc[7, k] += v7 * dk
+                for i in range(DC):
+                    for k in range(kw):
+                        acc_out[ab + _u(i * KP + k)] = acc[i, k]
+
+
+@parallel_kernel
+def winograd_dw(x, dy, top, left, part, kc):
+    """The transform-domain weight gradient of F(2x2, 5x5), summed per chunk of tiles.
+
+    For the 36 points p, every input channel c and every ``k < KP``::
+
+        part[h, p, c, k] = sum over the tiles of chunk h of (B^T d B)[p] * (A dy A^T)[p]
+
+    where ``d`` is the tile's 6 x 6 input of channel c and ``dy`` its 2 x 2 deltas of
+    channel k; the wrapper sums the chunks and applies ``G^T (.) G``.
+
+    x : (N, Hp, Wp, C)     the forward's packed input (:func:`winograd_tiles`).
+    dy : (N, Hd, Wd, KP)   channels-last deltas, ``dy[n, top + i, left + j, k]`` for
+                           ``i < OH = Hp - 4``, ``j < OW = Wp - 4``; ``KP`` a multiple of
+                           ``KW``.
+    part : (P, 36, C, KP)  one sum per chunk, overwritten.
+    kc : (5,)              transform constants, as for :func:`winograd_tiles`.
+
+    The ``N*TH*TWn`` tiles are cut into ``P`` chunks of consecutive tiles (a number chosen
+    from the shapes only, so the sums do not depend on the thread count); each chunk
+    transforms blocks of ``TB`` tiles into ``V`` and ``D`` and adds their products into its
+    own ``part[h]`` (:func:`_dw_product`).
+    """
+    N, Hp, Wp, C = x.shape
+    KP = dy.shape[3]
+    Hd, Wd = dy.shape[1], dy.shape[2]
+    TH, TWn = (Hp - 4) // 2, (Wp - 4) // 2
+    P = part.shape[0]
+    ntile = N * TH * TWn
+    xf = x.reshape(-1)
+    dyf = dy.reshape(-1)
+    rstep, cstep = _u(Wp * C), _u(C)
+    vl = min(VL, C)  # == VL (see _input_tile)
+    kw = min(KW, KP)  # == KW
+    for h in prange(P):
+        V = np.empty(36 * TB * C, x.dtype)
+        D = np.empty(36 * TB * KP, x.dtype)
+        tmp = stack_tile(36, VL, x.dtype)
+        dt = stack_tile(36, KW, x.dtype)  # one tile's transformed deltas, KW channels
+        dtf = dt.reshape(-1)
+        acc_out = part[h].reshape(-1)
+        for e in range(36 * C * KP):
+            acc_out[e] = 0
+        g1 = (h + 1) * ntile // P
+        for g0 in range(h * ntile // P, g1, TB):
+            nt = min(TB, g1 - g0)
+            for t in range(nt):
+                g = g0 + t
+                q = g % TWn
+                rest = g // TWn
+                a = rest % TH
+                n = rest // TH
+                o = _u(((n * Hp + 2 * a) * Wp + 2 * q) * C)
+                for cv in range(C // VL):
+                    _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
+                                _u(t * C + cv * VL), _u(TB * C), kc, tmp, vl)
+                # The deltas' transform A dy A^T: columns, then rows.
+                r0 = _u(((n * Hd + top + 2 * a) * Wd + left + 2 * q) * KP)
+                r1 = r0 + _u(Wd * KP)
+                for kb in range(KP // KW):
+                    for hv in range(KW // VL):
+                        for c in range(VL):
+                            ku = _u(kb * KW + hv * VL + c)
+                            cc = hv * VL + c
+                            e0, e1, e2, e3, e4, e5 = _a6(dyf[r0 + ku], dyf[r0 + _u(KP) + ku],
+                                                         kc)
+                            f0, f1, f2, f3, f4, f5 = _a6(dyf[r1 + ku], dyf[r1 + _u(KP) + ku],
+                                                         kc)
+                            _a6_store(dt, 0, cc, e0, f0, kc)
+                            _a6_store(dt, 1, cc, e1, f1, kc)
+                            _a6_store(dt, 2, cc, e2, f2, kc)
+                            _a6_store(dt, 3, cc, e3, f3, kc)
+                            _a6_store(dt, 4, cc, e4, f4, kc)
+                            _a6_store(dt, 5, cc, e5, f5, kc)
+                    # One contiguous block of D: a copy loop long enough to vectorise.
+                    do = _u((t * (KP // KW) + kb) * 36 * KW)
+                    for e in range(36 * kw):
+                        D[do + _u(e)] = dtf[e]
+            _dw_product(V, D, acc_out, nt, C, KP)
+
+
+@parallel_kernel
+def filter_transform(w, G, U):
+    """``U[6*xi + nu, c, k] = (G w[k, c] G^T)[xi, nu]``, in float64.
+
+    w : (C, 5, 5, K) float64   weights, channels-last (vectors run over k).
+    G : (6, 5) float64         the filter transform.
+    U : (36, CP, KP)           written for ``c < C``, ``k < K`` only (the wrapper zeroes
+                               the rest).
+    """
+    C, K = w.shape[0], w.shape[3]
+    for c in prange(C):
+        t = np.empty((5, 6, K))
+        for r in range(5):
+            for nu in range(6):
+                g0, g1, g2, g3, g4 = G[nu, 0], G[nu, 1], G[nu, 2], G[nu, 3], G[nu, 4]
+                for k in range(K):
+                    t[r, nu, k] = (w[c, r, 0, k] * g0 + w[c, r, 1, k] * g1 + w[c, r, 2, k] * g2
+                                   + w[c, r, 3, k] * g3 + w[c, r, 4, k] * g4)
+        for xi in range(6):
+            g0, g1, g2, g3, g4 = G[xi, 0], G[xi, 1], G[xi, 2], G[xi, 3], G[xi, 4]
+            for nu in range(6):
+                for k in range(K):
+                    U[6 * xi + nu, c, k] = (g0 * t[0, nu, k] + g1 * t[1, nu, k]
+                                            + g2 * t[2, nu, k] + g3 * t[3, nu, k]
+                                            + g4 * t[4, nu, k])
+
+
+@parallel_kernel
+def dw_transform(part, G, dw):
+    """``dw[c, r, s, k] = (G^T S[c, k] G)[r, s]`` with ``S`` the chunk sums of
+    :func:`winograd_dw` added in float64: ``S[p, c, k] = sum_h part[h, p, c, k]``.
+
+    part : (P, 36, C, KP)    chunk sums.
+    G : (6, 5) float64       the filter transform.
+    dw : (C, 5, 5, KP) float64
+    """
+    P, _, C, KP = part.shape
+    for c in prange(C):
+        S = np.empty((36, KP))
+        for p in range(36):
+            for k in range(KP):
+                S[p, k] = part[0, p, c, k]
+            for h in range(1, P):
+                for k in range(KP):
+                    S[p, k] += part[h, p, c, k]
+        t = np.empty((5, 6, KP))
+        for r in range(5):
+            g0, g1, g2, g3, g4, g5 = G[0, r], G[1, r], G[2, r], G[3, r], G[4, r], G[5, r]
+            for nu in range(6):
+                for k in range(KP):
+                    t[r, nu, k] = (g0 * S[nu, k] + g1 * S[6 + nu, k] + g2 * S[12 + nu, k]
+                                   + g3 * S[18 + nu, k] + g4 * S[24 + nu, k]
+                                   + g5 * S[30 + nu, k])
+        for r in range(5):
+            for s in range(5):
+                g0, g1, g2, g3, g4, g5 = G[0, s], G[1, s], G[2, s], G[3, s], G[4, s], G[5, s]
+                for k in range(KP):
+                    dw[c, r, s, k] = (g0 * t[r, 0, k] + g1 * t[r, 1, k] + g2 * t[r, 2, k]
+                                      + g3 * t[r, 3, k] + g4 * t[r, 4, k] + g5 * t[r, 5, k])
