@@ -102,17 +102,13 @@ def _a6_store(dt, nu, c, e0, e1, kc):
 
 
 @numba.njit(inline="always")
-def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp, vl):
-    """``V[vo + p*vstep + c] = (B^T d B)[p]`` for the 6 x 6 tile of ``vl`` channels whose
+def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp):
+    """``V[vo + p*vstep + c] = (B^T d B)[p]`` for the 6 x 6 tile of ``VL`` channels whose
     element (i, j) is ``xf[o + i*rstep + j*cstep + c]``: rows first, then columns,
-    through the stack tile ``tmp`` (36, VL).
-
-    ``vl == VL``, passed at run time: a loop of constant trip count this short is fully
-    unrolled into scalar code, and Numba runs no SLP vectoriser to merge it again; with a
-    bound LLVM cannot see, the loop vectoriser turns it into whole vectors."""
+    through the stack tile ``tmp`` (36, VL)."""
     for i in range(6):
         oi = o + _u(i) * rstep
-        for c in range(vl):
+        for c in range(VL):
             cu = _u(c)
             u0, u1, u2, u3, u4, u5 = _bt6(
                 xf[oi + cu], xf[oi + cstep + cu], xf[oi + _u(2) * cstep + cu],
@@ -125,7 +121,7 @@ def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp, vl):
             tmp[i * 6 + 4, c] = u4
             tmp[i * 6 + 5, c] = u5
     for nu in range(6):
-        for c in range(vl):
+        for c in range(VL):
             v0, v1, v2, v3, v4, v5 = _bt6(tmp[nu, c], tmp[6 + nu, c], tmp[12 + nu, c],
                                           tmp[18 + nu, c], tmp[24 + nu, c], tmp[30 + nu, c],
                                           kc)
@@ -215,7 +211,6 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
     nch = min(ntask, NCH)
     xf = x.reshape(-1)
     rstep, cstep = _u(Wp * C), _u(C)
-    vl = min(VL, C)  # == VL (see _input_tile)
     for ch in prange(nch):
         V = np.empty(36 * TT * C, x.dtype)
         M = np.empty(36 * TT * KP, x.dtype)
@@ -234,12 +229,12 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
                 o = _u(((n * Hp + 2 * a) * Wp + 2 * (q0 + t)) * C)
                 for cv in range(C // VL):
                     _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
-                                _u(t * C + cv * VL), _u(TT * C), kc, tmp, vl)
+                                _u(t * C + cv * VL), _u(TT * C), kc, tmp)
             _product(V, U.reshape(-1), M, C, KP)
             st = _u(TT * KP)
             for kv in range(-(-K // VL)):
                 for t in range(TT):
-                    for c in range(vl):
+                    for c in range(VL):
                         o = _u(t * KP + kv * VL + c)
                         a0, b0 = _at6(M[o], M[o + st], M[o + _u(2) * st], M[o + _u(3) * st],
                                       M[o + _u(4) * st], M[o + _u(5) * st], kc)
@@ -360,8 +355,7 @@ def winograd_dw(x, dy, top, left, part, kc):
     xf = x.reshape(-1)
     dyf = dy.reshape(-1)
     rstep, cstep = _u(Wp * C), _u(C)
-    vl = min(VL, C)  # == VL (see _input_tile)
-    kw = min(KW, KP)  # == KW
+    kw = min(KW, KP)  # == KW, a bound LLVM cannot see: the copy below vectorises
     for h in prange(P):
         V = np.empty(36 * TB * C, x.dtype)
         D = np.empty(36 * TB * KP, x.dtype)
@@ -383,7 +377,7 @@ def winograd_dw(x, dy, top, left, part, kc):
                 o = _u(((n * Hp + 2 * a) * Wp + 2 * q) * C)
                 for cv in range(C // VL):
                     _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
-                                _u(t * C + cv * VL), _u(TB * C), kc, tmp, vl)
+                                _u(t * C + cv * VL), _u(TB * C), kc, tmp)
                 # The deltas' transform A dy A^T: columns, then rows.
                 r0 = _u(((n * Hd + top + 2 * a) * Wd + left + 2 * q) * KP)
                 r1 = r0 + _u(Wd * KP)
