@@ -96,6 +96,21 @@ def fastconv_pass(pass_: str):
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
 
+def fastconv_direct_pass(pass_: str):
+    """fastconv with Winograd switched off: the direct kernels on every shape."""
+    run = fastconv_pass(pass_)
+
+    def direct(c, a):
+        was = fc.get_winograd()
+        fc.set_winograd(False)
+        try:
+            return run(c, a)
+        finally:
+            fc.set_winograd(was)
+
+    return direct
+
+
 # ---- NumPy im2col + BLAS baseline ----------------------------------------------------
 
 
@@ -166,7 +181,8 @@ def torch_pass(pass_: str):
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
 
-IMPLS = {"fastconv": fastconv_pass, "numpy-im2col": numpy_pass, "torch": torch_pass}
+IMPLS = {"fastconv": fastconv_pass, "fastconv-direct": fastconv_direct_pass,
+         "numpy-im2col": numpy_pass, "torch": torch_pass}
 
 
 def sync_threads() -> int:
