@@ -121,7 +121,7 @@ def filter_transform(w: np.ndarray, CP: int, dtype) -> np.ndarray:
     K, C = w.shape[:2]
     KP = -(-K // _wk.KW) * _wk.KW
     U = np.zeros((36, CP, KP), dtype)
-    _wk.filter_transform(w.transpose(1, 2, 3, 0).astype(np.float64), _G, U)
+    _wk.filter_transform(np.ascontiguousarray(w.transpose(1, 2, 3, 0), np.float64), _G, U)
     return U
 
 
