@@ -339,7 +339,7 @@ def winograd_dw(x, dy, top, left, part, kc):
                            ``i < OH = Hp - 4``, ``j < OW = Wp - 4``; ``KP`` a multiple of
                            ``KW``.
     part : (P, 36, C, KP)  one sum per chunk, overwritten.
-    kc : (5,)              transform constants, as for :func:`winograd_tiles`.
+    kc : (6,)              transform constants, as for :func:`winograd_tiles`.
 
     The ``N*TH*TWn`` tiles are cut into ``P`` chunks of consecutive tiles (a number chosen
     from the shapes only, so the sums do not depend on the thread count); each chunk
@@ -403,7 +403,7 @@ def winograd_dw(x, dy, top, left, part, kc):
             _dw_product(V, D, acc_out, nt, C, KP)
 
 
-@parallel_kernel
+@serial_kernel
 def filter_transform(w, G, U):
     """``U[6*xi + nu, c, k] = (G w[k, c] G^T)[xi, nu]``, in float64.
 
@@ -413,8 +413,8 @@ def filter_transform(w, G, U):
                                the rest).
     """
     C, K = w.shape[0], w.shape[3]
-    for c in prange(C):
-        t = np.empty((5, 6, K))
+    t = np.empty((5, 6, K))
+    for c in range(C):
         for r in range(5):
             for nu in range(6):
                 g0, g1, g2, g3, g4 = G[nu, 0], G[nu, 1], G[nu, 2], G[nu, 3], G[nu, 4]
@@ -430,7 +430,7 @@ def filter_transform(w, G, U):
                                             + g4 * t[4, nu, k])
 
 
-@parallel_kernel
+@serial_kernel
 def dw_transform(part, G, dw):
     """``dw[c, r, s, k] = (G^T S[c, k] G)[r, s]`` with ``S`` the chunk sums of
     :func:`winograd_dw` added in float64: ``S[p, c, k] = sum_h part[h, p, c, k]``.
@@ -440,15 +440,15 @@ def dw_transform(part, G, dw):
     dw : (C, 5, 5, KP) float64
     """
     P, _, C, KP = part.shape
-    for c in prange(C):
-        S = np.empty((36, KP))
+    S = np.empty((36, KP))
+    t = np.empty((5, 6, KP))
+    for c in range(C):
         for p in range(36):
             for k in range(KP):
                 S[p, k] = part[0, p, c, k]
             for h in range(1, P):
                 for k in range(KP):
                     S[p, k] += part[h, p, c, k]
-        t = np.empty((5, 6, KP))
         for r in range(5):
             g0, g1, g2, g3, g4, g5 = G[0, r], G[1, r], G[2, r], G[3, r], G[4, r], G[5, r]
             for nu in range(6):
