@@ -102,10 +102,12 @@ def _a6_store(dt, nu, c, e0, e1, kc):
 
 
 @numba.njit(inline="always")
-def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp):
-    """``V[vo + p*vstep + c] = (B^T d B)[p]`` for the 6 x 6 tile of ``VL`` channels whose
+def _input_tile(xf, o, rstep, cstep, V, vo, kc, tmp, vt, n36):
+    """``V[vo + p*VL + c] = (B^T d B)[p]`` for the 6 x 6 tile of ``VL`` channels whose
     element (i, j) is ``xf[o + i*rstep + j*cstep + c]``: rows first, then columns,
-    through the stack tile ``tmp`` (36, VL)."""
+    through the stack tiles ``tmp`` and ``vt`` (36, VL), then one contiguous copy of
+    ``n36 == 36*VL`` values (a bound LLVM cannot see: the copy vectorises, where 36 short
+    rows would be unrolled into scalar moves)."""
     for i in range(6):
         oi = o + _u(i) * rstep
         for c in range(VL):
@@ -125,27 +127,29 @@ def _input_tile(xf, o, rstep, cstep, V, vo, vstep, kc, tmp):
             v0, v1, v2, v3, v4, v5 = _bt6(tmp[nu, c], tmp[6 + nu, c], tmp[12 + nu, c],
                                           tmp[18 + nu, c], tmp[24 + nu, c], tmp[30 + nu, c],
                                           kc)
-            q = vo + _u(nu) * vstep + _u(c)
-            V[q] = v0
-            V[q + _u(6) * vstep] = v1
-            V[q + _u(12) * vstep] = v2
-            V[q + _u(18) * vstep] = v3
-            V[q + _u(24) * vstep] = v4
-            V[q + _u(30) * vstep] = v5
+            vt[nu, c] = v0
+            vt[6 + nu, c] = v1
+            vt[12 + nu, c] = v2
+            vt[18 + nu, c] = v3
+            vt[24 + nu, c] = v4
+            vt[30 + nu, c] = v5
+    vtf = vt.reshape(-1)
+    for e in range(n36):
+        V[vo + _u(e)] = vtf[e]
 
 
 @serial_kernel
 def _product(V, U, M, C, KP):
-    """``M[p, t, k] = sum_c V[p, t, c] * U[p, c, k]`` for the 36 points and ``TT`` tiles:
-    V (36, TT, C), U (36, C, KP), M (36, TT, KP), all flat.
+    """``M[p, t, k] = sum_c V[t, c // VL, p, c % VL] * U[p, c, k]`` for the 36 points and
+    ``TT`` tiles: V (TT, C/VL, 36, VL), U (36, C, KP), M (36, TT, KP), all flat.
 
     The register tile is ``TT`` tiles x ``KW`` channels: ``TT`` broadcast values of V times
     two vectors of U, 14 packed FMAs per channel c.
     """
     acc = stack_tile(TT, KW, V.dtype)
     kw = min(KW, KP)  # == KW; a bound LLVM cannot see keeps the stores vectorised
+    ts = _u(36 * C)  # from one tile to the next in V
     for p in range(36):
-        vb = _u(p * TT * C)
         for kb in range(KP // KW):
             ub = _u(p * C * KP + kb * KW)
             for t in range(TT):
@@ -153,13 +157,14 @@ def _product(V, U, M, C, KP):
                     acc[t, k] = 0
             for c in range(C):
                 cu = _u(c)
-                v0 = V[vb + cu]
-                v1 = V[vb + _u(C) + cu]
-                v2 = V[vb + _u(2 * C) + cu]
-                v3 = V[vb + _u(3 * C) + cu]
-                v4 = V[vb + _u(4 * C) + cu]
-                v5 = V[vb + _u(5 * C) + cu]
-                v6 = V[vb + _u(6 * C) + cu]
+                vo = _u((c // VL * 36 + p) * VL + c % VL)
+                v0 = V[vo]
+                v1 = V[vo + ts]
+                v2 = V[vo + _u(2) * ts]
+                v3 = V[vo + _u(3) * ts]
+                v4 = V[vo + _u(4) * ts]
+                v5 = V[vo + _u(5) * ts]
+                v6 = V[vo + _u(6) * ts]
                 uo = ub + cu * _u(KP)
                 for k in range(KW):
                     uk = U[uo + _u(k)]
@@ -211,10 +216,12 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
     nch = min(ntask, NCH)
     xf = x.reshape(-1)
     rstep, cstep = _u(Wp * C), _u(C)
+    n36 = min(36 * VL, C * 36)  # == 36*VL (see _input_tile)
     for ch in prange(nch):
         V = np.empty(36 * TT * C, x.dtype)
         M = np.empty(36 * TT * KP, x.dtype)
         tmp = stack_tile(36, VL, x.dtype)
+        vt = stack_tile(36, VL, x.dtype)
         ot = stack_tile(VL, 28, x.dtype)  # 28 = 4 * TT outputs of VL channels
         ck = stack_tile(1, VL, x.dtype)
         for c in range(VL):
@@ -229,7 +236,7 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
                 o = _u(((n * Hp + 2 * a) * Wp + 2 * (q0 + t)) * C)
                 for cv in range(C // VL):
                     _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
-                                _u(t * C + cv * VL), _u(TT * C), kc, tmp)
+                                _u((t * C // VL + cv) * 36 * VL), kc, tmp, vt, n36)
             _product(V, U.reshape(-1), M, C, KP)
             st = _u(TT * KP)
             for kv in range(-(-K // VL)):
@@ -280,8 +287,8 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
 
 @serial_kernel
 def _dw_product(V, D, acc_out, nt, C, KP):
-    """``acc_out[p, c, k] += sum_{t < nt} V[p, t, c] * D[t, k // KW, p, k % KW]``:
-    V (36, TB, C), D (TB, KP/KW, 36, KW), acc_out (36, C, KP), all flat.
+    """``acc_out[p, c, k] += sum_{t < nt} V[t, c // VL, p, c % VL] * D[t, k // KW, p,
+    k % KW]``: V (TB, C/VL, 36, VL), D (TB, KP/KW, 36, KW), acc_out (36, C, KP), all flat.
 
     The register tile is ``DC`` channels c x ``KW`` channels k: ``DC`` broadcast values of
     V times two vectors of D per tile t, reduced over the block's tiles.
@@ -295,10 +302,10 @@ def _dw_product(V, D, acc_out, nt, C, KP):
                 for i in range(DC):
                     for k in range(kw):
                         acc[i, k] = acc_out[ab + _u(i * KP + k)]
-                vb = _u(p * TB * C + cb * DC)
+                vb = _u((cb * DC // VL * 36 + p) * VL + cb * DC % VL)
                 db = _u((kb * 36 + p) * KW)
                 for t in range(nt):
-                    vo = vb + _u(t * C)
+                    vo = vb + _u(t * 36 * C)
                     v0 = V[vo]
                     v1 = V[vo + _u(1)]
                     v2 = V[vo + _u(2)]
@@ -356,10 +363,12 @@ def winograd_dw(x, dy, top, left, part, kc):
     dyf = dy.reshape(-1)
     rstep, cstep = _u(Wp * C), _u(C)
     kw = min(KW, KP)  # == KW, a bound LLVM cannot see: the copy below vectorises
+    n36 = min(36 * VL, C * 36)  # == 36*VL (see _input_tile)
     for h in prange(P):
         V = np.empty(36 * TB * C, x.dtype)
         D = np.empty(36 * TB * KP, x.dtype)
         tmp = stack_tile(36, VL, x.dtype)
+        vt = stack_tile(36, VL, x.dtype)
         dt = stack_tile(36, KW, x.dtype)  # one tile's transformed deltas, KW channels
         dtf = dt.reshape(-1)
         acc_out = part[h].reshape(-1)
@@ -377,7 +386,7 @@ def winograd_dw(x, dy, top, left, part, kc):
                 o = _u(((n * Hp + 2 * a) * Wp + 2 * q) * C)
                 for cv in range(C // VL):
                     _input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
-                                _u(t * C + cv * VL), _u(TB * C), kc, tmp)
+                                _u((t * C // VL + cv) * 36 * VL), kc, tmp, vt, n36)
                 # The deltas' transform A dy A^T: columns, then rows.
                 r0 = _u(((n * Hd + top + 2 * a) * Wd + left + 2 * q) * KP)
                 r1 = r0 + _u(Wd * KP)
