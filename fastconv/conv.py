@@ -399,7 +399,7 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
                        geo: ConvGeometry) -> np.ndarray:
     """dX from deltas in ``layout``; ``w`` (K, Cg, R, S) in the deltas' dtype."""
     G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
-    if _wino.usable(geo, dyp.dtype):
+    if _wino.usable(geo, dyp.dtype) and layout.shape[1:3] == (geo.H + 4, geo.W + 4):
         dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
         if _wino.grad_input(dyp, w, dx):
             return dx

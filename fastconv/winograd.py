@@ -5,8 +5,9 @@ A 5x5, stride-1 convolution computes each 2x2 tile of outputs from a 6x6 tile of
 with 36 multiplications per channel pair instead of 100 (see the kernels' module for the
 formulas and for dW's derivation).  :mod:`fastconv.conv` calls these wrappers from its
 forward, dX and dW paths when :func:`usable` says so, and falls back to the direct
-kernels otherwise.  Results equal the direct convolution's up to rounding; the rounding
-error is of the same size (see ``tests/test_winograd.py``).
+kernels otherwise.  Results equal the direct convolution's up to rounding, of a similar
+size: on MNIST conv2 the forward pass and dX within 1.5x the direct kernels' error, dW
+within 8x (see ``tests/test_winograd.py``).
 
 Legend as in :mod:`fastconv.kernels`; ``CP`` and ``KP`` are channel counts padded for the
 kernels' vectors.
@@ -172,7 +173,7 @@ def grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
     """
     N, Hp, Wp, CP = xp.shape
     KP = dyp.shape[3]
-    ntile = N * (Hp - 4) // 2 * ((Wp - 4) // 2)
+    ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
     P = max(1, min(DW_CHUNKS, ntile // (4 * _wk.TB)))  # from the shapes only
     part = np.empty((P, 36, CP, KP), xp.dtype)
     _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
