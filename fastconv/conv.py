@@ -505,7 +505,8 @@ def _pixel_ok(geo: ConvGeometry) -> bool:
         return False
     if not (_one_by_one(geo) or geo.C <= _PIXEL_MAX_C):
         return False
-    return (geo.OH * geo.OW if geo.sh == 1 else geo.OW) >= _k.PX
+    joined = geo.sh == 1 or (geo.sh, geo.sw) == (2, 2)  # see _pixel_input
+    return (geo.OH * geo.OW if joined else geo.OW) >= _k.PX
 
 
 def _shifted_planes(a: np.ndarray, geo: ConvGeometry) -> np.ndarray:
@@ -565,9 +566,11 @@ def _pixel_input(x: np.ndarray, geo: ConvGeometry) -> PixelInput:
     no row tails to mask or recompute.  It costs ``S`` copies of the padded rows (C <= 4
     here, or none for 1x1).  The taps run in the order ``(c, s, r)``, so that a tile's taps
     read one plane, a few rows apart (the dW kernel 1.2x faster than in ``(c, r, s)``
-    order, five planes per tile).  Else :func:`_phase_planes`: tap ``(c, r, s)`` reads
-    phase ``(s*dlw) % sw`` of plane ``c`` at row ``i*sh + r*dlh``, column
-    ``(s*dlw) // sw``, rows of ``OW`` pixels.
+    order, five planes per tile).  Stride 2 (both axes): :func:`_parity_input`, planes of
+    the padded rows of one parity at the columns ``2j + s*dlw``, as wide as the output, so
+    that again each image's output is one row of ``OH*OW`` pixels.  Else
+    :func:`_phase_planes`: tap ``(c, r, s)`` reads phase ``(s*dlw) % sw`` of plane ``c`` at
+    row ``i*sh + r*dlh``, column ``(s*dlw) // sw``, rows of ``OW`` pixels.
     """
     N, C = geo.N, geo.C
     R, S, sw, dlw = geo.R, geo.S, geo.sw, geo.dlw
@@ -579,6 +582,8 @@ def _pixel_input(x: np.ndarray, geo: ConvGeometry) -> PixelInput:
         toff = ((c * S + s) * Hp + r * geo.dlh) * geo.OW
         M = geo.OH * geo.OW
         return PixelInput(xs.reshape(N, -1), (c * R + r) * S + s, toff[None], 1, M)
+    if (geo.sh, sw) == (2, 2):
+        return _parity_input(x, geo, ((0, 0),), geo.OH, geo.OW)
     xq = _phase_planes(x, geo.pads, sw)
     Hp, Wq = xq.shape[2:]
     c, rs = np.divmod(np.arange(C * R * S), R * S)
@@ -749,40 +754,50 @@ def pool_order_ok(geo: ConvGeometry) -> bool:
 
 def _pool_order_input(x: np.ndarray, geo: ConvGeometry, ws=_FRESH) -> PixelInput:
     """NCHW ``x`` laid out for the pixel kernels to write pool order, stride 1: rows
-    ``d = 2a + b`` of ``M = OH/2 * OW/2`` pixels.
+    ``d = 2a + b`` of ``M = OH/2 * OW/2`` pixels, pixel (i, j) of row d being output pixel
+    (2i + a, 2j + b) (:func:`_parity_input`)."""
+    return _parity_input(x, geo, ((0, 0), (0, 1), (1, 0), (1, 1)), geo.OH // 2, geo.OW // 2,
+                         ws)
 
-    Output pixel (2i + a, 2j + b) reads, for tap (c, r, s), padded input row
-    2i + u with u = a + r*dlh, and column 2j + q with q = b + s*dlw.  Plane (c, q, u % 2)
-    holds the padded rows of parity u % 2 at the columns 2j + q, ``OW/2`` wide, so that the
-    tap reads it at ``(u // 2) * OW/2 + m`` for pixel m = i*OW/2 + j: consecutive pixels,
-    consecutive inputs, rows joined.  One plane pair per distinct q (S + 1 for dilation 1).
+
+def _parity_input(x: np.ndarray, geo: ConvGeometry, offsets, rows: int, width: int,
+                  ws=_FRESH) -> PixelInput:
+    """NCHW ``x`` laid out so that pixel (i, j), ``i < rows``, ``j < width``, of output row
+    ``d`` reads, for tap (c, r, s), padded input row 2i + u with u = a + r*dlh and column
+    2j + q with q = b + s*dlw, ``(a, b) = offsets[d]``, at consecutive addresses.
+
+    Plane (c, q, u % 2) holds the padded rows of parity u % 2 at the columns 2j + q,
+    ``width`` wide, so that the tap reads it at ``(u // 2) * width + m`` for pixel
+    m = i*width + j: consecutive pixels, consecutive inputs, rows joined.  One plane pair
+    per distinct q.  Pool order (:func:`_pool_order_input`) has the four window positions
+    as offsets; a layer of stride 2 has the one offset (0, 0), its output rows as they
+    are.
     """
     N, C, H, W = x.shape
     pt, pb, pl, _ = geo.pads
-    OH2, OW2 = geo.OH // 2, geo.OW // 2
     Hp2 = -(-(H + pt + pb) // 2)
-    qs, taps, toff = _pool_order_taps(C, geo.R, geo.S, geo.dlh, geo.dlw, Hp2, OW2)
-    xq = ws.empty("xq", (N, C, len(qs), 2, Hp2, OW2), x.dtype)
+    qs, taps, toff = _parity_taps(C, geo.R, geo.S, geo.dlh, geo.dlw, Hp2, width, offsets)
+    xq = ws.empty("xq", (N, C, len(qs), 2, Hp2, width), x.dtype)
     _k.shifted_planes(np.ascontiguousarray(x).reshape(N, C, H * W), W,
-                      xq.reshape(N, C, len(qs), 2 * Hp2, OW2), pt, pl, 2, qs, Hp2)
-    return PixelInput(xq.reshape(N, -1), taps, toff, 4, OH2 * OW2)
+                      xq.reshape(N, C, len(qs), 2 * Hp2, width), pt, pl, 2, qs, Hp2)
+    return PixelInput(xq.reshape(N, -1), taps, toff, len(offsets), rows * width)
 
 
 @functools.lru_cache(maxsize=64)
-def _pool_order_taps(C, R, S, dlh, dlw, Hp2, OW2):
-    """:func:`_pool_order_input`'s column offsets ``qs`` and tap tables (read-only, cached:
-    a training step asks for the same ones every time)."""
-    qs = np.array(sorted({b + s * dlw for b in (0, 1) for s in range(S)}))
-    # Taps in the order (c, s, r), as :func:`_pixel_input` has them: the same sums in the
-    # same order, so the same outputs to the bit.
+def _parity_taps(C, R, S, dlh, dlw, Hp2, width, offsets):
+    """:func:`_parity_input`'s column offsets ``qs`` and tap tables (read-only, cached: a
+    training step asks for the same ones every time)."""
+    a, b = np.array(offsets).T[:, :, None]  # (D, 1) each
+    qs = np.array(sorted({int(bd) + s * dlw for bd in b[:, 0] for s in range(S)}))
+    # Taps in the order (c, s, r), as :func:`_pixel_input` has them for stride 1: the same
+    # sums in the same order, so pool order gives the same outputs to the bit.
     c, s, r = np.unravel_index(np.arange(C * R * S), (C, S, R))
-    a, b = np.divmod(np.arange(4), 2)
-    u = a[:, None] + r * dlh  # (4, T)
-    iq = np.searchsorted(qs, b[:, None] + s * dlw)
-    toff = (((c * len(qs) + iq) * 2 + u % 2) * Hp2 + u // 2) * OW2
+    u = a + r * dlh  # (D, T)
+    iq = np.searchsorted(qs, b + s * dlw)
+    toff = (((c * len(qs) + iq) * 2 + u % 2) * Hp2 + u // 2) * width
     out = qs, (c * R + r) * S + s, toff
-    for a in out:
-        a.flags.writeable = False
+    for arr in out:
+        arr.flags.writeable = False
     return out
 
 

@@ -130,8 +130,10 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
                     for j in range(np.uint64(0), np.uint64(j1 - j0)):
                         drow[np.uint64(j0) + j] = xs[b + j]
                 else:
-                    for j in range(j1 - j0):
-                        drow[j0 + j] = xs[ih * W + u0 + j * sw]
+                    b = np.uint64(ih * W + u0)
+                    usw = np.uint64(sw)
+                    for j in range(np.uint64(0), np.uint64(j1 - j0)):
+                        drow[np.uint64(j0) + j] = xs[b + j * usw]
 
 
 @parallel_kernel

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
+from fastconv import conv
 
 from conftest import all_passes, random_problem, reference_passes
 
@@ -107,11 +108,11 @@ def test_hypothesis_against_reference(cfg, seed):
 
 
 def _pixel_cases():
-    # (N, C, H, W, K, R, S, conv): stride-1 layers run each image's output as one row
-    # (shifted planes), rows narrower than a vector included; row strides > 1 run rows of
-    # exactly one vector (16), one and a bit (17), two (32) and more, on column phases.
-    # K and C*R*S not multiples of the 4 x 5 tile; column strides 2 and 3, dilation,
-    # asymmetric padding.
+    # (N, C, H, W, K, R, S, conv): stride-1 and stride-2 layers run each image's output as
+    # one row (shifted planes, parity planes), rows narrower than a vector included; other
+    # row strides > 1 run rows of exactly one vector (16), one and a bit (17), two (32)
+    # and more, on column phases.  K and C*R*S not multiples of the 4 x 5 tile; column
+    # strides 2 and 3, dilation, asymmetric padding.
     yield 2, 1, 5, 14, 5, 1, 1, dict(padding=1)  # 1x1, padded: not the flat 1x1 path
     yield 2, 3, 6, 9, 5, 3, 3, dict(padding=1)  # rows of 9 joined: 54 pixels
     yield 1, 2, 4, 4, 3, 1, 1, dict()  # 1x1 on 16 pixels: exactly one vector
@@ -126,6 +127,8 @@ def _pixel_cases():
     yield 1, 1, 11, 40, 6, 5, 5, dict(stride=2, padding=2)
     yield 2, 3, 8, 70, 5, 3, 4, dict(stride=(2, 3), padding=(1, 2), dilation=(1, 2))
     yield 1, 2, 6, 50, 17, 2, 3, dict(stride=(1, 3), dilation=2)
+    yield 2, 3, 13, 21, 33, 3, 3, dict(stride=2, padding=(1, 0), dilation=(1, 2))
+    yield 2, 2, 9, 9, 5, 3, 3, dict(stride=2, padding=1)  # 5 x 5 outputs: 25 joined
 
 
 @pytest.mark.parametrize("N, C, H, W, K, R, S, conv", list(_pixel_cases()))
@@ -151,6 +154,17 @@ def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, 
     for got, ref in ((y, want[0]), (dw, want[2])):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, ref, **tol)
+
+
+@pytest.mark.parametrize("stride, joined", [(1, True), ((1, 2), True), ((2, 2), True),
+                                             ((2, 1), False), (3, False)])
+def test_pixel_input_joins_rows_for_row_stride_1_and_stride_2(stride, joined):
+    """Row stride 1 (any column stride) and stride 2 lay the input out so that each
+    image's output is one row of OH*OW pixels (no row tails); other strides keep one row
+    per output row."""
+    geo = fc.conv_geometry((2, 3, 20, 22), (4, 3, 3, 3), stride=stride, padding=1)
+    px = conv._pixel_input(np.zeros((2, 3, 20, 22), np.float32), geo)
+    assert (px.OH, px.OW) == ((1, geo.OH * geo.OW) if joined else (geo.OH, geo.OW))
 
 
 @pytest.fixture
