@@ -17,7 +17,7 @@ from fastconv import _jit, conv
 from fastconv import winograd as W
 from fastconv import winograd_kernels as WK
 
-from conftest import reference_passes
+from conftest import all_passes, reference_passes
 
 PACKED_FMA = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
 
@@ -130,14 +130,12 @@ def test_passes_against_reference(N, C, H, Wd, K, pad, rng, wino_calls):
     x = rng.standard_normal((N, C, H, Wd))
     w = rng.standard_normal((K, C, 5, 5)) * 0.2
     b = rng.standard_normal(K)
-    y = fc.conv2d(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), padding=pad)
-    dy = rng.standard_normal(y.shape)
-    y_ref, dx_ref, dw_ref = reference_passes(x, w, b, dy, conv_args)
-    x32, w32, dy32 = (a.astype(np.float32) for a in (x, w, dy))
-    dx = fc.conv2d_grad_input(dy32, w32, x.shape, padding=pad)
-    dw = fc.conv2d_grad_weight(x32, dy32, w.shape, padding=pad)
+    geo = fc.conv_geometry(x.shape, w.shape, padding=pad)
+    dy = rng.standard_normal((N, K, geo.OH, geo.OW))
+    refs = reference_passes(x, w, b, dy, conv_args)
+    passes = all_passes(*(a.astype(np.float32) for a in (x, w, b, dy)), conv_args)
     assert wino_calls == ["winograd_tiles", "winograd_tiles", "winograd_dw"]
-    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+    for got, want in zip(passes, refs, strict=True):
         assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous
         _scaled_close(got, want, 2e-5)
 
@@ -153,7 +151,7 @@ def test_pool_order_output(N, C, H, Wd, K, pad, rng, wino_calls):
     np.testing.assert_array_equal(conv.from_pool_order(y4, geo.OH, geo.OW), y)
 
 
-def test_rounding_error_is_of_the_direct_kernels_size(rng, monkeypatch):
+def test_rounding_error_is_of_the_direct_kernels_size(rng):
     """MNIST conv2, random data: the largest error against float64, Winograd over direct."""
     N, C, K, pad = 16, 32, 64, 2
     x = rng.standard_normal((N, C, 14, 14))
@@ -164,9 +162,7 @@ def test_rounding_error_is_of_the_direct_kernels_size(rng, monkeypatch):
 
     def errors():
         x32, w32, dy32 = (a.astype(np.float32) for a in (x, w, dy))
-        got = (fc.conv2d(x32, w32, padding=pad),
-               fc.conv2d_grad_input(dy32, w32, x.shape, padding=pad),
-               fc.conv2d_grad_weight(x32, dy32, w.shape, padding=pad))
+        got = all_passes(x32, w32, None, dy32, conv_args)
         return [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(got, want, strict=True)]
 
     wino = errors()
@@ -192,8 +188,7 @@ def test_non_finite_values_reach_the_same_outputs_as_direct(where, value, rng, d
     {"x": x, "w": w, "dy": dy}[where][1, 3, 4, 4] = value
 
     def passes():
-        return (fc.conv2d(x, w, padding=2), fc.conv2d_grad_input(dy, w, x.shape, padding=2),
-                fc.conv2d_grad_weight(x, dy, w.shape, padding=2))
+        return all_passes(x, w, None, dy, dict(stride=1, padding=2, dilation=1, groups=1))
 
     direct = passes()
     fc.set_winograd(True)
@@ -242,9 +237,7 @@ def test_random_shapes_against_reference(N, C, K, OH, OW, pads, seed):
     conv_args = dict(stride=1, padding=pads, dilation=1, groups=1)
     want = reference_passes(x, w, b, dy, conv_args)
     x32, w32, b32, dy32 = (a.astype(np.float32) for a in (x, w, b, dy))
-    got = (fc.conv2d(x32, w32, b32, **conv_args),
-           fc.conv2d_grad_input(dy32, w32, x.shape, **conv_args),
-           fc.conv2d_grad_weight(x32, dy32, w.shape, **conv_args))
+    got = all_passes(x32, w32, b32, dy32, conv_args)
     for g, r in zip(got, want, strict=True):
         _scaled_close(g, r, 2e-5)
 
