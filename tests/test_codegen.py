@@ -67,11 +67,12 @@ def test_pixel_forward_kernel_uses_packed_fma():
     toff = np.arange(16)[:, None] * 20 + np.arange(25)
     f(x, toff, np.zeros((1, 25, K.KP), np.float32), np.zeros(K.KP, np.float32), y)
     asm = f.inspect_asm(f.signatures[0])
-    # KP channels x one PX-pixel vector: at least KP packed FMAs in the unrolled body.
-    assert len(PACKED_FMA.findall(asm)) >= K.KP
-    # The tap table leaves the loop around them no index arithmetic to divide.
+    # KP channels x two PX-pixel vectors: 2*KP packed FMAs a step, the accumulators in
+    # registers (no vector loads or stores from the stack in the loop).
     loop = _fma_loop(asm)
-    assert len(PACKED_FMA.findall(loop)) >= K.KP
+    assert len(PACKED_FMA.findall(loop)) >= 2 * K.KP
+    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+    # The tap table leaves the loop no index arithmetic to divide.
     assert not re.search(r"\bi?div[lq]\b", loop)
     # The epilogue adds the bias and stores each channel's row as vectors, not scalars.
     assert PACKED_ADD.search(asm)
