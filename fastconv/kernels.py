@@ -103,6 +103,7 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
     N, C = src.shape[:2]
     H = src.shape[2] // W
     S, Hp, OW = dst.shape[2:]
+    flat = sw == 1 and Hh == 0 and OW == W  # rows as wide as the input's: see below
     for task in prange(N * C):
         n = task // C
         c = task % C
@@ -110,6 +111,9 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
         for s in range(S):
             # Output columns [j0, j1) read input columns j*sw + qoff[s] - pl inside [0, W).
             q = qoff[s]
+            if flat and abs(q - pl) < W:
+                _shifted_plane_flat(xs, dst[n, c, s].reshape(Hp * W), H, W, pt, q - pl)
+                continue
             j0 = min(OW, max(0, (pl - q + sw - 1) // sw))
             j1 = max(j0, min(OW, (W - 1 + pl - q) // sw + 1))
             u0 = j0 * sw + q - pl
@@ -135,6 +139,35 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
                     usw = np.uint64(sw)
                     for j in range(np.uint64(0), np.uint64(j1 - j0)):
                         drow[np.uint64(j0) + j] = xs[b + j * usw]
+
+
+@numba.njit(inline="always")
+def _shifted_plane_flat(xs, d, H, W, pt, dl):
+    """One plane of :func:`shifted_planes` for stride 1 and rows as wide as the input's
+    (``OW == W``): ``d[(h + pt)*W + j] = xs[h*W + j + dl]`` where ``0 <= j + dl < W``, zero
+    elsewhere and in the padding rows; ``|dl| < W``.  The rows are copied as one run of
+    ``H*W`` inputs, which vectorises, and the ``|dl|`` columns that the run carried over
+    from the neighbouring rows are zeroed after; row by row, copies of 28 inputs fell to
+    the vectoriser's scalar remainder (MNIST conv1's five planes: 0.029 -> 0.016 ms)."""
+    M = H * W
+    u0 = np.uint64(pt * W)
+    for m in range(np.uint64(0), u0):
+        d[m] = 0
+    for m in range(u0 + np.uint64(M), np.uint64(d.size)):
+        d[m] = 0
+    lo = max(0, -dl)  # the run: d[u0 + m] = xs[m + dl] for m in [lo, hi)
+    hi = min(M, M - dl)
+    ub = np.uint64(lo + dl)
+    ua = u0 + np.uint64(lo)
+    for m in range(np.uint64(0), np.uint64(hi - lo)):
+        d[ua + m] = xs[ub + m]
+    # The columns [c0, c0 + |dl|) of every row read outside the input: carried over from
+    # the neighbouring rows by the run, or (the first row's left, the last row's right)
+    # not written by it at all.
+    c0 = W - dl if dl > 0 else 0
+    for h in range(H):
+        for j in range(c0, c0 + abs(dl)):
+            d[u0 + np.uint64(h * W + j)] = 0
 
 
 @parallel_kernel

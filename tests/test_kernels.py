@@ -167,6 +167,42 @@ def test_pixel_input_joins_rows_for_row_stride_1_and_stride_2(stride, joined):
     assert (px.OH, px.OW) == ((1, geo.OH * geo.OW) if joined else (geo.OH, geo.OW))
 
 
+@pytest.mark.parametrize("flat", [True, False])
+@given(data=st.data())
+def test_shifted_planes_kernel_against_its_formula(flat, data):
+    """``kernels.shifted_planes`` writes every element of ``dst`` as its docstring says:
+    ``x[n, c, ih, j*sw + qoff[s] - pl]`` inside the input, else zero, with
+    ``ih = h - pt`` (or the parity split's row).  Column offsets from left of the input
+    to past its right edge, so that the flat path for rows as wide as the input's
+    (stride 1, ``OW == W``, no parity split) meets every clipping case, and the general
+    path the rest."""
+    from fastconv import kernels
+
+    draw = data.draw
+    N, C = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    H, W = draw(st.integers(1, 9)), draw(st.integers(1, 20))
+    pt, pl = draw(st.integers(0, 3)), draw(st.integers(0, 5))
+    sw = 1 if flat else draw(st.integers(1, 3))
+    OW = W if flat else draw(st.integers(1, 20))
+    Hh = 0 if flat else draw(st.sampled_from([0, 1, 3]))
+    Hp = 2 * Hh if Hh else H + pt + draw(st.integers(0, 3))
+    qoff = np.array(draw(st.lists(st.integers(0, pl + sw * W + 2), min_size=1, max_size=6)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    dst = np.full((N, C, len(qoff), Hp, OW), np.nan, np.float32)
+    kernels.shifted_planes(x.reshape(N, C, H * W), W, dst, pt, pl, sw, qoff, Hh)
+
+    want = np.zeros_like(dst)
+    for h in range(Hp):
+        ih = (2 * (h % Hh) + h // Hh if Hh else h) - pt
+        for s, q in enumerate(qoff):
+            iw = np.arange(OW) * sw + q - pl
+            ok = (iw >= 0) & (iw < W)
+            if 0 <= ih < H:
+                want[:, :, s, h, ok] = x[:, :, ih, iw[ok]]
+    np.testing.assert_array_equal(dst, want)
+
+
 @pytest.fixture
 def cvec_calls(monkeypatch):
     """The calls of kernels.conv_dw_cvec (which still runs)."""
