@@ -1126,7 +1126,7 @@ def matmul_tiles(a, b, c):
     """``c[:, :NCn*MC] = a @ b[:, :NCn*MC]`` with ``NCn = b.shape[1] // MC``: the matrix
     product over the full blocks of ``MC`` columns (the caller does the rest).
 
-    a : (M, Q) C-contiguous    b : (Q, Nc) C-contiguous    c : (M, Nc)
+    a : (M, Q), b : (Q, Nc), c : (M, Nc), all C-contiguous
 
     The outer-product form of the conv kernels: each ``MR x MC`` tile of ``c`` (24 vectors
     of 16 fp32) stays in registers while ``q`` runs over the whole reduction, adding ``MR``
@@ -1134,10 +1134,17 @@ def matmul_tiles(a, b, c):
     and 4 vector loads per 24 FMAs.  The last row block repeats row ``M - 1`` for the rows
     past ``M`` and stores only the real ones.  Parallel over tiles, row blocks innermost
     (their tasks share ``b``'s column block); each tile writes its own part of ``c``.
+
+    The tile's rows are stored from registers (:func:`_matmul_row`, unrolled): with a loop
+    over them, LLVM stored the tile through scatters, which cost the products with a short
+    reduction a third of their time (the Linear layers' backward: 1.3-1.55x faster since).
     """
     M, Q = a.shape
+    Nc = c.shape[1]
     NCn = b.shape[1] // MC
     MRn = -(-M // MR)
+    cf = c.reshape(c.size)
+    mc = min(MC, Nc)  # == MC; a bound LLVM cannot see keeps the row stores vectorised
     for task in prange(MRn * NCn):
         nc = task // MRn
         m0 = (task % MRn) * MR
@@ -1170,9 +1177,24 @@ def matmul_tiles(a, b, c):
                 acc[3, k] += a3 * v
                 acc[4, k] += a4 * v
                 acc[5, k] += a5 * v
-        for t in range(min(MR, M - m0)):
-            for k in range(MC):
-                c[m0 + t, nc * MC + k] = acc[t, k]
+        mr = min(MR, M - m0)
+        co = np.uint64(m0 * Nc) + c0  # c[m0, nc*MC] in cf
+        _matmul_row(cf, acc, 0, mr, co, Nc, mc)
+        _matmul_row(cf, acc, 1, mr, co, Nc, mc)
+        _matmul_row(cf, acc, 2, mr, co, Nc, mc)
+        _matmul_row(cf, acc, 3, mr, co, Nc, mc)
+        _matmul_row(cf, acc, 4, mr, co, Nc, mc)
+        _matmul_row(cf, acc, 5, mr, co, Nc, mc)
+
+
+@numba.njit(inline="always")
+def _matmul_row(cf, acc, t, mr, co, Nc, mc):
+    """Row ``t`` of the matrix product's tile into ``cf[co + t*Nc : ... + mc]``, if
+    ``t < mr``.  Called with a constant ``t``, so that the tile stays in registers."""
+    if t < mr:
+        o = co + np.uint64(t * Nc)
+        for k in range(mc):
+            cf[o + np.uint64(k)] = acc[t, k]
 
 
 # SGD with momentum, as torch.optim.SGD: g = grad + wd*p; buf = g on the first step, else

@@ -104,7 +104,10 @@ def test_matmul_kernel_keeps_its_tile_in_registers():
     f = _fresh(K.matmul_tiles)
     f(np.zeros((7, 9), np.float32), np.zeros((9, K.MC), np.float32),
       np.zeros((7, K.MC), np.float32))
-    loop = _fma_loop(f.inspect_asm(f.signatures[0]))
+    asm = f.inspect_asm(f.signatures[0])
+    # The tile is stored by rows of whole vectors (a loop over its rows made scatters).
+    assert "vscatter" not in asm
+    loop = _fma_loop(asm)
     # MR rows x MC columns: MR * MC / 16 packed FMAs per step of the reduction, with b's row
     # segment loaded as vectors (a signed column offset made LLVM emit gathers) and the
     # accumulators in registers (no vector loads or stores from the stack in the loop).
