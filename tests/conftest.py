@@ -3,6 +3,7 @@ reference with the same public arguments."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -58,11 +59,19 @@ def rng():
     return np.random.default_rng(12345)
 
 
+@contextlib.contextmanager
+def winograd_enabled(flag: bool):
+    """Run the block with the Winograd kernels on or off, then restore the setting."""
+    was = fc.get_winograd()
+    fc.set_winograd(flag)
+    try:
+        yield
+    finally:
+        fc.set_winograd(was)
+
+
 @pytest.fixture
 def direct_only():
     """Run the test with Winograd disabled (for tests of a direct kernel's path)."""
-    from fastconv import winograd
-    was = winograd.enabled()
-    winograd.set_enabled(False)
-    yield
-    winograd.set_enabled(was)
+    with winograd_enabled(False):
+        yield

@@ -17,7 +17,7 @@ from fastconv import _jit, conv
 from fastconv import winograd as W
 from fastconv import winograd_kernels as WK
 
-from conftest import all_passes, reference_passes
+from conftest import all_passes, reference_passes, winograd_enabled
 
 PACKED_FMA = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
 
@@ -166,11 +166,8 @@ def test_rounding_error_is_of_the_direct_kernels_size(rng):
         return [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(got, want, strict=True)]
 
     wino = errors()
-    fc.set_winograd(False)
-    try:
+    with winograd_enabled(False):
         direct = errors()
-    finally:
-        fc.set_winograd(True)
     ratio = np.array(wino) / np.array(direct)
     # Measured: forward and dX 1.0-1.5x, dW 4-8x (still ~5e-6 of the largest weight).
     assert ratio[0] < 3 and ratio[1] < 3 and ratio[2] < 20, (wino, direct)
@@ -191,11 +188,8 @@ def test_non_finite_values_reach_the_same_outputs_as_direct(where, value, rng, d
         return all_passes(x, w, None, dy, dict(stride=1, padding=2, dilation=1, groups=1))
 
     direct = passes()
-    fc.set_winograd(True)
-    try:
+    with winograd_enabled(True):
         wino = passes()
-    finally:
-        fc.set_winograd(False)
     for got, want in zip(wino, direct, strict=True):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
