@@ -128,3 +128,15 @@ def test_nchw_delta_dw_kernel_keeps_its_tile_in_registers():
     assert len(PACKED_FMA.findall(loop)) == K.CK * K.CV
     assert "vgather" not in loop
     assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+
+
+def test_kernels_compile_for_512_bit_vectors_on_avx512_hosts():
+    import llvmlite.binding as llvm
+
+    if not llvm.get_host_cpu_features().get("avx512f") or _jit.os.environ.get(
+            "FASTCONV_VECTOR_WIDTH") == "256":
+        pytest.skip("no AVX-512, or 256-bit vectors asked for")
+    if _jit.os.environ.get("NUMBA_CPU_FEATURES") or _jit.os.environ.get("NUMBA_CPU_NAME"):
+        pytest.skip("the user set Numba's target")
+    assert numba.config.CPU_FEATURES.endswith(",-prefer-256-bit")
+    assert not _jit._codegen_target()  # once only: the code generator exists now
