@@ -873,7 +873,7 @@ def _take(v, best, idx, where, first):
 def max_pool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
     """``y[n,c,i,j] = max x[n, c, i*sh - ph + r, j*sw - pw + s]`` over the window in the input.
 
-    x : (N, C, H, W);  y : (N, C, OH, OW);  arg : (N, C, OH, OW) int32 flat index
+    x : (N, C, H, W);  y : (N, C, OH, OW);  arg : (N, C, OH, OW) int64 flat index
     ``h*W + w`` of the maximum (the first on ties; a NaN wins, the first NaN).
 
     Taps are the outer loops and output columns the inner one, so every inner loop runs the
@@ -1023,7 +1023,7 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
     Kg = C // G
     for n in prange(N):
         val = np.empty((OW, Cd), dst.dtype)
-        pos = np.empty((OW, Cd), np.int32)
+        pos = np.empty((OW, Cd), np.int64)  # flat indices h*W + w of any plane size
         for cd in range(Cd):
             dsum[n, cd] = 0
         for hd in range(Hd):

@@ -64,15 +64,16 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, return_indices=False)
     Returns
     -------
     y : ndarray (N, C, OH, OW)
-    indices : ndarray (N, C, OH, OW) int32, if ``return_indices``
+    indices : ndarray (N, C, OH, OW) int64, if ``return_indices``
         The flat index ``h*W + w`` of each maximum in its input plane (the first on ties),
-        as :func:`max_pool2d_backward` takes it.
+        as :func:`max_pool2d_backward` takes it; int64 as in PyTorch, wide enough for any
+        plane that fits in memory.
     """
     x = _input("input", input)
     g = pool_geometry(x.shape, kernel_size, stride, padding)
     N, C = x.shape[:2]
     y = np.empty((N, C, g.OH, g.OW), x.dtype)
-    arg = np.empty((N, C, g.OH, g.OW), np.int32)
+    arg = np.empty((N, C, g.OH, g.OW), np.int64)
     if y.size and g[:6] == (2, 2, 2, 2, 0, 0):
         _k.max_pool_2x2_fwd(x, y, arg)
     elif y.size:
@@ -86,7 +87,8 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     Parameters
     ----------
     grad_output : array (N, C, OH, OW)
-    indices : int array (N, C, OH, OW), from ``max_pool2d(..., return_indices=True)``
+    indices : int array (N, C, OH, OW), from ``max_pool2d(..., return_indices=True)``;
+        each in ``[0, H*W)``
     input_shape : (N, C, H, W)
 
     Returns
@@ -106,7 +108,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
                          f"values in [{arg.min()}, {arg.max()}]")
     dx = np.empty(shape, dy.dtype)
     if dy.size:
-        _k.max_pool_bwd(dy, arg.astype(np.int32, copy=False), dx, dy, False)
+        _k.max_pool_bwd(dy, arg.astype(np.int64, copy=False), dx, dy, False)
     else:
         dx[...] = 0
     return dx
