@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from . import _checks
 from . import kernels as _k
 from . import winograd as _wino
 from .winograd import enabled as get_winograd
@@ -253,6 +254,25 @@ def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
     return ConvGeometry(N, C, H, W, K, R, S, groups, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW)
 
 
+def _check_geometry(geo) -> ConvGeometry:
+    """``geo`` itself if it is a :class:`ConvGeometry` whose sizes agree with each other as
+    :func:`conv_geometry` makes them.  The training-path functions take a geometry back
+    from their caller and size their kernels' loops by it: an edited or made-up one would
+    make the kernels index outside their arrays."""
+    _checks.instance("geo", geo, ConvGeometry)
+    if not all(type(v) is int or _is_int(v) for v in geo):
+        raise TypeError(f"geo must hold ints, got {geo!r}")
+    N, C, H, W, K, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW = geo
+    if not (N >= 0 and min(C, H, W, K, R, S, G, sh, sw, dlh, dlw) >= 1
+            and min(pt, pb, pl, pr) >= 0 and max(geo) <= _INT_MAX
+            and C % G == 0 and K % G == 0
+            and OH == conv_output_size(H, R, sh, pt, pb, dlh) >= 1
+            and OW == conv_output_size(W, S, sw, pl, pr, dlw) >= 1):
+        raise ValueError(f"geo is not a consistent ConvGeometry (as conv_geometry makes it): "
+                         f"{geo!r}")
+    return geo
+
+
 def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
     _check_rank("grad_output", dy, "(N, K, OH, OW)")
     expected = (geo.N, geo.K, geo.OH, geo.OW)
@@ -295,7 +315,8 @@ class Workspace:
 
     def _get(self, name, shape, dtype, make):
         a = self._arrays.get(name)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+        if (a is None or a.shape != tuple(shape) or a.dtype != dtype
+                or not a.flags.c_contiguous):
             a = self._arrays[name] = make(shape, dtype)
         return a
 
@@ -363,8 +384,8 @@ class DeltaLayout(NamedTuple):
     top: int
     left: int
     KgP: int
-    rows: list  # dX phases of each axis (empty without dX)
-    cols: list
+    rows: tuple  # dX phases of each axis (empty without dX)
+    cols: tuple
 
 
 def _dw_tile(geo: ConvGeometry):
@@ -375,20 +396,63 @@ def _dw_tile(geo: ConvGeometry):
     return _k.conv_dw_tiles, _k.KBW, _k.TC
 
 
+@functools.lru_cache(maxsize=256)
 def delta_layout(geo: ConvGeometry, need_dx: bool = True) -> DeltaLayout:
-    """The layout in which the backward passes of ``geo`` read their deltas."""
-    rows, cols, (pt, pb, pl, pr) = [], [], (0, 0, 0, 0)
+    """The layout in which the backward passes of ``geo`` read their deltas (immutable,
+    cached: a training step asks for the same one several times)."""
+    rows, cols, (pt, pb, pl, pr) = (), (), (0, 0, 0, 0)
     if need_dx:
         rows, pt, pb = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
         cols, pl, pr = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
     _, KBW, _ = _dw_tile(geo)
     KgP = -(-geo.Kg // KBW) * KBW
     return DeltaLayout((geo.N, geo.OH + pt + pb, geo.OW + pl + pr, geo.G * KgP), pt, pl, KgP,
-                       rows, cols)
+                       tuple(rows), tuple(cols))
+
+
+def _check_layout(layout, geo: ConvGeometry, need_dx: bool) -> DeltaLayout:
+    """``layout`` itself if it is ``delta_layout(geo)`` (or, without dX, also
+    ``delta_layout(geo, need_dx=False)``): the deltas' shape, border and phases that the
+    backward kernels of ``geo`` index by."""
+    _checks.instance("layout", layout, DeltaLayout)
+    if layout != delta_layout(geo) and (need_dx or layout != delta_layout(geo, False)):
+        raise ValueError(f"layout {layout!r} is not delta_layout(geo"
+                         f"{'' if need_dx else ', need_dx=False'}) for geo {geo!r}")
+    return layout
+
+
+def _check_workspace(ws):
+    """A :class:`Workspace` or None (its arrays are what kernels read and write)."""
+    if ws is not None and not isinstance(ws, Workspace):
+        raise TypeError(f"workspace must be a fastconv.conv.Workspace or None, got "
+                        f"{type(ws).__name__}")
+    return ws
+
+
+def _check_fits(layout, N: int, K: int, OH: int, OW: int) -> None:
+    """That deltas (N, K, OH, OW) fit ``layout``: inside its border, and their K channels
+    in its groups of ``KgP`` (what the packing kernels index by)."""
+    _checks.instance("layout", layout, DeltaLayout)
+    Nd, Hd, Wd, Cd = layout.shape
+    top, left, KgP = layout.top, layout.left, layout.KgP
+    fields = (Nd, Hd, Wd, Cd, top, left, KgP)
+    G = Cd // KgP if all(_is_int(v) for v in fields) and KgP >= 1 else 0
+    if not (G >= 1 and Cd == G * KgP and N == Nd and K % G == 0 and K // G <= KgP
+            and 0 <= top and top + OH <= Hd and 0 <= left and left + OW <= Wd):
+        raise ValueError(f"deltas of shape {(N, K, OH, OW)} do not fit layout {layout!r}")
 
 
 def pack_deltas(dy: np.ndarray, layout: DeltaLayout, ws=_FRESH) -> np.ndarray:
-    """NCHW deltas in ``layout`` (in workspace ``ws``, a :class:`Workspace`)."""
+    """NCHW deltas ``dy`` (N, K, OH, OW) float32 or float64 in ``layout`` (in workspace
+    ``ws``, a :class:`Workspace`): ``dy`` must fit inside the layout's border, and its K
+    channels into the layout's groups of ``KgP``."""
+    if not isinstance(ws, _Fresh):
+        _check_workspace(ws)
+    if not isinstance(dy, np.ndarray) or dy.ndim != 4 or dy.dtype not in _checks.FLOATS:
+        raise TypeError(f"dy must be a 4-D float32 or float64 array (N, K, OH, OW), got "
+                        f"{getattr(dy, 'dtype', type(dy).__name__)} "
+                        f"{getattr(dy, 'shape', '')}")
+    _check_fits(layout, *dy.shape)
     N, Hd, Wd, Cd = layout.shape
     OH, OW = dy.shape[2:]
     pads = (layout.top, Hd - OH - layout.top, layout.left, Wd - OW - layout.left)
@@ -869,6 +933,7 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     """
     if reuse_output and workspace is None:
         raise ValueError("reuse_output=True needs a workspace to keep the output in")
+    _check_workspace(workspace)
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True,
                    workspace if reuse_output else _FRESH, pool_order)
 
@@ -926,10 +991,19 @@ def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None, d
     db : ndarray (K,)
         In the deltas' dtype.
     """
-    w = np.asarray(weight, dyp.dtype)
+    # Everything here comes back from the caller: checked before any kernel sees it.
+    geo = _check_geometry(geo)
+    layout = _check_layout(layout, geo, need_dx)
+    _check_workspace(workspace)
+    dyp = _checks.array("dyp", dyp, layout.shape, _checks.FLOATS)
+    w = _weight_for(weight, geo, dyp.dtype)
     if geo.N == 0:
         return (np.zeros((0, geo.C, geo.H, geo.W), dyp.dtype) if need_dx else None,
                 np.zeros(w.shape, dyp.dtype), np.zeros(geo.K, dyp.dtype))
+    _checks.array("xp", xp, (geo.N, geo.H + geo.pt + geo.pb, geo.W + geo.pl + geo.pr, geo.C),
+                  dyp.dtype)
+    if dsum is not None:
+        _checks.array("dsum", dsum, (geo.N, layout.shape[3]), np.float64)
     dw = _grad_weight_packed(xp, dyp, layout, geo, workspace or _FRESH)
     db = _grad_bias_packed(dyp, layout, geo, dsum).astype(dyp.dtype)
     dx = _grad_input_packed(dyp, layout, w, geo) if need_dx else None
@@ -943,18 +1017,24 @@ def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4, need_dx=
     (N, K, 4, M) C-contiguous, or :class:`PooledDeltas`.  ``dsum`` (N, K) float64, if
     given, holds each image's sum of the deltas per channel.  Returns as
     :func:`backward_saved`."""
+    geo = _check_geometry(geo)
+    _check_pool_order_input(px, geo)
+    dtype, M = px.xf.dtype, geo.OH * geo.OW // 4
     if isinstance(dy4, PooledDeltas):
-        dtype = dy4.g.dtype
-        dw = _grad_weight_pixel_input(px, dy4, geo)
+        _checks.array("dy4.g", dy4.g, (geo.N, geo.K, M), dtype)
+        _checks.array("dy4.sel", dy4.sel, (geo.N, geo.K, M), np.int8)  # compared, not indexed
+    else:
+        _checks.array("dy4", dy4, (geo.N, geo.K, 4, M), dtype)
+    if dsum is not None:
+        _checks.array("dsum", dsum, (geo.N, geo.K), np.float64)
+    w = _weight_for(weight, geo, dtype)
+    dw = _grad_weight_pixel_input(px, dy4, geo)
+    if isinstance(dy4, PooledDeltas):
         if dsum is None:
             dsum = dy4.g.sum(axis=2, dtype=np.float64)
         dy4 = dy4.expand() if need_dx else None
-    else:
-        dtype = dy4.dtype
-        dw = _grad_weight_pixel_input(px, dy4, geo)
-        if dsum is None:
-            dsum = dy4.sum(axis=(2, 3), dtype=np.float64)
-    w = np.asarray(weight, dtype)
+    elif dsum is None:
+        dsum = dy4.sum(axis=(2, 3), dtype=np.float64)
     db = dsum.sum(axis=0).astype(dtype)
     dx = None
     if need_dx:
@@ -963,6 +1043,35 @@ def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4, need_dx=
         dyp = pack_deltas(from_pool_order(dy4, geo.OH, geo.OW), layout)
         dx = _grad_input_packed(dyp, layout, w, geo)
     return dx, dw, db
+
+
+def _weight_for(weight, geo: ConvGeometry, dtype) -> np.ndarray:
+    """The training path's ``weight``, checked against ``geo``, in ``dtype``."""
+    w = _as_array("weight", weight)
+    expected = (geo.K, geo.Cg, geo.R, geo.S)
+    if w.shape != expected:
+        raise ValueError(f"weight must have shape (K, C/groups, R, S) = {expected}, got "
+                         f"{w.shape}")
+    return w.astype(dtype, copy=False)
+
+
+def _check_pool_order_input(px, geo: ConvGeometry) -> PixelInput:
+    """``px`` itself if it is the :class:`PixelInput` that ``conv2d_saving(...,
+    pool_order=True)`` makes for ``geo`` on the pixel path: its tap tables are the ones
+    the kernels index ``px.xf`` by, so they must be exactly those."""
+    _checks.instance("px", px, PixelInput)
+    if not (geo.N > 0 and _pixel_ok(geo) and pool_order_ok(geo)):
+        raise ValueError(f"geo {geo!r} is not a pixel-path layer with a pool-order output")
+    offsets = ((0, 0), (0, 1), (1, 0), (1, 1))
+    Hp2 = -(-(geo.H + geo.pt + geo.pb) // 2)
+    width = geo.OW // 2
+    qs, taps, toff = _parity_taps(geo.C, geo.R, geo.S, geo.dlh, geo.dlw, Hp2, width, offsets)
+    _checks.array("px.xf", px.xf, (geo.N, geo.C * len(qs) * 2 * Hp2 * width), _checks.FLOATS)
+    if not (px.OH == len(offsets) and px.OW == geo.OH // 2 * width
+            and isinstance(px.taps, np.ndarray) and np.array_equal(px.taps, taps)
+            and isinstance(px.toff, np.ndarray) and np.array_equal(px.toff, toff)):
+        raise ValueError("px is not the pool-order input that conv2d_saving made for geo")
+    return px
 
 
 # dX, derived once
@@ -985,7 +1094,7 @@ def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4, need_dx=
 
 
 class _Phase(NamedTuple):
-    taps: list  # kernel taps, in rotated (descending) order
+    taps: tuple  # kernel taps, in rotated (descending) order
     step: int  # delta rows between consecutive taps (dilation of the sub-filter)
     start: int  # delta row read by the first output row and first tap, before padding
     count: int  # output rows in this phase
@@ -1004,7 +1113,7 @@ def _dx_phases(size, pad_lo, stride, dilation, kernel, out_size):
             continue  # these dx rows get no delta at all: they stay zero
         q = [(r * dilation - a) // stride for r in taps]  # delta row = u - q
         step = q[1] - q[0] if len(q) > 1 else 1
-        phases.append(_Phase(taps[::-1], step, u_lo - q[-1], u_hi - u_lo + 1,
+        phases.append(_Phase(tuple(taps[::-1]), step, u_lo - q[-1], u_hi - u_lo + 1,
                              a + stride * u_lo - pad_lo))
         pad_lo_dy = max(pad_lo_dy, q[-1] - u_lo)
         pad_hi_dy = max(pad_hi_dy, u_hi - q[0] - out_size + 1)

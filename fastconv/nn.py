@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import _checks, pool
 from . import conv as _conv
 from . import kernels as _k
-from . import pool
 from .linalg import matmul
 
 __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
@@ -318,7 +318,10 @@ class MaxPool2d(Module):
         """:meth:`forward_after_relu` of the convolution output ``y4`` in pool order
         (N, C, 4, M) whose NCHW shape is ``shape`` (:meth:`Conv2d.forward_pool_order`), for
         a 2x2, stride-2 pool (:meth:`is_2x2`)."""
-        N, C, H, W = shape
+        N, C, H, W = _conv._shape4("shape", shape)
+        if H % 2 or W % 2:
+            raise ValueError(f"pool order needs an even output size, got shape {shape}")
+        _checks.array("y4", y4, (N, C, 4, H // 2 * W // 2), _checks.FLOATS)
         y = np.empty((N, C, H // 2, W // 2), y4.dtype)
         idx = np.empty((N, C, H // 2, W // 2), np.int8)  # window position 2*(h%2) + w%2
         _k.max_pool_2x2_planes_fwd(y4, y.reshape(N, C, -1), idx.reshape(N, C, -1))
@@ -357,13 +360,19 @@ class MaxPool2d(Module):
             raise RuntimeError("backward() needs a forward() in training mode first")
         idx, shape, relu_out, planes = self._saved
         dy = np.asarray(dy)
+        dy = dy.astype(relu_out.dtype if relu_out is not None else _conv._result_dtype(dy),
+                       copy=False)
         if isinstance(layout, _conv.PoolOrderLayout):
             if planes and dy.shape == idx.shape:
                 return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype))
             return _conv.to_pool_order(self.backward(dy)), None
         if not self.is_2x2(shape) or dy.shape != idx.shape or not dy.size:
             return _conv.pack_deltas(self.backward(dy), layout), None
-        dyp = np.empty(layout.shape, dy.dtype) if out is None else out
+        # The kernel writes (N, C, H, W) into the layout's interior and groups: check that
+        # they fit, as pack_deltas does for the other paths.
+        _conv._check_fits(layout, *shape)
+        dyp = np.empty(layout.shape, dy.dtype) if out is None else _checks.array(
+            "out", out, layout.shape, dy.dtype, writeable=True)
         dsum = np.empty((layout.shape[0], layout.shape[3]), np.float64)
         _k.max_pool_2x2_bwd_channels_last(
             np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,

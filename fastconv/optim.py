@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _checks
 from . import kernels as _k
 
 __all__ = ["SGD", "Adam", "Optimizer"]
@@ -23,12 +24,19 @@ class Optimizer:
         self.lr = float(lr)
         self.step_count = 0
 
-    def _grads(self):
+    def _grads(self) -> list:
+        """``(parameter, data, grad)`` of every parameter, all checked before any update."""
+        out = []
         for p in self.params:
             if p.grad is None:
                 raise RuntimeError(f"parameter {p.name!r} has no gradient: run backward() "
                                    "before step()")
-            yield p, p.data, p.grad
+            g = np.asarray(p.grad)
+            if g.shape != p.data.shape:
+                raise ValueError(f"the gradient of parameter {p.name!r} has shape {g.shape}, "
+                                 f"the parameter {p.data.shape}")
+            out.append((p, p.data, g))
+        return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Optimizer state as flat arrays (for ``.npz`` checkpoints)."""
@@ -62,10 +70,11 @@ class SGD(Optimizer):
         for i, (_, p, g) in enumerate(self._grads()):
             first = self.momentum and self.buffers[i] is None
             if first:
-                self.buffers[i] = np.empty_like(p)
+                self.buffers[i] = np.empty(p.shape, p.dtype)
             buf = self.buffers[i]
-            g = np.asarray(g)
-            if p.flags.c_contiguous and g.shape == p.shape:
+            if buf is not None:  # the kernel reads and writes it flat, as long as p
+                _checks.array(f"momentum buffer {i}", buf, p.shape, p.dtype, writeable=True)
+            if p.flags.c_contiguous:
                 # One fused pass (a NumPy version makes five over the larger layers).
                 _k.sgd_update(p.reshape(-1), np.ascontiguousarray(g).reshape(-1),
                               p.reshape(-1) if buf is None else buf.reshape(-1), self.lr,

@@ -20,6 +20,7 @@ from functools import cache
 
 import numpy as np
 
+from . import _checks
 from . import winograd_kernels as _wk
 
 #: Interpolation points of F(2, 5) (and of F(5, 2) for dW), plus the point at infinity.
@@ -125,6 +126,8 @@ def usable(geo, dtype) -> bool:
 def filter_transform(w: np.ndarray, CP: int, dtype) -> np.ndarray:
     """``U`` (36, CP, KP) = ``G w G^T`` per point for weights ``w`` (K, C, 5, 5), in
     float64 then ``dtype``; zero past ``C`` and ``K``, ``KP`` a multiple of ``KW``."""
+    if np.ndim(w) != 4 or np.shape(w)[2:] != (5, 5) or np.shape(w)[1] > CP:
+        raise ValueError(f"w must have shape (K, C, 5, 5) with C <= {CP}, got {np.shape(w)}")
     K, C = w.shape[:2]
     KP = -(-K // _wk.KW) * _wk.KW
     U = np.zeros((36, CP, KP), dtype)
@@ -139,13 +142,34 @@ def filter_transform(w: np.ndarray, CP: int, dtype) -> np.ndarray:
 # and the caller then runs the direct kernel instead.
 
 
+def _check_packed(name: str, xp) -> tuple[int, int, int, int]:
+    """The shape of a packed input or delta array the kernels can run: float32,
+    C-contiguous, channels a multiple of ``VL``, an even output at least ``2*TT`` wide."""
+    if not isinstance(xp, np.ndarray) or xp.ndim != 4:
+        raise TypeError(f"{name} must be a 4-D array (N, Hp, Wp, C), got "
+                        f"{getattr(xp, 'shape', type(xp).__name__)}")
+    N, Hp, Wp, C = _checks.array(name, xp, xp.shape, np.float32).shape
+    if not (C % _wk.VL == 0 and Hp >= 6 and Hp % 2 == 0 and Wp % 2 == 0
+            and Wp - 4 >= 2 * _wk.TT):
+        raise ValueError(f"{name} of shape {xp.shape} is not a packed input Winograd runs: "
+                         f"channels a multiple of {_wk.VL}, an even output (Hp - 4, Wp - 4) "
+                         f"at least {2 * _wk.TT} wide")
+    return N, Hp, Wp, C
+
+
 def forward(xp: np.ndarray, w: np.ndarray, b, y: np.ndarray,
             pool_order: bool = False) -> bool:
     """The valid 5x5 correlation of the packed input ``xp`` (N, OH+4, OW+4, CP) with
     ``w`` (K, C, 5, 5), plus ``b`` (K,) or None, into ``y``: (N, K, OH, OW), or with
     ``pool_order`` (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the
     result has an inf or NaN (see above)."""
-    U = filter_transform(w, xp.shape[3], xp.dtype)
+    N, Hp, Wp, CP = _check_packed("xp", xp)
+    U = filter_transform(w, CP, xp.dtype)  # checks w
+    K, OH, OW = w.shape[0], Hp - 4, Wp - 4
+    _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
+                  np.float32, writeable=True)
+    if b is not None and np.shape(b) != (K,):
+        raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
     bp = np.zeros(U.shape[2], xp.dtype)
     if b is not None:
         bp[:w.shape[0]] = b
@@ -171,8 +195,14 @@ def grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
     The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64 and
     transformed back with ``G``.
     """
-    N, Hp, Wp, CP = xp.shape
-    KP = dyp.shape[3]
+    N, Hp, Wp, CP = _check_packed("xp", xp)
+    if np.ndim(dyp) != 4:
+        raise ValueError(f"dyp must be 4-D (N, Hd, Wd, KP), got shape {np.shape(dyp)}")
+    Hd, Wd, KP = _checks.array("dyp", dyp, (N, *np.shape(dyp)[1:]), np.float32).shape[1:]
+    if not (KP % _wk.KW == 0 and K <= KP and C <= CP and 0 <= top
+            and top + Hp - 4 <= Hd and 0 <= left and left + Wp - 4 <= Wd):
+        raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
+                         f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
     ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
     P = max(1, min(DW_CHUNKS, ntile // (4 * _wk.TB)))  # from the shapes only
     part = np.empty((P, 36, CP, KP), xp.dtype)
