@@ -1023,7 +1023,7 @@ def max_pool_2x2_bwd_channels_last(dy, arg, mask, use_mask, dst, top, left, H, W
     Kg = C // G
     for n in prange(N):
         val = np.empty((OW, Cd), dst.dtype)
-        pos = np.empty((OW, Cd), np.int64)  # flat indices h*W + w of any plane size
+        pos = np.empty((OW, Cd), arg.dtype)  # int64 flat indices, or int8 positions
         for cd in range(Cd):
             dsum[n, cd] = 0
         for hd in range(Hd):
