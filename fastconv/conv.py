@@ -11,6 +11,7 @@ Legend: ``x, w, b, y, dy, dx, dw`` and ``N, C, H, W, K, R, S, OH, OW, G`` as in
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import NamedTuple
 
@@ -94,6 +95,39 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def _int(name: str, value, minimum: int) -> int:
+    """Validate a scalar int argument (not a bool) in ``[minimum, 2**31 - 1]``."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if value > _INT_MAX:
+        raise ValueError(f"{name} must be <= {_INT_MAX}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value, minimum: float = 0.0, below: float | None = None) -> float:
+    """Validate a finite real number (not a bool) ``>= minimum`` and, if given,
+    ``< below``; returned as a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if below is not None and not minimum <= v < below:
+        raise ValueError(f"{name} must lie in [{minimum:g}, {below:g}), got {value!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    return v
+
+
+def _bool(name: str, value) -> bool:
+    """Validate a flag: ``True`` or ``False`` (NumPy's bools too), nothing truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _shape4(name: str, shape) -> tuple[int, int, int, int]:
     """Validate a user-given 4-D shape such as ``input_shape`` or ``weight_shape``."""
     try:
@@ -116,6 +150,14 @@ def _as_array(name: str, value) -> np.ndarray:
             f"got dtype {a.dtype}"
         )
     return a
+
+
+def _as_float(name: str, value) -> np.ndarray:
+    """``value`` (:func:`_as_array`) in its result dtype (:func:`_result_dtype`), native
+    byte order: the normalisation of every public function that takes one array (the
+    others convert all their arrays to the result dtype of them all)."""
+    a = _as_array(name, value)
+    return a.astype(_result_dtype(a), copy=False)
 
 
 def _result_dtype(*arrays: np.ndarray | None) -> np.dtype:
@@ -142,7 +184,17 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: i
 
     ``(size + pad_lo + pad_hi - dilation*(kernel - 1) - 1) // stride + 1``; a result < 1
     means the dilated kernel does not fit in the padded input.
+
+    Parameters
+    ----------
+    size : int >= 0
+    kernel, stride, dilation : int >= 1
+    pad_lo, pad_hi : int >= 0
     """
+    for name, value, minimum in (("size", size, 0), ("kernel", kernel, 1),
+                                 ("stride", stride, 1), ("pad_lo", pad_lo, 0),
+                                 ("pad_hi", pad_hi, 0), ("dilation", dilation, 1)):
+        _int(name, value, minimum)
     return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -216,8 +268,8 @@ def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
     ConvGeometry
         With the output size ``OH x OW`` (each >= 1, or ``ValueError``).
     """
-    N, C, H, W = input_shape
-    K, Cg, R, S = weight_shape
+    N, C, H, W = input_shape = _shape4("input_shape", input_shape)
+    K, Cg, R, S = weight_shape = _shape4("weight_shape", weight_shape)
     if not _is_int(groups):
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups < 1:
