@@ -1262,14 +1262,16 @@ def conv2d_grad_bias(grad_output):
 
     Returns
     -------
-    ndarray (K,), summed in float64 and returned in the result dtype.
+    ndarray (K,)
+        Summed in float64, returned in the result dtype: float32 for float16/float32
+        deltas, float64 for the others.
     """
-    dy = _as_array("grad_output", grad_output)
+    dy = _as_float("grad_output", grad_output)
     _check_rank("grad_output", dy, "(N, K, OH, OW)")
     db = np.zeros(dy.shape[1], np.float64)
     if dy.size:
         _k.bias_grad(np.ascontiguousarray(dy), db)
-    return db.astype(_result_dtype(dy))
+    return db.astype(dy.dtype)
 
 
 def set_num_threads(n: int) -> None:

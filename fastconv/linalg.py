@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels as _k
+from .conv import _as_array, _result_dtype
 
 __all__ = ["matmul"]
 
@@ -20,7 +21,9 @@ def matmul(a, b) -> np.ndarray:
     Returns
     -------
     ndarray (M, Nc)
-        In NumPy's result dtype.
+        In the result dtype of :func:`fastconv.conv2d`: float32 if both operands are
+        float16/float32, else float64 (integer and bool operands are computed as float64;
+        big-endian ones are read as native).
 
     float32 products run on :func:`fastconv.kernels.matmul_tiles` over each full block of
     ``MC = 64`` columns, on Numba's threads; the columns past the last full block, and other
@@ -29,13 +32,15 @@ def matmul(a, b) -> np.ndarray:
     cores (see docs/performance.md); the kernel reaches about 250 GF/s on two cores for the
     MNIST network's 3136 -> 128 layer.
     """
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = _as_array("a", a), _as_array("b", b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul needs arrays of shapes (M, Q) and (Q, N), got {a.shape} "
-                         f"and {b.shape}")
-    if np.result_type(a, b) != np.dtype(np.float32) or b.shape[1] < _k.MC:
+        raise ValueError(f"matmul needs arrays a, b of shapes (M, Q) and (Q, N), got "
+                         f"a.shape = {a.shape} and b.shape = {b.shape}")
+    dtype = _result_dtype(a, b)
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if dtype != np.float32 or b.shape[1] < _k.MC:
         return np.ascontiguousarray(a @ b)
-    a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     c = np.empty((a.shape[0], b.shape[1]), np.float32)
     _k.matmul_tiles(a, b, c)
     full = b.shape[1] // _k.MC * _k.MC

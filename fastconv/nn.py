@@ -261,9 +261,7 @@ class ReLU(Module):
         self._y = None
 
     def forward(self, x):
-        x = np.ascontiguousarray(x)
-        if x.dtype not in (np.float32, np.float64):  # the conv rules: f16 -> f32, else f64
-            x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
+        x = np.ascontiguousarray(_conv._as_float("input", x))  # the conv dtype rules
         y = np.empty_like(x)
         _k.relu_fwd(x.reshape(-1), y.reshape(-1))
         self._y = y if self.training else None
@@ -461,7 +459,7 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
-        x = np.asarray(x)
+        x = _conv._as_array("input", x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear({self.in_features}, {self.out_features}) needs input of "
                              f"shape (N, {self.in_features}), got {x.shape}")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels as _k
-from .conv import _as_array, _check_rank, _pair, _result_dtype, _shape4, conv_output_size
+from .conv import _as_float, _bool, _check_rank, _pair, _shape4, conv_output_size
 
 __all__ = ["avg_pool2d", "avg_pool2d_backward", "max_pool2d", "max_pool2d_backward",
            "pool_geometry"]
@@ -31,7 +31,21 @@ class PoolGeometry(NamedTuple):
 
 
 def pool_geometry(input_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
-    """Validate pooling arguments for an (N, C, H, W) input and compute the output size."""
+    """Validate pooling arguments for an (N, C, H, W) input and compute the output size.
+
+    Parameters
+    ----------
+    input_shape : (N, C, H, W)
+    kernel_size : int or (h, w) pair, >= 1
+    stride : int or (h, w) pair >= 1, or None for ``kernel_size``
+    padding : int or (h, w) pair, >= 0 and at most half the kernel
+
+    Returns
+    -------
+    PoolGeometry
+        With the output size ``OH x OW`` (each >= 1, or ``ValueError``).
+    """
+    input_shape = _shape4("input_shape", input_shape)
     kh, kw = _pair("kernel_size", kernel_size, 1)
     sh, sw = (kh, kw) if stride is None else _pair("stride", stride, 1)
     ph, pw = _pair("padding", padding, 0)
@@ -48,9 +62,9 @@ def pool_geometry(input_shape, kernel_size, stride=None, padding=0) -> PoolGeome
 
 
 def _input(name, value):
-    a = _as_array(name, value)
+    a = _as_float(name, value)
     _check_rank(name, a, "(N, C, H, W)")
-    return a.astype(_result_dtype(a), copy=False)
+    return a
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, return_indices=False):
@@ -70,6 +84,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, return_indices=False)
         plane that fits in memory.
     """
     x = _input("input", input)
+    return_indices = _bool("return_indices", return_indices)
     g = pool_geometry(x.shape, kernel_size, stride, padding)
     N, C = x.shape[:2]
     y = np.empty((N, C, g.OH, g.OW), x.dtype)
@@ -98,7 +113,9 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     dy = _input("grad_output", grad_output)
     arg = np.asarray(indices)
     shape = _shape4("input_shape", input_shape)
-    if arg.shape != dy.shape or arg.dtype.kind not in "iu":
+    if arg.dtype.kind not in "iu":
+        raise TypeError(f"indices must be an integer array, got dtype {arg.dtype}")
+    if arg.shape != dy.shape:
         raise ValueError(f"indices must be integers of the grad_output shape {dy.shape}, got "
                          f"{arg.dtype} {arg.shape}")
     if dy.shape[:2] != shape[:2]:
