@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, _rng
 
 __all__ = ["MODELS", "seed_net", "two_conv"]
 
@@ -14,8 +14,15 @@ def two_conv(seed=None, dtype=np.float32) -> Sequential:
 
     conv 5x5 1->32 pad 2 -> ReLU -> maxpool 2 -> conv 5x5 32->64 pad 2 -> ReLU -> maxpool 2
     -> Flatten (3136) -> Linear 3136->128 -> ReLU -> Linear 128->10.
+
+    Parameters
+    ----------
+    seed : None, int >= 0 or numpy Generator
+        The weights' random stream.
+    dtype : float32 or float64
+        The parameters' dtype.
     """
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, "seed")
     kw = dict(rng=rng, dtype=dtype)
     return Sequential(
         Conv2d(1, 32, 5, padding=2, **kw), ReLU(), MaxPool2d(2),
@@ -29,8 +36,13 @@ def seed_net(seed=None, dtype=np.float32) -> Sequential:
 
     28x28 -> conv -> ReLU -> pool 14x14 -> conv -> ReLU -> pool 7x7 -> Flatten 49
     -> Linear 49->49 -> Linear 49->10.
+
+    Parameters
+    ----------
+    seed, dtype
+        As for :func:`two_conv`.
     """
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, "seed")
     kw = dict(rng=rng, dtype=dtype)
     return Sequential(
         Conv2d(1, 1, 3, padding=1, **kw), ReLU(), MaxPool2d(2),

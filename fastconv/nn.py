@@ -118,8 +118,29 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
-def _rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+def _rng(rng, name="rng"):
+    """``rng`` as a Generator: a Generator as it is, else a seed for ``default_rng``
+    (None, an int >= 0 or a sequence of them)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (bool, np.bool_, float, str, bytes)):  # default_rng would take some
+        raise TypeError(f"{name} must be None, an int seed or a numpy Generator, got {rng!r}")
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} must be None, an int seed >= 0 or a numpy Generator, got "
+                      f"{rng!r} ({e})") from None
+
+
+def _param_dtype(dtype) -> np.dtype:
+    """The parameters' dtype: float32 or float64, the dtypes the kernels compute in."""
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or dtype is None or d not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return d
 
 
 class Conv2d(Module):
@@ -129,15 +150,40 @@ class Conv2d(Module):
     PyTorch's (Kaiming-uniform with a = sqrt(5)): uniform in ``±1/sqrt(fan_in)``.
     Set ``needs_input_grad = False`` on a first layer to skip computing dX in backward
     (``backward`` then returns ``None``).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int >= 1
+        Each divisible by ``groups``.
+    kernel_size : int or (h, w) pair, >= 1
+    stride, padding, dilation, groups
+        As for :func:`fastconv.conv2d`; checked here as ``conv2d`` checks them, so that a
+        layer that could not run is refused when it is built.
+    bias : bool
+    rng : None, int seed >= 0 or numpy Generator
+        The initial weights' random stream.
+    dtype : float32 or float64
+        The parameters' dtype.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
-        kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
+        in_channels = _conv._int("in_channels", in_channels, 1)
+        out_channels = _conv._int("out_channels", out_channels, 1)
+        kh, kw = _conv._pair("kernel_size", kernel_size, 1)
+        groups = _conv._int("groups", groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
+        # The rest as conv_geometry checks it in forward(), on the smallest input the
+        # dilated kernel fits: a layer that could not run on any input is refused here.
+        dlh, dlw = _conv._pair("dilation", dilation, 1)
+        _conv.conv_geometry((0, in_channels, dlh * (kh - 1) + 1, dlw * (kw - 1) + 1),
+                            (out_channels, in_channels // groups, kh, kw), stride, padding,
+                            dilation, groups)
+        bias = _conv._bool("bias", bias)
+        dtype = _param_dtype(dtype)
         self.conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         rng = _rng(rng)
@@ -272,7 +318,8 @@ class ReLU(Module):
             raise RuntimeError("backward() needs a forward() in training mode first")
         dy = np.ascontiguousarray(dy, dtype=self._y.dtype)
         if dy.shape != self._y.shape:
-            raise ValueError(f"ReLU.backward got shape {dy.shape}, forward gave {self._y.shape}")
+            raise ValueError(f"ReLU.backward got grad_output of shape {dy.shape}, forward gave "
+                             f"{self._y.shape}")
         dx = np.empty_like(dy)
         _k.relu_bwd(dy.reshape(-1), self._y.reshape(-1), dx.reshape(-1))
         return dx
@@ -284,12 +331,26 @@ class ReLU(Module):
         return "ReLU()"
 
 
+def _pool_args(kernel_size, stride, padding) -> dict:
+    """A pooling layer's arguments, checked as :func:`fastconv.pool.pool_geometry` checks
+    them in forward(), on an input the size of the window."""
+    kh, kw = _conv._pair("kernel_size", kernel_size, 1)
+    pool.pool_geometry((0, 1, kh, kw), kernel_size, stride, padding)
+    return dict(kernel_size=kernel_size, stride=stride, padding=padding)
+
+
 class MaxPool2d(Module):
-    """Max pooling; backward routes each delta to its window's maximum (first on ties)."""
+    """Max pooling; backward routes each delta to its window's maximum (first on ties).
+
+    Parameters
+    ----------
+    kernel_size, stride, padding
+        As for :func:`fastconv.pool.max_pool2d`, checked when the layer is built.
+    """
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.args = dict(kernel_size=kernel_size, stride=stride, padding=padding)
+        self.args = _pool_args(kernel_size, stride, padding)
         self._saved = None
 
     def forward(self, x):
@@ -396,11 +457,17 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(Module):
-    """Average pooling (zero padding counted); backward spreads each delta evenly."""
+    """Average pooling (zero padding counted); backward spreads each delta evenly.
+
+    Parameters
+    ----------
+    kernel_size, stride, padding
+        As for :func:`fastconv.pool.avg_pool2d`, checked when the layer is built.
+    """
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.args = dict(kernel_size=kernel_size, stride=stride, padding=padding)
+        self.args = _pool_args(kernel_size, stride, padding)
         self._shape = None
 
     def forward(self, x):
@@ -421,7 +488,7 @@ class AvgPool2d(Module):
 
 
 class Flatten(Module):
-    """``(N, ...) -> (N, prod(...))``."""
+    """``(N, ...) -> (N, prod(...))``, an empty batch included (``(0, prod(...))``)."""
 
     def __init__(self):
         super().__init__()
@@ -445,13 +512,26 @@ class Linear(Module):
     The products run on :func:`fastconv.linalg.matmul`: the forward pass computes
     ``y.T = weight @ x.T``, so that the batch is the vector dimension.
 
-    Initialised like ``torch.nn.Linear``: uniform in ``±1/sqrt(in_features)``.
+    Initialised like ``torch.nn.Linear``: uniform in ``±1/sqrt(in_features)`` (zeros for
+    ``in_features = 0``).
+
+    Parameters
+    ----------
+    in_features, out_features : int >= 0
+    bias : bool
+    rng, dtype
+        As for :class:`Conv2d`.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
+        in_features = _conv._int("in_features", in_features, 0)
+        out_features = _conv._int("out_features", out_features, 0)
+        bias = _conv._bool("bias", bias)
+        dtype = _param_dtype(dtype)
         rng = _rng(rng)
-        bound = 1.0 / math.sqrt(in_features)
+        # As PyTorch: no inputs (in_features = 0) give bound 0, zero weights and bias.
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
         self.in_features, self.out_features = in_features, out_features
         self.params["weight"] = _uniform(rng, bound, (out_features, in_features), dtype)
         if bias:
@@ -494,10 +574,19 @@ _KEEP_NO_INPUT = (ReLU, MaxPool2d, AvgPool2d)
 
 
 class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
+
+    Parameters
+    ----------
+    *layers : Module
+    """
 
     def __init__(self, *layers: Module):
         super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"layers[{i}] must be a fastconv.nn.Module, got "
+                                f"{type(layer).__name__} {layer!r}")
         self.layers = list(layers)
 
     def children(self):
@@ -583,9 +672,15 @@ class SoftmaxCrossEntropy:
     ``forward(logits, labels)`` returns the loss: ``logsumexp(z) - z[label]`` per row,
     averaged (``reduction='mean'``) or summed (``'sum'``).  ``backward()`` returns
     ``dL/dlogits = (softmax(z) - onehot(label))``, divided by N for the mean.
+
+    Parameters
+    ----------
+    reduction : ``'mean'`` or ``'sum'``
     """
 
     def __init__(self, reduction: str = "mean"):
+        if not isinstance(reduction, str):
+            raise TypeError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
@@ -595,10 +690,13 @@ class SoftmaxCrossEntropy:
         return self.forward(logits, labels)
 
     def forward(self, logits, labels) -> float:
-        z = np.asarray(logits)
+        """The loss of ``logits`` (N, classes) against ``labels`` (N,) in
+        ``[0, classes)``; an empty batch (N = 0) has loss 0 and gradient (0, classes)."""
+        z = _conv._as_float("logits", logits)
         y = np.asarray(labels)
-        if z.ndim != 2:
-            raise ValueError(f"logits must be 2-D (N, classes), got shape {z.shape}")
+        if z.ndim != 2 or z.shape[1] < 1:
+            raise ValueError(f"logits must be 2-D (N, classes) with at least one class, got "
+                             f"shape {z.shape}")
         if y.shape != (z.shape[0],) or y.dtype.kind not in "iu":
             raise ValueError(f"labels must be {z.shape[0]} integers, got {y.dtype} {y.shape}")
         if y.size and (y.min() < 0 or y.max() >= z.shape[1]):

@@ -10,18 +10,34 @@ import numpy as np
 
 from . import _checks
 from . import kernels as _k
+from .conv import _bool, _real
+from .nn import Parameter
 
 __all__ = ["SGD", "Adam", "Optimizer"]
 
 
 class Optimizer:
+    """Base class: the parameters, the learning rate and the step count.
+
+    Parameters
+    ----------
+    params : iterable of :class:`fastconv.nn.Parameter`, not empty
+        ``model.parameters()``.
+    lr : finite real number >= 0
+    """
+
     def __init__(self, params, lr):
+        if isinstance(params, (Parameter, np.ndarray)) or not hasattr(params, "__iter__"):
+            raise TypeError(f"params must be an iterable of Parameters (model.parameters()), "
+                            f"got {type(params).__name__}")
         self.params = list(params)
         if not self.params:
-            raise ValueError("optimizer got an empty parameter list")
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        self.lr = float(lr)
+            raise ValueError("optimizer got an empty parameter list (params)")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"params[{i}] must be a fastconv.nn.Parameter "
+                                f"(model.parameters()), got {type(p).__name__}")
+        self.lr = _real("lr", lr)
         self.step_count = 0
 
     def _grads(self) -> list:
@@ -54,13 +70,21 @@ class SGD(Optimizer):
         buf = g (first step), else momentum * buf + g
         p -= lr * (g + momentum * buf if nesterov else buf)      (momentum > 0)
         p -= lr * g                                              (momentum = 0)
+
+    Parameters
+    ----------
+    params : iterable of :class:`fastconv.nn.Parameter`
+    lr : finite real number >= 0
+    momentum, weight_decay : finite real numbers >= 0
+    nesterov : bool
+        Nesterov momentum; needs ``momentum > 0``.
     """
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, lr)
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, "
-                             f"{weight_decay}")
+        momentum = _real("momentum", momentum)
+        weight_decay = _real("weight_decay", weight_decay)
+        nesterov = _bool("nesterov", nesterov)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
@@ -115,15 +139,22 @@ class Adam(Optimizer):
         g = grad + weight_decay * p
         m = b1*m + (1-b1)*g;   v = b2*v + (1-b2)*g^2
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Parameters
+    ----------
+    params : iterable of :class:`fastconv.nn.Parameter`
+    lr : finite real number >= 0
+    betas : pair of real numbers in [0, 1)
+    eps, weight_decay : finite real numbers >= 0
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
-        b1, b2 = betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if eps < 0 or weight_decay < 0:
-            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        b1, b2 = (_real(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+        eps = _real("eps", eps)
+        weight_decay = _real("weight_decay", weight_decay)
         self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
         self.m = [np.zeros_like(p.data) for p in self.params]
         self.v = [np.zeros_like(p.data) for p in self.params]
