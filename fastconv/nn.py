@@ -496,11 +496,23 @@ class Flatten(Module):
 
     def forward(self, x):
         x = np.asarray(x)
-        self._shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        if x.ndim < 1:
+            raise ValueError(f"Flatten needs input of shape (N, ...), got a {x.ndim}-D array")
+        self._shape = x.shape if self.training else None
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def backward(self, dy):
+        if self._shape is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        dy = np.asarray(dy)
+        expected = (self._shape[0], math.prod(self._shape[1:]))
+        if dy.shape != expected:
+            raise ValueError(f"Flatten.backward got grad_output of shape {dy.shape}, the "
+                             f"forward output had shape {expected}")
         return dy.reshape(self._shape)
+
+    def _forget(self):
+        self._shape = None
 
     def __repr__(self):
         return "Flatten()"
