@@ -38,6 +38,15 @@ _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _seed = _checked(int, lambda v: 0 <= v < 2**63, "a non-negative integer")
 
 
+def _threads(text):
+    """An argparse type: a thread count in [1, the threads Numba starts with]."""
+    from numba.core.config import NUMBA_NUM_THREADS  # lazily: --help stays instant
+
+    return _checked(int, lambda v: 1 <= v <= NUMBA_NUM_THREADS,
+                    f"an integer in [1, {NUMBA_NUM_THREADS}] (the threads available to "
+                    "Numba)")(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastconv", description="Train and evaluate CNNs with fastconv.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["cosine", "constant"],
                    help="learning rate: annealed to 0 over --epochs along a half cosine "
                    "(default), or constant")
-    t.add_argument("--threads", type=_positive_int, help="kernel threads (default: all cores)")
+    t.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
     t.add_argument("--seed", type=_seed, help="default: 0")
     t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
     t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
@@ -72,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
                    help="default: the dataset it was trained on")
     e.add_argument("--data-dir")
-    e.add_argument("--threads", type=_positive_int)
+    e.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
     e.add_argument("--no-download", action="store_true")
     return p
 

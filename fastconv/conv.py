@@ -1280,10 +1280,10 @@ def set_num_threads(n: int) -> None:
     Like ``numba.set_num_threads`` this applies to the calling Python thread.
     """
     if not _is_int(n):
-        raise TypeError(f"number of threads must be an int, got {n!r}")
+        raise TypeError(f"n, the number of threads, must be an int, got {n!r}")
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= limit:
-        raise ValueError(f"number of threads must be in [1, {limit}], got {n}")
+        raise ValueError(f"n, the number of threads, must be in [1, {limit}], got {n}")
     numba.set_num_threads(int(n))
 
 

@@ -84,8 +84,15 @@ def read_idx(path) -> np.ndarray:
     The magic number, the dimensions and the file length are checked against each other;
     a truncated or corrupt file raises :class:`IDXError` naming the file.
     """
-    path = Path(path)
+    path = Path(_path_arg("path", path))
     return _parse_idx(_read_payload(path), str(path))
+
+
+def _path_arg(name: str, value):
+    """``value`` if it is a path (``str`` or ``os.PathLike``), else ``TypeError``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -228,9 +235,20 @@ def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float
         (the sizes of the standard files; a user's own split may differ).  With
         ``split='test'``: test_images, test_labels.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name, one of {sorted(DATASETS)}; got {name!r}")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    if split not in ("both", "test"):
+    if data_dir is not None:
+        _path_arg("data_dir", data_dir)
+    if not isinstance(download, (bool, np.bool_)):
+        raise TypeError(f"download must be True or False, got {download!r}")
+    if (not isinstance(timeout, (int, float, np.integer, np.floating))
+            or isinstance(timeout, (bool, np.bool_))):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    if not isinstance(split, str) or split not in ("both", "test"):
         raise ValueError(f"split must be 'both' or 'test', got {split!r}")
     ds = DATASETS[name]
     files = ds.files if split == "both" else ds.files[2:]

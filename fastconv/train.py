@@ -38,7 +38,10 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What a run trains: everything a checkpoint needs to rebuild and continue it."""
+    """What a run trains: everything a checkpoint needs to rebuild and continue it.
+
+    Validated when made (:meth:`validate`): a config that could not run is refused.
+    """
 
     dataset: str = "mnist"
     model: str = "two-conv"
@@ -51,26 +54,32 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        if self.dataset not in data.DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
-                             f"{sorted(data.DATASETS)}")
-        if self.model not in models.MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or "
-                             "'constant'")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        """Check every field's type and range: ``TypeError`` or ``ValueError`` naming the
+        field and the value it has."""
+        for name, choices in (("dataset", sorted(data.DATASETS)),
+                              ("model", sorted(models.MODELS)),
+                              ("schedule", ["constant", "cosine"]),
+                              ("optimizer", ["adam", "sgd"])):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, one of {choices}; got {value!r}")
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if not self.lr > 0 or not np.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+            conv._int(name, getattr(self, name), 1)
+        if self.limit is not None:
+            conv._int("limit", self.limit, 1)
+        if not conv._is_int(self.seed):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if conv._real("lr", self.lr, -np.inf) <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        conv._real("momentum", self.momentum, 0.0, 1.0)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> optim.Optimizer:
@@ -93,7 +102,9 @@ def normalise(images: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500):
-    """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images."""
+    """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images, in batches of
+    ``batch_size`` (an int >= 1); both are 0 for no images."""
+    conv._int("batch_size", batch_size, 1)
     was_training = model.training
     model.eval()
     loss_fn = nn.SoftmaxCrossEntropy("sum")
@@ -220,6 +231,8 @@ def _progress(total, desc, quiet):
 def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=None,
           resume=None, metrics_json=None, plot=None, quiet=False, log=print) -> dict:
     """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     if threads is not None:
         conv.set_num_threads(threads)
@@ -243,6 +256,8 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     xtr, ytr, xte, yte = data.load_dataset(cfg.dataset, data_dir, download=download)
     if cfg.limit is not None:
         xtr, ytr = xtr[:cfg.limit], ytr[:cfg.limit]
+    if not len(xtr):
+        raise ValueError(f"{cfg.dataset}: the training set has no images")
     ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
     loss_fn = nn.SoftmaxCrossEntropy()
     step_seconds = sum(e["train_seconds"] for e in history)

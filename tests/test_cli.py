@@ -145,7 +145,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
     (["train", "--lr", "abc"], 2, "argument --lr: expected a positive number, got 'abc'"),
     (["train", "--momentum", "1.5"], 2, "expected a number in [0, 1), got '1.5'"),
     (["train", "--schedule", "step"], 2, "argument --schedule: invalid choice: 'step'"),
-    (["train", "--threads", "99"], 1, "number of threads must be in [1,"),
+    (["train", "--threads", "1000"], 2, "argument --threads: expected an integer in [1, "),
+    (["train", "--threads", "0"], 2, "argument --threads: expected an integer in [1, "),
+    (["evaluate", "--model", "m.npz", "--threads", "1000"], 2,
+     "argument --threads: expected an integer in [1, "),
     (["train", "--no-download", "--data-dir", "/nonexistent"], 1,
      "mnist: could not find train-images-idx3-ubyte"),
     (["evaluate", "--model", "/nonexistent.npz"], 1, "not a readable fastconv checkpoint"),
@@ -156,6 +159,13 @@ def test_bad_cli_input_is_one_line(args, code, message):
     assert r.returncode == code
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_empty_training_set_is_one_line(tmp_path):
+    write_dataset(tmp_path, n_train=0, n_test=4)
+    r = run("train", "--data-dir", tmp_path, "--no-download")
+    assert r.returncode == 1
+    assert r.stderr == "fastconv: error: mnist: the training set has no images\n"
 
 
 def test_corrupt_file_is_one_line(tmp_path):
