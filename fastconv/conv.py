@@ -195,6 +195,11 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: i
                                  ("stride", stride, 1), ("pad_lo", pad_lo, 0),
                                  ("pad_hi", pad_hi, 0), ("dilation", dilation, 1)):
         _int(name, value, minimum)
+    return _output_size(size, kernel, stride, pad_lo, pad_hi, dilation)
+
+
+def _output_size(size, kernel, stride, pad_lo, pad_hi, dilation) -> int:
+    """:func:`conv_output_size` of arguments already validated (by the geometries)."""
     return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -295,8 +300,8 @@ def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
     sh, sw = _pair("stride", stride, 1)
     dlh, dlw = _pair("dilation", dilation, 1)
     pt, pb, pl, pr = _resolve_padding(padding, R, S, sh, sw, dlh, dlw)
-    OH = conv_output_size(H, R, sh, pt, pb, dlh)
-    OW = conv_output_size(W, S, sw, pl, pr, dlw)
+    OH = _output_size(H, R, sh, pt, pb, dlh)
+    OW = _output_size(W, S, sw, pl, pr, dlw)
     if OH < 1 or OW < 1:
         raise ValueError(
             f"output size would be {OH}x{OW} (< 1): input {H}x{W} padded by "
@@ -318,8 +323,8 @@ def _check_geometry(geo) -> ConvGeometry:
     if not (N >= 0 and min(C, H, W, K, R, S, G, sh, sw, dlh, dlw) >= 1
             and min(pt, pb, pl, pr) >= 0 and max(geo) <= _INT_MAX
             and C % G == 0 and K % G == 0
-            and OH == conv_output_size(H, R, sh, pt, pb, dlh) >= 1
-            and OW == conv_output_size(W, S, sw, pl, pr, dlw) >= 1):
+            and OH == _output_size(H, R, sh, pt, pb, dlh) >= 1
+            and OW == _output_size(W, S, sw, pl, pr, dlw) >= 1):
         raise ValueError(f"geo is not a consistent ConvGeometry (as conv_geometry makes it): "
                          f"{geo!r}")
     return geo

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels as _k
-from .conv import _as_float, _bool, _check_rank, _pair, _shape4, conv_output_size
+from .conv import _as_float, _bool, _check_rank, _output_size, _pair, _shape4
 
 __all__ = ["avg_pool2d", "avg_pool2d_backward", "max_pool2d", "max_pool2d_backward",
            "pool_geometry"]
@@ -53,8 +53,8 @@ def pool_geometry(input_shape, kernel_size, stride=None, padding=0) -> PoolGeome
         raise ValueError(f"padding {(ph, pw)} must be at most half the kernel size "
                          f"{(kh, kw)}, so that every window holds an input element")
     H, W = input_shape[2], input_shape[3]
-    OH = conv_output_size(H, kh, sh, ph, ph, 1)
-    OW = conv_output_size(W, kw, sw, pw, pw, 1)
+    OH = _output_size(H, kh, sh, ph, ph, 1)
+    OW = _output_size(W, kw, sw, pw, pw, 1)
     if OH < 1 or OW < 1:
         raise ValueError(f"output size would be {OH}x{OW} (< 1): input {H}x{W} with padding "
                          f"{(ph, pw)} is smaller than the pooling window {kh}x{kw}")
