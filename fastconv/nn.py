@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import _checks, pool
+from . import _checks, _state, pool
 from . import conv as _conv
 from . import kernels as _k
 from .linalg import matmul
@@ -95,20 +95,44 @@ class Module:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {p.name: p.data.copy() for p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copy ``state`` into the parameters; keys and shapes must match exactly."""
+    def check_state_dict(self, state, *, prefix: str | None = None) -> dict[str, np.ndarray]:
+        """Check ``state`` against the parameters, changing nothing.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Exactly the keys of :meth:`state_dict` (none missing, none unexpected).  Each
+            value must have its parameter's shape (no broadcasting) and a real dtype that
+            casts to the parameter's with ``casting='same_kind'``, within its range.
+        prefix : str, optional
+            Name keys in messages as ``prefix + key`` (a checkpoint's ``"model/"``) instead
+            of ``state_dict[key]``.
+
+        Returns
+        -------
+        dict of str to ndarray
+            The values as new C-contiguous arrays of their parameters' dtypes.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For the first entry that breaks a rule, naming it, what it holds and the rule.
+        """
         params = {p.name: p for p in self.named_parameters()}
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"state_dict does not match the model: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
-        values = {name: np.asarray(state[name]) for name in params}
-        for name, p in params.items():  # check everything before changing anything
-            if values[name].shape != p.data.shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {values[name].shape}, the "
-                                 f"model's parameter has {p.data.shape}")
-        for name, p in params.items():
-            np.copyto(p.data, values[name], casting="same_kind")
+        _state.check_keys(state, params, owner="the model", prefix=prefix)
+        return {name: _state.array_like(name, state[name], p.data, "the model's parameter",
+                                        prefix=prefix)
+                for name, p in params.items()}
+
+    def load_state_dict(self, state) -> None:
+        """Copy ``state`` into the parameters (in place).
+
+        Everything is checked first (:meth:`check_state_dict`): when it raises, no
+        parameter has changed.
+        """
+        values = self.check_state_dict(state)
+        for p in self.named_parameters():
+            np.copyto(p.data, values[p.name])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _state
 from . import kernels as _k
 from .conv import _bool, _real
 from .nn import Parameter
@@ -58,9 +58,63 @@ class Optimizer:
         """Optimizer state as flat arrays (for ``.npz`` checkpoints)."""
         return {"step_count": np.array(self.step_count), "lr": np.array(self.lr)}
 
+    def _state_arrays(self) -> list[tuple[str, int, bool, str]]:
+        """The arrays of the state besides ``step_count`` and ``lr``: (key, index of its
+        parameter, whether it is required, its value rule for
+        :func:`fastconv._state.array_like`)."""
+        return []
+
+    def check_state_dict(self, state, *, prefix: str | None = None) -> dict:
+        """Check ``state`` against this optimizer, changing nothing.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            ``step_count`` (an integer >= 0), ``lr`` (a finite number >= 0) and the
+            optimizer's arrays (see the subclass), each of exactly its parameter's shape (no
+            broadcasting) with a real dtype that casts to the parameter's with
+            ``casting='same_kind'``.  No other keys.
+        prefix : str, optional
+            Name keys in messages as ``prefix + key`` (a checkpoint's ``"optim/"``) instead
+            of ``state_dict[key]``.
+
+        Returns
+        -------
+        dict
+            ``step_count`` as an int, ``lr`` as a float, and the arrays as new C-contiguous
+            arrays of their parameters' dtypes.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For the first entry that breaks a rule, naming it, what it holds and the rule.
+        """
+        arrays = self._state_arrays()
+        _state.check_keys(state, {"step_count", "lr"} | {k for k, _, req, _ in arrays if req},
+                          {k for k, _, req, _ in arrays if not req},
+                          owner=f"the {type(self).__name__} optimizer", prefix=prefix)
+        checked = {"step_count": _state.integer("step_count", state["step_count"],
+                                                prefix=prefix),
+                   "lr": _state.nonnegative_number("lr", state["lr"], prefix=prefix)}
+        for key, i, _, rule in arrays:
+            if key in state:
+                checked[key] = _state.array_like(
+                    key, state[key], self.params[i].data,
+                    f"its parameter {self.params[i].name!r}", rule=rule, prefix=prefix)
+        return checked
+
     def load_state_dict(self, state) -> None:
-        self.step_count = int(state["step_count"])
-        self.lr = float(state["lr"])
+        """Load ``state`` (from :meth:`state_dict`).
+
+        Everything is checked first (:meth:`check_state_dict`): when it raises, nothing has
+        changed.
+        """
+        checked = self.check_state_dict(state)
+        self.step_count, self.lr = checked["step_count"], checked["lr"]
+        self._load_arrays(checked)
+
+    def _load_arrays(self, checked: dict) -> None:
+        """Take the arrays of a checked state."""
 
 
 class SGD(Optimizer):
@@ -126,11 +180,13 @@ class SGD(Optimizer):
                 state[f"momentum_buffer.{i}"] = buf.copy()
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.buffers = [np.array(state[f"momentum_buffer.{i}"], self.params[i].data.dtype)
-                        if f"momentum_buffer.{i}" in state else None
-                        for i in range(len(self.params))]
+    def _state_arrays(self):
+        # As in PyTorch, a parameter may have no buffer yet (it starts at its next step).
+        return [(f"momentum_buffer.{i}", i, False, "finite") for i in range(len(self.params))]
+
+    def _load_arrays(self, checked):
+        # C-contiguous, of the parameter's shape and dtype: sgd_update reads them flat.
+        self.buffers = [checked.get(f"momentum_buffer.{i}") for i in range(len(self.params))]
 
 
 class Adam(Optimizer):
@@ -182,8 +238,12 @@ class Adam(Optimizer):
             state[f"exp_avg_sq.{i}"] = self.v[i].copy()
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _state_arrays(self):
+        n = range(len(self.params))
+        return ([(f"exp_avg.{i}", i, True, "finite") for i in n]
+                + [(f"exp_avg_sq.{i}", i, True, "nonnegative") for i in n])
+
+    def _load_arrays(self, checked):
         for i in range(len(self.params)):
-            np.copyto(self.m[i], state[f"exp_avg.{i}"])
-            np.copyto(self.v[i], state[f"exp_avg_sq.{i}"])
+            np.copyto(self.m[i], checked[f"exp_avg.{i}"])
+            np.copyto(self.v[i], checked[f"exp_avg_sq.{i}"])
