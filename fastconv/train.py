@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conv, data, models, nn, optim
+from . import _state, conv, data, models, nn, optim
 
 __all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "load_checkpoint", "save_checkpoint",
            "train"]
@@ -148,10 +149,19 @@ def _umask() -> int:
     return mask
 
 
+#: The layout :func:`save_checkpoint` writes (docs/checkpoints.md).  Files without a
+#: ``format_version`` entry have this layout too: they are read as version 1.
+CHECKPOINT_VERSION = 1
+
+
 def save_checkpoint(path, cfg: TrainConfig, model, optimizer, epoch: int, rng, history) -> None:
-    """Write an ``.npz`` checkpoint atomically (temp file + rename)."""
+    """Write an ``.npz`` checkpoint atomically (temp file + rename).
+
+    The layout is documented in docs/checkpoints.md and checked by :func:`load_checkpoint`.
+    """
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays |= {f"optim/{k}": v for k, v in optimizer.state_dict().items()}
+    arrays["format_version"] = np.array(CHECKPOINT_VERSION)
     arrays["epoch"] = np.array(epoch)
     arrays["config"] = np.array(json.dumps(dataclasses.asdict(cfg)))
     arrays["rng"] = np.array(json.dumps(rng.bit_generator.state))
@@ -160,20 +170,250 @@ def save_checkpoint(path, cfg: TrainConfig, model, optimizer, epoch: int, rng, h
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint (``allow_pickle=False``) into a dict of its parts."""
+    """Read a checkpoint and check all of it against its schema before returning.
+
+    The schema is in docs/checkpoints.md: every entry must be there, none may be unknown,
+    and each must have its dtype, shape and range; the config must be valid, and the model
+    and optimizer state must fit the model and optimizer that the config builds.
+
+    Parameters
+    ----------
+    path : str or Path
+        An ``.npz`` file from :func:`save_checkpoint`; read with ``allow_pickle=False``.
+
+    Returns
+    -------
+    dict
+        ``config`` (a :class:`TrainConfig`), ``epoch`` (int), ``rng`` (a PCG64 state dict),
+        ``history`` (list of dicts), ``model`` and ``optim`` (state dicts, the arrays as
+        C-contiguous arrays of their parameters' dtypes).
+
+    Raises
+    ------
+    ValueError
+        ``"<path>: not a readable fastconv checkpoint (...)"`` when the file cannot be
+        read as an ``.npz`` of plain arrays, or ``"<path>: not a valid fastconv checkpoint:
+        <the first problem>"``.
+    """
+    items = _read_npz(path)
     try:
+        return _checked_checkpoint(items)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid fastconv checkpoint: {e}") from None
+
+
+def _read_npz(path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed ``.npz`` file (``np.savez``); every member's CRC is
+    checked first.  Compressed members are refused: no member can expand beyond the file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                raise ValueError("the zip archive holds a name twice")
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"member {info.filename!r} is compressed; checkpoints "
+                                     "are written uncompressed (np.savez)")
+            bad = zf.testzip()
+            if bad is not None:
+                raise ValueError(f"member {bad!r} is corrupt (CRC mismatch)")
         with np.load(path, allow_pickle=False) as z:
             items = {k: z[k] for k in z.files}
-        return {
-            "config": TrainConfig(**json.loads(str(items["config"]))),
-            "epoch": int(items["epoch"]),
-            "rng": json.loads(str(items["rng"])),
-            "history": json.loads(str(items["history"])),
-            "model": {k[6:]: v for k, v in items.items() if k.startswith("model/")},
-            "optim": {k[6:]: v for k, v in items.items() if k.startswith("optim/")},
-        }
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable fastconv checkpoint ({e})") from None
+    # The file is untrusted input to zipfile and NumPy's format reader, which raise many
+    # kinds of exception on malformed bytes (BadZipFile, EOFError, zlib.error,
+    # NotImplementedError, struct.error, MemoryError, ...): any of them means unreadable.
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable fastconv checkpoint ({_describe(e)})") from None
+    for key, value in items.items():
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"{path}: not a readable fastconv checkpoint ({key!r} is not an "
+                             ".npy array)")
+    return items
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_ENTRIES = ("format_version", "epoch", "config", "rng", "history")
+
+# The JSON type of each TrainConfig field ("number": an int or a float; never a bool).
+_CONFIG_TYPES = {"dataset": "str", "model": "str", "epochs": "int", "batch_size": "int",
+                 "lr": "number", "optimizer": "str", "momentum": "number", "schedule": "str",
+                 "seed": "int", "limit": "int or null"}
+
+# Each history row: the JSON type of each key ("fraction": a number in [0, 1]).
+_HISTORY_TYPES = {"epoch": "int", "train_loss": "number", "train_accuracy": "fraction",
+                  "test_loss": "number", "test_accuracy": "fraction", "seconds": "number",
+                  "samples_per_second": "number", "train_seconds": "number",
+                  "train_samples": "int"}
+
+
+def _checked_checkpoint(items: dict[str, np.ndarray]) -> dict:
+    """The parts of a checkpoint's arrays, checked in the order of docs/checkpoints.md;
+    raises ValueError or TypeError for the first problem."""
+    version = (_state.integer("format_version", items["format_version"], minimum=1, prefix="")
+               if "format_version" in items else 1)
+    if version > CHECKPOINT_VERSION:
+        raise ValueError(f"format_version is {version}: written by a newer fastconv; this one "
+                         f"reads format_version {CHECKPOINT_VERSION}")
+    unknown = sorted(k for k in items
+                     if k not in _ENTRIES and not k.startswith(("model/", "optim/")))
+    if unknown:
+        raise ValueError(f"unknown entries {unknown}")
+    missing = [k for k in _ENTRIES[1:] if k not in items]
+    if missing:
+        raise ValueError(f"missing entries {missing}")
+
+    cfg = _config_from_json(_json_entry(items, "config"))
+    epoch = _state.integer("epoch", items["epoch"], prefix="")
+    if epoch > cfg.epochs:
+        raise ValueError(f"epoch is {epoch}, more than the config's {cfg.epochs} epochs")
+    rng = _checked_rng_state(_json_entry(items, "rng"))
+    history = _checked_history(_json_entry(items, "history"), epoch)
+
+    model, opt = build(cfg)
+    model_state = model.check_state_dict(
+        {k[6:]: v for k, v in items.items() if k.startswith("model/")}, prefix="model/")
+    optim_state = opt.check_state_dict(
+        {k[6:]: v for k, v in items.items() if k.startswith("optim/")}, prefix="optim/")
+    # What save_checkpoint writes, beyond what load_state_dict accepts: the parameters'
+    # own dtypes (nothing rounded on the way in), float64 lr, finite weights, and a
+    # momentum buffer for every parameter once SGD with momentum has taken a step.
+    for p in model.parameters():
+        _exact_float_dtype(f"model/{p.name}", items[f"model/{p.name}"], p.data.dtype)
+    for key in optim_state:
+        if "." in key:  # "exp_avg.3": an array of parameter 3
+            _exact_float_dtype(f"optim/{key}", items[f"optim/{key}"],
+                               opt.params[int(key.rsplit(".", 1)[1])].data.dtype)
+    _exact_float_dtype("optim/lr", items["optim/lr"], np.dtype(np.float64))
+    for key, value in model_state.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"model/{key} has non-finite values (inf or NaN); training "
+                             "never saves those")
+    steps = optim_state["step_count"]
+    if (steps % epoch if epoch else steps) or steps < epoch:
+        raise ValueError(f"optim/step_count is {steps}; after {epoch} epochs it must be "
+                         f"{'0' if not epoch else f'a positive multiple of {epoch}'}")
+    if cfg.optimizer == "sgd":
+        buffers = [k for k in optim_state if k.startswith("momentum_buffer.")]
+        expected = len(opt.params) if cfg.momentum and steps else 0
+        if len(buffers) != expected:
+            raise ValueError(f"optim/ has {len(buffers)} momentum buffers; SGD with momentum "
+                             f"{cfg.momentum} after {steps} steps has {expected}")
+    return {"config": cfg, "epoch": epoch, "rng": rng, "history": history,
+            "model": model_state, "optim": optim_state}
+
+
+def _exact_float_dtype(key: str, value: np.ndarray, dtype: np.dtype) -> None:
+    if value.dtype.newbyteorder("=") != dtype:
+        raise TypeError(f"{key} has dtype {value.dtype}; a checkpoint holds it as {dtype}")
+
+
+def _json_entry(items: dict[str, np.ndarray], key: str):
+    """A JSON text entry (a 0-d unicode array), parsed; NaN and Infinity are refused."""
+    a = items[key]
+    if a.dtype.kind != "U" or a.shape != ():
+        raise TypeError(f"{key} has dtype {a.dtype} and shape {a.shape}; it must be a JSON "
+                        "text (a 0-d unicode array)")
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        return json.loads(a.item(), parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{key} is not valid JSON ({_describe(e)})") from None
+
+
+def _json_type_ok(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "int or null":
+        return value is None or isinstance(value, int)
+    if isinstance(value, int):  # a Python int may be too large for a float
+        number = abs(value) <= sys.float_info.max
+    else:
+        number = isinstance(value, float) and math.isfinite(value)
+    return number and (kind == "number" or 0 <= value <= 1)
+
+
+def _config_from_json(obj) -> TrainConfig:
+    if not isinstance(obj, dict):
+        raise TypeError(f"config is a JSON {type(obj).__name__}; it must be an object")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    missing = [k for k in fields if k not in obj]
+    unknown = sorted(k for k in obj if k not in fields)
+    if missing or unknown:
+        raise ValueError(f"config does not match TrainConfig: missing keys {missing}, "
+                         f"unknown keys {unknown}")
+    for key in fields:
+        if not _json_type_ok(obj[key], _CONFIG_TYPES[key]):
+            raise TypeError(f"config {key!r} is {obj[key]!r}; it must be a JSON "
+                            f"{_CONFIG_TYPES[key]}")
+    if not 0 <= obj["seed"] < 2**63:
+        raise ValueError(f"config 'seed' is {obj['seed']}; it must lie in [0, 2**63)")
+    cfg = TrainConfig(**{**obj, "lr": float(obj["lr"]), "momentum": float(obj["momentum"])})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
+    return cfg
+
+
+def _checked_rng_state(state) -> dict:
+    """A PCG64 state dict as ``bit_generator.state`` writes it (the shuffling stream)."""
+    keys = {"bit_generator", "state", "has_uint32", "uinteger"}
+    if not (isinstance(state, dict) and set(state) == keys
+            and isinstance(state["state"], dict) and set(state["state"]) == {"state", "inc"}):
+        raise ValueError("rng must be a JSON object with keys 'bit_generator', 'state' "
+                         "({'state', 'inc'}), 'has_uint32' and 'uinteger', as numpy's "
+                         "PCG64 writes it")
+    if state["bit_generator"] != "PCG64":
+        raise ValueError(f"rng is a {state['bit_generator']!r} state; it must be 'PCG64'")
+    ranges = {"state": 2**128, "inc": 2**128, "has_uint32": 2, "uinteger": 2**32}
+    values = {**state["state"], "has_uint32": state["has_uint32"],
+              "uinteger": state["uinteger"]}
+    for key, end in ranges.items():
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < end:
+            raise ValueError(f"rng {key!r} is {v!r}; it must be an integer in [0, {end})")
+    if values["inc"] % 2 == 0:
+        raise ValueError("rng 'inc' is even; a PCG64 increment is odd")
+    probe = np.random.default_rng(0)  # a throwaway generator: does numpy take it as it is?
+    try:
+        probe.bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f"rng is not a state numpy accepts ({_describe(e)})") from None
+    if probe.bit_generator.state != state:
+        raise ValueError("rng is not a state numpy reads back unchanged")
+    return state
+
+
+def _checked_history(history, epoch: int) -> list:
+    if not isinstance(history, list) or len(history) != epoch:
+        n = len(history) if isinstance(history, list) else type(history).__name__
+        raise ValueError(f"history must be a JSON list of {epoch} rows (one per epoch "
+                         f"done), got {n}")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or set(row) != set(_HISTORY_TYPES):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"history[{i}] must be an object with keys "
+                             f"{sorted(_HISTORY_TYPES)}, got {got}")
+        for key, kind in _HISTORY_TYPES.items():
+            v = row[key]
+            if not _json_type_ok(v, kind) or v < 0:
+                rule = "a finite number >= 0" if kind == "number" else (
+                    "a number in [0, 1]" if kind == "fraction" else "an integer >= 0")
+                raise ValueError(f"history[{i}][{key!r}] is {v!r}; it must be {rule}")
+        if row["epoch"] != i + 1:
+            raise ValueError(f"history[{i}]['epoch'] is {row['epoch']}; it must be {i + 1}")
+    return history
 
 
 def resume_config(saved: TrainConfig, done: int, given: dict) -> TrainConfig:
@@ -264,6 +504,10 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     step_samples = sum(e["train_samples"] for e in history)
     curve, first_step = [], None
     steps_per_epoch = -(-len(xtr) // cfg.batch_size)
+    if ck is not None and opt.step_count != start_epoch * steps_per_epoch:
+        raise ValueError(f"{resume}: optim/step_count is {opt.step_count}, but {start_epoch} "
+                         f"epochs of {steps_per_epoch} steps (on {len(xtr)} training images) "
+                         f"make {start_epoch * steps_per_epoch}")
 
     # The loop checks the loss itself (TrainingDiverged): no NumPy float warnings on the way.
     with _blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
