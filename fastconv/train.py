@@ -104,8 +104,10 @@ def normalise(images: np.ndarray) -> np.ndarray:
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500):
     """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images, in batches of
-    ``batch_size`` (an int >= 1); both are 0 for no images."""
+    ``batch_size`` (an int >= 1).  No images is a ValueError: their mean is undefined."""
     conv._int("batch_size", batch_size, 1)
+    if not len(images):
+        raise ValueError("there are no images to evaluate (the test set is empty)")
     was_training = model.training
     model.eval()
     loss_fn = nn.SoftmaxCrossEntropy("sum")
@@ -119,8 +121,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
             correct += int((logits.argmax(axis=1) == y).sum())
     finally:
         model.train(was_training)
-    n = max(len(images), 1)
-    return total_loss / n, correct / n
+    return total_loss / len(images), correct / len(images)
 
 
 # ---- checkpoints ---------------------------------------------------------------------
@@ -496,8 +497,9 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     xtr, ytr, xte, yte = data.load_dataset(cfg.dataset, data_dir, download=download)
     if cfg.limit is not None:
         xtr, ytr = xtr[:cfg.limit], ytr[:cfg.limit]
-    if not len(xtr):
-        raise ValueError(f"{cfg.dataset}: the training set has no images")
+    for split, images in (("training", xtr), ("test", xte)):
+        if not len(images):
+            raise ValueError(f"{cfg.dataset}: the {split} set has no images")
     ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
     loss_fn = nn.SoftmaxCrossEntropy()
     step_seconds = sum(e["train_seconds"] for e in history)

@@ -168,6 +168,21 @@ def test_an_empty_training_set_is_one_line(tmp_path):
     assert r.stderr == "fastconv: error: mnist: the training set has no images\n"
 
 
+def test_an_empty_test_set_is_one_line_for_train_and_evaluate(toy, tmp_path):
+    """The mean loss and accuracy of no images are undefined: a data error, not 0."""
+    empty = tmp_path / "empty"
+    write_dataset(empty, n_train=4, n_test=0)
+    r = run("train", "--data-dir", empty, "--no-download")
+    assert r.returncode == 1
+    assert r.stderr == "fastconv: error: mnist: the test set has no images\n"
+    ck = tmp_path / "ck.npz"
+    assert run("train", *_common(toy), "--save", ck, "--quiet", "--limit", 32).returncode == 0
+    r = run("evaluate", "--model", ck, "--data-dir", empty, "--no-download")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr == ("fastconv: error: there are no images to evaluate (the test set is "
+                        "empty)\n")
+
+
 def test_corrupt_file_is_one_line(tmp_path):
     folder = _dataset(tmp_path / "d", 32, 16)
     p = folder / "train-images-idx3-ubyte.gz"
