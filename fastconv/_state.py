@@ -94,14 +94,21 @@ def array_like(key, value, target: np.ndarray, owner: str, *, rule: str | None =
     return out
 
 
-def integer(key, value, *, minimum: int = 0, prefix: str | None = None) -> int:
-    """A scalar (shape ``()``) of an integer dtype, ``>= minimum``, as an ``int``."""
+def _scalar(key, value, what: str, prefix: str | None) -> tuple[str, np.ndarray]:
+    """How messages name ``key``, and ``value`` as a 0-d array of real numbers (not a
+    bool); ``what`` it must be, for messages ("an integer", "a number")."""
     name = label(key, prefix)
     if isinstance(value, bool):
-        raise TypeError(f"{name} is a bool; it must be an integer")
+        raise TypeError(f"{name} is a bool; it must be {what}")
     a = real_array(key, value, prefix)
     if a.shape != ():
         raise ValueError(f"{name} has shape {a.shape}; it must be a scalar (shape ())")
+    return name, a
+
+
+def integer(key, value, *, minimum: int = 0, prefix: str | None = None) -> int:
+    """A scalar (shape ``()``) of an integer dtype, ``>= minimum``, as an ``int``."""
+    name, a = _scalar(key, value, "an integer", prefix)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} has dtype {a.dtype}; it must be an integer")
     if int(a) < minimum:
@@ -111,12 +118,7 @@ def integer(key, value, *, minimum: int = 0, prefix: str | None = None) -> int:
 
 def nonnegative_number(key, value, *, prefix: str | None = None) -> float:
     """A finite real scalar (shape ``()``) ``>= 0``, as a ``float``."""
-    name = label(key, prefix)
-    if isinstance(value, bool):
-        raise TypeError(f"{name} is a bool; it must be a number")
-    a = real_array(key, value, prefix)
-    if a.shape != ():
-        raise ValueError(f"{name} has shape {a.shape}; it must be a scalar (shape ())")
+    name, a = _scalar(key, value, "a number", prefix)
     x = float(a)
     if not (np.isfinite(x) and x >= 0):
         raise ValueError(f"{name} is {x}; it must be a finite number >= 0")
