@@ -359,12 +359,10 @@ def _config_from_json(obj) -> TrainConfig:
                             f"{_CONFIG_TYPES[key]}")
     if not 0 <= obj["seed"] < 2**63:
         raise ValueError(f"config 'seed' is {obj['seed']}; it must lie in [0, 2**63)")
-    cfg = TrainConfig(**{**obj, "lr": float(obj["lr"]), "momentum": float(obj["momentum"])})
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ValueError(f"config: {e}") from None
-    return cfg
+    try:  # TrainConfig validates itself
+        return TrainConfig(**{**obj, "lr": float(obj["lr"]), "momentum": float(obj["momentum"])})
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"config: {e}") from None
 
 
 def _checked_rng_state(state) -> dict:
