@@ -18,11 +18,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from . import _checks
+from . import _checks, config
 from . import kernels as _k
 from . import winograd as _wino
-from .winograd import enabled as get_winograd
-from .winograd import set_enabled as set_winograd
+from .config import get_winograd, set_winograd
 
 __all__ = [
     "ConvGeometry",
@@ -60,14 +59,14 @@ def _is_int(v) -> bool:
 
 
 _INT_MAX = 2**31 - 1  # kernel index arithmetic stays far from int64 overflow
-_DW_CHUNK_BYTES = 256 * 1024  # deltas per dW batch chunk: about a quarter of a Zen L2
-_DW_PIXEL_CHUNK_BYTES = 1024 * 1024  # the same for the pixel dW kernel (see there)
 
 
-def _batch_chunks(N: int, per_sample: int, budget: int = _DW_CHUNK_BYTES) -> int:
+def _batch_chunks(N: int, per_sample: int, budget: int | None = None) -> int:
     """How many batch chunks a dW kernel runs: as many as keep each chunk's deltas
-    (``per_sample`` bytes per sample) within ``budget``, at least one sample each.  Shapes
-    only, so results do not depend on the thread count."""
+    (``per_sample`` bytes per sample) within ``budget`` (default
+    ``config.DW_CHUNK_BYTES``), at least one sample each.  Shapes only, so results do not
+    depend on the thread count."""
+    budget = config.DW_CHUNK_BYTES if budget is None else budget
     return -(-N // max(1, budget // per_sample))
 
 
@@ -605,7 +604,6 @@ def _grad_weight_cvec(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.nd
     return np.ascontiguousarray(dwv.reshape(K, R, S, CP)[:, :, :, :C].transpose(0, 3, 1, 2))
 
 
-_PIXEL_MAX_C = 4  # up to this many input channels, the pixel kernels beat the channel tile
 
 
 def _one_by_one(geo: ConvGeometry) -> bool:
@@ -624,7 +622,7 @@ def _pixel_ok(geo: ConvGeometry) -> bool:
     """
     if geo.G != 1:
         return False
-    if not (_one_by_one(geo) or geo.C <= _PIXEL_MAX_C):
+    if not (_one_by_one(geo) or geo.C <= config.PIXEL_MAX_C):
         return False
     joined = geo.sh == 1 or (geo.sh, geo.sw) == (2, 2)  # see _pixel_input
     return (geo.OH * geo.OW if joined else geo.OW) >= _k.PX
@@ -731,12 +729,11 @@ def _grad_weight_pixel_input(px: PixelInput, dy, geo: ConvGeometry) -> np.ndarra
     TTn, KTn = -(-T // _k.DT), -(-K // _k.DK)
     toff = np.zeros((px.OH, TTn * _k.DT), np.int64)
     toff[:, :T] = px.toff
-    # Batch chunks of about 1 MiB of deltas, which stay in a core's L2 while the tasks
-    # sweep them (shapes only).  Against 256 KiB: 1.03-1.06x on the few-channel layers, and
-    # 1x1 layers went from 0.89-0.94x to 1.04-1.10x the speed of the channel tile this
-    # kernel replaced there.  Each task ends with a horizontal sum of its 20 vectors.
+    # Batch chunks of config.DW_PIXEL_CHUNK_BYTES of deltas, which stay in a core's L2
+    # while the tasks sweep them (shapes only).  Each task ends with a horizontal sum of its
+    # 20 vectors.
     dtype = px.xf.dtype
-    P = _batch_chunks(N, K * px.OH * px.OW * dtype.itemsize, _DW_PIXEL_CHUNK_BYTES)
+    P = _batch_chunks(N, K * px.OH * px.OW * dtype.itemsize, config.DW_PIXEL_CHUNK_BYTES)
     part = np.empty((P, KTn, TTn, _k.DK, _k.DT), dtype)
     if isinstance(dy, PooledDeltas):
         _k.conv_dw_pool_planes(px.xf, dy.g, dy.sel, toff, part)
@@ -1014,7 +1011,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
 
     if pool_order and (unbatched or not pool_order_ok(geo)):
         raise ValueError(f"pool_order needs a batch and an even, non-empty output size "
-                         f"(stride 1 for input of at most {_PIXEL_MAX_C} channels); got "
+                         f"(stride 1 for input of at most {config.PIXEL_MAX_C} channels); got "
                          f"input {x.shape}, weight {w.shape}, output {geo.OH}x{geo.OW}")
     if geo.N == 0:
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo

@@ -20,36 +20,11 @@ from functools import cache
 
 import numpy as np
 
-from . import _checks
+from . import _checks, config
 from . import winograd_kernels as _wk
 
 #: Interpolation points of F(2, 5) (and of F(5, 2) for dW), plus the point at infinity.
 POINTS = (0, 1, -1, Fraction(1, 2), -2)
-
-_enabled = True
-
-#: dW sums its tiles in this many chunks (fewer for small problems), each into its own
-#: buffer: a number fixed by the shapes, so that results do not depend on the thread count.
-#: MNIST conv2's dW: 4 chunks 0.96x the time of 8 (less to zero and to add up), 2 the same
-#: as 4.
-DW_CHUNKS = 4
-
-
-def set_enabled(flag: bool) -> None:
-    """Use Winograd F(2x2, 5x5) for the fp32 layers where it applies (``True``, the
-    default), or the direct kernels for every layer (``False``).  Process-wide, like
-    :func:`fastconv.set_num_threads`.  Exported as ``fastconv.set_winograd``."""
-    global _enabled
-    if not isinstance(flag, (bool, np.bool_)):
-        raise TypeError(f"set_winograd takes True or False, got {flag!r}")
-    _enabled = bool(flag)
-
-
-def enabled() -> bool:
-    """Whether Winograd may run (:func:`set_enabled`).  Exported as
-    ``fastconv.get_winograd``."""
-    return _enabled
-
 
 def _vandermonde(points, n):
     """Rows (1, p, ..., p**(n-1)) for each point, then the point at infinity (0, ..., 0, 1)."""
@@ -116,7 +91,7 @@ def usable(geo, dtype) -> bool:
     side, an even output, output and input (dX's output) at least ``2*TT`` wide, and
     input channels a multiple of ``VL`` (as the direct kernels pack them).  fp64 keeps
     the direct kernels: who asks for fp64 wants their accuracy."""
-    return (_enabled and np.dtype(dtype) == np.float32 and geo.G == 1
+    return (config.get_winograd() and np.dtype(dtype) == np.float32 and geo.G == 1
             and (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) == (5, 5, 1, 1, 1, 1)
             and max(geo.pads) <= 4 and geo.OH % 2 == 0 and geo.OW % 2 == 0
             and geo.OH > 0 and min(geo.OW, geo.W) >= 2 * _wk.TT and geo.N > 0
@@ -204,7 +179,7 @@ def grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
         raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
                          f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
     ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
-    P = max(1, min(DW_CHUNKS, ntile // (4 * _wk.TB)))  # from the shapes only
+    P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB)))  # from the shapes only
     part = np.empty((P, 36, CP, KP), xp.dtype)
     _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
     dwt = np.empty((CP, 5, 5, KP))

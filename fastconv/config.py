@@ -1,0 +1,50 @@
+"""Every tunable of fastconv in one place: how work is cut into chunks, which layers the
+specialised algorithms take, the plan cache, and the process-wide Winograd switch.
+
+Numba's compile options live in :mod:`fastconv._jit`; the kernels' tile sizes (``KB``,
+``TW``, ...) belong to the kernels' code and live beside it.  Each value here is read at
+run time, so a test or a benchmark may change it (and then clear the plan cache with
+:func:`fastconv.plan.clear_plan_cache`, since plans remember their choices).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Deltas per batch chunk of the channel tile's dW and of the NCHW-delta dW: about a
+#: quarter of a core's L2, so that a chunk's deltas stay there while its tasks sweep them.
+DW_CHUNK_BYTES = 256 * 1024
+
+#: The same for the pixel dW kernels.  Against 256 KiB: 1.03-1.06x on the few-channel
+#: layers, and 1x1 layers from 0.89-0.94x to 1.04-1.10x the channel tile's speed.
+DW_PIXEL_CHUNK_BYTES = 1024 * 1024
+
+#: Up to this many input channels the pixel-vectorised kernels run the forward pass and
+#: dW (the channel tile would have only C*R*S steps per register tile).
+PIXEL_MAX_C = 4
+
+#: Winograd's dW sums its tiles in this many chunks (fewer for small problems), each into
+#: its own buffer: fixed by the shapes, so results do not depend on the thread count.
+#: MNIST conv2's dW: 4 chunks 0.96x the time of 8, 2 the same as 4.
+WINOGRAD_DW_CHUNKS = 4
+
+#: How many plans the functional API keeps (least recently used dropped first), as
+#: oneDNN's primitive cache does.
+PLAN_CACHE_SIZE = 256
+
+_winograd = True
+
+
+def set_winograd(flag: bool) -> None:
+    """Use Winograd F(2x2, 5x5) for the fp32 layers where it applies (``True``, the
+    default), or never (``False``).  Process-wide, like :func:`fastconv.set_num_threads`;
+    plans made while it was on keep their choice, so make new ones after turning it off."""
+    global _winograd
+    if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"set_winograd takes True or False, got {flag!r}")
+    _winograd = bool(flag)
+
+
+def get_winograd() -> bool:
+    """Whether Winograd may run (:func:`set_winograd`)."""
+    return _winograd
