@@ -329,6 +329,15 @@ def _check_geometry(geo) -> ConvGeometry:
     return geo
 
 
+def _planned(geo: ConvGeometry, dtype, pass_: str) -> str:
+    """The name of the algorithm the plan of ``geo`` in ``dtype`` runs ``pass_`` with
+    (:mod:`fastconv.plan`): the training path asks here, so that it runs what the
+    functional API runs."""
+    from . import plan
+
+    return plan.plan_for(geo, dtype).algorithms[pass_]
+
+
 def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
     _check_rank("grad_output", dy, "(N, K, OH, OW)")
     expected = (geo.N, geo.K, geo.OH, geo.OW)
@@ -517,12 +526,26 @@ def pack_deltas(dy: np.ndarray, layout: DeltaLayout, ws=_FRESH) -> np.ndarray:
 
 def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
                        geo: ConvGeometry) -> np.ndarray:
-    """dX from deltas in ``layout``; ``w`` (K, Cg, R, S) in the deltas' dtype."""
-    G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
-    if _wino.usable(geo, dyp.dtype) and layout.shape[1:3] == (geo.H + 4, geo.W + 4):
-        dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-        if _wino.grad_input(dyp, w, dx):
+    """dX from deltas in ``layout`` by the plan's algorithm (Winograd, else the channel
+    tile); ``w`` (K, Cg, R, S) in the deltas' dtype."""
+    if _planned(geo, dyp.dtype, "grad_input") == "winograd-f2x2-5x5":
+        dx = _grad_input_winograd(dyp, layout, w, geo)
+        if dx is not None:
             return dx
+    return _grad_input_tile(dyp, layout, w, geo)
+
+
+def _grad_input_winograd(dyp, layout: DeltaLayout, w, geo: ConvGeometry):
+    """dX by Winograd from deltas in ``layout`` (padded by 4, as the full correlation
+    needs), or None if it has an inf or NaN."""
+    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    return dx if _wino.grad_input(dyp, w, dx) else None
+
+
+def _grad_input_tile(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
+                     geo: ConvGeometry) -> np.ndarray:
+    """dX by the channel tile, phase by phase (see "dX, derived once" below)."""
+    G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
     # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction runs
     # over k, including the layout's zero channels (KgP, with zero weights).
@@ -542,11 +565,19 @@ def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
 
 def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
                         geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
-    """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas."""
-    if _wino.usable(geo, dyp.dtype):
+    """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas, by
+    the plan's algorithm (Winograd, else the channel tile)."""
+    if _planned(geo, dyp.dtype, "grad_weight") == "winograd-f2x2-5x5":
         dw = _wino.grad_weight(xp, dyp, layout.top, layout.left, geo.K, geo.C)
         if dw is not None:
             return dw
+    return _grad_weight_tile(xp, dyp, layout, geo, ws)
+
+
+def _grad_weight_tile(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
+                      geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+    """dW by the channel tile (:func:`kernels.conv_dw_tiles`) from packed input and
+    deltas."""
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
     kernel, KBW, TC = _dw_tile(geo)
     KBn = -(-Kg // KBW)
@@ -788,13 +819,26 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
     """y (N, K, OH, OW) from the packed input by the channel tile; ``w``, ``b`` in its
     dtype; ``y`` is the array ``"y"`` of workspace ``ws``.  With ``pool_order``, y
     (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution of twice the stride
-    (see "Pool order" below)."""
-    if _wino.usable(geo, xp.dtype):
-        shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
-            geo.N, geo.K, geo.OH, geo.OW)
-        y = ws.empty("y", shape, xp.dtype)
-        if _wino.forward(xp, w, b, y, pool_order):
+    (see "Pool order" below).  Winograd instead where the plan chose it."""
+    if _planned(geo, xp.dtype, "forward") == "winograd-f2x2-5x5":
+        y = _forward_winograd(xp, w, b, geo, ws, pool_order)
+        if y is not None:
             return y
+    return _forward_tile(xp, w, b, geo, ws, pool_order)
+
+
+def _forward_winograd(xp, w, b, geo: ConvGeometry, ws=_FRESH, pool_order=False):
+    """y by Winograd from the packed input, as :func:`_forward_packed`; None if it has an
+    inf or NaN (the caller runs the next algorithm)."""
+    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
+        geo.N, geo.K, geo.OH, geo.OW)
+    y = ws.empty("y", shape, xp.dtype)
+    return y if _wino.forward(xp, w, b, y, pool_order) else None
+
+
+def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH,
+                  pool_order=False) -> np.ndarray:
+    """y by the channel tile (:func:`kernels.conv_tiles`), as :func:`_forward_packed`."""
     G, Kg = geo.G, geo.Kg
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
@@ -959,8 +1003,23 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     ndarray (N, K, OH, OW), or (K, OH, OW) for unbatched input
         float32 if all arguments are float16/float32, else float64.
     """
-    y, _, _ = _conv2d(input, weight, bias, stride, padding, dilation, groups, None, False)
-    return y
+    from . import plan
+
+    x = _as_array("input", input)
+    w = _as_array("weight", weight)
+    b = None if bias is None else _as_array("bias", bias)
+    dtype = _result_dtype(x, w, b)
+    unbatched = x.ndim == 3
+    if unbatched:
+        x = x[None]
+    _check_rank("input", x, "(N, C, H, W) or 3-D (C, H, W)")
+    _check_rank("weight", w, "(K, C/groups, R, S)")
+    p = plan.cached(x.shape, w.shape, stride, padding, dilation, groups, dtype)
+    if b is not None and b.shape != (p.geometry.K,):
+        raise ValueError(f"bias must have shape (K,) = ({p.geometry.K},), got {b.shape}")
+    y = p._run("forward", x.astype(dtype, copy=False), w.astype(dtype, copy=False),
+               None if b is None else b.astype(dtype, copy=False))
+    return y[0] if unbatched else y
 
 
 def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
@@ -1199,19 +1258,11 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     dtype = _result_dtype(dy, w)
     _check_rank("weight", w, "(K, C/groups, R, S)")
     input_shape = _shape4("input_shape", input_shape)
-    geo = conv_geometry(input_shape, w.shape, stride, padding, dilation, groups)
-    _check_grad_output(dy, geo, f"input_shape {input_shape} with weight {w.shape}")
+    from . import plan
 
-    if geo.N == 0:
-        return np.zeros((0, geo.C, geo.H, geo.W), dtype)
-    if _one_by_one(geo) and _pixel_ok(geo):
-        # dx[n] = W^T dy[n] per image: the 1x1 forward pass with the roles of C and K swapped.
-        tgeo = conv_geometry((geo.N, geo.K, geo.H, geo.W), (geo.C, geo.K, 1, 1))
-        return _forward_pixels(np.ascontiguousarray(dy, dtype),
-                               w.astype(dtype, copy=False).transpose(1, 0, 2, 3), None, tgeo)
-    layout = delta_layout(geo)
-    return _grad_input_packed(pack_deltas(dy.astype(dtype, copy=False), layout), layout,
-                              w.astype(dtype, copy=False), geo)
+    p = plan.cached(input_shape, w.shape, stride, padding, dilation, groups, dtype)
+    _check_grad_output(dy, p.geometry, f"input_shape {input_shape} with weight {w.shape}")
+    return p._run("grad_input", dy.astype(dtype, copy=False), w.astype(dtype, copy=False))
 
 
 def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, dilation=1,
@@ -1239,20 +1290,11 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     dtype = _result_dtype(x, dy)
     _check_rank("input", x, "(N, C, H, W)")
     weight_shape = _shape4("weight_shape", weight_shape)
-    geo = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
-    _check_grad_output(dy, geo, f"input {x.shape} with weight_shape {weight_shape}")
+    from . import plan
 
-    if geo.N == 0:
-        return np.zeros(weight_shape, dtype)
-    if _pixel_ok(geo):
-        return _grad_weight_pixels(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
-                                   geo)
-    if _cvec_ok(geo) and not _wino.usable(geo, dtype):
-        return _grad_weight_cvec(x.astype(dtype, copy=False), dy.astype(dtype, copy=False),
-                                 geo)
-    layout = delta_layout(geo, need_dx=False)
-    return _grad_weight_packed(_pack_input(x.astype(dtype, copy=False), geo),
-                               pack_deltas(dy.astype(dtype, copy=False), layout), layout, geo)
+    p = plan.cached(x.shape, weight_shape, stride, padding, dilation, groups, dtype)
+    _check_grad_output(dy, p.geometry, f"input {x.shape} with weight_shape {weight_shape}")
+    return p._run("grad_weight", x.astype(dtype, copy=False), dy.astype(dtype, copy=False))
 
 
 def conv2d_grad_bias(grad_output):

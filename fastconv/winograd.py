@@ -1,13 +1,14 @@
-"""Winograd F(2x2, 5x5): the transforms, when they are used, and the calls of
+"""Winograd F(2x2, 5x5): the transforms and the calls of
 :mod:`fastconv.winograd_kernels`.
 
 A 5x5, stride-1 convolution computes each 2x2 tile of outputs from a 6x6 tile of input
 with 36 multiplications per channel pair instead of 100 (see the kernels' module for the
 formulas and for dW's derivation).  :mod:`fastconv.conv` calls these wrappers from its
-forward, dX and dW paths when :func:`usable` says so, and falls back to the direct
-kernels otherwise.  Results equal the direct convolution's up to rounding, of a similar
-size: on MNIST conv2 the forward pass and dX within 1.5x the direct kernels' error, dW
-within 8x (see ``tests/test_winograd.py``).
+forward, dX and dW paths where the plan chose Winograd (its rule is in
+:mod:`fastconv.algorithms.winograd`), and falls back to the direct kernels otherwise.
+Results equal the direct convolution's up to rounding, of a similar size: on MNIST
+conv2 the forward pass and dX within 1.5x the direct kernels' error, dW within 8x (see
+``tests/test_winograd.py``).
 
 Legend as in :mod:`fastconv.kernels`; ``CP`` and ``KP`` are channel counts padded for the
 kernels' vectors.
@@ -83,19 +84,6 @@ _G = _float(transforms()[1])  # (6, 5), the kernels' B^T and A^T are hard-coded
 def kernel_constants(dtype) -> np.ndarray:
     """The constants ``kc`` of the kernels' transforms, in ``dtype``."""
     return np.array([0.5, 2, 3, 4, 5, 0], dtype)
-
-
-def usable(geo, dtype) -> bool:
-    """Whether a layer of geometry ``geo`` runs by Winograd in ``dtype``: enabled, fp32,
-    one group, a 5x5 filter at stride 1 without dilation, padding of at most 4 on every
-    side, an even output, output and input (dX's output) at least ``2*TT`` wide, and
-    input channels a multiple of ``VL`` (as the direct kernels pack them).  fp64 keeps
-    the direct kernels: who asks for fp64 wants their accuracy."""
-    return (config.get_winograd() and np.dtype(dtype) == np.float32 and geo.G == 1
-            and (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) == (5, 5, 1, 1, 1, 1)
-            and max(geo.pads) <= 4 and geo.OH % 2 == 0 and geo.OW % 2 == 0
-            and geo.OH > 0 and min(geo.OW, geo.W) >= 2 * _wk.TT and geo.N > 0
-            and geo.C % _wk.VL == 0)
 
 
 def filter_transform(w: np.ndarray, CP: int, dtype) -> np.ndarray:

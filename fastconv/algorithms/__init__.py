@@ -1,0 +1,40 @@
+"""The convolution algorithms, and the one ordered list that decides which one runs.
+
+Like oneDNN's implementation list, **the order is the policy**: a plan
+(:mod:`fastconv.plan`) gives each pass the first algorithm in :data:`ALGORITHMS` that
+supports the geometry and dtype, and keeps the ones after it that also support it as
+fallbacks (Winograd hands a result with an inf or NaN to the next one, which propagates
+non-finite values exactly).  Adding an algorithm is a module here and a line below.
+
+Each module defines ``NAME``, ``why_not(geo, dtype, pass_)`` (None if it supports the
+pass, else the reason, which a plan forced to use it reports), and one function per pass
+it implements, each taking validated NCHW arrays in the plan's dtype and a batch of at
+least one::
+
+    forward(geo, x, w, b)   -> y  (N, K, OH, OW), or None to hand over to a fallback
+    grad_input(geo, dy, w)  -> dx (N, C, H, W), or None
+    grad_weight(geo, x, dy) -> dw (K, C/G, R, S), or None
+"""
+
+from __future__ import annotations
+
+from . import channel_tile, nchw_delta_dw, pixel, winograd
+
+#: The policy: the first algorithm that supports a pass runs it.
+ALGORITHMS = (winograd, pixel, nchw_delta_dw, channel_tile)
+
+PASSES = ("forward", "grad_input", "grad_weight")
+
+BY_NAME = {a.NAME: a for a in ALGORITHMS}
+
+
+def why_not(algorithm, geo, dtype, pass_: str) -> str | None:
+    """Why ``algorithm`` cannot run ``pass_`` of ``geo`` in ``dtype``, or None if it can."""
+    if not hasattr(algorithm, pass_):
+        return f"it has no {pass_} pass"
+    return algorithm.why_not(geo, dtype, pass_)
+
+
+def supporting(geo, dtype, pass_: str) -> list:
+    """The algorithms that can run ``pass_``, in the order of :data:`ALGORITHMS`."""
+    return [a for a in ALGORITHMS if why_not(a, geo, dtype, pass_) is None]

@@ -1,0 +1,269 @@
+"""Convolution plans: choose once, run many (as FFTW's plans and oneDNN's primitives).
+
+A plan is made from what fixes the work: the input and weight shapes, stride, padding,
+dilation, groups and the dtype.  Making it validates them once, computes the geometry once
+and chooses, for each pass, the first algorithm of :data:`fastconv.algorithms.ALGORITHMS`
+that supports it.  Running it checks only that the arrays are the plan's (shape and dtype)
+and calls the algorithm.
+
+>>> import numpy as np, fastconv as fc
+>>> plan = fc.conv2d_plan((8, 32, 14, 14), (64, 32, 5, 5), padding=2)
+>>> plan.algorithms["forward"]
+'winograd-f2x2-5x5'
+
+The functional API (:func:`fastconv.conv2d` and its gradients) gets its plans from a cache
+of the last ``config.PLAN_CACHE_SIZE`` argument sets, and the training path asks the plan
+of its geometry (:func:`plan_for`) which algorithm to run, so both choose alike.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple
+
+import numpy as np
+
+from . import algorithms, config
+from . import conv as _c
+
+__all__ = ["ConvPlan", "clear_plan_cache", "conv2d_plan", "plan_cache_info"]
+
+
+class ConvPlan:
+    """The plan of one convolution: its geometry, dtype and an algorithm per pass.
+
+    Make it with :func:`conv2d_plan`.  Its arrays are NCHW: ``x`` (N, C, H, W), ``w``
+    (K, C/groups, R, S), ``b`` (K,), ``dy`` (N, K, OH, OW), all of the plan's dtype (any
+    strides); other shapes or dtypes are refused with a ValueError or TypeError.
+
+    Attributes
+    ----------
+    geometry : ConvGeometry
+        Every size (:func:`fastconv.conv_geometry`).
+    dtype : numpy.dtype
+        float32 or float64.
+    algorithms : dict
+        The name of the algorithm of each pass, ``'forward'``, ``'grad_input'`` and
+        ``'grad_weight'``.
+    """
+
+    def __init__(self, geo: _c.ConvGeometry, dtype, algorithm=None):
+        self.geometry = geo
+        self.dtype = np.dtype(dtype)
+        self._run_order = {p: _order(geo, self.dtype, p, _forced(algorithm, p))
+                           for p in algorithms.PASSES}
+        self.algorithms = {p: order[0].NAME for p, order in self._run_order.items()}
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"ConvPlan(input {(g.N, g.C, g.H, g.W)}, weight {(g.K, g.Cg, g.R, g.S)}, "
+                f"{self.dtype}, {self.algorithms})")
+
+    # ---- running ------------------------------------------------------------------------
+
+    def forward(self, x, w, b=None, *, out=None) -> np.ndarray:
+        """``y`` (N, K, OH, OW) of :func:`fastconv.conv2d`, written into ``out`` if given (a
+        C-contiguous, writeable array of that shape and the plan's dtype)."""
+        g = self.geometry
+        x = self._array("input", x, (g.N, g.C, g.H, g.W))
+        w = self._array("weight", w, (g.K, g.Cg, g.R, g.S))
+        if b is not None:
+            b = self._array("bias", b, (g.K,))
+        return self._finish(self._run("forward", x, w, b), out, (g.N, g.K, g.OH, g.OW))
+
+    def grad_input(self, dy, w, *, out=None) -> np.ndarray:
+        """``dx`` (N, C, H, W) of :func:`fastconv.conv2d_grad_input`, into ``out`` if
+        given."""
+        g = self.geometry
+        dy = self._array("grad_output", dy, (g.N, g.K, g.OH, g.OW))
+        w = self._array("weight", w, (g.K, g.Cg, g.R, g.S))
+        return self._finish(self._run("grad_input", dy, w), out, (g.N, g.C, g.H, g.W))
+
+    def grad_weight(self, x, dy, *, out=None) -> np.ndarray:
+        """``dw`` (K, C/groups, R, S) of :func:`fastconv.conv2d_grad_weight`, into ``out``
+        if given."""
+        g = self.geometry
+        x = self._array("input", x, (g.N, g.C, g.H, g.W))
+        dy = self._array("grad_output", dy, (g.N, g.K, g.OH, g.OW))
+        return self._finish(self._run("grad_weight", x, dy), out, (g.K, g.Cg, g.R, g.S))
+
+    def grad_bias(self, dy) -> np.ndarray:
+        """``db`` (K,) of :func:`fastconv.conv2d_grad_bias`."""
+        g = self.geometry
+        return _c.conv2d_grad_bias(self._array("grad_output", dy, (g.N, g.K, g.OH, g.OW)))
+
+    def _run(self, pass_: str, *arrays) -> np.ndarray:
+        """``pass_`` by the plan's algorithm, or by the next one where it hands over (an
+        inf or NaN in Winograd's result); zeros for an empty batch."""
+        g = self.geometry
+        if g.N == 0:
+            shape = {"forward": (0, g.K, g.OH, g.OW), "grad_input": (0, g.C, g.H, g.W),
+                     "grad_weight": (g.K, g.Cg, g.R, g.S)}[pass_]
+            return np.zeros(shape, self.dtype)
+        for algorithm in self._run_order[pass_]:
+            result = getattr(algorithm, pass_)(g, *arrays)
+            if result is not None:
+                return result
+        raise AssertionError("the channel tile, last in every run order, returned None")
+
+    def _array(self, name: str, a, shape) -> np.ndarray:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array of dtype {self.dtype}, got "
+                            f"{type(a).__name__}")
+        if a.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype}; this plan computes in {self.dtype} "
+                            "(native byte order): convert it, or make a plan for its dtype")
+        if a.shape != shape:
+            raise ValueError(f"{name} has shape {a.shape}; this plan's is {shape}")
+        return a
+
+    def _finish(self, result: np.ndarray, out, shape) -> np.ndarray:
+        if out is None:
+            return result
+        from . import _checks
+
+        _checks.array("out", out, shape, self.dtype, writeable=True)
+        np.copyto(out, result)
+        return out
+
+
+def _forced(algorithm, pass_: str):
+    """The algorithm ``algorithm=`` forces on ``pass_``: a name for every pass, or a dict
+    of names by pass (passes it leaves out choose as usual)."""
+    if algorithm is None:
+        return None
+    if isinstance(algorithm, dict):
+        unknown = set(algorithm) - set(algorithms.PASSES)
+        if unknown:
+            raise ValueError(f"algorithm keys must be passes {list(algorithms.PASSES)}, got "
+                             f"{sorted(map(str, unknown))}")
+        algorithm = algorithm.get(pass_)
+        if algorithm is None:
+            return None
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a name, a dict of names by pass, or None; got "
+                        f"{algorithm!r}")
+    if algorithm not in algorithms.BY_NAME:
+        raise ValueError(f"unknown algorithm {algorithm!r}; the algorithms are "
+                         f"{list(algorithms.BY_NAME)}")
+    return algorithms.BY_NAME[algorithm]
+
+
+def _order(geo, dtype, pass_: str, forced) -> list:
+    """The algorithms that run ``pass_``, in order: the chosen one, then its fallbacks."""
+    supported = algorithms.supporting(geo, dtype, pass_)
+    if forced is None:
+        return supported
+    reason = algorithms.why_not(forced, geo, dtype, pass_)
+    if reason is not None:
+        raise ValueError(f"algorithm {forced.NAME!r} cannot run the {pass_} pass of this "
+                         f"convolution: {reason} (geometry {geo})")
+    return [forced, *(a for a in supported[supported.index(forced) + 1:])]
+
+
+# ---- making plans ----------------------------------------------------------------------
+
+
+def _plan_dtype(dtype) -> np.dtype:
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if dtype is None or d not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64 (the dtypes the kernels compute "
+                        f"in), got {dtype!r}")
+    return d
+
+
+def conv2d_plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
+                dtype=np.float32, *, algorithm=None) -> ConvPlan:
+    """A plan for many convolutions of one geometry.
+
+    Parameters
+    ----------
+    input_shape : (N, C, H, W)
+    weight_shape : (K, C/groups, R, S)
+    stride, padding, dilation, groups
+        As for :func:`fastconv.conv2d`.
+    dtype : float32 or float64
+        What the plan computes in; its arrays must have it.
+    algorithm : str or dict, optional
+        Force an algorithm (a name from ``fastconv.algorithms.BY_NAME``) on every pass, or
+        per pass (``{'grad_weight': 'direct-channel-tile'}``), for testing and
+        benchmarking.  A forced algorithm that does not support the geometry is a
+        ValueError that says why.
+
+    Returns
+    -------
+    ConvPlan
+    """
+    geo = _c.conv_geometry(_c._shape4("input_shape", input_shape),
+                           _c._shape4("weight_shape", weight_shape), stride, padding,
+                           dilation, groups)
+    return ConvPlan(geo, _plan_dtype(dtype), algorithm)
+
+
+class PlanCacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    size: int
+    maxsize: int
+
+
+_cache: collections.OrderedDict = collections.OrderedDict()
+_stats = [0, 0]  # hits, misses
+
+
+def _freeze(value):
+    """A hashable key for an argument that keeps its type (``1``, ``1.0`` and ``True``
+    are different arguments: only one of them is valid), or None if it has none."""
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_freeze(v) for v in value)
+        return None if None in parts else (type(value), parts)
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return (type(value), value)
+
+
+def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) -> ConvPlan:
+    """The plan of these arguments from the cache, made (and validated) on a miss.  The
+    Winograd switch is part of the key: turning it off makes new plans."""
+    key = (tuple(input_shape), tuple(weight_shape), _freeze(stride), _freeze(padding),
+           _freeze(dilation), _freeze(groups), np.dtype(dtype).str, config.get_winograd())
+    if None in key[2:6]:
+        return conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    plan = _cache.get(key)
+    if plan is not None:
+        _stats[0] += 1
+        _cache.move_to_end(key)
+        return plan
+    _stats[1] += 1
+    plan = conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    _cache[key] = plan
+    while len(_cache) > config.PLAN_CACHE_SIZE:
+        _cache.popitem(last=False)
+    return plan
+
+
+def plan_for(geo: _c.ConvGeometry, dtype) -> ConvPlan:
+    """The plan of a validated geometry (the training path's), from the same cache."""
+    key = (geo, np.dtype(dtype).str, config.get_winograd())
+    plan = _cache.get(key)
+    if plan is None:
+        plan = _cache[key] = ConvPlan(geo, dtype)
+        while len(_cache) > config.PLAN_CACHE_SIZE:
+            _cache.popitem(last=False)
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (after changing :mod:`fastconv.config`)."""
+    _cache.clear()
+    _stats[:] = [0, 0]
+
+
+def plan_cache_info() -> PlanCacheInfo:
+    """Hits and misses of the functional API's plan cache, its size and its bound."""
+    return PlanCacheInfo(_stats[0], _stats[1], len(_cache), config.PLAN_CACHE_SIZE)
