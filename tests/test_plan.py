@@ -1,0 +1,204 @@
+"""Plans: which algorithm each pass gets, every algorithm forced through a plan against the
+reference, forced algorithms refused with their reason, plan reuse, the plan cache, and
+arrays a plan refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import algorithms, config
+from fastconv import plan as plan_mod
+
+from conftest import random_problem, reference_passes, winograd_enabled
+
+TILE, PIXEL, WINO, NCHW = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
+                           "nchw-delta-dw")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, conv, dtype, want", [
+    ((8, 32, 14, 14), (64, 32, 5, 5), dict(padding=2), np.float32, (WINO, WINO, WINO)),
+    ((8, 1, 28, 28), (32, 1, 5, 5), dict(padding=2), np.float32, (PIXEL, TILE, PIXEL)),
+    ((8, 32, 14, 14), (64, 32, 3, 3), dict(padding=1), np.float32, (TILE, TILE, NCHW)),
+    ((8, 64, 14, 14), (32, 64, 1, 1), {}, np.float32, (PIXEL, PIXEL, PIXEL)),
+    ((8, 32, 14, 14), (64, 32, 5, 5), dict(padding=2), np.float64, (TILE, TILE, NCHW)),
+    ((8, 32, 14, 14), (64, 8, 3, 3), dict(padding=1, groups=4), np.float32,
+     (TILE, TILE, TILE)),
+    ((8, 3, 64, 64), (32, 3, 3, 3), dict(stride=2, padding=1), np.float32,
+     (PIXEL, TILE, PIXEL)),
+])
+def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,
+                                                               want):
+    p = fc.conv2d_plan(x_shape, w_shape, **conv, dtype=dtype)
+    assert tuple(p.algorithms[k] for k in algorithms.PASSES) == want
+    with winograd_enabled(False):
+        off = fc.conv2d_plan(x_shape, w_shape, **conv, dtype=dtype)
+    assert WINO not in off.algorithms.values()
+
+
+def test_the_order_is_the_policy():
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [WINO, PIXEL, NCHW, TILE]
+    geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
+    for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
+        assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
+
+
+GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pass of some
+    (2, 32, 14, 14, 32, 5, 5, dict(padding=2)),
+    (2, 16, 16, 18, 5, 5, 5, dict(padding=(1, 3))),
+    (3, 1, 20, 20, 8, 5, 5, dict(padding=2)),
+    (2, 3, 17, 19, 6, 3, 3, dict(stride=2, padding=1)),
+    (2, 3, 12, 40, 5, 3, 2, dict(stride=(1, 3), padding=(1, 0), dilation=(2, 1))),
+    (2, 24, 9, 10, 16, 1, 1, {}),
+    (2, 32, 9, 9, 12, 3, 3, dict(padding=1)),
+    (2, 16, 9, 9, 12, 3, 3, dict(padding=1, groups=4)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", GEOMETRIES, ids=lambda c: f"{c[:7]}{c[7]}")
+def test_every_algorithm_forced_through_a_plan_matches_the_reference(case, dtype, rng):
+    """Each algorithm on every pass it supports, forced, so that no choice or fallback can
+    hide it; and forced on a pass it does not support, refused with its reason."""
+    N, C, H, W, K, R, S, conv = case
+    conv = dict(dict(stride=1, padding=0, dilation=1, groups=1), **conv)
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)
+    geo = fc.conv_geometry(x.shape, w.shape, **conv)
+    tol = 1e-9 if dtype == np.float64 else 5e-4
+    ran = 0
+    for a in algorithms.ALGORITHMS:
+        for k, p in enumerate(algorithms.PASSES):
+            reason = algorithms.why_not(a, geo, dtype, p)
+            if reason is not None:
+                with pytest.raises(ValueError, match="cannot run the"):
+                    fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype,
+                                   algorithm={p: a.NAME})
+                continue
+            plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype, algorithm={p: a.NAME})
+            assert plan.algorithms[p] == a.NAME
+            got = (plan.forward(x, w, b) if p == "forward" else
+                   plan.grad_input(dy, w) if p == "grad_input" else plan.grad_weight(x, dy))
+            scale = max(1.0, float(np.abs(want[k]).max()))
+            np.testing.assert_allclose(got, want[k], rtol=tol, atol=tol * scale)
+            assert got.dtype == dtype
+            ran += 1
+    assert ran >= 3
+
+
+def test_each_algorithm_runs_somewhere_in_the_grid():
+    seen = set()
+    for dtype in (np.float32, np.float64):
+        for N, C, H, W, K, R, S, conv in GEOMETRIES:
+            geo = fc.conv_geometry((N, C, H, W), (K, C // conv.get("groups", 1), R, S), **conv)
+            for p in algorithms.PASSES:
+                seen |= {a.NAME for a in algorithms.supporting(geo, dtype, p)}
+    assert seen == set(algorithms.BY_NAME)
+
+
+@pytest.mark.parametrize("algorithm, words", [
+    (WINO, "5x5 filter"), (PIXEL, "at most 4 input channels"), (NCHW, "it has no forward pass"),
+    ("fft", "unknown algorithm 'fft'"), (3, "must be a name"),
+    ({"backward": TILE}, "algorithm keys must be passes"),
+])
+def test_forced_algorithms_that_cannot_run_are_refused_with_the_reason(algorithm, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        fc.conv2d_plan((2, 32, 9, 9), (12, 32, 3, 3), padding=1, algorithm=algorithm)
+
+
+def test_a_forced_winograd_still_hands_non_finite_results_to_the_direct_kernel(rng):
+    x = rng.standard_normal((2, 32, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 5, 5)).astype(np.float32)
+    x[0, 3, 5, 6] = np.inf
+    p = fc.conv2d_plan(x.shape, w.shape, padding=2, algorithm=WINO)
+    direct = fc.conv2d_plan(x.shape, w.shape, padding=2, algorithm=TILE)
+    y, want = p.forward(x, w), direct.forward(x, w)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+    assert not np.isfinite(y).all()
+
+
+def test_a_plan_runs_again_with_new_weights_and_equals_the_functional_api(rng):
+    p = fc.conv2d_plan((4, 32, 14, 14), (64, 32, 5, 5), padding=2)
+    x = rng.standard_normal((4, 32, 14, 14)).astype(np.float32)
+    dy = rng.standard_normal((4, 64, 14, 14)).astype(np.float32)
+    for _ in range(2):
+        w = rng.standard_normal((64, 32, 5, 5)).astype(np.float32)
+        b = rng.standard_normal(64).astype(np.float32)
+        np.testing.assert_array_equal(p.forward(x, w, b), fc.conv2d(x, w, b, padding=2))
+        np.testing.assert_array_equal(p.grad_input(dy, w),
+                                      fc.conv2d_grad_input(dy, w, x.shape, padding=2))
+        np.testing.assert_array_equal(p.grad_weight(x, dy),
+                                      fc.conv2d_grad_weight(x, dy, w.shape, padding=2))
+        np.testing.assert_array_equal(p.grad_bias(dy), fc.conv2d_grad_bias(dy))
+
+
+def test_out_receives_the_result(rng):
+    p = fc.conv2d_plan((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    out = np.full((2, 4, 9, 9), np.nan, np.float32)
+    assert p.forward(x, w, out=out) is out
+    np.testing.assert_array_equal(out, fc.conv2d(x, w, padding=1))
+    for bad, kind in [(np.zeros((2, 4, 9, 8), np.float32), ValueError),
+                      (np.zeros((2, 4, 9, 9), np.float64), TypeError),
+                      (np.zeros((2, 4, 9, 18), np.float32)[..., ::2], ValueError)]:
+        with pytest.raises(kind, match="out"):
+            p.forward(x, w, out=bad)
+
+
+def test_a_plan_refuses_arrays_that_are_not_its_own(rng):
+    p = fc.conv2d_plan((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
+    x = np.zeros((2, 3, 9, 9), np.float32)
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    cases = [
+        (lambda: p.forward(x[:1], w), ValueError, "input has shape (1, 3, 9, 9)"),
+        (lambda: p.forward(x.astype(np.float64), w), TypeError, "plan computes in float32"),
+        (lambda: p.forward(x.astype(">f4"), w), TypeError, "native byte order"),
+        (lambda: p.forward(x.tolist(), w), TypeError, "input must be a NumPy array"),
+        (lambda: p.forward(x, w[:, :2]), ValueError, "weight has shape"),
+        (lambda: p.forward(x, w, np.zeros(3, np.float32)), ValueError, "bias has shape"),
+        (lambda: p.grad_input(x, w), ValueError, "grad_output has shape"),
+        (lambda: p.grad_weight(x, np.zeros((2, 4, 9, 9))), TypeError, "grad_output has dtype"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+
+
+def test_plans_are_made_from_validated_arguments():
+    with pytest.raises(ValueError, match="channel mismatch"):
+        fc.conv2d_plan((2, 4, 9, 9), (4, 3, 3, 3))
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fc.conv2d_plan((2, 3, 9, 9), (4, 3, 3, 3), dtype=np.int32)
+    p = fc.conv2d_plan((0, 3, 9, 9), (4, 3, 3, 3), dtype="float64")
+    assert p.forward(np.zeros((0, 3, 9, 9)), np.ones((4, 3, 3, 3))).shape == (0, 4, 7, 7)
+    assert p.grad_weight(np.zeros((0, 3, 9, 9)), np.zeros((0, 4, 7, 7))).shape == (4, 3, 3, 3)
+
+
+def test_the_functional_api_caches_plans(rng, monkeypatch):
+    plan_mod.clear_plan_cache()
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    for _ in range(3):
+        fc.conv2d(x, w, padding=1)
+    info = fc.plan_cache_info()
+    assert (info.hits, info.misses, info.size) == (2, 1, 1)
+    # The arguments' types are part of the key: a float padding is refused every time.
+    for _ in range(2):
+        with pytest.raises(TypeError, match="padding must be an int"):
+            fc.conv2d(x, w, padding=1.0)
+    # So is the Winograd switch, and the bound holds (least recently used dropped first).
+    monkeypatch.setattr(config, "PLAN_CACHE_SIZE", 3)
+    for pad in range(5):
+        fc.conv2d(x, w, padding=pad)
+    assert fc.plan_cache_info().size == 3
+    x5 = rng.standard_normal((2, 32, 14, 14)).astype(np.float32)
+    w5 = rng.standard_normal((32, 32, 5, 5)).astype(np.float32)
+    fc.conv2d(x5, w5, padding=2)
+    with winograd_enabled(False):
+        y_direct = fc.conv2d(x5, w5, padding=2)
+    np.testing.assert_allclose(fc.conv2d(x5, w5, padding=2), y_direct, rtol=2e-4, atol=2e-4)
+    assert not np.array_equal(fc.conv2d(x5, w5, padding=2), y_direct)  # two plans ran
+    plan_mod.clear_plan_cache()
+    assert fc.plan_cache_info() == (0, 0, 0, 3)
