@@ -26,9 +26,11 @@ from .config import get_winograd, set_winograd
 __all__ = [
     "ConvGeometry",
     "DeltaLayout",
+    "NCHWLayout",
     "PoolOrderLayout",
     "PooledDeltas",
     "backward_pool_order",
+    "backward_input",
     "backward_saved",
     "conv2d_saving",
     "delta_layout",
@@ -43,6 +45,7 @@ __all__ = [
     "get_num_threads",
     "get_winograd",
     "pool_order_ok",
+    "saved_kind",
     "set_num_threads",
     "set_winograd",
     "to_pool_order",
@@ -885,6 +888,14 @@ class PoolOrderLayout(NamedTuple):
     shape: tuple[int, int, int, int]
 
 
+class NCHWLayout(NamedTuple):
+    """Deltas as they are, NCHW ``shape`` (N, K, OH, OW): the layout of a layer whose dW
+    reads the input itself (:func:`saved_kind` ``'input'``), taken by
+    :func:`backward_input`."""
+
+    shape: tuple[int, int, int, int]
+
+
 class PooledDeltas(NamedTuple):
     """Deltas in pool order as the 2x2 pool's backward hands them over, unexpanded:
     ``dy4[n, k, d, m] = g[n, k, m]`` if ``sel[n, k, m] == d`` else 0.
@@ -1047,14 +1058,31 @@ def conv2d_saving(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     if reuse_output and workspace is None:
         raise ValueError("reuse_output=True needs a workspace to keep the output in")
     _check_workspace(workspace)
-    return _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, True,
-                   workspace if reuse_output else _FRESH, pool_order)
+    return _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, workspace,
+                          workspace if reuse_output else _FRESH, pool_order)
 
 
-def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, keep,
-            out_ws=_FRESH, pool_order=False):
-    """:func:`conv2d_saving`; without ``keep``, ``xp`` may be None (not packed).  ``y`` is
-    the array ``"y"`` of ``out_ws``."""
+def saved_kind(geo: ConvGeometry, dtype, pool_order: bool = False) -> str:
+    """What the training path keeps of a layer's input for dW, by the dW algorithm of the
+    layer's plan (so that the layer runs what the functional API runs):
+
+    * ``'pixels'``: the :class:`PixelInput` of pool order (pixel path with pool order);
+      deltas in :class:`PoolOrderLayout`;
+    * ``'packed'``: the zero-padded channels-last input (Winograd's or the channel tile's
+      dW); deltas in :func:`delta_layout`, which dX reads too;
+    * ``'input'``: the NCHW input itself (the pixel and NCHW-delta dW, which lay it out
+      their own way); deltas NCHW (:class:`NCHWLayout`), as the functional API takes them.
+    """
+    if pool_order and _pixel_ok(geo):
+        return "pixels"
+    if _planned(geo, dtype, "grad_weight") in ("winograd-f2x2-5x5", "direct-channel-tile"):
+        return "packed"
+    return "input"
+
+
+def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, workspace,
+                   out_ws=_FRESH, pool_order=False):
+    """:func:`conv2d_saving`.  ``y`` is the array ``"y"`` of ``out_ws``."""
     x = _as_array("input", input)
     w = _as_array("weight", weight)
     b = None if bias is None else _as_array("bias", bias)
@@ -1076,19 +1104,17 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, workspace, k
         return np.empty((0, geo.K, geo.OH, geo.OW), dtype), None, geo
     x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
     b = None if b is None else b.astype(dtype, copy=False)
-    pixels = _pixel_ok(geo)
-    if pool_order and pixels:
-        px = _pool_order_input(x, geo, workspace or _FRESH)
+    ws = workspace or _FRESH
+    kind = saved_kind(geo, dtype, pool_order)
+    if kind == "pixels":
+        px = _pool_order_input(x, geo, ws)
         return _forward_pixel_input(px, w, b, geo, out_ws), px, geo
-    if pool_order:
-        xp = _pack_input(x, geo, workspace or _FRESH)
-        return _forward_packed(xp, w, b, geo, out_ws, pool_order=True), xp, geo
-    xp = _pack_input(x, geo, workspace or _FRESH) if keep or not pixels else None
-    if pixels:
+    if _pixel_ok(geo):  # the pixel forward; its dW reads the input again
         y = _forward_pixels(x, w, b, geo, out_ws)
-    else:
-        y = _forward_packed(xp, w, b, geo, out_ws)
-    return (y[0] if unbatched else y), xp, geo
+        return (y[0] if unbatched else y), x, geo
+    xp = _pack_input(x, geo, ws)
+    y = _forward_packed(xp, w, b, geo, out_ws, pool_order=pool_order)
+    return (y[0] if unbatched else y), xp if kind == "packed" else x, geo
 
 
 def backward_saved(xp, geo, weight, dyp, layout, need_dx=True, workspace=None, dsum=None):
@@ -1185,6 +1211,33 @@ def _check_pool_order_input(px, geo: ConvGeometry) -> PixelInput:
             and isinstance(px.toff, np.ndarray) and np.array_equal(px.toff, toff)):
         raise ValueError("px is not the pool-order input that conv2d_saving made for geo")
     return px
+
+
+def backward_input(x, geo, weight, dy, need_dx=True, dsum=None):
+    """dX, dW and db of a convolution whose saved input is the NCHW input ``x`` itself
+    (:func:`saved_kind` ``'input'``), from NCHW deltas ``dy`` (N, K, OH, OW): the plan's
+    algorithms, as the functional API runs them.  ``dsum`` (N, K) float64, if given, holds
+    each image's sum of ``dy`` per channel.  Returns as :func:`backward_saved`."""
+    from . import plan
+
+    geo = _check_geometry(geo)
+    if not isinstance(dy, np.ndarray) or dy.dtype not in _checks.FLOATS:
+        raise TypeError(f"dy must be a float32 or float64 array, got "
+                        f"{getattr(dy, 'dtype', type(dy).__name__)}")
+    p = plan.plan_for(geo, dy.dtype)
+    dy = p._array("dy", dy, (geo.N, geo.K, geo.OH, geo.OW))
+    w = _weight_for(weight, geo, p.dtype)
+    if geo.N == 0:
+        return (np.zeros((0, geo.C, geo.H, geo.W), p.dtype) if need_dx else None,
+                np.zeros(w.shape, p.dtype), np.zeros(geo.K, p.dtype))
+    x = p._array("x", x, (geo.N, geo.C, geo.H, geo.W))
+    if dsum is not None:
+        _checks.array("dsum", dsum, (geo.N, geo.K), np.float64)
+    dw = p._run("grad_weight", x, dy)
+    if dsum is None:
+        dsum = dy.sum(axis=(2, 3), dtype=np.float64)
+    db = dsum.sum(axis=0).astype(p.dtype)
+    return (p._run("grad_input", dy, w) if need_dx else None), dw, db
 
 
 # dX, derived once

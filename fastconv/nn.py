@@ -237,9 +237,21 @@ class Conv2d(Module):
                                          **self.conv,
                                          workspace=self._workspace if self.training else None,
                                          reuse_output=reuse_output, pool_order=pool_order)
-        # The packed input, not x: dW reads it again in backward.
-        self._saved = (xp, geo, np.ndim(x) == 3, y.dtype) if self.training else None
+        # What dW reads again in backward: the packed input, pool order's PixelInput, or
+        # the input itself, as the plan's dW algorithm reads it (conv.saved_kind).
+        self._saved = (xp, geo, np.ndim(x) == 3, y.dtype,
+                       _conv.saved_kind(geo, y.dtype, pool_order)) if self.training else None
         return y, geo
+
+    @property
+    def algorithms(self) -> dict | None:
+        """The algorithm of each pass in the last forward's plan (None before one): those
+        of ``fastconv.conv2d_plan`` for the same arguments."""
+        if self._saved is None:
+            return None
+        from .plan import plan_for
+
+        return dict(plan_for(self._saved[1], self._saved[3]).algorithms)
 
     def pool_order_shape(self, x) -> tuple | None:
         """The NCHW output shape if :meth:`forward_pool_order` can take ``x`` (a batch
@@ -260,26 +272,31 @@ class Conv2d(Module):
         y, geo = self._forward(x, self.training, pool_order=True)
         return y, (geo.N, geo.K, geo.OH, geo.OW)
 
-    def delta_layout(self) -> _conv.DeltaLayout | _conv.PoolOrderLayout:
-        """The layout :meth:`backward_packed` takes its deltas in (after a forward)."""
+    def delta_layout(self):
+        """The layout :meth:`backward_packed` takes its deltas in (after a forward): a
+        ``conv.DeltaLayout``, ``conv.PoolOrderLayout`` or ``conv.NCHWLayout``, as
+        ``conv.saved_kind`` says."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        xp, geo = self._saved[:2]
-        if isinstance(xp, _conv.PixelInput):  # pool order, pixel path
+        geo, kind = self._saved[1], self._saved[4]
+        if kind == "pixels":
             return _conv.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
+        if kind == "input":
+            return _conv.NCHWLayout((geo.N, geo.K, geo.OH, geo.OW))
         return _conv.delta_layout(geo, self.needs_input_grad)
 
     def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray | None:
         """This layer's reusable array for deltas in ``layout``, for a layer after it that
         writes all of it (border included) in :meth:`backward_packed`'s layout.  None for
-        pool order, whose deltas the pool hands over unexpanded (``conv.PooledDeltas``)."""
-        if isinstance(layout, _conv.PoolOrderLayout):
+        pool order, whose deltas the pool hands over unexpanded (``conv.PooledDeltas``), and
+        for NCHW deltas (new arrays)."""
+        if isinstance(layout, (_conv.PoolOrderLayout, _conv.NCHWLayout)):
             return None
         return self._workspace.zeros("dy", layout.shape, self._saved[3])
 
     def backward(self, dy):
         layout = self.delta_layout()
-        xp, geo, unbatched, dtype = self._saved
+        xp, geo, unbatched, dtype = self._saved[:4]
         dy = np.asarray(dy)
         if unbatched:
             dy = dy[None]
@@ -290,6 +307,8 @@ class Conv2d(Module):
         dy = dy.astype(dtype, copy=False)
         if isinstance(layout, _conv.PoolOrderLayout):
             dyp = _conv.to_pool_order(dy)
+        elif isinstance(layout, _conv.NCHWLayout):
+            dyp = dy
         else:
             dyp = _conv.pack_deltas(dy, layout, self._workspace)
         dx = self.backward_packed(dyp, layout)
@@ -303,6 +322,9 @@ class Conv2d(Module):
         if isinstance(layout, _conv.PoolOrderLayout):
             dx, dw, db = _conv.backward_pool_order(xp, geo, self.params["weight"], dyp,
                                                    self.needs_input_grad, dsum)
+        elif isinstance(layout, _conv.NCHWLayout):
+            dx, dw, db = _conv.backward_input(xp, geo, self.params["weight"], dyp,
+                                              self.needs_input_grad, dsum)
         else:
             dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
                                               self.needs_input_grad, self._workspace, dsum)
@@ -445,6 +467,8 @@ class MaxPool2d(Module):
         dy = np.asarray(dy)
         dy = dy.astype(relu_out.dtype if relu_out is not None else _conv._result_dtype(dy),
                        copy=False)
+        if isinstance(layout, _conv.NCHWLayout):
+            return self.backward(dy), None
         if isinstance(layout, _conv.PoolOrderLayout):
             if planes and dy.shape == idx.shape:
                 return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype))

@@ -273,9 +273,9 @@ def test_max_pool_pool_order_forward_refuses_a_short_input():
 
 
 def test_max_pool_packed_backward_refuses_layouts_and_buffers_that_do_not_fit(rng):
-    conv_layer = nn.Conv2d(3, 20, 3, padding=1)
+    conv_layer = nn.Conv2d(8, 20, 3, padding=1)  # the channel tile: packed deltas
     pool_layer = nn.MaxPool2d(2)
-    x = rng.standard_normal((3, 3, 8, 10)).astype(np.float32)
+    x = rng.standard_normal((3, 8, 8, 10)).astype(np.float32)
     out = pool_layer(conv_layer(x))
     layout = conv_layer.delta_layout()
     dy = np.ones_like(out)
@@ -400,10 +400,30 @@ def test_max_pool_backward_takes_any_integer_indices_in_range(dtype, rng):
 def test_the_fused_pool_backward_agrees_with_the_scatter(rng):
     """The channels-last pool backward (its row buffer of indices now int64) writes what
     the plain backward, packed, holds."""
-    conv_layer = nn.Conv2d(3, 4, 3, padding=1)
+    conv_layer = nn.Conv2d(8, 4, 3, padding=1)
     pool_layer = nn.MaxPool2d(2)
-    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
     out = pool_layer(conv_layer(x))
     dyp, _ = pool_layer.backward_packed(np.ones_like(out), conv_layer.delta_layout())
     want = conv.pack_deltas(pool_layer.backward(np.ones_like(out)), conv_layer.delta_layout())
     np.testing.assert_array_equal(dyp, want)
+
+
+def test_backward_input_checks_what_it_is_handed(rng):
+    """The NCHW training path (a layer whose dW reads the input itself)."""
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    _, saved, geo = conv.conv2d_saving(x, w, padding=1)
+    assert conv.saved_kind(geo, np.float32) == "input" and saved is x
+    dy = rng.standard_normal((2, 6, 12, 12)).astype(np.float32)
+    conv.backward_input(x, geo, w, dy)  # runs
+    forged = [
+        dict(x=x[:, :, :6]), dict(x=x.astype(np.float64)), dict(x=None),
+        dict(dy=dy[:1]), dict(dy=dy.astype(np.float64)), dict(dy=dy.astype(np.int32)),
+        dict(geo=geo._replace(OH=40)), dict(geo=tuple(geo)),
+        dict(weight=w[:3]), dict(dsum=np.zeros((2, 5))),
+    ]
+    for change in forged:
+        args = dict(x=x, geo=geo, weight=w, dy=dy) | change
+        with pytest.raises((ValueError, TypeError)):
+            conv.backward_input(**args)
