@@ -64,6 +64,16 @@ CASES = MNIST + GENERAL
 PASSES = ["forward", "dX", "dW"]
 
 
+_PLAN_PASS = {"forward": "forward", "dX": "grad_input", "dW": "grad_weight"}
+
+
+def algorithm(case: Case, pass_: str) -> str:
+    """The algorithm fastconv's plan runs this pass with (fp32, Winograd as switched)."""
+    plan = fc.conv2d_plan((case.N, case.C, case.H, case.H), (case.K, case.C, case.R, case.R),
+                          stride=case.stride, padding=case.padding)
+    return plan.algorithms[_PLAN_PASS[pass_]]
+
+
 def needs_dx(case: Case) -> bool:
     """Input layers (C <= 3) never need dX in training, so the targets leave it out."""
     return case.C > 3

@@ -95,9 +95,10 @@ def _verdict(ok: bool) -> str:
 
 
 def conv_table(names, passes, impls, extra, reps):
-    """Print one row per (shape, pass); return {(name, pass): (GF/s by impl, ratio)}."""
+    """Print one row per (shape, pass), with the algorithm fastconv's plan runs it with;
+    return {(name, pass): (GF/s by impl, ratio)}."""
     interleaved = [i for i in impls if i not in extra]
-    head = ["shape", "pass"] + [f"{i} GF/s" for i in impls]
+    head = ["shape", "pass", "algorithm"] + [f"{i} GF/s" for i in impls]
     have_torch = "torch" in impls
     if have_torch:
         head.append("ratio vs torch")
@@ -112,7 +113,7 @@ def conv_table(names, passes, impls, extra, reps):
                 continue
             times = measure(case, pass_, interleaved, extra, reps)
             gf = {i: case.flops() / statistics.median(times[i]) / 1e9 for i in impls}
-            row = [name, pass_] + [f"{gf[i]:.1f}" for i in impls]
+            row = [name, pass_, cases.algorithm(case, pass_)] + [f"{gf[i]:.1f}" for i in impls]
             ratio = None
             if have_torch:
                 ratio = statistics.median(t / f for t, f in zip(times["torch"],
