@@ -84,3 +84,17 @@ def test_warm_cache_serves_a_new_process(tmp_path):
     assert all(misses > 0 and hits == 0 for hits, misses in cold.values()), cold
     warm = run()
     assert all(hits > 0 and misses == 0 for hits, misses in warm.values()), warm
+
+
+def test_a_missing_parallel_threading_layer_is_named_with_its_fix(monkeypatch):
+    from numba.core import config as numba_config
+
+    from fastconv import _jit
+
+    assert _jit.threading_layer_warning() is None or not _jit._parallel_layers("default")
+    monkeypatch.setattr(_jit, "_parallel_layers", lambda layer: [])
+    monkeypatch.setattr(numba_config, "THREADING_LAYER", "default")
+    message = _jit.threading_layer_warning()
+    assert "workqueue" in message and "pip install tbb" in message and "libgomp" in message
+    monkeypatch.setattr(numba_config, "THREADING_LAYER", "workqueue")  # the user's choice
+    assert _jit.threading_layer_warning() is None
