@@ -60,7 +60,15 @@ GENERAL = [
     Case("mnist-conv1-3x3-nopad", 64, 1, 28, 32, 3, 1, 0),
     Case("mnist-conv2-3x3-nopad", 64, 32, 13, 64, 3, 1, 0),
 ]
-CASES = MNIST + GENERAL
+#: Small calls (the plans issue): a tiny layer, where call overhead is all, and batch-1
+#: passes of the MNIST layers and of a 3x3 64 -> 64 layer at 32x32.
+SMALL = [
+    Case("tiny-rgb-8px", 1, 3, 8, 8, 3, 1, 1),
+    Case("mnist-conv1-b1", 1, 1, 28, 32, 5, 1, 2),
+    Case("mnist-conv2-b1", 1, 32, 14, 64, 5, 1, 2),
+    Case("3x3s1-c64-32px-b1", 1, 64, 32, 64, 3, 1, 1),
+]
+CASES = MNIST + GENERAL + SMALL
 PASSES = ["forward", "dX", "dW"]
 
 
@@ -102,6 +110,27 @@ def fastconv_pass(pass_: str):
     def dw(c, a):
         return fc.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
                                      padding=c.padding)
+
+    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+
+
+def fastconv_plan_pass(pass_: str):
+    """fastconv through a plan made once and held (``fc.conv2d_plan``)."""
+
+    def plan(c, a):
+        if "_plan" not in a:
+            a["_plan"] = fc.conv2d_plan(a["x"].shape, a["w"].shape, stride=c.stride,
+                                        padding=c.padding)
+        return a["_plan"]
+
+    def forward(c, a):
+        return plan(c, a).forward(a["x"], a["w"], a["b"])
+
+    def dx(c, a):
+        return plan(c, a).grad_input(a["dy"], a["w"])
+
+    def dw(c, a):
+        return plan(c, a).grad_weight(a["x"], a["dy"])
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
@@ -191,7 +220,8 @@ def torch_pass(pass_: str):
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
 
-IMPLS = {"fastconv": fastconv_pass, "fastconv-direct": fastconv_direct_pass,
+IMPLS = {"fastconv": fastconv_pass, "fastconv-plan": fastconv_plan_pass,
+         "fastconv-direct": fastconv_direct_pass,
          "numpy-im2col": numpy_pass, "torch": torch_pass}
 
 

@@ -13,7 +13,10 @@ faster, the median of per-round ratios):
    (``bench/peak.py``);
 4. ``fastconv train`` samples/s is >= 1.5x its PyTorch twin's, with a lower peak RSS
    (``bench/train_report.py``, alternating processes; needs the Fashion-MNIST files in
-   ``--data-dir`` or ``$FASTCONV_DATA``).
+   ``--data-dir`` or ``$FASTCONV_DATA``);
+5. small calls (``cases.SMALL``): the tiny layer's forward takes <= 1.2x torch's time
+   through ``fc.conv2d`` and <= 1.0x through a held plan; every batch-1 pass of the MNIST
+   layers and of the 3x3 64 -> 64 layer at 32x32 is >= 1.0x torch.
 
 For each (shape, pass) the implementations are timed in turn, round after round, so that
 machine noise hits them alike.  ``--impl numpy-im2col`` adds the NumPy baseline, timed in
@@ -94,14 +97,15 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def conv_table(names, passes, impls, extra, reps):
+def conv_table(names, passes, impls, extra, reps, ratio_of=("fastconv",)):
     """Print one row per (shape, pass), with the algorithm fastconv's plan runs it with;
-    return {(name, pass): (GF/s by impl, ratio)}."""
+    return {(name, pass): (GF/s by impl, ratio)}: ``t_torch / t_impl`` for the one
+    implementation of ``ratio_of``, or a dict of them by implementation for several."""
     interleaved = [i for i in impls if i not in extra]
     head = ["shape", "pass", "algorithm"] + [f"{i} GF/s" for i in impls]
     have_torch = "torch" in impls
     if have_torch:
-        head.append("ratio vs torch")
+        head += [f"{i} vs torch" for i in ratio_of]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     by_name = {c.name: c for c in cases.CASES}
@@ -116,9 +120,10 @@ def conv_table(names, passes, impls, extra, reps):
             row = [name, pass_, cases.algorithm(case, pass_)] + [f"{gf[i]:.1f}" for i in impls]
             ratio = None
             if have_torch:
-                ratio = statistics.median(t / f for t, f in zip(times["torch"],
-                                                                 times["fastconv"], strict=True))
-                row.append(f"{ratio:.2f}x")
+                ratios = {i: statistics.median(t / f for t, f in zip(
+                    times["torch"], times[i], strict=True)) for i in ratio_of}
+                row += [f"{ratios[i]:.2f}x" for i in ratio_of]
+                ratio = ratios if len(ratio_of) > 1 else ratios[ratio_of[0]]
             out[name, pass_] = (gf, ratio)
             print("| " + " | ".join(row) + " |", flush=True)
     return out
@@ -128,7 +133,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--targets", nargs="*", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--targets", nargs="*", type=int, default=[1, 2, 3, 4, 5])
     p.add_argument("--cases", nargs="*",
                    help="just these shapes, no target verdicts (names from bench/cases.py)")
     p.add_argument("--passes", nargs="*", default=cases.PASSES)
@@ -188,6 +193,20 @@ def main(argv=None):
             verdicts.append(f"2. wider shapes: geomean {geo:.2f}x, worst {res[worst][1]:.2f}x "
                             f"({worst[0]} {worst[1]}) -> "
                             f"{_verdict(geo >= 0.8 and res[worst][1] >= 0.5)}")
+    if 5 in args.targets and have_torch:
+        print("\n## Target 5: small calls\n")
+        res = conv_table([c.name for c in cases.SMALL], args.passes,
+                         impls[:1] + ["fastconv-plan"] + impls[1:], args.impl, args.reps,
+                         ratio_of=("fastconv", "fastconv-plan"))
+        tiny = res["tiny-rgb-8px", "forward"][1]
+        batch1 = {k: r["fastconv"] for k, (_, r) in res.items() if k[0] != "tiny-rgb-8px"}
+        worst = min(batch1, key=batch1.get)
+        ok = (1 / tiny["fastconv"] <= 1.2 and 1 / tiny["fastconv-plan"] <= 1.0
+              and batch1[worst] >= 1.0)
+        verdicts.append(f"5. small calls: tiny forward {1 / tiny['fastconv']:.2f}x torch's "
+                        f"time (fc.conv2d), {1 / tiny['fastconv-plan']:.2f}x (held plan); "
+                        f"batch-1 worst {batch1[worst]:.2f}x ({worst[0]} {worst[1]}) -> "
+                        f"{_verdict(ok)}")
     if 4 in args.targets and have_torch:
         print("\n## Target 4: fastconv train >= 1.5x torch, lower peak RSS\n")
         if not args.data_dir:

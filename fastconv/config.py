@@ -28,6 +28,11 @@ PIXEL_MAX_C = 4
 #: MNIST conv2's dW: 4 chunks 0.96x the time of 8, 2 the same as 4.
 WINOGRAD_DW_CHUNKS = 4
 
+#: Problems of at most this many multiply-adds per pass run the serial direct kernels
+#: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
+#: more than the arithmetic.
+SMALL_WORK = 1 << 19
+
 #: How many plans the functional API keeps (least recently used dropped first), as
 #: oneDNN's primitive cache does.
 PLAN_CACHE_SIZE = 256

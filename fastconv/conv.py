@@ -916,9 +916,11 @@ class PooledDeltas(NamedTuple):
 
 def pool_order_ok(geo: ConvGeometry) -> bool:
     """Whether ``conv2d_saving(..., pool_order=True)`` can run this layer: an even output
-    size, and for the pixel path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX``
-    pixels."""
-    if geo.OH % 2 or geo.OW % 2 or geo.N == 0:
+    size, a problem too large for the serial kernels (which write NCHW), and for the pixel
+    path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX`` pixels."""
+    from .algorithms import small
+
+    if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.why_not(geo, None, "forward") is None:
         return False
     if _pixel_ok(geo):
         return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * _k.PX
@@ -1109,8 +1111,14 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
     if kind == "pixels":
         px = _pool_order_input(x, geo, ws)
         return _forward_pixel_input(px, w, b, geo, out_ws), px, geo
-    if _pixel_ok(geo):  # the pixel forward; its dW reads the input again
+    forward = _planned(geo, dtype, "forward")
+    if forward == "pixel":  # its dW reads the input again
         y = _forward_pixels(x, w, b, geo, out_ws)
+        return (y[0] if unbatched else y), x, geo
+    if forward == "serial-direct":  # so does its dW, serial too
+        from . import plan
+
+        y = plan.plan_for(geo, dtype)._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo
     xp = _pack_input(x, geo, ws)
     y = _forward_packed(xp, w, b, geo, out_ws, pool_order=pool_order)

@@ -230,10 +230,15 @@ def _freeze(value):
 def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) -> ConvPlan:
     """The plan of these arguments from the cache, made (and validated) on a miss.  The
     Winograd switch is part of the key: turning it off makes new plans."""
-    key = (tuple(input_shape), tuple(weight_shape), _freeze(stride), _freeze(padding),
-           _freeze(dilation), _freeze(groups), np.dtype(dtype).str, config.get_winograd())
-    if None in key[2:6]:
-        return conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    args = (stride, padding, dilation, groups)
+    if all(type(a) is int or type(a) is str for a in args):  # the common case, fast
+        key = (input_shape, weight_shape, *args, dtype, config.get_winograd())
+    else:  # keys of other types hold (type, value) pairs: they never equal the ones above
+        key = (tuple(input_shape), tuple(weight_shape), *map(_freeze, args), dtype,
+               config.get_winograd())
+        if None in key[2:6]:
+            return conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
+                               dtype)
     plan = _cache.get(key)
     if plan is not None:
         _stats[0] += 1

@@ -15,7 +15,8 @@ from fastconv import reference as ref
 
 # JIT compilation makes first examples slow: no deadline.  CI runs a fixed, moderate budget.
 settings.register_profile("default", deadline=None, max_examples=40,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
@@ -75,3 +76,16 @@ def direct_only():
     """Run the test with Winograd disabled (for tests of a direct kernel's path)."""
     with winograd_enabled(False):
         yield
+
+
+@pytest.fixture
+def parallel_paths(monkeypatch):
+    """Run the test without the serial kernels of small problems (config.SMALL_WORK = 0),
+    for tests of the parallel algorithms' layouts on small shapes; plans made before and
+    during it are forgotten, since they remember their choices."""
+    from fastconv import config, plan
+
+    monkeypatch.setattr(config, "SMALL_WORK", 0)
+    plan.clear_plan_cache()
+    yield
+    plan.clear_plan_cache()

@@ -13,6 +13,9 @@ from fastconv import conv
 
 from conftest import all_passes, random_problem, reference_passes
 
+# The parallel kernels' paths, on small shapes: not the serial kernels of small problems.
+pytestmark = pytest.mark.usefixtures("parallel_paths")
+
 
 def _grid():
     # (N, C, H, W, K, R, S, groups): odd and non-square sizes, batch 1, 1x1 kernels,

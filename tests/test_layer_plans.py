@@ -18,8 +18,9 @@ CASES = [  # (N, C, H, W, K, kernel, conv args): one per saved kind and algorith
     (2, 24, 8, 8, 16, 1, {}),  # 1x1: pixel in all three passes
     (2, 32, 14, 14, 32, 5, dict(padding=2)),  # Winograd: packed
     (2, 32, 8, 8, 12, 3, dict(padding=1)),  # NCHW-delta dW: the input itself
-    (2, 16, 8, 8, 12, 3, dict(padding=1, groups=4)),  # channel tile: packed
-    (2, 8, 11, 9, 6, 3, dict(stride=2, padding=1)),  # channel tile, strided, odd output
+    (4, 32, 16, 16, 32, 3, dict(padding=1, groups=4)),  # channel tile: packed
+    (4, 16, 23, 21, 24, 3, dict(stride=2, padding=1)),  # channel tile, strided, odd output
+    (2, 8, 11, 9, 6, 3, dict(stride=2, padding=1)),  # serial: the input itself
 ]
 
 

@@ -280,6 +280,7 @@ def test_relu_dtypes_follow_the_conv_rules():
     assert fused(np.ones((1, 1, 4, 4), np.float16)).dtype == np.float32
 
 
+@pytest.mark.usefixtures("parallel_paths")  # the packed layouts, on small shapes
 @pytest.mark.parametrize("conv_args, shape, pool_args, relu, dx, dtype, planes", [
     (dict(in_channels=1, out_channels=32, kernel_size=5, padding=2), (3, 1, 12, 12),
      dict(kernel_size=2), True, False, np.float32, True),  # conv1 of two_conv
@@ -341,6 +342,7 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
     assert "y" in seq[0]._workspace._arrays  # the conv's output was scratch, reused
 
 
+@pytest.mark.usefixtures("parallel_paths")  # the packed layouts, on small shapes
 @pytest.mark.parametrize("relu", [True, False])
 def test_pool_sums_the_deltas_it_writes_per_image_and_channel(relu, rng):
     """The 2x2 pool's packed backward returns each image's channel sums of the deltas it
@@ -362,6 +364,7 @@ def test_pool_sums_the_deltas_it_writes_per_image_and_channel(relu, rng):
     assert pool3.backward_packed(np.ones_like(out3), layout)[1] is None
 
 
+@pytest.mark.usefixtures("parallel_paths")  # the packed layouts, on small shapes
 def test_conv_output_is_scratch_only_where_nothing_keeps_it(rng):
     """A conv's output lives in its workspace only in training, and only when the next
     layer keeps no reference to it; outputs that callers or Linear keep are new arrays."""

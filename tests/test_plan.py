@@ -13,8 +13,8 @@ from fastconv import plan as plan_mod
 
 from conftest import random_problem, reference_passes, winograd_enabled
 
-TILE, PIXEL, WINO, NCHW = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
-                           "nchw-delta-dw")
+TILE, PIXEL, WINO, NCHW, SMALL = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
+                                  "nchw-delta-dw", "serial-direct")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, conv, dtype, want", [
@@ -27,6 +27,8 @@ TILE, PIXEL, WINO, NCHW = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
      (TILE, TILE, TILE)),
     ((8, 3, 64, 64), (32, 3, 3, 3), dict(stride=2, padding=1), np.float32,
      (PIXEL, TILE, PIXEL)),
+    ((1, 3, 8, 8), (8, 3, 3, 3), dict(padding=1), np.float32, (SMALL, SMALL, SMALL)),
+    ((2, 16, 9, 9), (8, 4, 3, 3), dict(stride=2, groups=4), np.float64, (SMALL, SMALL, SMALL)),
 ])
 def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,
                                                                want):
@@ -38,7 +40,7 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 
 def test_the_order_is_the_policy():
-    assert [a.NAME for a in algorithms.ALGORITHMS] == [WINO, PIXEL, NCHW, TILE]
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, PIXEL, NCHW, TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
@@ -53,6 +55,8 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (2, 24, 9, 10, 16, 1, 1, {}),
     (2, 32, 9, 9, 12, 3, 3, dict(padding=1)),
     (2, 16, 9, 9, 12, 3, 3, dict(padding=1, groups=4)),
+    (4, 32, 16, 16, 32, 3, 3, dict(padding=1, groups=4)),  # grouped, beyond the serial kernels
+    (2, 4, 7, 9, 3, 4, 2, dict(stride=(2, 1), padding=(2, 0), dilation=(1, 3))),
 ]
 
 
@@ -99,12 +103,13 @@ def test_each_algorithm_runs_somewhere_in_the_grid():
 
 @pytest.mark.parametrize("algorithm, words", [
     (WINO, "5x5 filter"), (PIXEL, "at most 4 input channels"), (NCHW, "it has no forward pass"),
+    (SMALL, "config.SMALL_WORK"),
     ("fft", "unknown algorithm 'fft'"), (3, "must be a name"),
     ({"backward": TILE}, "algorithm keys must be passes"),
 ])
 def test_forced_algorithms_that_cannot_run_are_refused_with_the_reason(algorithm, words):
     with pytest.raises((ValueError, TypeError), match=words):
-        fc.conv2d_plan((2, 32, 9, 9), (12, 32, 3, 3), padding=1, algorithm=algorithm)
+        fc.conv2d_plan((32, 32, 9, 9), (12, 32, 3, 3), padding=1, algorithm=algorithm)
 
 
 def test_a_forced_winograd_still_hands_non_finite_results_to_the_direct_kernel(rng):

@@ -23,6 +23,10 @@ CASES = [
 ]
 
 
+# The parallel kernels' paths, on small shapes: not the serial kernels of small problems.
+pytestmark = pytest.mark.usefixtures("parallel_paths")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("xs, ws, kw", CASES)
 def test_pool_order_output_is_the_nchw_output_reordered(xs, ws, kw, dtype, rng):

@@ -18,10 +18,10 @@ least one::
 
 from __future__ import annotations
 
-from . import channel_tile, nchw_delta_dw, pixel, winograd
+from . import channel_tile, nchw_delta_dw, pixel, small, winograd
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (winograd, pixel, nchw_delta_dw, channel_tile)
+ALGORITHMS = (small, winograd, pixel, nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
