@@ -11,9 +11,18 @@ torch = pytest.importorskip("torch")
 import fastconv as fc  # noqa: E402
 
 
+@pytest.fixture(params=["as-planned", "parallel"])
+def paths(request):
+    """The grid as the plans run it (small shapes: the serial kernels), and once more on
+    the parallel algorithms (``parallel_paths``)."""
+    if request.param == "parallel":
+        request.getfixturevalue("parallel_paths")
+    return request.param
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's own note on even kernels
 @pytest.mark.parametrize("shape, conv", GRID)
-def test_grid_against_torch(shape, conv, rng):
+def test_grid_against_torch(shape, conv, rng, paths):
     N, C, H, W, K, R, S, _ = shape
     x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv)
     tx = torch.from_numpy(x).requires_grad_()
