@@ -88,8 +88,8 @@ def pack_channels_last(src, dst, pt, pl, G, CgP):
 
 @parallel_kernel
 def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
-    """The input of a stride-1 layer as the pixel kernels read it (``conv._pixel_input``,
-    and ``conv._pool_order_input``).
+    """The input of a stride-1 layer as the pixel kernels read it (``layouts._pixel_input``,
+    and ``layouts._pool_order_input``).
 
     ``dst[n, c, s, h, j] = x[n, c, h - pt, j*sw + qoff[s] - pl]`` where that is inside the
     input ``x``, else zero: for every filter column ``s`` (column offset ``qoff[s]``), the
@@ -677,13 +677,13 @@ def conv_dw_pixels(x, dy, toff, part):
     part : (P, ceil(K/DK), ceil(T/DT), DK, DT)
 
     A tap ``t = (c, r, s)`` of the filter reads input row ``i*sh + r*dlh`` and column
-    ``j*sw + s*dlw``.  The wrapper (``conv._pixel_input``) lays the input out so that for
+    ``j*sw + s*dlw``.  The wrapper (``layouts._pixel_input``) lays the input out so that for
     every tap consecutive output pixels read consecutive inputs: a stride-1 layer as
     shifted planes, each image's output one row (``OH = 1``); otherwise each padded plane's
     columns split into ``sw`` phases of width ``Wq`` (plane ``c*sw + q`` holds columns
     ``u*sw + q``), so that the column is ``j + (s*dlw)//sw`` of phase ``(s*dlw) % sw``.
     ``toff[i]`` is each tap's plane, row and column offset in that layout for output row
-    ``i``.  (The 2x2 pool's "pool order", ``conv._pool_order_input``, gives each of its
+    ``i``.  (The 2x2 pool's "pool order", ``layouts._pool_order_input``, gives each of its
     four rows a table of its own.)
 
     The tile is DK output channels x DT taps, each accumulator a vector of ``PX`` pixels of

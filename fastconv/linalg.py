@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels as _k
-from .conv import _as_array, _result_dtype
+from ._args import _as_array, _result_dtype
 
 __all__ = ["matmul"]
 

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import _checks, _state, pool
+from . import _args, _checks, _state, pool
 from . import conv as _conv
 from . import kernels as _k
+from . import layouts as _layouts
 from .linalg import matmul
 
 __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
@@ -193,20 +194,20 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
-        in_channels = _conv._int("in_channels", in_channels, 1)
-        out_channels = _conv._int("out_channels", out_channels, 1)
-        kh, kw = _conv._pair("kernel_size", kernel_size, 1)
-        groups = _conv._int("groups", groups, 1)
+        in_channels = _args._int("in_channels", in_channels, 1)
+        out_channels = _args._int("out_channels", out_channels, 1)
+        kh, kw = _args._pair("kernel_size", kernel_size, 1)
+        groups = _args._int("groups", groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
         # The rest as conv_geometry checks it in forward(), on the smallest input the
         # dilated kernel fits: a layer that could not run on any input is refused here.
-        dlh, dlw = _conv._pair("dilation", dilation, 1)
+        dlh, dlw = _args._pair("dilation", dilation, 1)
         _conv.conv_geometry((0, in_channels, dlh * (kh - 1) + 1, dlw * (kw - 1) + 1),
                             (out_channels, in_channels // groups, kh, kw), stride, padding,
                             dilation, groups)
-        bias = _conv._bool("bias", bias)
+        bias = _args._bool("bias", bias)
         dtype = _param_dtype(dtype)
         self.conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
@@ -218,7 +219,7 @@ class Conv2d(Module):
             self.params["bias"] = _uniform(rng, bound, (out_channels,), dtype)
         self.needs_input_grad = True
         self._saved = None
-        self._workspace = _conv.Workspace()  # packed input, deltas (and scratch output)
+        self._workspace = _layouts.Workspace()  # packed input, deltas (and scratch output)
 
     def forward(self, x):
         return self._forward(x, False)[0]
@@ -266,7 +267,7 @@ class Conv2d(Module):
 
     def forward_pool_order(self, x):
         """:meth:`forward` for a 2x2, stride-2 max pool after this layer: the output in
-        pool order (N, K, 4, OH/2 * OW/2) (see :mod:`fastconv.conv`), and its NCHW shape.
+        pool order (N, K, 4, OH/2 * OW/2) (see :mod:`fastconv.layouts`), and its NCHW shape.
         In training mode the output lives in this layer's workspace: the next call
         overwrites it (the pool keeps none of it)."""
         y, geo = self._forward(x, self.training, pool_order=True)
@@ -274,23 +275,23 @@ class Conv2d(Module):
 
     def delta_layout(self):
         """The layout :meth:`backward_packed` takes its deltas in (after a forward): a
-        ``conv.DeltaLayout``, ``conv.PoolOrderLayout`` or ``conv.NCHWLayout``, as
+        ``layouts.DeltaLayout``, ``layouts.PoolOrderLayout`` or ``layouts.NCHWLayout``, as
         ``conv.saved_kind`` says."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
         geo, kind = self._saved[1], self._saved[4]
         if kind == "pixels":
-            return _conv.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
+            return _layouts.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
         if kind == "input":
-            return _conv.NCHWLayout((geo.N, geo.K, geo.OH, geo.OW))
-        return _conv.delta_layout(geo, self.needs_input_grad)
+            return _layouts.NCHWLayout((geo.N, geo.K, geo.OH, geo.OW))
+        return _layouts.delta_layout(geo, self.needs_input_grad)
 
-    def delta_buffer(self, layout: _conv.DeltaLayout) -> np.ndarray | None:
+    def delta_buffer(self, layout: _layouts.DeltaLayout) -> np.ndarray | None:
         """This layer's reusable array for deltas in ``layout``, for a layer after it that
         writes all of it (border included) in :meth:`backward_packed`'s layout.  None for
         pool order, whose deltas the pool hands over unexpanded (``conv.PooledDeltas``), and
         for NCHW deltas (new arrays)."""
-        if isinstance(layout, (_conv.PoolOrderLayout, _conv.NCHWLayout)):
+        if isinstance(layout, (_layouts.PoolOrderLayout, _layouts.NCHWLayout)):
             return None
         return self._workspace.zeros("dy", layout.shape, self._saved[3])
 
@@ -305,12 +306,12 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d.backward got grad_output of shape {dy.shape}, the "
                              f"forward output had shape {expected}")
         dy = dy.astype(dtype, copy=False)
-        if isinstance(layout, _conv.PoolOrderLayout):
-            dyp = _conv.to_pool_order(dy)
-        elif isinstance(layout, _conv.NCHWLayout):
+        if isinstance(layout, _layouts.PoolOrderLayout):
+            dyp = _layouts.to_pool_order(dy)
+        elif isinstance(layout, _layouts.NCHWLayout):
             dyp = dy
         else:
-            dyp = _conv.pack_deltas(dy, layout, self._workspace)
+            dyp = _layouts.pack_deltas(dy, layout, self._workspace)
         dx = self.backward_packed(dyp, layout)
         return dx[0] if unbatched and dx is not None else dx
 
@@ -319,10 +320,10 @@ class Conv2d(Module):
         write them), and optionally their per-image channel sums ``dsum`` (N, Cd) float64
         (see :func:`fastconv.conv.backward_saved`)."""
         xp, geo = self._saved[:2]
-        if isinstance(layout, _conv.PoolOrderLayout):
+        if isinstance(layout, _layouts.PoolOrderLayout):
             dx, dw, db = _conv.backward_pool_order(xp, geo, self.params["weight"], dyp,
                                                    self.needs_input_grad, dsum)
-        elif isinstance(layout, _conv.NCHWLayout):
+        elif isinstance(layout, _layouts.NCHWLayout):
             dx, dw, db = _conv.backward_input(xp, geo, self.params["weight"], dyp,
                                               self.needs_input_grad, dsum)
         else:
@@ -353,7 +354,7 @@ class ReLU(Module):
         self._y = None
 
     def forward(self, x):
-        x = np.ascontiguousarray(_conv._as_float("input", x))  # the conv dtype rules
+        x = np.ascontiguousarray(_args._as_float("input", x))  # the conv dtype rules
         y = np.empty_like(x)
         _k.relu_fwd(x.reshape(-1), y.reshape(-1))
         self._y = y if self.training else None
@@ -380,7 +381,7 @@ class ReLU(Module):
 def _pool_args(kernel_size, stride, padding) -> dict:
     """A pooling layer's arguments, checked as :func:`fastconv.pool.pool_geometry` checks
     them in forward(), on an input the size of the window."""
-    kh, kw = _conv._pair("kernel_size", kernel_size, 1)
+    kh, kw = _args._pair("kernel_size", kernel_size, 1)
     pool.pool_geometry((0, 1, kh, kw), kernel_size, stride, padding)
     return dict(kernel_size=kernel_size, stride=stride, padding=padding)
 
@@ -423,7 +424,7 @@ class MaxPool2d(Module):
         """:meth:`forward_after_relu` of the convolution output ``y4`` in pool order
         (N, C, 4, M) whose NCHW shape is ``shape`` (:meth:`Conv2d.forward_pool_order`), for
         a 2x2, stride-2 pool (:meth:`is_2x2`)."""
-        N, C, H, W = _conv._shape4("shape", shape)
+        N, C, H, W = _args._shape4("shape", shape)
         if H % 2 or W % 2:
             raise ValueError(f"pool order needs an even output size, got shape {shape}")
         _checks.array("y4", y4, (N, C, 4, H // 2 * W // 2), _checks.FLOATS)
@@ -447,7 +448,7 @@ class MaxPool2d(Module):
                              f"output had shape {relu_out.shape}")
         if planes:
             pooled, _ = self._planes_backward(dy)
-            return _conv.from_pool_order(pooled.expand(), shape[2], shape[3])
+            return _layouts.from_pool_order(pooled.expand(), shape[2], shape[3])
         dx = np.empty(shape, relu_out.dtype)
         _k.max_pool_bwd(dy, idx, dx, relu_out, True)
         return dx
@@ -465,19 +466,19 @@ class MaxPool2d(Module):
             raise RuntimeError("backward() needs a forward() in training mode first")
         idx, shape, relu_out, planes = self._saved
         dy = np.asarray(dy)
-        dy = dy.astype(relu_out.dtype if relu_out is not None else _conv._result_dtype(dy),
+        dy = dy.astype(relu_out.dtype if relu_out is not None else _args._result_dtype(dy),
                        copy=False)
-        if isinstance(layout, _conv.NCHWLayout):
+        if isinstance(layout, _layouts.NCHWLayout):
             return self.backward(dy), None
-        if isinstance(layout, _conv.PoolOrderLayout):
+        if isinstance(layout, _layouts.PoolOrderLayout):
             if planes and dy.shape == idx.shape:
                 return self._planes_backward(np.ascontiguousarray(dy, relu_out.dtype))
-            return _conv.to_pool_order(self.backward(dy)), None
+            return _layouts.to_pool_order(self.backward(dy)), None
         if not self.is_2x2(shape) or dy.shape != idx.shape or not dy.size:
-            return _conv.pack_deltas(self.backward(dy), layout), None
+            return _layouts.pack_deltas(self.backward(dy), layout), None
         # The kernel writes (N, C, H, W) into the layout's interior and groups: check that
         # they fit, as pack_deltas does for the other paths.
-        _conv._check_fits(layout, *shape)
+        _layouts._check_fits(layout, *shape)
         dyp = np.empty(layout.shape, dy.dtype) if out is None else _checks.array(
             "out", out, layout.shape, dy.dtype, writeable=True)
         dsum = np.empty((layout.shape[0], layout.shape[3]), np.float64)
@@ -495,7 +496,7 @@ class MaxPool2d(Module):
         g = np.empty((N, C, idx[0, 0].size), dy.dtype)
         dsum = np.empty((N, C), np.float64)
         _k.max_pool_2x2_planes_bwd(dy.reshape(N, C, -1), relu_out.reshape(N, C, -1), g, dsum)
-        return _conv.PooledDeltas(g, idx.reshape(N, C, -1)), dsum
+        return _layouts.PooledDeltas(g, idx.reshape(N, C, -1)), dsum
 
     def _forget(self):
         self._saved = None
@@ -585,9 +586,9 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
-        in_features = _conv._int("in_features", in_features, 0)
-        out_features = _conv._int("out_features", out_features, 0)
-        bias = _conv._bool("bias", bias)
+        in_features = _args._int("in_features", in_features, 0)
+        out_features = _args._int("out_features", out_features, 0)
+        bias = _args._bool("bias", bias)
         dtype = _param_dtype(dtype)
         rng = _rng(rng)
         # As PyTorch: no inputs (in_features = 0) give bound 0, zero weights and bias.
@@ -599,7 +600,7 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
-        x = _conv._as_array("input", x)
+        x = _args._as_array("input", x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear({self.in_features}, {self.out_features}) needs input of "
                              f"shape (N, {self.in_features}), got {x.shape}")
@@ -681,7 +682,7 @@ class Sequential(Module):
                 continue
             if self._pool_order(steps, t, x):
                 # Conv2d, ReLU, 2x2 MaxPool2d: the convolution writes its output in the
-                # order the pool reads (conv.py, "Pool order").
+                # order the pool reads (layouts.py, "Pool order").
                 y4, shape = step[0].forward_pool_order(x)
                 x, pooled = steps[t + 1][1].forward_pool_order(y4, shape), True
             elif len(step) == 2:
@@ -752,7 +753,7 @@ class SoftmaxCrossEntropy:
     def forward(self, logits, labels) -> float:
         """The loss of ``logits`` (N, classes) against ``labels`` (N,) in
         ``[0, classes)``; an empty batch (N = 0) has loss 0 and gradient (0, classes)."""
-        z = _conv._as_float("logits", logits)
+        z = _args._as_float("logits", logits)
         y = np.asarray(labels)
         if z.ndim != 2 or z.shape[1] < 1:
             raise ValueError(f"logits must be 2-D (N, classes) with at least one class, got "

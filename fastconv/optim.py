@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _checks, _state
 from . import kernels as _k
-from .conv import _bool, _real
+from ._args import _bool, _real
 from .nn import Parameter
 
 __all__ = ["SGD", "Adam", "Optimizer"]

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import algorithms, config
-from . import conv as _c
+from ._args import _shape4
+from .geometry import ConvGeometry, conv_geometry
 
 __all__ = ["ConvPlan", "clear_plan_cache", "conv2d_plan", "plan_cache_info"]
 
@@ -47,7 +48,7 @@ class ConvPlan:
         ``'grad_weight'``.
     """
 
-    def __init__(self, geo: _c.ConvGeometry, dtype, algorithm=None):
+    def __init__(self, geo: ConvGeometry, dtype, algorithm=None):
         self.geometry = geo
         self.dtype = np.dtype(dtype)
         self._run_order = {p: _order(geo, self.dtype, p, _forced(algorithm, p))
@@ -90,7 +91,9 @@ class ConvPlan:
     def grad_bias(self, dy) -> np.ndarray:
         """``db`` (K,) of :func:`fastconv.conv2d_grad_bias`."""
         g = self.geometry
-        return _c.conv2d_grad_bias(self._array("grad_output", dy, (g.N, g.K, g.OH, g.OW)))
+        from .conv import conv2d_grad_bias
+
+        return conv2d_grad_bias(self._array("grad_output", dy, (g.N, g.K, g.OH, g.OW)))
 
     def _run(self, pass_: str, *arrays) -> np.ndarray:
         """``pass_`` by the plan's algorithm, or by the next one where it hands over (an
@@ -197,8 +200,8 @@ def conv2d_plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, grou
     -------
     ConvPlan
     """
-    geo = _c.conv_geometry(_c._shape4("input_shape", input_shape),
-                           _c._shape4("weight_shape", weight_shape), stride, padding,
+    geo = conv_geometry(_shape4("input_shape", input_shape),
+                           _shape4("weight_shape", weight_shape), stride, padding,
                            dilation, groups)
     return ConvPlan(geo, _plan_dtype(dtype), algorithm)
 
@@ -252,7 +255,7 @@ def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) 
     return plan
 
 
-def plan_for(geo: _c.ConvGeometry, dtype) -> ConvPlan:
+def plan_for(geo: ConvGeometry, dtype) -> ConvPlan:
     """The plan of a validated geometry (the training path's), from the same cache."""
     key = (geo, np.dtype(dtype).str, config.get_winograd())
     plan = _cache.get(key)

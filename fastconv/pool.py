@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels as _k
-from .conv import _as_float, _bool, _check_rank, _output_size, _pair, _shape4
+from ._args import _as_float, _bool, _check_rank, _pair, _shape4
+from .geometry import _output_size
 
 __all__ = ["avg_pool2d", "avg_pool2d_backward", "max_pool2d", "max_pool2d_backward",
            "pool_geometry"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _state, conv, data, models, nn, optim
+from . import _args, _state, conv, data, models, nn, optim
 
 __all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "load_checkpoint", "save_checkpoint",
            "train"]
@@ -71,16 +71,16 @@ class TrainConfig:
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
         for name in ("epochs", "batch_size"):
-            conv._int(name, getattr(self, name), 1)
+            _args._int(name, getattr(self, name), 1)
         if self.limit is not None:
-            conv._int("limit", self.limit, 1)
-        if not conv._is_int(self.seed):
+            _args._int("limit", self.limit, 1)
+        if not _args._is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
-        if conv._real("lr", self.lr, -np.inf) <= 0:
+        if _args._real("lr", self.lr, -np.inf) <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        conv._real("momentum", self.momentum, 0.0, 1.0)
+        _args._real("momentum", self.momentum, 0.0, 1.0)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> optim.Optimizer:
@@ -105,7 +105,7 @@ def normalise(images: np.ndarray) -> np.ndarray:
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500):
     """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images, in batches of
     ``batch_size`` (an int >= 1).  No images is a ValueError: their mean is undefined."""
-    conv._int("batch_size", batch_size, 1)
+    _args._int("batch_size", batch_size, 1)
     if not len(images):
         raise ValueError("there are no images to evaluate (the test set is empty)")
     was_training = model.training

@@ -196,7 +196,7 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
     kc : (6,)              transform constants (1/2, 2, 3, 4, 5, 0) in the data's dtype.
     y : (N, K, OH, OW)     NCHW; or with ``pool_order`` (N, K, 4, TH*TWn): pixel
                            (2a + i, 2q + j) of the 2 x 2 tile (a, q) in plane 2i + j at
-                           a*TWn + q (see :mod:`fastconv.conv`, "Pool order").
+                           a*TWn + q (see :mod:`fastconv.layouts`, "Pool order").
     chk : (NCH, VL)        overwritten: a sum of every output times zero, NaN if any output
                            is inf or NaN (the wrapper then runs the direct kernel).
 

@@ -11,7 +11,7 @@ import pytest
 
 from fastconv import conv_output_size
 from fastconv import kernels as k
-from fastconv.conv import _dx_phases
+from fastconv.geometry import _dx_phases
 
 AXES = [(size, pad, stride, dilation, kernel, conv_output_size(size, kernel, stride, pad, pad,
                                                                   dilation))

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
-from fastconv import conv
+from fastconv import layouts
 
 from conftest import all_passes, random_problem, reference_passes
 
@@ -166,7 +166,7 @@ def test_pixel_input_joins_rows_for_row_stride_1_and_stride_2(stride, joined):
     image's output is one row of OH*OW pixels (no row tails); other strides keep one row
     per output row."""
     geo = fc.conv_geometry((2, 3, 20, 22), (4, 3, 3, 3), stride=stride, padding=1)
-    px = conv._pixel_input(np.zeros((2, 3, 20, 22), np.float32), geo)
+    px = layouts._pixel_input(np.zeros((2, 3, 20, 22), np.float32), geo)
     assert (px.OH, px.OW) == ((1, geo.OH * geo.OW) if joined else (geo.OH, geo.OW))
 
 

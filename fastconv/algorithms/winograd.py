@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import config
-from .. import conv as _c
 from .. import winograd as _wino
 from .. import winograd_kernels as _wk
+from ..geometry import ConvGeometry
+from ..layouts import _FRESH, DeltaLayout, _pack_input, delta_layout, pack_deltas
 
 NAME = "winograd-f2x2-5x5"
 
@@ -34,21 +35,37 @@ def why_not(geo, dtype, pass_):
         return f"it needs input and output at least {2 * _wk.TT} wide"
     if geo.C % _wk.VL:
         return f"it needs input channels in multiples of {_wk.VL}"
-    if pass_ == "grad_input" and _c.delta_layout(geo).shape[1:3] != (geo.H + 4, geo.W + 4):
+    if pass_ == "grad_input" and delta_layout(geo).shape[1:3] != (geo.H + 4, geo.W + 4):
         return "its dX needs the deltas padded by 4 on every side"
     return None
 
 
 def forward(geo, x, w, b):
-    return _c._forward_winograd(_c._pack_input(x, geo), w, b, geo)
+    return _forward_winograd(_pack_input(x, geo), w, b, geo)
 
 
 def grad_input(geo, dy, w):
-    layout = _c.delta_layout(geo)
-    return _c._grad_input_winograd(_c.pack_deltas(dy, layout), layout, w, geo)
+    layout = delta_layout(geo)
+    return _grad_input_winograd(pack_deltas(dy, layout), layout, w, geo)
 
 
 def grad_weight(geo, x, dy):
-    layout = _c.delta_layout(geo, need_dx=False)
-    return _wino.grad_weight(_c._pack_input(x, geo), _c.pack_deltas(dy, layout), layout.top,
+    layout = delta_layout(geo, need_dx=False)
+    return _wino.grad_weight(_pack_input(x, geo), pack_deltas(dy, layout), layout.top,
                              layout.left, geo.K, geo.C)
+
+
+def _grad_input_winograd(dyp, layout: DeltaLayout, w, geo: ConvGeometry):
+    """dX by Winograd from deltas in ``layout`` (padded by 4, as the full correlation
+    needs), or None if it has an inf or NaN."""
+    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    return dx if _wino.grad_input(dyp, w, dx) else None
+
+
+def _forward_winograd(xp, w, b, geo: ConvGeometry, ws=_FRESH, pool_order=False):
+    """y by Winograd from the packed input, as :func:`_forward_packed`; None if it has an
+    inf or NaN (the caller runs the next algorithm)."""
+    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
+        geo.N, geo.K, geo.OH, geo.OW)
+    y = ws.empty("y", shape, xp.dtype)
+    return y if _wino.forward(xp, w, b, y, pool_order) else None

@@ -1,0 +1,225 @@
+"""Geometry: the sizes of a convolution, validated, and the shape rules of its passes.
+
+Small pure helpers (as ``jax.lax``'s convolution rules): :func:`conv_output_size` is the one
+output-size formula every pass uses, :func:`conv_geometry` validates a convolution and
+returns all its sizes, and :func:`_dx_phases` derives how dX reads the deltas (below).
+Legend: ``N, C, H, W, K, R, S, OH, OW``; ``G`` groups, ``sh, sw`` strides, ``dlh, dlw``
+dilations, ``pt, pb, pl, pr`` pads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _checks
+from ._args import _INT_MAX, _check_rank, _int, _is_int, _pair, _shape4
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: int,
+                     dilation: int) -> int:
+    """Output length along one axis, for every pass.
+
+    ``(size + pad_lo + pad_hi - dilation*(kernel - 1) - 1) // stride + 1``; a result < 1
+    means the dilated kernel does not fit in the padded input.
+
+    Parameters
+    ----------
+    size : int >= 0
+    kernel, stride, dilation : int >= 1
+    pad_lo, pad_hi : int >= 0
+    """
+    for name, value, minimum in (("size", size, 0), ("kernel", kernel, 1),
+                                 ("stride", stride, 1), ("pad_lo", pad_lo, 0),
+                                 ("pad_hi", pad_hi, 0), ("dilation", dilation, 1)):
+        _int(name, value, minimum)
+    return _output_size(size, kernel, stride, pad_lo, pad_hi, dilation)
+
+
+def _output_size(size, kernel, stride, pad_lo, pad_hi, dilation) -> int:
+    """:func:`conv_output_size` of arguments already validated (by the geometries)."""
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class ConvGeometry(NamedTuple):
+    """Every size of one convolution, validated.  Pads are ``(top, bottom, left, right)``."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    G: int
+    sh: int
+    sw: int
+    dlh: int
+    dlw: int
+    pt: int
+    pb: int
+    pl: int
+    pr: int
+    OH: int
+    OW: int
+
+    @property
+    def Cg(self) -> int:
+        return self.C // self.G
+
+    @property
+    def Kg(self) -> int:
+        return self.K // self.G
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        return self.pt, self.pb, self.pl, self.pr
+
+
+def _resolve_padding(padding, R, S, sh, sw, dlh, dlw) -> tuple[int, int, int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            if (sh, sw) != (1, 1):
+                raise ValueError(
+                    f"padding='same' needs stride 1, got stride={(sh, sw)}; "
+                    "give explicit padding for strided convolutions"
+                )
+            # Like PyTorch: total padding dilation*(k-1), the odd one at the bottom/right.
+            th, tw = dlh * (R - 1), dlw * (S - 1)
+            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    ph, pw = _pair("padding", padding, 0)
+    return ph, ph, pw, pw
+
+
+def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
+                  groups=1) -> ConvGeometry:
+    """Validate a convolution's arguments and compute all its sizes.
+
+    Parameters
+    ----------
+    input_shape : (N, C, H, W)
+    weight_shape : (K, C/groups, R, S)
+    stride, dilation : int or (h, w), each >= 1
+    padding : int or (h, w) >= 0, or ``'valid'`` / ``'same'`` (stride 1 only)
+    groups : int >= 1 dividing both C and K
+
+    Returns
+    -------
+    ConvGeometry
+        With the output size ``OH x OW`` (each >= 1, or ``ValueError``).
+    """
+    N, C, H, W = input_shape = _shape4("input_shape", input_shape)
+    K, Cg, R, S = weight_shape = _shape4("weight_shape", weight_shape)
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if min(K, Cg, R, S) < 1:
+        raise ValueError(f"weight shape {tuple(weight_shape)} must have every size >= 1")
+    if min(H, W) < 1:
+        raise ValueError(f"input spatial size must be at least 1x1, got {H}x{W} "
+                         f"(input shape {tuple(input_shape)}); only the batch may be empty")
+    if C % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C={C}")
+    if K % groups:
+        raise ValueError(
+            f"groups={groups} must divide the output channels K={K} "
+            f"(weight shape {tuple(weight_shape)})"
+        )
+    if Cg * groups != C:
+        raise ValueError(
+            f"channel mismatch: input has C={C} channels, weight shape "
+            f"{tuple(weight_shape)} with groups={groups} expects C = {Cg}*{groups} = "
+            f"{Cg * groups}"
+        )
+    sh, sw = _pair("stride", stride, 1)
+    dlh, dlw = _pair("dilation", dilation, 1)
+    pt, pb, pl, pr = _resolve_padding(padding, R, S, sh, sw, dlh, dlw)
+    OH = _output_size(H, R, sh, pt, pb, dlh)
+    OW = _output_size(W, S, sw, pl, pr, dlw)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"output size would be {OH}x{OW} (< 1): input {H}x{W} padded by "
+            f"({pt}+{pb}, {pl}+{pr}) is smaller than the dilated kernel "
+            f"{dlh * (R - 1) + 1}x{dlw * (S - 1) + 1} (kernel {R}x{S}, dilation {(dlh, dlw)})"
+        )
+    return ConvGeometry(N, C, H, W, K, R, S, groups, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW)
+
+
+def _check_geometry(geo) -> ConvGeometry:
+    """``geo`` itself if it is a :class:`ConvGeometry` whose sizes agree with each other as
+    :func:`conv_geometry` makes them.  The training-path functions take a geometry back
+    from their caller and size their kernels' loops by it: an edited or made-up one would
+    make the kernels index outside their arrays."""
+    _checks.instance("geo", geo, ConvGeometry)
+    if not all(type(v) is int or _is_int(v) for v in geo):
+        raise TypeError(f"geo must hold ints, got {geo!r}")
+    N, C, H, W, K, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW = geo
+    if not (N >= 0 and min(C, H, W, K, R, S, G, sh, sw, dlh, dlw) >= 1
+            and min(pt, pb, pl, pr) >= 0 and max(geo) <= _INT_MAX
+            and C % G == 0 and K % G == 0
+            and OH == _output_size(H, R, sh, pt, pb, dlh) >= 1
+            and OW == _output_size(W, S, sw, pl, pr, dlw) >= 1):
+        raise ValueError(f"geo is not a consistent ConvGeometry (as conv_geometry makes it): "
+                         f"{geo!r}")
+    return geo
+
+
+def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
+    _check_rank("grad_output", dy, "(N, K, OH, OW)")
+    expected = (geo.N, geo.K, geo.OH, geo.OW)
+    if dy.shape != expected:
+        raise ValueError(
+            f"grad_output has shape {dy.shape}, but {given} gives the output shape "
+            f"(N, K, OH, OW) = {expected}"
+        )
+
+
+# dX, derived once
+# ----------------
+# From y[n,k,i,j] = sum_{c,r,s} x_pad[n,c, i*sh + r*dlh, j*sw + s*dlw] * w[k,c,r,s]:
+#     dx_pad[n,c,h,v] = sum_k sum_{(i,r): i*sh + r*dlh = h} sum_{(j,s): j*sw + s*dlw = v}
+#                       dy[n,k,i,j] * w[k,c,r,s].
+# That is the *full* convolution of the stride-dilated deltas (sh-1 zeros inserted
+# between rows, sw-1 between columns, padded by the dilated kernel size - 1) with the
+# 180-degree rotated filters, summed over the K filters, then cropped by the padding.
+#
+# The kernel never multiplies an inserted zero.  For an output row h with phase
+# a = h mod sh, only taps with r*dlh = a (mod sh) meet a real delta row, at
+# i = (h - r*dlh)/sh.  Those taps form an arithmetic progression, consecutive rows of the
+# same phase read consecutive delta rows, so each (row phase, column phase) is an ordinary
+# stride-1 correlation of the padded deltas with the rotated sub-filter of those taps
+# (dilated by the delta-row step D between taps), writing every sh-th row and sw-th
+# column of dx.  conv_tiles computes it with the channel roles swapped: the reduction
+# runs over K, the vector block over C.
+
+
+class _Phase(NamedTuple):
+    taps: tuple  # kernel taps, in rotated (descending) order
+    step: int  # delta rows between consecutive taps (dilation of the sub-filter)
+    start: int  # delta row read by the first output row and first tap, before padding
+    count: int  # output rows in this phase
+    out0: int  # first output (unpadded dx) row of this phase
+
+
+def _dx_phases(size, pad_lo, stride, dilation, kernel, out_size):
+    """Per phase of one axis: the taps that meet real deltas, and how dy is padded."""
+    phases, pad_lo_dy, pad_hi_dy = [], 0, 0
+    # Only phases that some input row h (padded position pad_lo + h) has: O(min(size, stride)).
+    for a in sorted({(pad_lo + h) % stride for h in range(min(size, stride))}):
+        taps = [r for r in range(kernel) if (r * dilation - a) % stride == 0]
+        u_lo = -((a - pad_lo) // stride)  # first u with a + stride*u >= pad_lo
+        u_hi = (pad_lo + size - 1 - a) // stride
+        if not taps or u_hi < u_lo:
+            continue  # these dx rows get no delta at all: they stay zero
+        q = [(r * dilation - a) // stride for r in taps]  # delta row = u - q
+        step = q[1] - q[0] if len(q) > 1 else 1
+        phases.append(_Phase(tuple(taps[::-1]), step, u_lo - q[-1], u_hi - u_lo + 1,
+                             a + stride * u_lo - pad_lo))
+        pad_lo_dy = max(pad_lo_dy, q[-1] - u_lo)
+        pad_hi_dy = max(pad_hi_dy, u_hi - q[0] - out_size + 1)
+    return phases, pad_lo_dy, pad_hi_dy
