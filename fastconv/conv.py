@@ -34,6 +34,7 @@ from .algorithms.channel_tile import (
     _grad_weight_tile,
 )
 from .algorithms.pixel import (
+    PX,
     _forward_pixel_input,
     _forward_pixels,
     _grad_weight_pixel_input,
@@ -149,7 +150,7 @@ def pool_order_ok(geo: ConvGeometry) -> bool:
     if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.why_not(geo, None, "forward") is None:
         return False
     if _pixel_ok(geo):
-        return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * _k.PX
+        return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * PX
     return True
 
 

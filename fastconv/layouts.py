@@ -117,14 +117,6 @@ class DeltaLayout(NamedTuple):
     cols: tuple
 
 
-def _dw_tile(geo: ConvGeometry):
-    """The dW kernel for a geometry and its channel block: the wide 6 x 64 tile for groups
-    of more than 32 output channels, else 8 x 32."""
-    if geo.Kg > _k.KBW:
-        return _k.conv_dw_tiles_wide, _k.KBWW, _k.TCW
-    return _k.conv_dw_tiles, _k.KBW, _k.TC
-
-
 @functools.lru_cache(maxsize=256)
 def delta_layout(geo: ConvGeometry, need_dx: bool = True) -> DeltaLayout:
     """The layout in which the backward passes of ``geo`` read their deltas (immutable,
@@ -133,6 +125,8 @@ def delta_layout(geo: ConvGeometry, need_dx: bool = True) -> DeltaLayout:
     if need_dx:
         rows, pt, pb = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
         cols, pl, pr = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
+    from .algorithms.channel_tile import _dw_tile  # the dW tile reads the deltas' blocks
+
     _, KBW, _ = _dw_tile(geo)
     KgP = -(-geo.Kg // KBW) * KBW
     return DeltaLayout((geo.N, geo.OH + pt + pb, geo.OW + pl + pr, geo.G * KgP), pt, pl, KgP,

@@ -12,6 +12,9 @@ import pytest
 
 from fastconv import _jit
 from fastconv import kernels as K
+from fastconv.algorithms import channel_tile as T
+from fastconv.algorithms import nchw_delta_dw as NC
+from fastconv.algorithms import pixel as P
 
 PACKED_FMA = re.compile(r"vfmadd\d+ps\s[^\n]*[yz]mm")
 PACKED_ADD = re.compile(r"vaddps\s[^\n]*[yz]mm")
@@ -35,19 +38,19 @@ def _fma_loop(asm: str) -> str:
 
 
 def test_forward_and_dx_kernel_uses_packed_fma():
-    f = _fresh(K.conv_tiles)
+    f = _fresh(T.conv_tiles)
     x = np.zeros((1, 9, 9, 2), np.float32)
-    w = np.zeros((1, 1, 3, 3, 2, K.KB), np.float32)
+    w = np.zeros((1, 1, 3, 3, 2, T.KB), np.float32)
     y = np.zeros((1, 3, 7, 7), np.float32)
-    f(x, w, np.zeros((1, K.KB), np.float32), y, 7, 7, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1,
+    f(x, w, np.zeros((1, T.KB), np.float32), y, 7, 7, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1,
       False, 0, 0, 0, 0)
     asm = f.inspect_asm(f.signatures[0])
     # The 7-pixel x 16-channel tile: at least 7 packed FMAs in the unrolled body.
-    assert len(PACKED_FMA.findall(asm)) >= K.TW
+    assert len(PACKED_FMA.findall(asm)) >= T.TW
 
 
-@pytest.mark.parametrize("kernel, tc, kbw", [(K.conv_dw_tiles, K.TC, K.KBW),
-                                              (K.conv_dw_tiles_wide, K.TCW, K.KBWW)])
+@pytest.mark.parametrize("kernel, tc, kbw", [(T.conv_dw_tiles, T.TC, T.KBW),
+                                              (T.conv_dw_tiles_wide, T.TCW, T.KBWW)])
 def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
     f = _fresh(kernel)
     x = np.zeros((1, 5 * 5 * 2), np.float32)
@@ -61,16 +64,16 @@ def test_dw_kernels_use_packed_fma_without_gathers(kernel, tc, kbw):
 
 
 def test_pixel_forward_kernel_uses_packed_fma():
-    f = _fresh(K.conv_pixel_tiles)
+    f = _fresh(P.conv_pixel_tiles)
     x = np.zeros((1, 20 * 20), np.float32)
-    y = np.zeros((1, K.KP, 16, 16), np.float32)
+    y = np.zeros((1, P.KP, 16, 16), np.float32)
     toff = np.arange(16)[:, None] * 20 + np.arange(25)
-    f(x, toff, np.zeros((1, 25, K.KP), np.float32), np.zeros(K.KP, np.float32), y)
+    f(x, toff, np.zeros((1, 25, P.KP), np.float32), np.zeros(P.KP, np.float32), y)
     asm = f.inspect_asm(f.signatures[0])
     # KP channels x two PX-pixel vectors: 2*KP packed FMAs a step, the accumulators in
     # registers (no vector loads or stores from the stack in the loop).
     loop = _fma_loop(asm)
-    assert len(PACKED_FMA.findall(loop)) >= 2 * K.KP
+    assert len(PACKED_FMA.findall(loop)) >= 2 * P.KP
     assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
     # The tap table leaves the loop no index arithmetic to divide.
     assert not re.search(r"\bi?div[lq]\b", loop)
@@ -79,24 +82,24 @@ def test_pixel_forward_kernel_uses_packed_fma():
 
 
 def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
-    f = _fresh(K.conv_dw_pixels)
+    f = _fresh(P.conv_dw_pixels)
     x = np.zeros((2, 1 * 20 * 20), np.float32)
-    dy = np.zeros((2, K.DK, 16, 16), np.float32)
-    f(x, dy, np.zeros((16, K.DT), np.int64), np.zeros((1, 1, 1, K.DK, K.DT), np.float32))
+    dy = np.zeros((2, P.DK, 16, 16), np.float32)
+    f(x, dy, np.zeros((16, P.DT), np.int64), np.zeros((1, 1, 1, P.DK, P.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
-    assert len(PACKED_FMA.findall(asm)) >= K.DK * K.DT  # the 4 x 5 tile of pixel vectors
+    assert len(PACKED_FMA.findall(asm)) >= P.DK * P.DT  # the 4 x 5 tile of pixel vectors
     assert "vgather" not in asm
 
 
 def test_pool_plane_dw_kernel_uses_packed_fma_without_gathers():
-    f = _fresh(K.conv_dw_pool_planes)
-    f(np.zeros((2, 400), np.float32), np.zeros((2, K.DK, 40), np.float32),
-      np.zeros((2, K.DK, 40), np.int8), np.zeros((4, K.DT), np.int64),
-      np.zeros((1, 1, 1, K.DK, K.DT), np.float32))
+    f = _fresh(P.conv_dw_pool_planes)
+    f(np.zeros((2, 400), np.float32), np.zeros((2, P.DK, 40), np.float32),
+      np.zeros((2, P.DK, 40), np.int8), np.zeros((4, P.DT), np.int64),
+      np.zeros((1, 1, 1, P.DK, P.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     # The four planes of a pixel vector, unrolled: DK x DT FMAs each, the deltas made by
     # selects from vectors of the pooled ones, no gathers.
-    assert len(PACKED_FMA.findall(_fma_loop(asm))) >= 4 * K.DK * K.DT
+    assert len(PACKED_FMA.findall(_fma_loop(asm))) >= 4 * P.DK * P.DT
     assert "vgather" not in asm
 
 
@@ -117,15 +120,15 @@ def test_matmul_kernel_keeps_its_tile_in_registers():
 
 
 def test_nchw_delta_dw_kernel_keeps_its_tile_in_registers():
-    f = _fresh(K.conv_dw_cvec)
+    f = _fresh(NC.conv_dw_cvec)
     x = np.zeros((2, 5 * 5 * K.CL), np.float32)
     dy = np.zeros((2, 5, 3, 3), np.float32)
-    f(x, dy, np.zeros(K.CV, np.uint64), np.zeros((1, 2, 1, K.CK, K.CV, K.CL), np.float32),
+    f(x, dy, np.zeros(NC.CV, np.uint64), np.zeros((1, 2, 1, NC.CK, NC.CV, K.CL), np.float32),
       K.CL, 5 * K.CL, 1, 1, 3, 3)
     loop = _fma_loop(f.inspect_asm(f.signatures[0]))
     # CK broadcast deltas x CV input vectors per pixel, accumulators in registers, the
     # input's channels loaded as whole vectors.
-    assert len(PACKED_FMA.findall(loop)) == K.CK * K.CV
+    assert len(PACKED_FMA.findall(loop)) == NC.CK * NC.CV
     assert "vgather" not in loop
     assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
 

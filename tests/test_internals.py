@@ -63,13 +63,14 @@ def test_pack_channels_last_matches_numpy(G, Cg, CgP, dtype):
 _PROBE = """
 import json, numpy as np, fastconv as fc
 from fastconv import kernels as k
+from fastconv.algorithms import channel_tile as t
 x = np.ones((8, 8, 16, 16), np.float32); w = np.ones((32, 8, 3, 3), np.float32)  # channel tile
 dy = np.ones((8, 32, 16, 16), np.float32)
 fc.conv2d(x, w, padding=1)
 fc.conv2d_grad_input(dy, w, x.shape, padding=1)
 fc.conv2d_grad_weight(x, dy, w.shape, padding=1)
 print(json.dumps({f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
-                  for f in (k.conv_tiles, k.conv_dw_tiles, k.pack_channels_last)}))
+                  for f in (t.conv_tiles, t.conv_dw_tiles, k.pack_channels_last)}))
 """
 
 

@@ -140,7 +140,7 @@ def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, 
     """Few input channels and rows of >= 16 output pixels: the forward pass and dW run
     the pixel-vectorised kernels (asserted), on column phases for column strides > 1, and
     dW reads the NCHW deltas; the shifted last vector of each row included."""
-    from fastconv import kernels
+    from fastconv.algorithms import pixel as kernels
 
     calls = []
     for name in ("conv_pixel_tiles", "conv_dw_pixels"):
@@ -208,8 +208,8 @@ def test_shifted_planes_kernel_against_its_formula(flat, data):
 
 @pytest.fixture
 def cvec_calls(monkeypatch):
-    """The calls of kernels.conv_dw_cvec (which still runs)."""
-    from fastconv import kernels
+    """The calls of the NCHW-delta dW kernel, conv_dw_cvec (which still runs)."""
+    from fastconv.algorithms import nchw_delta_dw as kernels
 
     calls = []
     real = kernels.conv_dw_cvec

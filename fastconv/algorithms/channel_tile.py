@@ -6,15 +6,17 @@ the rotated filters (see "dX, derived once" in :mod:`fastconv.geometry`)."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
+from numba import prange
 
-from .. import kernels as _k
+from .._jit import parallel_kernel, stack_tile
 from ..geometry import ConvGeometry
+from ..kernels import _chunk_task
 from ..layouts import (
     _FRESH,
     DeltaLayout,
     _batch_chunks,
-    _dw_tile,
     _pack_input,
     _sum_chunks,
     delta_layout,
@@ -47,7 +49,6 @@ def _blocked_weights(wg: np.ndarray, CrP: int | None = None) -> np.ndarray:
     """``(G, Ko, Cr, R, S)`` weights (any strides) as ``(G, KBn, R, S, CrP, KB)``, zero past
     ``Ko`` and past ``Cr`` (``CrP >= Cr``, default ``Cr``): one strided copy."""
     G, Ko, Cr, R, S = wg.shape
-    KB = _k.KB
     KBn, full = -(-Ko // KB), Ko // KB
     out = np.zeros((G, KBn, R, S, Cr if CrP is None else CrP, KB), wg.dtype)
     if full:
@@ -73,14 +74,14 @@ def _grad_input_tile(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
     # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction runs
     # over k, including the layout's zero channels (KgP, with zero weights).
     wt = w.reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
-    zero_bias = np.zeros((G, -(-Cg // _k.KB) * _k.KB), dyp.dtype)
+    zero_bias = np.zeros((G, -(-Cg // KB) * KB), dyp.dtype)
     # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
     # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
     exact = not np.isfinite(w).all()
     for ph in layout.rows:
         for pw in layout.cols:
             wb = _blocked_weights(wt[:, :, :, _taps(ph.taps), _taps(pw.taps)], layout.KgP)
-            _k.conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
+            conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
                           pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
                           exact, pt, pt + geo.OH, pl, pl + geo.OW)
     return dx
@@ -120,7 +121,7 @@ def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry,
     ``part`` (N, Cd) if given."""
     if part is None:
         part = np.empty((geo.N, dyp.shape[3]), np.float64)
-        _k.bias_grad_channels_last(dyp, layout.top, layout.left, geo.OH, geo.OW, part)
+        bias_grad_channels_last(dyp, layout.top, layout.left, geo.OH, geo.OW, part)
     return part.sum(axis=0).reshape(geo.G, layout.KgP)[:, :geo.Kg].reshape(geo.K)
 
 
@@ -129,12 +130,12 @@ def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH
     """y by the channel tile (:func:`kernels.conv_tiles`), as :func:`_forward_packed`."""
     G, Kg = geo.G, geo.Kg
     wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
-    bb = np.zeros((G, wb.shape[1] * _k.KB), xp.dtype)
+    bb = np.zeros((G, wb.shape[1] * KB), xp.dtype)
     if b is not None:
         bb[:, :Kg] = b.reshape(G, Kg)
     if not pool_order:
         y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
-        _k.conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
+        conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
                       0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
         return y
     OH2, OW2 = geo.OH // 2, geo.OW // 2
@@ -142,6 +143,281 @@ def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH
     planes = y.reshape(geo.N, geo.K, 4 * OH2, OW2)  # plane d is rows d*OH2 ... + OH2 - 1
     for d in range(4):
         a, c = divmod(d, 2)
-        _k.conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
+        conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
                       a * geo.sh, c * geo.sw, d * OH2, 0, 1, 1, False, 0, 0, 0, 0)
     return y
+
+
+# Kernels
+# -------
+# Activations are channels-last (NHWC) and zero padded, weights blocked as
+# [G][KBn][R][S][Cg][KB].  Each tile keeps TW x KB outputs in registers (a stack array, see
+# fastconv._jit.stack_tile), and the reduction over (r, s, c) does an *outer product*: TW
+# input values, each broadcast, times one vector of KB weights, which LLVM turns into TW
+# packed FMAs per step.
+#
+# KB: output channels per register tile (32: two zmm of fp32, 14 accumulators); KBn the
+# number of such blocks per group; TW output pixels per tile (7); TC reduction columns per
+# dW tile (8); KBW output channels per dW tile (32: two vectors, 16 accumulators); TCW, KBWW
+# the wide dW tile for groups of more than 32 output channels: 6 x 64.
+
+def _dw_tile(geo: ConvGeometry):
+    """The dW kernel for a geometry and its channel block: the wide 6 x 64 tile for groups
+    of more than 32 output channels, else 8 x 32."""
+    if geo.Kg > KBW:
+        return conv_dw_tiles_wide, KBWW, TCW
+    return conv_dw_tiles, KBW, TC
+
+
+KB = 32
+
+
+TW = 7
+
+
+TC = 8
+
+
+KBW = 32
+
+
+TCW = 6
+
+
+KBWW = 64
+
+
+@parallel_kernel
+def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw,
+               exact, h_lo, h_hi, w_lo, w_hi):
+    """Direct convolution with a register tile; the forward pass and every dX phase.
+
+    For ``i < OH``, ``j < OW`` and every output channel ``g*Ko + ko`` (``ko < Ko``)::
+
+        y[n, g*Ko + ko, yh0 + i*ysh, yw0 + j*ysw] = b[g, ko] + sum_{r, s, c}
+            x[n, xh0 + i*sh + r*dlh, xw0 + j*sw + s*dlw, g*Cg + c] * w[g, ko//KB, r, s, c, ko%KB]
+
+    x : (N, Hx, Wx, G*Cg)      channels-last, zero padded so that every index is in range.
+    w : (G, KBn, R, S, Cg, KB) blocked weights, zero past ``Ko`` in the last block.
+    b : (G, KBn*KB)            bias (zeros for none).
+    y : (N, G*Ko, Hy, Wy)      NCHW; only the pixels named above are written.
+
+    Parallel over ``(n, i, g, kb)``: each task owns one output row of one channel block, so
+    no two threads write the same element.  Rows are covered by ``TW``-wide tiles; the last
+    tile is shifted left to end at ``OW`` (it recomputes a few pixels, identically), so no
+    pixel falls to a slow path unless ``OW < TW``.
+
+    ``exact`` makes every pixel take the one-pixel path, which skips the taps that read
+    outside ``x[:, h_lo:h_hi, w_lo:w_hi]`` (its zero border).  Products with the border are
+    zero for finite weights, but ``inf * 0`` is NaN: with non-finite weights, dX uses this
+    so that a NaN or inf reaches only the pixels that its tap really touches.
+    """
+    N = x.shape[0]
+    G, KBn, R, S, Cg = w.shape[:5]
+    Ko = y.shape[1] // G
+    for task in prange(N * OH * G * KBn):
+        kb = task % KBn
+        rest = task // KBn
+        g = rest % G
+        rest //= G
+        i = rest % OH
+        n = rest // OH
+        c0 = g * Cg
+        k0 = g * Ko + kb * KB
+        kn = min(KB, Ko - kb * KB)
+        acc = stack_tile(TW, KB, y.dtype)
+        if OW >= TW and not exact:
+            for jt in range((OW + TW - 1) // TW):
+                j0 = min(jt * TW, OW - TW)
+                for t in range(TW):
+                    for k in range(KB):
+                        acc[t, k] = 0
+                for r in range(R):
+                    ih = xh0 + i * sh + r * dlh
+                    for s in range(S):
+                        iw = xw0 + j0 * sw + s * dlw
+                        for c in range(Cg):
+                            # TW broadcast inputs times one weight vector: TW packed FMAs.
+                            x0 = x[n, ih, iw, c0 + c]
+                            x1 = x[n, ih, iw + sw, c0 + c]
+                            x2 = x[n, ih, iw + 2 * sw, c0 + c]
+                            x3 = x[n, ih, iw + 3 * sw, c0 + c]
+                            x4 = x[n, ih, iw + 4 * sw, c0 + c]
+                            x5 = x[n, ih, iw + 5 * sw, c0 + c]
+                            x6 = x[n, ih, iw + 6 * sw, c0 + c]
+                            for k in range(KB):
+                                wk = w[g, kb, r, s, c, k]
+                                acc[0, k] += x0 * wk
+                                acc[1, k] += x1 * wk
+                                acc[2, k] += x2 * wk
+                                acc[3, k] += x3 * wk
+                                acc[4, k] += x4 * wk
+                                acc[5, k] += x5 * wk
+                                acc[6, k] += x6 * wk
+                for k in range(kn):
+                    bk = b[g, kb * KB + k]
+                    for t in range(TW):
+                        y[n, k0 + k, yh0 + i * ysh, yw0 + (j0 + t) * ysw] = acc[t, k] + bk
+        else:
+            # Rows narrower than one tile, or exact mode: one pixel at a time, still
+            # vectorised over k.
+            for j in range(OW):
+                for k in range(KB):
+                    acc[0, k] = 0
+                for r in range(R):
+                    ih = xh0 + i * sh + r * dlh
+                    if exact and (ih < h_lo or ih >= h_hi):
+                        continue
+                    for s in range(S):
+                        iw = xw0 + j * sw + s * dlw
+                        if exact and (iw < w_lo or iw >= w_hi):
+                            continue
+                        for c in range(Cg):
+                            xv = x[n, ih, iw, c0 + c]
+                            for k in range(KB):
+                                acc[0, k] += xv * w[g, kb, r, s, c, k]
+                for k in range(kn):
+                    y[n, k0 + k, yh0 + i * ysh, yw0 + j * ysw] = acc[0, k] + b[g, kb * KB + k]
+
+
+@numba.njit(inline="always")
+def _dw_task(task, NT, N, P, TBn, R, KBn):
+    """Decode a dW task into (chunk p, its samples [n0, n1), column block, r, kb, g)."""
+    p, n0, n1, tile = _chunk_task(task, NT, N, P)
+    tb = tile % TBn
+    rest = tile // TBn
+    r = rest % R
+    rest //= R
+    return p, n0, n1, tb, r, rest % KBn, rest // KBn
+
+
+@parallel_kernel
+def conv_dw_tiles(x, dy, off, part, C, WpC, sh, sw, dlh, OH, OW, dh0, dw0):
+    """Weight gradient as a correlation of the input with the deltas, per batch chunk.
+
+    ``part[p, g, kb, r, t, k] = sum_{n in chunk p} sum_{i < OH, j < OW} x[n, (i*sh + r*dlh)*WpC
+    + j*sw*C + off[g, t]] * dy[n, dh0 + i, dw0 + j, g*KBn + kb, k]``, chunk ``p`` holding
+    samples ``[p*N//P, (p+1)*N//P)``; the weight gradient is ``part.sum(axis=0)``.
+
+    x    : (N, Hp*Wp*C)               padded channels-last input, each sample flattened;
+                                      ``C`` is its channel count, ``WpC = Wp*C`` a row.
+    dy   : (N, Hd, Wd, G*KBn, KBW)    channels-last deltas at offset ``(dh0, dw0)``, each
+                                      group's channels padded to ``KBn*KBW``.
+    off  : (G, T) uint64              column offsets, ``T`` a multiple of ``TC``.  Unsigned,
+                                      so Numba emits no negative-index wraparound for them.
+    part : (P, G, KBn, R, T, KBW)     output, every element written once.
+
+    Parallel over (chunk, tile) pairs, chunk-major: each thread gets a contiguous run of
+    them, mostly within one chunk, and every pair owns its output tile in ``part``, so no two
+    threads write the same memory.
+    """
+    N = dy.shape[0]
+    P, G, KBn, R, T = part.shape[:5]
+    TBn = T // TC
+    NT = G * KBn * R * TBn
+    for task in prange(P * NT):
+        p, n0, n1, tb, r, kb, g = _dw_task(task, NT, N, P, TBn, R, KBn)
+        gk = g * KBn + kb
+        o0 = off[g, tb * TC + 0]
+        o1 = off[g, tb * TC + 1]
+        o2 = off[g, tb * TC + 2]
+        o3 = off[g, tb * TC + 3]
+        o4 = off[g, tb * TC + 4]
+        o5 = off[g, tb * TC + 5]
+        o6 = off[g, tb * TC + 6]
+        o7 = off[g, tb * TC + 7]
+        acc = stack_tile(TC, KBW, part.dtype)
+        for t in range(TC):
+            for k in range(KBW):
+                acc[t, k] = 0
+        for n in range(n0, n1):
+            xn = x[n]
+            for i in range(OH):
+                row = np.uint64((i * sh + r * dlh) * WpC)
+                for j in range(OW):
+                    base = row + np.uint64(j * sw * C)
+                    x0 = xn[base + o0]
+                    x1 = xn[base + o1]
+                    x2 = xn[base + o2]
+                    x3 = xn[base + o3]
+                    x4 = xn[base + o4]
+                    x5 = xn[base + o5]
+                    x6 = xn[base + o6]
+                    x7 = xn[base + o7]
+                    for k in range(KBW):
+                        d = dy[n, dh0 + i, dw0 + j, gk, k]
+                        acc[0, k] += x0 * d
+                        acc[1, k] += x1 * d
+                        acc[2, k] += x2 * d
+                        acc[3, k] += x3 * d
+                        acc[4, k] += x4 * d
+                        acc[5, k] += x5 * d
+                        acc[6, k] += x6 * d
+                        acc[7, k] += x7 * d
+        for t in range(TC):
+            for k in range(KBW):
+                part[p, g, kb, r, tb * TC + t, k] = acc[t, k]
+
+
+@parallel_kernel
+def conv_dw_tiles_wide(x, dy, off, part, C, WpC, sh, sw, dlh, OH, OW, dh0, dw0):
+    """:func:`conv_dw_tiles` with a TCW x KBWW = 6 x 64 tile, for groups of more than 32
+    output channels: 24 accumulators, 4 delta vectors and 6 broadcast inputs per 24 FMAs
+    (about 30% faster there than 8 x 32; with 32 channels or fewer it would pad half the
+    lanes).  Arguments and layout as :func:`conv_dw_tiles`, with KBWW channels per block
+    and ``T`` a multiple of TCW.
+    """
+    N = dy.shape[0]
+    P, G, KBn, R, T = part.shape[:5]
+    TBn = T // TCW
+    NT = G * KBn * R * TBn
+    for task in prange(P * NT):
+        p, n0, n1, tb, r, kb, g = _dw_task(task, NT, N, P, TBn, R, KBn)
+        gk = g * KBn + kb
+        o0 = off[g, tb * TCW + 0]
+        o1 = off[g, tb * TCW + 1]
+        o2 = off[g, tb * TCW + 2]
+        o3 = off[g, tb * TCW + 3]
+        o4 = off[g, tb * TCW + 4]
+        o5 = off[g, tb * TCW + 5]
+        acc = stack_tile(TCW, KBWW, part.dtype)
+        for t in range(TCW):
+            for k in range(KBWW):
+                acc[t, k] = 0
+        for n in range(n0, n1):
+            xn = x[n]
+            for i in range(OH):
+                row = np.uint64((i * sh + r * dlh) * WpC)
+                for j in range(OW):
+                    base = row + np.uint64(j * sw * C)
+                    x0 = xn[base + o0]
+                    x1 = xn[base + o1]
+                    x2 = xn[base + o2]
+                    x3 = xn[base + o3]
+                    x4 = xn[base + o4]
+                    x5 = xn[base + o5]
+                    for k in range(KBWW):
+                        d = dy[n, dh0 + i, dw0 + j, gk, k]
+                        acc[0, k] += x0 * d
+                        acc[1, k] += x1 * d
+                        acc[2, k] += x2 * d
+                        acc[3, k] += x3 * d
+                        acc[4, k] += x4 * d
+                        acc[5, k] += x5 * d
+        for t in range(TCW):
+            for k in range(KBWW):
+                part[p, g, kb, r, tb * TCW + t, k] = acc[t, k]
+
+
+@parallel_kernel
+def bias_grad_channels_last(dy, h0, w0, OH, OW, part):
+    """``part[n, k] = sum_{i < OH, j < OW} dy[n, h0 + i, w0 + j, k]`` in float64, for
+    channels-last deltas (N, Hd, Wd, Cd); ``part`` (N, Cd).  The caller sums over n."""
+    N, Cd = part.shape
+    for n in prange(N):
+        for k in range(Cd):
+            part[n, k] = 0
+        for i in range(OH):
+            for j in range(OW):
+                for k in range(Cd):
+                    part[n, k] += dy[n, h0 + i, w0 + j, k]
