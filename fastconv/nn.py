@@ -20,9 +20,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import _args, _checks, _state, pool
+from . import _args, _state, ops, pool
 from . import conv as _conv
-from . import kernels as _k
 from . import layouts as _layouts
 from .linalg import matmul
 
@@ -354,22 +353,14 @@ class ReLU(Module):
         self._y = None
 
     def forward(self, x):
-        x = np.ascontiguousarray(_args._as_float("input", x))  # the conv dtype rules
-        y = np.empty_like(x)
-        _k.relu_fwd(x.reshape(-1), y.reshape(-1))
+        y = ops.relu(x)
         self._y = y if self.training else None
         return y
 
     def backward(self, dy):
         if self._y is None:
             raise RuntimeError("backward() needs a forward() in training mode first")
-        dy = np.ascontiguousarray(dy, dtype=self._y.dtype)
-        if dy.shape != self._y.shape:
-            raise ValueError(f"ReLU.backward got grad_output of shape {dy.shape}, forward gave "
-                             f"{self._y.shape}")
-        dx = np.empty_like(dy)
-        _k.relu_bwd(dy.reshape(-1), self._y.reshape(-1), dx.reshape(-1))
-        return dx
+        return ops.relu_backward(dy, self._y)
 
     def _forget(self):
         self._y = None
@@ -409,7 +400,7 @@ class MaxPool2d(Module):
         """``self(relu(x))``, computed as ``relu(self(x))``: the same values and gradients
         (max and ReLU commute), with ReLU on the pooled, smaller array."""
         y, idx = pool.max_pool2d(x, **self.args, return_indices=True)  # float32/64 out
-        _k.relu_fwd(y.reshape(-1), y.reshape(-1))
+        ops.relu(y, out=y)
         self._saved = (idx, np.shape(x), y, False) if self.training else None
         return y
 
@@ -424,13 +415,7 @@ class MaxPool2d(Module):
         """:meth:`forward_after_relu` of the convolution output ``y4`` in pool order
         (N, C, 4, M) whose NCHW shape is ``shape`` (:meth:`Conv2d.forward_pool_order`), for
         a 2x2, stride-2 pool (:meth:`is_2x2`)."""
-        N, C, H, W = _args._shape4("shape", shape)
-        if H % 2 or W % 2:
-            raise ValueError(f"pool order needs an even output size, got shape {shape}")
-        _checks.array("y4", y4, (N, C, 4, H // 2 * W // 2), _checks.FLOATS)
-        y = np.empty((N, C, H // 2, W // 2), y4.dtype)
-        idx = np.empty((N, C, H // 2, W // 2), np.int8)  # window position 2*(h%2) + w%2
-        _k.max_pool_2x2_planes_fwd(y4, y.reshape(N, C, -1), idx.reshape(N, C, -1))
+        y, idx = pool.max_pool2x2_relu_pool_order(y4, shape)
         self._saved = (idx, tuple(shape), y, True) if self.training else None
         return y
 
@@ -442,16 +427,10 @@ class MaxPool2d(Module):
         idx, shape, relu_out, planes = self._saved
         if relu_out is None:
             return pool.max_pool2d_backward(dy, idx, shape)
-        dy = np.ascontiguousarray(dy, dtype=relu_out.dtype)
-        if dy.shape != relu_out.shape:
-            raise ValueError(f"backward got grad_output of shape {dy.shape}, but the forward "
-                             f"output had shape {relu_out.shape}")
         if planes:
             pooled, _ = self._planes_backward(dy)
             return _layouts.from_pool_order(pooled.expand(), shape[2], shape[3])
-        dx = np.empty(shape, relu_out.dtype)
-        _k.max_pool_bwd(dy, idx, dx, relu_out, True)
-        return dx
+        return pool.max_pool2d_relu_backward(dy, idx, relu_out, shape)
 
     def backward_packed(self, dy, layout, out=None):
         """:meth:`backward`, with ``dx`` returned in ``layout`` (a ``conv.DeltaLayout``) for
@@ -476,27 +455,16 @@ class MaxPool2d(Module):
             return _layouts.to_pool_order(self.backward(dy)), None
         if not self.is_2x2(shape) or dy.shape != idx.shape or not dy.size:
             return _layouts.pack_deltas(self.backward(dy), layout), None
-        # The kernel writes (N, C, H, W) into the layout's interior and groups: check that
-        # they fit, as pack_deltas does for the other paths.
-        _layouts._check_fits(layout, *shape)
-        dyp = np.empty(layout.shape, dy.dtype) if out is None else _checks.array(
-            "out", out, layout.shape, dy.dtype, writeable=True)
-        dsum = np.empty((layout.shape[0], layout.shape[3]), np.float64)
-        _k.max_pool_2x2_bwd_channels_last(
-            np.ascontiguousarray(dy), idx, dy if relu_out is None else relu_out,
-            relu_out is not None, dyp, layout.top, layout.left, shape[2], shape[3], layout.KgP,
-            dsum, planes)
-        return dyp, dsum
+        return pool.max_pool2x2_backward_packed(
+            dy, idx, np.ascontiguousarray(dy) if relu_out is None else relu_out,
+            relu_out is not None, layout, shape, out, planes)
 
     def _planes_backward(self, dy):
         """The deltas in pool order as ``conv.PooledDeltas`` and their sums (N, C) float64
         after :meth:`forward_pool_order`; ``dy`` C-contiguous in the output's dtype."""
         idx, shape, relu_out, _ = self._saved
-        N, C = shape[:2]
-        g = np.empty((N, C, idx[0, 0].size), dy.dtype)
-        dsum = np.empty((N, C), np.float64)
-        _k.max_pool_2x2_planes_bwd(dy.reshape(N, C, -1), relu_out.reshape(N, C, -1), g, dsum)
-        return _layouts.PooledDeltas(g, idx.reshape(N, C, -1)), dsum
+        g, dsum = pool.max_pool2x2_relu_pool_order_backward(dy, idx, relu_out)
+        return _layouts.PooledDeltas(g, idx.reshape(*shape[:2], -1)), dsum
 
     def _forget(self):
         self._saved = None

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks, _state
-from . import kernels as _k
+from . import _checks, _state, ops
 from ._args import _bool, _real
 from .nn import Parameter
 
@@ -154,9 +153,8 @@ class SGD(Optimizer):
                 _checks.array(f"momentum buffer {i}", buf, p.shape, p.dtype, writeable=True)
             if p.flags.c_contiguous:
                 # One fused pass (a NumPy version makes five over the larger layers).
-                _k.sgd_update(p.reshape(-1), np.ascontiguousarray(g).reshape(-1),
-                              p.reshape(-1) if buf is None else buf.reshape(-1), self.lr,
-                              self.momentum, self.weight_decay, self.nesterov, bool(first))
+                ops.sgd_update(p, g, buf, self.lr, self.momentum, self.weight_decay,
+                               self.nesterov, bool(first))
             else:
                 self._step_numpy(p, g, buf, bool(first))
         self.step_count += 1

@@ -172,7 +172,7 @@ def _plan_dtype(dtype) -> np.dtype:
         d = np.dtype(dtype)
     except TypeError:
         d = None
-    if dtype is None or d not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if dtype is None or d is None or d not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64 (the dtypes the kernels compute "
                         f"in), got {dtype!r}")
     return d

@@ -17,7 +17,7 @@ import pytest
 from test_data import write_dataset
 
 import fastconv as fc
-from fastconv import data, models, nn, optim, pool, train
+from fastconv import data, models, nn, ops, optim, pool, train
 from fastconv.linalg import matmul
 
 NAN, INF = float("nan"), float("inf")
@@ -52,6 +52,13 @@ def _sequential(layers):
 
 def _loss(reduction="mean", logits=None, labels=None):
     return nn.SoftmaxCrossEntropy(reduction)(logits, labels)
+
+
+_PLAN = fc.conv2d_plan(X.shape, W.shape, **STEP, dtype=np.float64)
+
+
+def _plan_forward(input, weight):
+    return _PLAN.forward(input, weight)
 
 
 def _evaluate(batch_size):
@@ -183,6 +190,29 @@ SPECS = [
         ("b", [(None, TypeError, "b must be"), (np.zeros((4, 64), object), TypeError, "b must be"),
                (np.zeros((5, 64)), ValueError, "b.shape = (5, 64)"),
                (np.zeros(4), ValueError, "b.shape = (4,)")])]),
+    Spec("conv2d_plan", fc.conv2d_plan,
+         dict(input_shape=X.shape, weight_shape=W.shape, **STEP, dtype=np.float64), [
+             ("input_shape", SHAPE4), ("weight_shape", SHAPE4), *_conv_args(),
+             ("dtype", DTYPE + [(np.int64, TypeError)]),
+             ("algorithm", [(3, TypeError), ("fft", ValueError, "'fft'"),
+                            ("winograd-f2x2-5x5", ValueError, "winograd-f2x2-5x5"),
+                            ({"backward": "pixel"}, ValueError, "backward")])]),
+    Spec("ConvPlan.forward", _plan_forward, dict(input=X, weight=W), [
+        ("input", [(None, TypeError), (X.astype(np.float32), TypeError), (X[:1], ValueError),
+                   (X.astype(">f8"), TypeError)]),
+        ("weight", [(None, TypeError), (W[:3], ValueError), (W.astype(np.float32), TypeError)])]),
+    Spec("relu", ops.relu, dict(input=X), [("input", ARRAY4[:2] + ARRAY4[3:])]),
+    Spec("relu_backward", ops.relu_backward, dict(dy=X, y=X), [
+        ("dy", [(X[:1], ValueError), ("abc", TypeError), (None, TypeError)]),
+        ("y", [(None, TypeError), (X.astype(np.int64), TypeError), (X[..., ::2], ValueError)])]),
+    Spec("sgd_update", ops.sgd_update,
+         dict(param=np.zeros(4), grad=np.zeros(4), buffer=np.zeros(4), lr=0.1, momentum=0.9,
+              weight_decay=0.0, nesterov=False, first=True), [
+             ("param", [(None, TypeError), (np.zeros(4, np.int64), TypeError),
+                        (np.zeros(8)[::2], ValueError)]),
+             ("grad", [(np.zeros(3), ValueError)]),
+             ("buffer", [(np.zeros(1), ValueError), (np.zeros(4, np.float32), TypeError),
+                         (None, ValueError)])]),
     # ---- layers -------------------------------------------------------------------------
     Spec("Conv2d", nn.Conv2d,
          dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=0, dilation=1,
@@ -374,7 +404,8 @@ def test_the_table_covers_every_public_callable():
         "conv_output_size", "set_num_threads", "set_winograd", "max_pool2d",
         "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "pool_geometry", "matmul",
         "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "Sequential", "SoftmaxCrossEntropy", "SGD",
-        "Adam", "TrainConfig", "two_conv", "seed_net", "load_dataset", "read_idx"}
+        "Adam", "TrainConfig", "two_conv", "seed_net", "load_dataset", "read_idx",
+        "conv2d_plan", "ConvPlan.forward", "relu", "relu_backward", "sgd_update"}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.label for s in SPECS])

@@ -52,7 +52,8 @@ def _kernel_names() -> set[str]:
 
 class _KernelCalls(ast.NodeVisitor):
     """(module.function, kernel) for every call of a kernel from a function that is not a
-    kernel itself: ``_k.name(...)``, ``module.name(...)`` or ``name(...)``."""
+    kernel itself: ``_k.name(...)``, ``_wk.name(...)``, or ``name(...)`` of a kernel of the
+    same module."""
 
     def __init__(self, module: str, kernels: set[str], own: set[str]):
         self.module, self.kernels, self.own = module, kernels, own
@@ -71,7 +72,8 @@ class _KernelCalls(ast.NodeVisitor):
         f = node.func
         if isinstance(f, ast.Name):  # a kernel of this module, by its name
             name = f.id if f.id in self.own else None
-        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):  # module.kernel
+        elif (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+              and f.value.id in ("_k", "_wk")):  # kernels.kernel, winograd_kernels.kernel
             name = f.attr if f.attr in self.kernels else None
         else:
             name = None
