@@ -42,8 +42,7 @@ def test_forward_and_dx_kernel_uses_packed_fma():
     x = np.zeros((1, 9, 9, 2), np.float32)
     w = np.zeros((1, 1, 3, 3, 2, T.KB), np.float32)
     y = np.zeros((1, 3, 7, 7), np.float32)
-    f(x, w, np.zeros((1, T.KB), np.float32), y, 7, 7, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1,
-      False, 0, 0, 0, 0)
+    f(x, w, np.zeros((1, T.KB), np.float32), y, T.TileMap(7, 7, 1, 1, 1, 1), T.Border())
     asm = f.inspect_asm(f.signatures[0])
     # The 7-pixel x 16-channel tile: at least 7 packed FMAs in the unrolled body.
     assert len(PACKED_FMA.findall(asm)) >= T.TW

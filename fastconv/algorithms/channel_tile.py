@@ -6,6 +6,8 @@ the rotated filters (see "dX, derived once" in :mod:`fastconv.geometry`)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba import prange
@@ -81,9 +83,10 @@ def _grad_input_tile(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
     for ph in layout.rows:
         for pw in layout.cols:
             wb = _blocked_weights(wt[:, :, :, _taps(ph.taps), _taps(pw.taps)], layout.KgP)
-            conv_tiles(dyp, wb, zero_bias, dx, ph.count, pw.count, 1, 1, ph.step, pw.step,
-                          pt + ph.start, pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw,
-                          exact, pt, pt + geo.OH, pl, pl + geo.OW)
+            rows = TileMap(ph.count, pw.count, 1, 1, ph.step, pw.step, pt + ph.start,
+                           pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw)
+            conv_tiles(dyp, wb, zero_bias, dx, rows,
+                       Border(exact, pt, pt + geo.OH, pl, pl + geo.OW))
     return dx
 
 
@@ -135,16 +138,17 @@ def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH
         bb[:, :Kg] = b.reshape(G, Kg)
     if not pool_order:
         y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
-        conv_tiles(xp, wb, bb, y, geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw,
-                      0, 0, 0, 0, 1, 1, False, 0, 0, 0, 0)
+        conv_tiles(xp, wb, bb, y, TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw),
+                   Border())
         return y
     OH2, OW2 = geo.OH // 2, geo.OW // 2
     y = ws.empty("y", (geo.N, geo.K, 4, OH2 * OW2), xp.dtype)
     planes = y.reshape(geo.N, geo.K, 4 * OH2, OW2)  # plane d is rows d*OH2 ... + OH2 - 1
     for d in range(4):
         a, c = divmod(d, 2)
-        conv_tiles(xp, wb, bb, planes, OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw,
-                      a * geo.sh, c * geo.sw, d * OH2, 0, 1, 1, False, 0, 0, 0, 0)
+        plane = TileMap(OH2, OW2, 2 * geo.sh, 2 * geo.sw, geo.dlh, geo.dlw, a * geo.sh,
+                        c * geo.sw, d * OH2)
+        conv_tiles(xp, wb, bb, planes, plane, Border())
     return y
 
 
@@ -160,6 +164,37 @@ def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH
 # number of such blocks per group; TW output pixels per tile (7); TC reduction columns per
 # dW tile (8); KBW output channels per dW tile (32: two vectors, 16 accumulators); TCW, KBWW
 # the wide dW tile for groups of more than 32 output channels: 6 x 64.
+
+class TileMap(NamedTuple):
+    """The outputs a :func:`conv_tiles` call computes, ``y[n, k, yh0 + i*ysh, yw0 + j*ysw]``
+    for ``i < OH``, ``j < OW``, and where they read: input row ``xh0 + i*sh + r*dlh``,
+    column ``xw0 + j*sw + s*dlw``.  The forward pass is ``TileMap(OH, OW, sh, sw, dlh,
+    dlw)``; pool order and the dX phases set the offsets and steps."""
+
+    OH: int
+    OW: int
+    sh: int
+    sw: int
+    dlh: int
+    dlw: int
+    xh0: int = 0
+    xw0: int = 0
+    yh0: int = 0
+    yw0: int = 0
+    ysh: int = 1
+    ysw: int = 1
+
+
+class Border(NamedTuple):
+    """With ``exact``, :func:`conv_tiles` skips the taps that read outside
+    ``x[:, h_lo:h_hi, w_lo:w_hi]`` (dX with non-finite weights)."""
+
+    exact: bool = False
+    h_lo: int = 0
+    h_hi: int = 0
+    w_lo: int = 0
+    w_hi: int = 0
+
 
 def _dw_tile(geo: ConvGeometry):
     """The dW kernel for a geometry and its channel block: the wide 6 x 64 tile for groups
@@ -188,11 +223,13 @@ KBWW = 64
 
 
 @parallel_kernel
-def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw,
-               exact, h_lo, h_hi, w_lo, w_hi):
+def conv_tiles(x, w, b, y, tiles, border):
     """Direct convolution with a register tile; the forward pass and every dX phase.
 
-    For ``i < OH``, ``j < OW`` and every output channel ``g*Ko + ko`` (``ko < Ko``)::
+    ``tiles`` (:class:`TileMap`) says which outputs, and where they read:
+    ``(OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw)``; ``border``
+    (:class:`Border`) is ``(exact, h_lo, h_hi, w_lo, w_hi)``.  For ``i < OH``, ``j < OW``
+    and every output channel ``g*Ko + ko`` (``ko < Ko``)::
 
         y[n, g*Ko + ko, yh0 + i*ysh, yw0 + j*ysw] = b[g, ko] + sum_{r, s, c}
             x[n, xh0 + i*sh + r*dlh, xw0 + j*sw + s*dlw, g*Cg + c] * w[g, ko//KB, r, s, c, ko%KB]
@@ -212,6 +249,8 @@ def conv_tiles(x, w, b, y, OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ys
     zero for finite weights, but ``inf * 0`` is NaN: with non-finite weights, dX uses this
     so that a NaN or inf reaches only the pixels that its tap really touches.
     """
+    OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw = tiles
+    exact, h_lo, h_hi, w_lo, w_hi = border
     N = x.shape[0]
     G, KBn, R, S, Cg = w.shape[:5]
     Ko = y.shape[1] // G
