@@ -167,7 +167,9 @@ def grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
         raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
                          f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
     ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
-    P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB)))  # from the shapes only
+    # Chunks of at least a block of TB tiles, so that a small batch still fills two cores;
+    # a number from the shapes only.
+    P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB) or -(-ntile // _wk.TB)))
     part = np.empty((P, 36, CP, KP), xp.dtype)
     _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
     dwt = np.empty((CP, 5, 5, KP))
