@@ -47,6 +47,13 @@ def _threads(text):
                     "Numba)")(text)
 
 
+def _model(text):
+    """An argparse type: a model preset's name, with old names read as their new ones."""
+    from .models import model_name  # lazily: --help stays instant
+
+    return model_name(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastconv", description="Train and evaluate CNNs with fastconv.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     # Settings default to None so that --resume can tell given flags from defaults.
     t.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="default: mnist")
     t.add_argument("--data-dir", help="folder with the IDX files (or a <dataset> subfolder)")
-    t.add_argument("--model", choices=["two-conv", "seed"], help="default: two-conv")
+    t.add_argument("--model", type=_model, choices=["two-conv", "tiny"],
+                   help="default: two-conv ('seed' is read as 'tiny', its old name)")
     t.add_argument("--epochs", type=_positive_int,
                    help="total epochs (default 1; with --resume, the saved total)")
     t.add_argument("--batch-size", type=_positive_int, help="default: 64")

@@ -6,7 +6,7 @@ import numpy as np
 
 from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, _rng
 
-__all__ = ["MODELS", "seed_net", "two_conv"]
+__all__ = ["MODELS", "MODEL_ALIASES", "model_name", "tiny_net", "two_conv"]
 
 
 def two_conv(seed=None, dtype=np.float32) -> Sequential:
@@ -31,8 +31,9 @@ def two_conv(seed=None, dtype=np.float32) -> Sequential:
     )
 
 
-def seed_net(seed=None, dtype=np.float32) -> Sequential:
-    """The seeds' tiny network: one 3x3 filter per conv, 'same' padding.
+def tiny_net(seed=None, dtype=np.float32) -> Sequential:
+    """The tiny two-conv network of the classic write-ups: one 3x3 filter per conv, 'same'
+    padding.
 
     28x28 -> conv -> ReLU -> pool 14x14 -> conv -> ReLU -> pool 7x7 -> Flatten 49
     -> Linear 49->49 -> Linear 49->10.
@@ -51,4 +52,18 @@ def seed_net(seed=None, dtype=np.float32) -> Sequential:
     )
 
 
-MODELS = {"two-conv": two_conv, "seed": seed_net}
+#: The model presets by the name ``fastconv train --model`` and checkpoints use.
+MODELS = {"two-conv": two_conv, "tiny": tiny_net}
+
+#: Old names still accepted (by the CLI and in checkpoints' configs): ``seed`` was the
+#: tiny network's name before it was called ``tiny``.
+MODEL_ALIASES = {"seed": "tiny"}
+
+#: The old name of :func:`tiny_net`, kept for code that imports it.
+seed_net = tiny_net
+
+
+def model_name(name):
+    """The preset's name for ``name``: itself, or the current name of an old alias.  Any
+    other value is returned as it is, for the caller to refuse."""
+    return MODEL_ALIASES.get(name, name) if isinstance(name, str) else name

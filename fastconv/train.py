@@ -56,6 +56,7 @@ class TrainConfig:
     limit: int | None = None
 
     def __post_init__(self):
+        self.model = models.model_name(self.model)  # an old name ('seed') reads as its new one
         self.validate()
 
     def validate(self) -> None:
@@ -422,6 +423,8 @@ def resume_config(saved: TrainConfig, done: int, given: dict) -> TrainConfig:
     must agree with them.  Only ``epochs`` (the total to reach, by default the saved one)
     may change; raising it extends the cosine schedule over the new total.
     """
+    if "model" in given:
+        given = {**given, "model": models.model_name(given["model"])}
     for key, value in given.items():
         if key != "epochs" and value != getattr(saved, key):
             raise ValueError(f"--resume continues the saved run, which has {key}="

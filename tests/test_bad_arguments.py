@@ -30,7 +30,7 @@ DY = np.zeros((2, 6, 7, 6))
 PX = np.zeros((2, 3, 6, 6))
 PDY = np.zeros((2, 3, 3, 3))
 IDX = np.zeros((2, 3, 3, 3), np.int32)
-PARAMS = models.seed_net(seed=0).parameters()
+PARAMS = models.tiny_net(seed=0).parameters()
 STEP = dict(stride=1, padding=0, dilation=1, groups=2)
 
 
@@ -62,7 +62,7 @@ def _plan_forward(input, weight):
 
 
 def _evaluate(batch_size):
-    return train.evaluate(models.seed_net(seed=0), np.zeros((3, 28, 28), np.uint8),
+    return train.evaluate(models.tiny_net(seed=0), np.zeros((3, 28, 28), np.uint8),
                           np.zeros(3, np.int64), batch_size=batch_size)
 
 
@@ -283,7 +283,7 @@ SPECS = [
     # ---- optimizers ----------------------------------------------------------------------
     Spec("SGD", optim.SGD, dict(params=PARAMS, lr=0.1, momentum=0.9, weight_decay=1e-4,
                                 nesterov=True), [
-        ("params", [([], ValueError), (None, TypeError), (models.seed_net(seed=0), TypeError),
+        ("params", [([], ValueError), (None, TypeError), (models.tiny_net(seed=0), TypeError),
                     (PARAMS[0], TypeError), ([np.zeros(3)], TypeError),
                     (np.zeros(3), TypeError)]),
         ("lr", NON_NEGATIVE_REAL), ("momentum", NON_NEGATIVE_REAL + [(0.0, ValueError)]),
@@ -318,7 +318,7 @@ SPECS = [
     Spec("evaluate", _evaluate, dict(batch_size=2), [("batch_size", POSITIVE_INT)]),
     Spec("two_conv", models.two_conv, dict(seed=0, dtype=np.float32),
          [("seed", SEED), ("dtype", DTYPE)]),
-    Spec("seed_net", models.seed_net, dict(seed=None, dtype=np.float64),
+    Spec("tiny_net", models.tiny_net, dict(seed=None, dtype=np.float64),
          [("seed", SEED), ("dtype", DTYPE)]),
     # ---- data ----------------------------------------------------------------------------
     Spec("load_dataset", data.load_dataset,
@@ -404,7 +404,7 @@ def test_the_table_covers_every_public_callable():
         "conv_output_size", "set_num_threads", "set_winograd", "max_pool2d",
         "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "pool_geometry", "matmul",
         "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "Sequential", "SoftmaxCrossEntropy", "SGD",
-        "Adam", "TrainConfig", "two_conv", "seed_net", "load_dataset", "read_idx",
+        "Adam", "TrainConfig", "two_conv", "tiny_net", "load_dataset", "read_idx",
         "conv2d_plan", "ConvPlan.forward", "relu", "relu_backward", "sgd_update"}
 
 
@@ -444,7 +444,7 @@ def test_a_conv_layer_is_built_if_some_input_fits():
     (lambda: nn.AvgPool2d(2), np.zeros((1, 1, 4, 4), np.float32)),
     (nn.Flatten, np.zeros((2, 3, 4), np.float32)),
     (lambda: nn.Linear(3, 2), np.zeros((2, 3), np.float32)),
-    (lambda: models.seed_net(seed=0), np.zeros((1, 1, 28, 28), np.float32)),
+    (lambda: models.tiny_net(seed=0), np.zeros((1, 1, 28, 28), np.float32)),
 ], ids=["Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "Flatten", "Linear", "Sequential"])
 def test_backward_needs_a_forward_in_training_mode(make, x):
     layer = make()

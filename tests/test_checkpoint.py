@@ -69,7 +69,7 @@ def assert_same_checkpoint(a: dict, b: dict) -> None:
 
 def stepped(make_opt, model=None, seed=0):
     """A model and optimizer after one step on random data (so the optimizer has state)."""
-    model = model or models.seed_net(seed=seed)
+    model = model or models.tiny_net(seed=seed)
     opt = make_opt(model.parameters())
     rng = np.random.default_rng(seed)
     x = rng.random((4, 1, 28, 28), dtype=np.float32)
@@ -97,7 +97,7 @@ def stepped(make_opt, model=None, seed=0):
 ])
 def test_module_load_state_dict_checks_all_before_changing_any(bad, error, message):
     """The issue: 7 of 8 parameters were overwritten before the 8th raised."""
-    model, source = models.seed_net(seed=0), models.seed_net(seed=1)
+    model, source = models.tiny_net(seed=0), models.tiny_net(seed=1)
     before = model.state_dict()
     state = source.state_dict()
     assert list(state)[-1] == "8.bias"
@@ -108,9 +108,9 @@ def test_module_load_state_dict_checks_all_before_changing_any(bad, error, messa
 
 
 def test_module_load_state_dict_converts_and_copies():
-    model = models.seed_net(seed=0)
+    model = models.tiny_net(seed=0)
     state = {k: np.asfortranarray(v.astype(np.float64)) for k, v in
-             models.seed_net(seed=1).state_dict().items()}
+             models.tiny_net(seed=1).state_dict().items()}
     arrays = [p.data for p in model.parameters()]
     model.load_state_dict(state)
     for p, a in zip(model.parameters(), arrays, strict=True):
@@ -156,7 +156,7 @@ def test_sgd_buffers_are_c_contiguous_copies_of_the_parameter_dtype():
     # float64, Fortran order, and a buffer for only some parameters (as PyTorch allows)
     given = {k: (np.asfortranarray(v.astype(np.float64)) if v.ndim else v)
              for k, v in state.items() if k != "momentum_buffer.1"}
-    fresh = sgd(models.seed_net(seed=0).parameters())
+    fresh = sgd(models.tiny_net(seed=0).parameters())
     fresh.load_state_dict(given)
     assert fresh.buffers[1] is None
     for i, (buf, p) in enumerate(zip(fresh.buffers, fresh.params, strict=True)):
@@ -234,7 +234,7 @@ def test_optimizer_round_trip_and_exp_avg_sq_may_be_inf(make):
     state = opt.state_dict()
     if make is adam:  # g**2 can overflow while m / sqrt(v) stays finite
         state["exp_avg_sq.0"].flat[0] = np.inf
-    twin = make(models.seed_net(seed=0).parameters())
+    twin = make(models.tiny_net(seed=0).parameters())
     twin.load_state_dict(state)
     assert_same_state(twin.state_dict(), state)
 
@@ -248,8 +248,8 @@ def toy(tmp_path_factory):
 
 
 def make_checkpoint(toy, path, *extra):
-    """A real checkpoint: the seed model after 1 epoch of 2 steps on 64 toy images."""
-    code, _, err = cli_run("train", "--model", "seed", "--limit", 64, "--batch-size", 32,
+    """A real checkpoint: the tiny model after 1 epoch of 2 steps on 64 toy images."""
+    code, _, err = cli_run("train", "--model", "tiny", "--limit", 64, "--batch-size", 32,
                            "--epochs", 1, "--data-dir", toy, "--no-download", "--quiet",
                            "--save", path, *extra)
     assert code == 0, err
@@ -392,6 +392,25 @@ def test_checkpoint_without_format_version_is_version_1(sgd_ck, tmp_path):
     assert_same_checkpoint(train.load_checkpoint(old), train.load_checkpoint(sgd_ck))
 
 
+def test_checkpoint_of_the_old_model_name_loads_and_resumes(sgd_ck, toy, tmp_path):
+    """Checkpoints written when the tiny network was called 'seed' still load, as 'tiny',
+    and resume (also with --model seed given again)."""
+    assert json.loads(str(read_npz(sgd_ck)["config"]))["model"] == "tiny"
+    old = json_edited(sgd_ck, tmp_path / "old.npz", "config",
+                      lambda c: c.update(model="seed"))
+    assert train.load_checkpoint(old)["config"].model == "tiny"
+    assert_same_checkpoint(train.load_checkpoint(old), train.load_checkpoint(sgd_ck))
+    for i, flags in enumerate(([], ["--model", "seed"], ["--model", "tiny"])):
+        out = tmp_path / f"resumed{i}.npz"
+        code, _, err = cli_run("train", "--resume", old, "--epochs", 2, "--save", out,
+                               "--data-dir", toy, "--no-download", "--quiet", *flags)
+        assert code == 0, err
+        assert json.loads(str(read_npz(out)["config"]))["model"] == "tiny"
+    code, _, err = cli_run("train", "--resume", old, "--model", "two-conv", "--data-dir", toy,
+                           "--no-download", "--quiet")
+    assert_one_line_error(code, err, "which has model='tiny'; got model='two-conv'")
+
+
 def test_checkpoint_arrays_come_back_exactly(sgd_ck):
     ck = train.load_checkpoint(sgd_ck)
     raw = read_npz(sgd_ck)
@@ -445,8 +464,8 @@ def test_config_types_cover_train_config():
 
 # ---- checkpoints, fuzzed -------------------------------------------------------------
 
-NAMES = {"mnist", "fashion-mnist", "two-conv", "seed", "sgd", "adam", "cosine", "constant",
-         "PCG64"}
+NAMES = {"mnist", "fashion-mnist", "two-conv", "tiny", "seed", "sgd", "adam", "cosine",
+         "constant", "PCG64"}
 
 
 def wrong_json_for(value):

@@ -153,6 +153,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
      "mnist: could not find train-images-idx3-ubyte"),
     (["evaluate", "--model", "/nonexistent.npz"], 1, "not a readable fastconv checkpoint"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["train", "--model", "resnet"], 2, "argument --model: invalid choice: 'resnet'"),
 ])
 def test_bad_cli_input_is_one_line(args, code, message):
     r = run(*args)
@@ -250,10 +251,22 @@ def test_corrupt_checkpoint_is_one_line(toy, tmp_path):
 
 def test_divergence_on_the_last_step_is_caught(toy, tmp_path):
     ck, m = tmp_path / "d.npz", tmp_path / "d.json"
-    r = run("train", *_common(toy), "--model", "seed", "--limit", 32, "--lr", "1e38",
+    r = run("train", *_common(toy), "--model", "tiny", "--limit", 32, "--lr", "1e38",
             "--save", ck, "--metrics-json", m)
     assert r.returncode == 1 and ("non-finite" in r.stderr or "loss became" in r.stderr)
     assert not ck.exists() and not m.exists()
+
+
+def test_the_tiny_model_answers_to_its_old_name(toy, tmp_path):
+    """``--model seed`` (the tiny network's old name) trains the tiny network."""
+    for name in ("tiny", "seed"):
+        m = tmp_path / f"{name}.json"
+        r = run("train", *_common(toy), "--model", name, "--limit", 32, "--quiet",
+                "--metrics-json", m)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(m.read_text())["model"] == "tiny"
+    assert _no_timing(json.loads((tmp_path / "seed.json").read_text())) == \
+        _no_timing(json.loads((tmp_path / "tiny.json").read_text()))
 
 
 def test_evaluate_needs_only_the_test_files(toy, tmp_path):

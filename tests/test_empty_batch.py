@@ -14,7 +14,7 @@ def _zero_grads(model):
         assert not p.grad.any(), p.name
 
 
-@pytest.mark.parametrize("make", [models.two_conv, models.seed_net])
+@pytest.mark.parametrize("make", [models.two_conv, models.tiny_net])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_models_take_an_empty_batch(make, dtype):
     model = make(seed=0, dtype=dtype)

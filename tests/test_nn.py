@@ -34,7 +34,7 @@ def _kink_margin(model, x):
     return margin
 
 
-@pytest.mark.parametrize("make", [models.two_conv, models.seed_net])
+@pytest.mark.parametrize("make", [models.two_conv, models.tiny_net])
 def test_whole_network_finite_differences(make, rng):
     """Every parameter (and the input): random directional derivatives, float64."""
     model = make(seed=1, dtype=np.float64)
@@ -111,7 +111,7 @@ def test_state_dict_round_trip_and_errors():
 
 
 def test_train_eval_modes(rng):
-    model = models.seed_net(seed=0)
+    model = models.tiny_net(seed=0)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)
     model.eval()
     assert not model[0].training
@@ -141,7 +141,7 @@ def test_softmax_cross_entropy_is_stable_and_checks_labels():
 
 
 def test_optimizer_argument_errors():
-    params = models.seed_net(seed=0).parameters()
+    params = models.tiny_net(seed=0).parameters()
     with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
         optim.SGD(params, lr=-1)
     with pytest.raises(ValueError, match="nesterov momentum needs momentum > 0"):
@@ -179,7 +179,7 @@ def _torch_twin(model):
     return torch, twin
 
 
-@pytest.mark.parametrize("make", [models.two_conv, models.seed_net])
+@pytest.mark.parametrize("make", [models.two_conv, models.tiny_net])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_layer_by_layer_and_one_step_against_torch(make, opt, rng):
     # SGD in float32 ("within fp32 tolerance").  Adam divides each gradient by its own
@@ -222,7 +222,7 @@ def test_layer_by_layer_and_one_step_against_torch(make, opt, rng):
 def test_optimizer_state_round_trip(rng):
     for make_opt in (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9),
                      lambda ps: optim.Adam(ps, lr=0.01)):
-        m1, m2 = models.seed_net(seed=0), models.seed_net(seed=0)
+        m1, m2 = models.tiny_net(seed=0), models.tiny_net(seed=0)
         o1, o2 = make_opt(m1.parameters()), make_opt(m2.parameters())
         x = rng.random((4, 1, 28, 28), dtype=np.float32)
         y = np.arange(4)
@@ -382,7 +382,7 @@ def test_conv_output_is_scratch_only_where_nothing_keeps_it(rng):
 
 def test_sgd_kernel_equals_the_numpy_update(rng):
     """The fused SGD kernel and the NumPy path (taken for non-contiguous parameters) agree."""
-    models_ = [models.seed_net(seed=3) for _ in range(2)]
+    models_ = [models.tiny_net(seed=3) for _ in range(2)]
     for p in models_[1].parameters():  # Fortran order: not C-contiguous, so the NumPy path
         p.module.params[p.key] = np.asfortranarray(p.data)
     opts = [optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)

@@ -1,4 +1,5 @@
-"""The seeds' worked examples, exactly, and the convolution as a sparse matrix product."""
+"""The classic worked examples (the 1-D example, the 3x3 dX formula), exactly, and the
+convolution as a sparse matrix product."""
 
 import numpy as np
 import pytest
