@@ -1,7 +1,9 @@
 """The ``fastconv`` command: ``fastconv train`` and ``fastconv evaluate``.
 
-Errors are one line on stderr, with exit code 2 for bad arguments and 1 for failures
-(missing or corrupt data, a diverged run); never a traceback.
+Errors go to stderr, with exit code 2 for bad arguments and 1 for failures (missing or
+corrupt data, a diverged run); never a traceback.  Each is one line, except data that
+cannot be found or downloaded: that message says on a few lines where it looked, why the
+download failed and what to do.
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastconv: interrupted", file=sys.stderr)
         return 130
+    except data.DatasetNotFoundError as e:  # where it looked and what to do: its lines
+        print(f"fastconv: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ import http.client
 import io
 import os
 import tempfile
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ class IDXError(ValueError):
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are neither on disk nor downloadable."""
+    """The dataset's files are neither on disk nor downloadable.  Its message has several
+    lines (where it looked, why the download failed, what to do), which ``fastconv``
+    prints as they are."""
 
 
 # IDX type codes -> big-endian numpy dtypes.
@@ -265,15 +268,7 @@ def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float
     if paths is None or not all(paths):
         missing = [f.stem for f in files] if paths is None else [
             f.stem for f, p in zip(files, paths, strict=True) if p is None]
-        lines = [f"{name}: could not find {', '.join(missing)} (.gz or raw IDX files) "
-                 "together in one folder.", "Looked in:", *(f"  {d}" for d in dirs)]
-        if errors:
-            lines += ["Download failed:", *(f"  {e}" for e in errors)]
-        elif not download:
-            lines.append("Downloading was turned off.")
-        lines.append(f"Put the files in one of these folders, pass data_dir=..., or set "
-                     f"FASTCONV_DATA to a folder with a '{name}' subfolder.")
-        raise DatasetNotFoundError("\n".join(lines))
+        raise DatasetNotFoundError(_not_found(ds, missing, dirs, download, errors))
     arrays = [read_idx(p) for p in paths]
     for a, f, p in zip(arrays, files, paths, strict=True):
         if a.ndim != len(f.shape) or a.shape[1:] != f.shape[1:] or a.dtype != np.uint8:
@@ -290,11 +285,43 @@ def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float
 
 
 def _download_any(ds: _Dataset, f: _File, timeout: float, errors: list) -> Path | None:
+    """Download ``f`` from the first mirror that has it; each failure is appended to
+    ``errors`` as (url, reason)."""
     dest = _cache_dir(ds.name) / f"{f.stem}.gz"
     for mirror in ds.mirrors:
         url = f"{mirror}{f.stem}.gz"
         try:
             return download(url, dest, f.sha256, timeout)
         except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts are OSError
-            errors.append(f"{url}: {e}")
+            errors.append((url, " ".join(str(e).split()) or type(e).__name__))
     return None
+
+
+def _download_line(errors: list) -> str:
+    """One line for every failed download: the distinct reasons (at most two), how many
+    downloads failed and from which hosts."""
+    reasons = list(dict.fromkeys(reason for _, reason in errors))
+    hosts = list(dict.fromkeys(urllib.parse.urlsplit(url).netloc or url for url, _ in errors))
+    why = "; ".join(reasons[:2]) + (f"; and {len(reasons) - 2} other errors"
+                                    if len(reasons) > 2 else "")
+    tries = f"{len(errors)} attempt{'s' if len(errors) > 1 else ''}"
+    return f"Download failed: {why} ({tries}, from {', '.join(hosts)})."
+
+
+def _not_found(ds: _Dataset, missing: list, dirs: list, download: bool, errors: list) -> str:
+    """The message of :class:`DatasetNotFoundError`: what is missing, where it looked (each
+    folder once), why the download failed, and the ways out."""
+    lines = [f"{ds.name}: could not find {', '.join(missing)} (each .gz or raw IDX) in one "
+             "folder.", "Looked in:", *(f"  {d}" for d in dict.fromkeys(dirs))]
+    if errors:
+        lines.append(_download_line(errors))
+    elif not download:
+        lines.append("Downloading was turned off (--no-download, or download=False).")
+    lines += ["Point fastconv at a folder that holds the files (or a "
+              f"'{ds.name}' subfolder with them):",
+              "  --data-dir DIR           (Python: load_dataset(..., data_dir=DIR))",
+              f"  export FASTCONV_DATA=DIR (the files in DIR/{ds.name})"]
+    if ds.name == "fashion-mnist":
+        lines.append("On Debian, the package dataset-fashion-mnist installs them where "
+                     "fastconv looks: apt-get install dataset-fashion-mnist")
+    return "\n".join(lines)

@@ -149,8 +149,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
     (["train", "--threads", "0"], 2, "argument --threads: expected an integer in [1, "),
     (["evaluate", "--model", "m.npz", "--threads", "1000"], 2,
      "argument --threads: expected an integer in [1, "),
-    (["train", "--no-download", "--data-dir", "/nonexistent"], 1,
-     "mnist: could not find train-images-idx3-ubyte"),
     (["evaluate", "--model", "/nonexistent.npz"], 1, "not a readable fastconv checkpoint"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["train", "--model", "resnet"], 2, "argument --model: invalid choice: 'resnet'"),
@@ -160,6 +158,22 @@ def test_bad_cli_input_is_one_line(args, code, message):
     assert r.returncode == code
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_data_not_found_is_a_few_lines(tmp_path):
+    """Where it looked, that downloading was off, and the ways out; exit code 1."""
+    r = run("train", "--no-download", "--data-dir", tmp_path / "none")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == ("fastconv: error: mnist: could not find train-images-idx3-ubyte, "
+                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                        "t10k-labels-idx1-ubyte (each .gz or raw IDX) in one folder.")
+    assert lines[1:4] == ["Looked in:", f"  {tmp_path / 'none' / 'mnist'}",
+                          f"  {tmp_path / 'none'}"]
+    assert "  /nonexistent/mnist" in lines  # $FASTCONV_DATA, as run() sets it
+    assert "Downloading was turned off (--no-download, or download=False)." in lines
+    assert lines[-2].startswith("  --data-dir DIR") and lines[-1].startswith(
+        "  export FASTCONV_DATA=DIR")
 
 
 def test_an_empty_training_set_is_one_line(tmp_path):

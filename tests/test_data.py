@@ -131,10 +131,62 @@ def test_unknown_dataset():
 def test_not_found_offline_says_where_it_looked(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("mnist", tmp_path / "nowhere", download=False)
-    msg = str(e.value)
-    assert "could not find train-images-idx3-ubyte" in msg
-    assert str(tmp_path / "nowhere") in msg and "Downloading was turned off" in msg
-    assert "FASTCONV_DATA" in msg
+    lines = str(e.value).splitlines()
+    assert lines[0] == ("mnist: could not find train-images-idx3-ubyte, "
+                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                        "t10k-labels-idx1-ubyte (each .gz or raw IDX) in one folder.")
+    assert lines[1:5] == ["Looked in:", f"  {tmp_path / 'nowhere' / 'mnist'}",
+                          f"  {tmp_path / 'nowhere'}",
+                          f"  {tmp_path / 'cache' / 'fastconv' / 'mnist'}"]
+    assert lines[5] == "Downloading was turned off (--no-download, or download=False)."
+    assert any(line.startswith("  --data-dir DIR") for line in lines)
+    assert any(line.startswith("  export FASTCONV_DATA=DIR") for line in lines)
+    assert not any("Download failed" in line or "dataset-fashion-mnist" in line
+                   for line in lines)  # no download tried; the Debian package is not MNIST's
+
+
+def test_not_found_message_for_fashion_mnist(tmp_path, monkeypatch):
+    """Each folder once, one line for eight failed downloads (4 files x 2 mirrors), the
+    two ways out and Debian's package."""
+    debian = tmp_path / "debian"
+    fake = data._Dataset("fashion-mnist", mirrors=("http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"),
+                         files=data.DATASETS["fashion-mnist"].files,
+                         system_dirs=(str(debian),))
+    monkeypatch.setitem(data.DATASETS, "fashion-mnist", fake)
+    monkeypatch.setenv("FASTCONV_DATA", str(tmp_path / "d"))  # the same folder as data_dir
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("fashion-mnist", tmp_path / "d", timeout=2)
+    lines = str(e.value).splitlines()
+    looked = lines[lines.index("Looked in:") + 1:]
+    looked = looked[:next(i for i, line in enumerate(looked) if not line.startswith("  "))]
+    assert looked == [f"  {tmp_path / 'd' / 'fashion-mnist'}", f"  {tmp_path / 'd'}",
+                      f"  {tmp_path / 'cache' / 'fastconv' / 'fashion-mnist'}", f"  {debian}"]
+    failed = [line for line in lines if "Download failed" in line]
+    assert len(failed) == 1 and "127.0.0.1" not in failed[0].split("(")[0]
+    assert failed[0].startswith("Download failed: <urlopen error")
+    assert failed[0].endswith("(8 attempts, from 127.0.0.1:9).")
+    assert lines[-4:] == [
+        "Point fastconv at a folder that holds the files (or a 'fashion-mnist' subfolder "
+        "with them):",
+        "  --data-dir DIR           (Python: load_dataset(..., data_dir=DIR))",
+        "  export FASTCONV_DATA=DIR (the files in DIR/fashion-mnist)",
+        "On Debian, the package dataset-fashion-mnist installs them where fastconv looks: "
+        "apt-get install dataset-fashion-mnist"]
+
+
+def test_the_cli_prints_the_not_found_message_on_its_lines(tmp_path, monkeypatch, capsys):
+    from fastconv import cli
+
+    fake = data._Dataset("fashion-mnist", mirrors=("http://127.0.0.1:9/",),
+                         files=data.DATASETS["fashion-mnist"].files)
+    monkeypatch.setitem(data.DATASETS, "fashion-mnist", fake)
+    code = cli.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("fashion-mnist", tmp_path / "d", timeout=2)
+    assert err == f"fastconv: error: {e.value}\n"
+    assert len(err.splitlines()) == 10  # the first, 1 + 4 places, the download, 3 + 1 ways out
 
 
 # ---- downloads from a real HTTP server on 127.0.0.1 ----------------------------------
@@ -213,8 +265,11 @@ def test_failed_download_leaves_nothing_behind(tmp_path, server, monkeypatch, fa
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("mnist", timeout=5)
     msg = str(e.value)
-    assert f"could not find {stem}" in msg and "Download failed" in msg
-    assert ("checksum mismatch" if fault == "corrupt" else "incomplete download: got") in msg
+    assert msg.startswith(f"mnist: could not find {stem} (each .gz or raw IDX) in one folder.")
+    failed = [line for line in msg.splitlines() if line.startswith("Download failed: ")]
+    assert len(failed) == 1, msg
+    assert ("checksum mismatch" if fault == "corrupt" else "incomplete download: got") in failed[0]
+    assert failed[0].endswith(f"(1 attempt, from {url.split('/')[2]}).")
     left = sorted(p.name for p in cache.iterdir())
     assert f"{stem}.gz" not in left
     assert not [n for n in left if n.endswith(".part")]  # no partial temp files
@@ -224,7 +279,9 @@ def test_download_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     fake = data._Dataset("mnist", mirrors=("http://127.0.0.1:9/",),
                          files=(data._File("train-images-idx3-ubyte", (0,)),) * 4)
     monkeypatch.setitem(data.DATASETS, "mnist", fake)
-    with pytest.raises(DatasetNotFoundError, match="Download failed:\n  http://127.0.0.1:9/"):
+    with pytest.raises(DatasetNotFoundError,
+                       match=r"\nDownload failed: <urlopen error .*> \(4 attempts, from "
+                             r"127\.0\.0\.1:9\)\.\n"):
         load_dataset("mnist", timeout=2)
 
 
