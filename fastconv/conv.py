@@ -159,6 +159,21 @@ def pool_order_ok(geo: ConvGeometry) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+def _forward_args(input, weight, bias):
+    """The forward pass's arrays checked: ``(x, w, b, dtype, unbatched)``, ``x`` batched
+    (N, C, H, W) (an unbatched (C, H, W) image gets N = 1), all still in their dtypes."""
+    x = _as_array("input", input)
+    w = _as_array("weight", weight)
+    b = None if bias is None else _as_array("bias", bias)
+    dtype = _result_dtype(x, w, b)
+    unbatched = x.ndim == 3
+    if unbatched:
+        x = x[None]
+    _check_rank("input", x, "(N, C, H, W) or 3-D (C, H, W)")
+    _check_rank("weight", w, "(K, C/groups, R, S)")
+    return x, w, b, dtype, unbatched
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation), like ``torch.nn.functional.conv2d``.
 
@@ -182,15 +197,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     from . import plan
 
-    x = _as_array("input", input)
-    w = _as_array("weight", weight)
-    b = None if bias is None else _as_array("bias", bias)
-    dtype = _result_dtype(x, w, b)
-    unbatched = x.ndim == 3
-    if unbatched:
-        x = x[None]
-    _check_rank("input", x, "(N, C, H, W) or 3-D (C, H, W)")
-    _check_rank("weight", w, "(K, C/groups, R, S)")
+    x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     p = plan.cached(x.shape, w.shape, stride, padding, dilation, groups, dtype)
     if b is not None and b.shape != (p.geometry.K,):
         raise ValueError(f"bias must have shape (K,) = ({p.geometry.K},), got {b.shape}")
@@ -249,15 +256,7 @@ def saved_kind(geo: ConvGeometry, dtype, pool_order: bool = False) -> str:
 def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, workspace,
                    out_ws=_FRESH, pool_order=False):
     """:func:`conv2d_saving`.  ``y`` is the array ``"y"`` of ``out_ws``."""
-    x = _as_array("input", input)
-    w = _as_array("weight", weight)
-    b = None if bias is None else _as_array("bias", bias)
-    dtype = _result_dtype(x, w, b)
-    unbatched = x.ndim == 3
-    if unbatched:
-        x = x[None]
-    _check_rank("input", x, "(N, C, H, W) or 3-D (C, H, W)")
-    _check_rank("weight", w, "(K, C/groups, R, S)")
+    x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     geo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
     if b is not None and b.shape != (geo.K,):
         raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")

@@ -49,37 +49,31 @@ _NO_BIAS = {np.dtype(np.float32): np.zeros(1, np.float32),
             np.dtype(np.float64): np.zeros(1, np.float64)}
 
 
-def _unit_stride(geo) -> bool:
-    return (geo.sh, geo.sw) == (1, 1)
+def _run(geo, wide, rows, *args):
+    """``wide`` (the stride-1 kernel on wide rows) or ``rows`` (any stride) on ``args``,
+    then the geometry each takes."""
+    if (geo.sh, geo.sw) == (1, 1):
+        wide(*args, geo.dlh, geo.dlw, geo.pt, geo.pb, geo.pl, geo.pr)
+    else:
+        rows(*args, geo.sh, geo.sw, geo.dlh, geo.dlw, geo.pt, geo.pl)
 
 
 def forward(geo, x, w, b):
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
     bias = _NO_BIAS[x.dtype] if b is None else b
-    if _unit_stride(geo):
-        small_forward_wide(x, w, bias, b is not None, y, geo.dlh, geo.dlw, geo.pt, geo.pb,
-                           geo.pl, geo.pr)
-    else:
-        small_forward(x, w, bias, b is not None, y, geo.sh, geo.sw, geo.dlh, geo.dlw, geo.pt,
-                      geo.pl)
+    _run(geo, small_forward_wide, small_forward, x, w, bias, b is not None, y)
     return y
 
 
 def grad_input(geo, dy, w):
     dx = np.empty((geo.N, geo.C, geo.H, geo.W), dy.dtype)
-    if _unit_stride(geo):
-        small_grad_input_wide(dy, w, dx, geo.dlh, geo.dlw, geo.pt, geo.pb, geo.pl, geo.pr)
-    else:
-        small_grad_input(dy, w, dx, geo.sh, geo.sw, geo.dlh, geo.dlw, geo.pt, geo.pl)
+    _run(geo, small_grad_input_wide, small_grad_input, dy, w, dx)
     return dx
 
 
 def grad_weight(geo, x, dy):
     dw = np.empty((geo.K, geo.Cg, geo.R, geo.S), x.dtype)
-    if _unit_stride(geo):
-        small_grad_weight_wide(x, dy, dw, geo.dlh, geo.dlw, geo.pt, geo.pb, geo.pl, geo.pr)
-    else:
-        small_grad_weight(x, dy, dw, geo.sh, geo.sw, geo.dlh, geo.dlw, geo.pt, geo.pl)
+    _run(geo, small_grad_weight_wide, small_grad_weight, x, dy, dw)
     return dw
 
 
