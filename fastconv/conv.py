@@ -23,10 +23,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _checks, config
+from . import _checks, config, plan
 from . import kernels as _k
 from . import winograd as _wino
 from ._args import _as_array, _as_float, _check_rank, _is_int, _result_dtype, _shape4
+from .algorithms import small
 from .algorithms.channel_tile import (
     _forward_tile,
     _grad_bias_packed,
@@ -100,8 +101,6 @@ def _planned(geo: ConvGeometry, dtype, pass_: str) -> str:
     """The name of the algorithm the plan of ``geo`` in ``dtype`` runs ``pass_`` with
     (:mod:`fastconv.plan`): the training path asks here, so that it runs what the
     functional API runs."""
-    from . import plan
-
     return plan.plan_for(geo, dtype).algorithms[pass_]
 
 
@@ -145,8 +144,6 @@ def pool_order_ok(geo: ConvGeometry) -> bool:
     """Whether ``conv2d_saving(..., pool_order=True)`` can run this layer: an even output
     size, a problem too large for the serial kernels (which write NCHW), and for the pixel
     path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX`` pixels."""
-    from .algorithms import small
-
     if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.why_not(geo, None, "forward") is None:
         return False
     if _pixel_ok(geo):
@@ -195,8 +192,6 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     ndarray (N, K, OH, OW), or (K, OH, OW) for unbatched input
         float32 if all arguments are float16/float32, else float64.
     """
-    from . import plan
-
     x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     p = plan.cached(x.shape, w.shape, stride, padding, dilation, groups, dtype)
     if b is not None and b.shape != (p.geometry.K,):
@@ -279,8 +274,6 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
         y = _forward_pixels(x, w, b, geo, out_ws)
         return (y[0] if unbatched else y), x, geo
     if forward == "serial-direct":  # so does its dW, serial too
-        from . import plan
-
         y = plan.plan_for(geo, dtype)._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo
     xp = _pack_input(x, geo, ws)
@@ -389,8 +382,6 @@ def backward_input(x, geo, weight, dy, need_dx=True, dsum=None):
     (:func:`saved_kind` ``'input'``), from NCHW deltas ``dy`` (N, K, OH, OW): the plan's
     algorithms, as the functional API runs them.  ``dsum`` (N, K) float64, if given, holds
     each image's sum of ``dy`` per channel.  Returns as :func:`backward_saved`."""
-    from . import plan
-
     geo = _check_geometry(geo)
     if not isinstance(dy, np.ndarray) or dy.dtype not in _checks.FLOATS:
         raise TypeError(f"dy must be a float32 or float64 array, got "
@@ -436,8 +427,6 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     dtype = _result_dtype(dy, w)
     _check_rank("weight", w, "(K, C/groups, R, S)")
     input_shape = _shape4("input_shape", input_shape)
-    from . import plan
-
     p = plan.cached(input_shape, w.shape, stride, padding, dilation, groups, dtype)
     _check_grad_output(dy, p.geometry, f"input_shape {input_shape} with weight {w.shape}")
     return p._run("grad_input", dy.astype(dtype, copy=False), w.astype(dtype, copy=False))
@@ -468,8 +457,6 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     dtype = _result_dtype(x, dy)
     _check_rank("input", x, "(N, C, H, W)")
     weight_shape = _shape4("weight_shape", weight_shape)
-    from . import plan
-
     p = plan.cached(x.shape, weight_shape, stride, padding, dilation, groups, dtype)
     _check_grad_output(dy, p.geometry, f"input {x.shape} with weight_shape {weight_shape}")
     return p._run("grad_weight", x.astype(dtype, copy=False), dy.astype(dtype, copy=False))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import _args, _state, ops, pool
+from . import _args, _state, ops, plan, pool
 from . import conv as _conv
 from . import layouts as _layouts
 from .linalg import matmul
@@ -249,9 +249,7 @@ class Conv2d(Module):
         of ``fastconv.conv2d_plan`` for the same arguments."""
         if self._saved is None:
             return None
-        from .plan import plan_for
-
-        return dict(plan_for(self._saved[1], self._saved[3]).algorithms)
+        return dict(plan.plan_for(self._saved[1], self._saved[3]).algorithms)
 
     def pool_order_shape(self, x) -> tuple | None:
         """The NCHW output shape if :meth:`forward_pool_order` can take ``x`` (a batch

@@ -242,27 +242,35 @@ def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) 
         if None in key[2:6]:
             return conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
                                dtype)
-    plan = _cache.get(key)
+    plan = _recall(key)
     if plan is not None:
         _stats[0] += 1
-        _cache.move_to_end(key)
         return plan
     _stats[1] += 1
-    plan = conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
-    _cache[key] = plan
-    while len(_cache) > config.PLAN_CACHE_SIZE:
-        _cache.popitem(last=False)
-    return plan
+    return _keep(key, conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
+                                  dtype))
 
 
 def plan_for(geo: ConvGeometry, dtype) -> ConvPlan:
     """The plan of a validated geometry (the training path's), from the same cache."""
     key = (geo, np.dtype(dtype).str, config.get_winograd())
+    plan = _recall(key)
+    return plan if plan is not None else _keep(key, ConvPlan(geo, dtype))
+
+
+def _recall(key) -> ConvPlan | None:
+    """The cached plan of ``key``, now the most recently used, or None."""
     plan = _cache.get(key)
-    if plan is None:
-        plan = _cache[key] = ConvPlan(geo, dtype)
-        while len(_cache) > config.PLAN_CACHE_SIZE:
-            _cache.popitem(last=False)
+    if plan is not None:
+        _cache.move_to_end(key)
+    return plan
+
+
+def _keep(key, plan: ConvPlan) -> ConvPlan:
+    """``plan``, cached under ``key``; the least recently used dropped past the bound."""
+    _cache[key] = plan
+    while len(_cache) > config.PLAN_CACHE_SIZE:
+        _cache.popitem(last=False)
     return plan
 
 
