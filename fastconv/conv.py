@@ -25,7 +25,6 @@ import numpy as np
 
 from . import _checks, config, plan
 from . import kernels as _k
-from . import winograd as _wino
 from ._args import _as_array, _as_float, _check_rank, _is_int, _result_dtype, _shape4
 from .algorithms import small
 from .algorithms.channel_tile import (
@@ -41,7 +40,7 @@ from .algorithms.pixel import (
     _grad_weight_pixel_input,
     _pixel_ok,
 )
-from .algorithms.winograd import _forward_winograd, _grad_input_winograd
+from .algorithms.winograd import _forward_winograd, _grad_input_winograd, grad_weight_packed
 from .config import get_winograd, set_winograd
 from .geometry import (
     ConvGeometry,
@@ -120,7 +119,7 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
     """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas, by
     the plan's algorithm (Winograd, else the channel tile)."""
     if _planned(geo, dyp.dtype, "grad_weight") == "winograd-f2x2-5x5":
-        dw = _wino.grad_weight(xp, dyp, layout.top, layout.left, geo.K, geo.C)
+        dw = grad_weight_packed(xp, dyp, layout.top, layout.left, geo.K, geo.C)
         if dw is not None:
             return dw
     return _grad_weight_tile(xp, dyp, layout, geo, ws)

@@ -3,10 +3,11 @@ packing, shifted planes), the bias gradient, pooling, ReLU, the matrix product o
 Linear layers and the fused SGD update, and the task decoding of the dW kernels.
 
 The convolution kernels live with their algorithms in :mod:`fastconv.algorithms` (the
-channel tile, the pixel kernels, the NCHW-delta dW, the serial kernels) and in
-:mod:`fastconv.winograd_kernels`.  Like those, this module holds only ``@njit`` kernels:
-no validation, no Python objects, no allocation of outputs; the wrappers check arguments,
-choose the layouts, allocate, and call these (docs/memory-safety.md).  Numba options come
+channel tile, the pixel kernels, the NCHW-delta dW, the serial kernels, Winograd's
+:mod:`fastconv.algorithms.winograd_kernels`).  Like those, this module holds only
+``@njit`` kernels: no validation, no Python objects, no allocation of outputs; the
+wrappers check arguments, choose the layouts, allocate, and call these
+(docs/memory-safety.md).  Numba options come
 from :mod:`fastconv._jit`.
 
 Legend

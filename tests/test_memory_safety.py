@@ -15,7 +15,8 @@ import re
 import numpy as np
 import pytest
 
-from fastconv import _checks, conv, models, nn, optim, pool, winograd
+from fastconv import _checks, conv, models, nn, optim, pool
+from fastconv.algorithms import winograd
 
 # The training path's layouts on small shapes: not the serial kernels of small problems.
 pytestmark = pytest.mark.usefixtures("parallel_paths")
@@ -116,10 +117,14 @@ def test_every_kernel_is_in_the_audit():
 
 
 def test_kernel_modules_are_only_called_through_their_names():
-    """The audit finds calls as ``_k.name(...)``: no module imports a kernel by name."""
-    for path in PACKAGE.glob("*.py"):
-        text = path.read_text()
-        assert not re.search(r"from \.(kernels|winograd_kernels) import", text), path.name
+    """The audit finds calls as ``_k.name(...)``, ``_wk.name(...)`` or a module's own
+    kernels by name: no module imports another's kernel by name."""
+    kernels = _kernel_names()
+    for module, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported = {a.name for a in node.names} & kernels
+                assert not imported, f"{module} imports kernels {imported} by name"
 
 
 # ---- the checks themselves -------------------------------------------------------------
@@ -344,20 +349,20 @@ def test_winograd_wrappers_check_what_they_hand_the_kernels():
     xp = np.zeros((1, 18, 18, 16), np.float32)  # a 14 x 14 output
     w = np.zeros((32, 16, 5, 5), np.float32)
     y = np.zeros((1, 32, 14, 14), np.float32)
-    assert winograd.forward(xp, w, None, y)
+    assert winograd.forward_packed(xp, w, None, y)
     for args in [(xp, w, None, y[:, :, :7].copy()), (xp[..., :8].copy(), w, None, y),
                  (xp, np.zeros((32, 24, 5, 5), np.float32), None, y),
                  (xp, w[:, :, :3], None, y), (xp.astype(np.float64), w, None, y),
                  (xp, w, np.zeros(5, np.float32), y)]:
         with pytest.raises((ValueError, TypeError)):
-            winograd.forward(*args)
+            winograd.forward_packed(*args)
     dyp = np.zeros((1, 14, 14, 32), np.float32)
-    assert winograd.grad_weight(xp, dyp, 0, 0, 32, 16) is not None
+    assert winograd.grad_weight_packed(xp, dyp, 0, 0, 32, 16) is not None
     for args in [(xp, dyp[:, :8].copy(), 0, 0, 32, 16), (xp, dyp, 1, 0, 32, 16),
                  (xp, dyp, 0, 0, 64, 16), (xp, dyp[..., :16].copy(), 0, 0, 16, 16),
                  (xp, dyp[0], 0, 0, 32, 16)]:
         with pytest.raises((ValueError, TypeError)):
-            winograd.grad_weight(*args)
+            winograd.grad_weight_packed(*args)
 
 
 # ---- optimizers ------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 import fastconv as fc
 from fastconv import _jit, conv
-from fastconv import winograd as W
-from fastconv import winograd_kernels as WK
+from fastconv.algorithms import winograd as W
 from fastconv.algorithms import winograd as winograd_algorithm
+from fastconv.algorithms import winograd_kernels as WK
 
 from conftest import all_passes, reference_passes, winograd_enabled
 

@@ -1,19 +1,29 @@
 """Winograd F(2x2, 5x5) for fp32 5x5 stride-1 layers: forward, dX and dW.
 
-The transforms are derived exactly in :mod:`fastconv.winograd`, and the kernels (with
-the derivation of dW as F(5, 2)) are in :mod:`fastconv.winograd_kernels`.  All three
-passes read the zero-padded channels-last layout of the direct kernels.
+A 5x5, stride-1 convolution computes each 2x2 tile of outputs from a 6x6 tile of input
+with 36 multiplications per channel pair instead of 100.  This module holds the plan rule,
+the passes, the exact derivation of the transforms (below) and the wrappers that check
+the kernels' arguments; the kernels, with the formulas and the derivation of dW as
+F(5, 2), are in :mod:`fastconv.algorithms.winograd_kernels`.  All three passes read the
+zero-padded channels-last layout of the direct kernels.  Results equal the direct
+convolution's up to rounding, of a similar size: on MNIST conv2 the forward pass and dX
+within 1.5x the direct kernels' error, dW within 8x (see ``tests/test_winograd.py``).
+
+Legend as in :mod:`fastconv.kernels`; ``CP`` and ``KP`` are channel counts padded for the
+kernels' vectors.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+from functools import cache
+
 import numpy as np
 
-from .. import config
-from .. import winograd as _wino
-from .. import winograd_kernels as _wk
+from .. import _checks, config
 from ..geometry import ConvGeometry
 from ..layouts import _FRESH, DeltaLayout, _pack_input, delta_layout, pack_deltas
+from . import winograd_kernels as _wk
 
 NAME = "winograd-f2x2-5x5"
 
@@ -51,7 +61,7 @@ def grad_input(geo, dy, w):
 
 def grad_weight(geo, x, dy):
     layout = delta_layout(geo, need_dx=False)
-    return _wino.grad_weight(_pack_input(x, geo), pack_deltas(dy, layout), layout.top,
+    return grad_weight_packed(_pack_input(x, geo), pack_deltas(dy, layout), layout.top,
                              layout.left, geo.K, geo.C)
 
 
@@ -59,7 +69,7 @@ def _grad_input_winograd(dyp, layout: DeltaLayout, w, geo: ConvGeometry):
     """dX by Winograd from deltas in ``layout`` (padded by 4, as the full correlation
     needs), or None if it has an inf or NaN."""
     dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-    return dx if _wino.grad_input(dyp, w, dx) else None
+    return dx if grad_input_packed(dyp, w, dx) else None
 
 
 def _forward_winograd(xp, w, b, geo: ConvGeometry, ws=_FRESH, pool_order=False):
@@ -68,4 +78,160 @@ def _forward_winograd(xp, w, b, geo: ConvGeometry, ws=_FRESH, pool_order=False):
     shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
         geo.N, geo.K, geo.OH, geo.OW)
     y = ws.empty("y", shape, xp.dtype)
-    return y if _wino.forward(xp, w, b, y, pool_order) else None
+    return y if forward_packed(xp, w, b, y, pool_order) else None
+
+
+# ---- the transforms and the kernels' wrappers ------------------------------------------
+
+#: Interpolation points of F(2, 5) (and of F(5, 2) for dW), plus the point at infinity.
+POINTS = (0, 1, -1, Fraction(1, 2), -2)
+
+def _vandermonde(points, n):
+    """Rows (1, p, ..., p**(n-1)) for each point, then the point at infinity (0, ..., 0, 1)."""
+    rows = [[Fraction(p) ** i for i in range(n)] for p in points]
+    return rows + [[Fraction(0)] * (n - 1) + [Fraction(1)]]
+
+
+def _inverse(m):
+    """Exact inverse of a square matrix of Fractions (Gauss-Jordan)."""
+    n = len(m)
+    a = [row[:] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(m)]
+    for col in range(n):
+        piv = next(i for i in range(col, n) if a[i][col] != 0)
+        a[col], a[piv] = a[piv], a[col]
+        a[col] = [v / a[col][col] for v in a[col]]
+        for i in range(n):
+            if i != col and a[i][col] != 0:
+                f = a[i][col]
+                a[i] = [vi - f * vc for vi, vc in zip(a[i], a[col], strict=True)]
+    return [row[n:] for row in a]
+
+
+@cache
+def transforms(m: int = 2, r: int = 5, points=POINTS):
+    """Exact Toom-Cook matrices of F(m, r) as lists of Fractions: ``(AT, G, BT, scale)``.
+
+    ``AT`` (m, a), ``G`` (a, r), ``BT`` (a, a), ``a = m + r - 1``, with
+    ``y = AT @ ((G @ g) * (BT @ d))`` the correlation ``y[i] = sum_k d[i + k] * g[k]``.
+    ``AT`` and ``G`` are the Vandermonde matrices of the points (with infinity) for
+    degrees below m and r; ``BT`` is the transposed inverse of the full one.  Each row of
+    ``BT`` is then multiplied by ``scale[row]`` to make it small integers, and the same
+    row of ``G`` divided by it.
+    """
+    a = m + r - 1
+    AT = [list(col) for col in zip(*_vandermonde(points, m), strict=True)]
+    G = _vandermonde(points, r)
+    BT = [list(col) for col in zip(*_inverse(_vandermonde(points, a)), strict=True)]
+    scale = []
+    for i, row in enumerate(BT):
+        den = np.lcm.reduce([v.denominator for v in row])
+        num = np.gcd.reduce([(v * int(den)).numerator for v in row])
+        s = Fraction(int(den), int(num))
+        scale.append(s)
+        BT[i] = [v * s for v in row]
+        G[i] = [v / s for v in G[i]]
+    return AT, G, BT, scale
+
+
+def _float(m) -> np.ndarray:
+    return np.array([[float(v) for v in row] for row in m])
+
+
+_G = _float(transforms()[1])  # (6, 5), the kernels' B^T and A^T are hard-coded
+
+
+def kernel_constants(dtype) -> np.ndarray:
+    """The constants ``kc`` of the kernels' transforms, in ``dtype``."""
+    return np.array([0.5, 2, 3, 4, 5, 0], dtype)
+
+
+def transform_filters(w: np.ndarray, CP: int, dtype) -> np.ndarray:
+    """``U`` (36, CP, KP) = ``G w G^T`` per point for weights ``w`` (K, C, 5, 5), in
+    float64 then ``dtype``; zero past ``C`` and ``K``, ``KP`` a multiple of ``KW``."""
+    if np.ndim(w) != 4 or np.shape(w)[2:] != (5, 5) or np.shape(w)[1] > CP:
+        raise ValueError(f"w must have shape (K, C, 5, 5) with C <= {CP}, got {np.shape(w)}")
+    K, C = w.shape[:2]
+    KP = -(-K // _wk.KW) * _wk.KW
+    U = np.zeros((36, CP, KP), dtype)
+    _wk.filter_transform(np.ascontiguousarray(w.transpose(1, 2, 3, 0), np.float64), _G, U)
+    return U
+
+
+# Non-finite values.  The direct kernels propagate an inf or NaN to exactly the outputs
+# whose sums it enters; a transform spreads it over the whole 2x2 tile (or, for dW, over
+# the whole filter), and can overflow where the direct sums do not.  Any of these leaves
+# an inf or NaN in the result, which the kernels report (``chk``) or the wrapper sees,
+# and the caller then runs the direct kernel instead.
+
+
+def _check_packed(name: str, xp) -> tuple[int, int, int, int]:
+    """The shape of a packed input or delta array the kernels can run: float32,
+    C-contiguous, channels a multiple of ``VL``, an even output at least ``2*TT`` wide."""
+    if not isinstance(xp, np.ndarray) or xp.ndim != 4:
+        raise TypeError(f"{name} must be a 4-D array (N, Hp, Wp, C), got "
+                        f"{getattr(xp, 'shape', type(xp).__name__)}")
+    N, Hp, Wp, C = _checks.array(name, xp, xp.shape, np.float32).shape
+    if not (C % _wk.VL == 0 and Hp >= 6 and Hp % 2 == 0 and Wp % 2 == 0
+            and Wp - 4 >= 2 * _wk.TT):
+        raise ValueError(f"{name} of shape {xp.shape} is not a packed input Winograd runs: "
+                         f"channels a multiple of {_wk.VL}, an even output (Hp - 4, Wp - 4) "
+                         f"at least {2 * _wk.TT} wide")
+    return N, Hp, Wp, C
+
+
+def forward_packed(xp: np.ndarray, w: np.ndarray, b, y: np.ndarray,
+            pool_order: bool = False) -> bool:
+    """The valid 5x5 correlation of the packed input ``xp`` (N, OH+4, OW+4, CP) with
+    ``w`` (K, C, 5, 5), plus ``b`` (K,) or None, into ``y``: (N, K, OH, OW), or with
+    ``pool_order`` (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the
+    result has an inf or NaN (see above)."""
+    N, Hp, Wp, CP = _check_packed("xp", xp)
+    U = transform_filters(w, CP, xp.dtype)  # checks w
+    K, OH, OW = w.shape[0], Hp - 4, Wp - 4
+    _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
+                  np.float32, writeable=True)
+    if b is not None and np.shape(b) != (K,):
+        raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
+    bp = np.zeros(U.shape[2], xp.dtype)
+    if b is not None:
+        bp[:w.shape[0]] = b
+    chk = np.zeros((_wk.NCH, _wk.VL), xp.dtype)
+    _wk.winograd_tiles(xp, U, bp, y, kernel_constants(xp.dtype), pool_order, chk)
+    return bool(np.isfinite(chk).all())
+
+
+def grad_input_packed(dyp: np.ndarray, w: np.ndarray, dx: np.ndarray) -> bool:
+    """dX (N, C, H, W) into ``dx`` from deltas ``dyp`` (N, H+4, W+4, KgP) padded as the
+    full correlation needs, and ``w`` (K, C, 5, 5): the forward kernel with the filters
+    rotated by 180 degrees and the channel roles swapped.  False as :func:`forward_packed`."""
+    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 5, 5)
+    return forward_packed(dyp, wt, None, dx)
+
+
+def grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
+                C: int) -> np.ndarray | None:
+    """dW (K, C, 5, 5) from the packed input ``xp`` (N, OH+4, OW+4, CP) and the
+    channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at
+    ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN.
+
+    The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64 and
+    transformed back with ``G``.
+    """
+    N, Hp, Wp, CP = _check_packed("xp", xp)
+    if np.ndim(dyp) != 4:
+        raise ValueError(f"dyp must be 4-D (N, Hd, Wd, KP), got shape {np.shape(dyp)}")
+    Hd, Wd, KP = _checks.array("dyp", dyp, (N, *np.shape(dyp)[1:]), np.float32).shape[1:]
+    if not (KP % _wk.KW == 0 and K <= KP and C <= CP and 0 <= top
+            and top + Hp - 4 <= Hd and 0 <= left and left + Wp - 4 <= Wd):
+        raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
+                         f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
+    ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
+    # Chunks of at least a block of TB tiles, so that a small batch still fills two cores;
+    # a number from the shapes only.
+    P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB) or -(-ntile // _wk.TB)))
+    part = np.empty((P, 36, CP, KP), xp.dtype)
+    _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
+    dwt = np.empty((CP, 5, 5, KP))
+    _wk.dw_transform(part, _G, dwt)
+    dw = dwt[:C, :, :, :K].transpose(3, 0, 1, 2).astype(xp.dtype, order="C")
+    return dw if np.isfinite(dw).all() else None

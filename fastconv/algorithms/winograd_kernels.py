@@ -2,7 +2,8 @@
 the deltas) and dW.
 
 This module holds only ``@njit`` kernels: no validation, no Python objects.  The transform
-matrices are derived, and the wrappers check arguments, in :mod:`fastconv.winograd`.
+matrices are derived, and the wrappers check arguments, in
+:mod:`fastconv.algorithms.winograd`.
 
 Legend
 ------
@@ -52,7 +53,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import parallel_kernel, serial_kernel, stack_tile
+from .._jit import parallel_kernel, serial_kernel, stack_tile
 
 TT = 7
 KW = 32
