@@ -27,12 +27,7 @@ from . import _checks, config, plan
 from . import kernels as _k
 from ._args import _as_array, _as_float, _check_rank, _is_int, _result_dtype, _shape4
 from .algorithms import small
-from .algorithms.channel_tile import (
-    _forward_tile,
-    _grad_bias_packed,
-    _grad_input_tile,
-    _grad_weight_tile,
-)
+from .algorithms.channel_tile import _grad_bias_packed
 from .algorithms.pixel import (
     PX,
     _forward_pixel_input,
@@ -40,7 +35,6 @@ from .algorithms.pixel import (
     _grad_weight_pixel_input,
     _pixel_ok,
 )
-from .algorithms.winograd import _forward_winograd, _grad_input_winograd, grad_weight_packed
 from .config import get_winograd, set_winograd
 from .geometry import (
     ConvGeometry,
@@ -105,38 +99,26 @@ def _planned(geo: ConvGeometry, dtype, pass_: str) -> str:
 
 def _grad_input_packed(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
                        geo: ConvGeometry) -> np.ndarray:
-    """dX from deltas in ``layout`` by the plan's algorithm (Winograd, else the channel
+    """dX from deltas in ``layout`` by the plan's algorithm (Winograd or the channel
     tile); ``w`` (K, Cg, R, S) in the deltas' dtype."""
-    if _planned(geo, dyp.dtype, "grad_input") == "winograd-f2x2-5x5":
-        dx = _grad_input_winograd(dyp, layout, w, geo)
-        if dx is not None:
-            return dx
-    return _grad_input_tile(dyp, layout, w, geo)
+    return plan.plan_for(geo, dyp.dtype)._run_packed("grad_input", dyp, layout, w)
 
 
 def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
                         geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """dW (K, Cg, R, S) from the packed input (:func:`_pack_input`) and packed deltas, by
-    the plan's algorithm (Winograd, else the channel tile)."""
-    if _planned(geo, dyp.dtype, "grad_weight") == "winograd-f2x2-5x5":
-        dw = grad_weight_packed(xp, dyp, layout.top, layout.left, geo.K, geo.C)
-        if dw is not None:
-            return dw
-    return _grad_weight_tile(xp, dyp, layout, geo, ws)
+    the plan's algorithm (Winograd or the channel tile)."""
+    return plan.plan_for(geo, dyp.dtype)._run_packed("grad_weight", xp, dyp, layout, ws=ws)
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
                     ws=_FRESH, pool_order=False) -> np.ndarray:
-    """y (N, K, OH, OW) from the packed input by the channel tile; ``w``, ``b`` in its
-    dtype; ``y`` is the array ``"y"`` of workspace ``ws``.  With ``pool_order``, y
-    (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution of twice the stride
-    (see "Pool order" in :mod:`fastconv.layouts`).  Winograd instead where the plan
-    chose it."""
-    if _planned(geo, xp.dtype, "forward") == "winograd-f2x2-5x5":
-        y = _forward_winograd(xp, w, b, geo, ws, pool_order)
-        if y is not None:
-            return y
-    return _forward_tile(xp, w, b, geo, ws, pool_order)
+    """y (N, K, OH, OW) from the packed input by the plan's algorithm (Winograd or the
+    channel tile); ``w``, ``b`` in its dtype; ``y`` is the array ``"y"`` of workspace
+    ``ws``.  With ``pool_order``, y (N, K, 4, OH/2 * OW/2) in pool order: each plane a
+    convolution of twice the stride (see "Pool order" in :mod:`fastconv.layouts`)."""
+    return plan.plan_for(geo, xp.dtype)._run_packed("forward", xp, w, b, ws=ws,
+                                                     pool_order=pool_order)
 
 
 def pool_order_ok(geo: ConvGeometry) -> bool:

@@ -48,9 +48,12 @@ class ConvPlan:
         ``'grad_weight'``.
     """
 
-    def __init__(self, geo: ConvGeometry, dtype, algorithm=None):
+    def __init__(self, geo: ConvGeometry, dtype, algorithm=None, *, keep_weights=True):
         self.geometry = geo
         self.dtype = np.dtype(dtype)
+        # (algorithm name, pass) -> (a copy of the weights, their prepared form); see
+        # _weights.  The functional API's cached plans keep none (keep_weights=False).
+        self._kept = {} if keep_weights else None
         self._run_order = {p: _order(geo, self.dtype, p, _forced(algorithm, p))
                            for p in algorithms.PASSES}
         self.algorithms = {p: order[0].NAME for p, order in self._run_order.items()}
@@ -97,17 +100,65 @@ class ConvPlan:
 
     def _run(self, pass_: str, *arrays) -> np.ndarray:
         """``pass_`` by the plan's algorithm, or by the next one where it hands over (an
-        inf or NaN in Winograd's result); zeros for an empty batch."""
+        inf or NaN in Winograd's result); zeros for an empty batch.  ``arrays`` are the
+        pass's NCHW arrays, ``(x, w, b)``, ``(dy, w)`` or ``(x, dy)``."""
         g = self.geometry
         if g.N == 0:
             shape = {"forward": (0, g.K, g.OH, g.OW), "grad_input": (0, g.C, g.H, g.W),
                      "grad_weight": (g.K, g.Cg, g.R, g.S)}[pass_]
             return np.zeros(shape, self.dtype)
         for algorithm in self._run_order[pass_]:
-            result = getattr(algorithm, pass_)(g, *arrays)
+            result = getattr(algorithm, pass_)(g, *self._with_weights(algorithm, pass_,
+                                                                       arrays))
             if result is not None:
                 return result
         raise AssertionError("the channel tile, last in every run order, returned None")
+
+    def _run_packed(self, pass_: str, *arrays, **options) -> np.ndarray:
+        """``pass_`` on the training path's layouts, as :meth:`_run`, by the first
+        algorithm of the run order that reads them (``packed_forward(geo, xp, w, b, ws,
+        pool_order)``, ``packed_grad_input(geo, dyp, layout, w)``,
+        ``packed_grad_weight(geo, xp, dyp, layout, ws)``): Winograd or the channel tile."""
+        for algorithm in self._run_order[pass_]:
+            run = getattr(algorithm, "packed_" + pass_, None)
+            if run is not None:
+                result = run(self.geometry, *self._with_weights(algorithm, pass_, arrays),
+                             **options)
+                if result is not None:
+                    return result
+        raise AssertionError("the channel tile, last in every run order, returned None")
+
+    def _with_weights(self, algorithm, pass_: str, arrays: tuple) -> tuple:
+        """``arrays`` with the weights (the forward pass's second array, dX's last)
+        replaced by their form for ``algorithm`` (:meth:`_weights`)."""
+        if pass_ == "grad_weight":
+            return arrays
+        i = 1 if pass_ == "forward" else len(arrays) - 1
+        return (*arrays[:i], self._weights(algorithm, pass_, arrays[i]), *arrays[i + 1:])
+
+    def _weights(self, algorithm, pass_: str, w: np.ndarray):
+        """``w`` as ``algorithm`` runs ``pass_`` with it: ``algorithm.prepare(geo, w,
+        pass_)`` (blocked, or Winograd-transformed), or ``w`` itself for an algorithm that
+        reads the weights as they are.
+
+        A plan made by :func:`conv2d_plan` keeps the last prepared weights of each
+        algorithm and pass with a copy of the weights they came from, and prepares again
+        only when the weights differ from it, bit for bit: an inference loop prepares once,
+        a training step (whose weights change) each time.  The copy costs a read of the
+        weights a call (about 7 us for 200 KB) against a preparation of 20-65 us.
+        """
+        prepare = getattr(algorithm, "prepare", None)
+        if prepare is None:
+            return w
+        if self._kept is None:
+            return prepare(self.geometry, w, pass_)
+        key = (algorithm.NAME, pass_)
+        kept = self._kept.get(key)
+        if kept is not None and _same_bits(kept[0], w):
+            return kept[1]
+        prepared = prepare(self.geometry, w, pass_)
+        self._kept[key] = (w.copy(), prepared)
+        return prepared
 
     def _array(self, name: str, a, shape) -> np.ndarray:
         if not isinstance(a, np.ndarray):
@@ -128,6 +179,13 @@ class ConvPlan:
         _checks.array("out", out, shape, self.dtype, writeable=True)
         np.copyto(out, result)
         return out
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two float arrays of one shape and dtype hold the same bits (a NaN equals
+    itself, 0.0 differs from -0.0)."""
+    u = np.dtype(f"u{a.itemsize}")
+    return np.array_equal(a.view(u), b.view(u))
 
 
 def _forced(algorithm, pass_: str):
@@ -179,7 +237,7 @@ def _plan_dtype(dtype) -> np.dtype:
 
 
 def conv2d_plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
-                dtype=np.float32, *, algorithm=None) -> ConvPlan:
+                dtype=np.float32, *, algorithm=None, keep_weights=True) -> ConvPlan:
     """A plan for many convolutions of one geometry.
 
     Parameters
@@ -195,6 +253,12 @@ def conv2d_plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, grou
         per pass (``{'grad_weight': 'direct-channel-tile'}``), for testing and
         benchmarking.  A forced algorithm that does not support the geometry is a
         ValueError that says why.
+    keep_weights : bool, default True
+        Keep the weights as the algorithms run them (blocked, or Winograd-transformed)
+        between calls, with a copy of the weights to tell when they change: calls with the
+        same weights (an inference loop) prepare them once.  It costs the prepared weights
+        and a copy of the weights in memory, and a comparison per call; turn it off for
+        weights that change on every call.
 
     Returns
     -------
@@ -203,7 +267,7 @@ def conv2d_plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, grou
     geo = conv_geometry(_shape4("input_shape", input_shape),
                            _shape4("weight_shape", weight_shape), stride, padding,
                            dilation, groups)
-    return ConvPlan(geo, _plan_dtype(dtype), algorithm)
+    return ConvPlan(geo, _plan_dtype(dtype), algorithm, keep_weights=bool(keep_weights))
 
 
 class PlanCacheInfo(NamedTuple):
@@ -241,21 +305,21 @@ def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) 
                config.get_winograd())
         if None in key[2:6]:
             return conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
-                               dtype)
+                               dtype, keep_weights=False)
     plan = _recall(key)
     if plan is not None:
         _stats[0] += 1
         return plan
     _stats[1] += 1
     return _keep(key, conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
-                                  dtype))
+                                  dtype, keep_weights=False))
 
 
 def plan_for(geo: ConvGeometry, dtype) -> ConvPlan:
     """The plan of a validated geometry (the training path's), from the same cache."""
     key = (geo, np.dtype(dtype).str, config.get_winograd())
     plan = _recall(key)
-    return plan if plan is not None else _keep(key, ConvPlan(geo, dtype))
+    return plan if plan is not None else _keep(key, ConvPlan(geo, dtype, keep_weights=False))
 
 
 def _recall(key) -> ConvPlan | None:

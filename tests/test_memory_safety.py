@@ -103,7 +103,7 @@ def test_every_kernel_call_site_is_in_the_audit():
     assert len(sites) >= 25  # the parser found the calls
     assert sites - audited == set(), "kernel calls missing from docs/memory-safety.md"
     # Rows with no such call, but for those that reach their kernels through a variable.
-    by_variable = {"algorithms.channel_tile._grad_weight_tile", "algorithms.small._run"}
+    by_variable = {"algorithms.channel_tile.packed_grad_weight", "algorithms.small._run"}
     stale = {(s, k) for s, k in audited - sites if s not in by_variable}
     assert stale == set(), "rows of docs/memory-safety.md with no such call"
 
@@ -347,22 +347,26 @@ def test_conv_packed_backward_checks_the_deltas_it_is_handed(rng):
 
 def test_winograd_wrappers_check_what_they_hand_the_kernels():
     xp = np.zeros((1, 18, 18, 16), np.float32)  # a 14 x 14 output
-    w = np.zeros((32, 16, 5, 5), np.float32)
+    U = winograd.transform_filters(np.zeros((32, 16, 5, 5), np.float32), 16, np.float32)
     y = np.zeros((1, 32, 14, 14), np.float32)
-    assert winograd.forward_packed(xp, w, None, y)
-    for args in [(xp, w, None, y[:, :, :7].copy()), (xp[..., :8].copy(), w, None, y),
-                 (xp, np.zeros((32, 24, 5, 5), np.float32), None, y),
-                 (xp, w[:, :, :3], None, y), (xp.astype(np.float64), w, None, y),
-                 (xp, w, np.zeros(5, np.float32), y)]:
+    assert winograd.run_forward(xp, U, None, y)
+    for args in [(xp, U, None, y[:, :, :7].copy()), (xp[..., :8].copy(), U, None, y),
+                 (xp, U[:, :8].copy(), None, y), (xp, U[:, :, :16].copy(), None, y),
+                 (xp, U.astype(np.float64), None, y), (xp, U[::2], None, y),
+                 (xp, U, None, np.zeros((1, 40, 14, 14), np.float32)),
+                 (xp.astype(np.float64), U, None, y), (xp, U, np.zeros(5, np.float32), y)]:
         with pytest.raises((ValueError, TypeError)):
-            winograd.forward_packed(*args)
+            winograd.run_forward(*args)
+    for w in [np.zeros((32, 24, 5, 5), np.float32), np.zeros((32, 16, 3, 5), np.float32)]:
+        with pytest.raises(ValueError):
+            winograd.transform_filters(w, 16, np.float32)
     dyp = np.zeros((1, 14, 14, 32), np.float32)
-    assert winograd.grad_weight_packed(xp, dyp, 0, 0, 32, 16) is not None
+    assert winograd.run_grad_weight(xp, dyp, 0, 0, 32, 16) is not None
     for args in [(xp, dyp[:, :8].copy(), 0, 0, 32, 16), (xp, dyp, 1, 0, 32, 16),
                  (xp, dyp, 0, 0, 64, 16), (xp, dyp[..., :16].copy(), 0, 0, 16, 16),
                  (xp, dyp[0], 0, 0, 32, 16)]:
         with pytest.raises((ValueError, TypeError)):
-            winograd.grad_weight_packed(*args)
+            winograd.run_grad_weight(*args)
 
 
 # ---- optimizers ------------------------------------------------------------------------

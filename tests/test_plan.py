@@ -138,6 +138,76 @@ def test_a_plan_runs_again_with_new_weights_and_equals_the_functional_api(rng):
         np.testing.assert_array_equal(p.grad_bias(dy), fc.conv2d_grad_bias(dy))
 
 
+@pytest.mark.parametrize("x_shape, w_shape, padding, algorithm", [
+    ((2, 32, 14, 14), (64, 32, 5, 5), 2, WINO),
+    ((2, 16, 9, 9), (24, 16, 3, 3), 1, TILE),
+])
+def test_a_plan_prepares_weights_once_and_again_when_they_change(
+        x_shape, w_shape, padding, algorithm, rng, monkeypatch):
+    module = algorithms.BY_NAME[algorithm]
+    prepared = []
+    real = module.prepare
+    monkeypatch.setattr(module, "prepare", lambda geo, w, pass_: (
+        prepared.append(pass_), real(geo, w, pass_))[1])
+    p = fc.conv2d_plan(x_shape, w_shape, padding=padding, algorithm=algorithm)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    dy = rng.standard_normal(p.forward(x, w).shape).astype(np.float32)
+    for _ in range(3):  # the same weights, also as a copy: prepared once per pass
+        y, dx = p.forward(x, w.copy()), p.grad_input(dy, w)
+    assert sorted(prepared) == ["forward", "grad_input"]
+    np.testing.assert_array_equal(y, fc.conv2d(x, w, padding=padding))
+    np.testing.assert_array_equal(dx, fc.conv2d_grad_input(dy, w, x_shape, padding=padding))
+    # Changed in place (one element, then a sign of zero): prepared again, and right.
+    for change in [lambda a: a.__setitem__((1, 2, 0, 1), 0.5),
+                   lambda a: a.__setitem__((0, 0, 0, 0), -0.0),
+                   lambda a: a.__setitem__((0, 0, 0, 0), 0.0)]:
+        change(w)
+        want = fc.conv2d(x, w, padding=padding), fc.conv2d_grad_input(dy, w, x_shape,
+                                                                       padding=padding)
+        del prepared[:]
+        got = p.forward(x, w), p.grad_input(dy, w)
+        assert sorted(prepared) == ["forward", "grad_input"]
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    # Strided weights equal to the kept ones are the same weights.
+    wide = np.zeros((*w_shape[:3], 2 * w_shape[3]), np.float32)
+    wide[..., ::2] = w
+    del prepared[:]
+    y = p.forward(x, wide[..., ::2])
+    assert prepared == []
+    np.testing.assert_array_equal(y, fc.conv2d(x, w, padding=padding))
+
+
+def test_the_functional_api_and_unkept_plans_keep_no_weights(rng, monkeypatch):
+    prepared = []
+    real = algorithms.BY_NAME[TILE].prepare
+    monkeypatch.setattr(algorithms.BY_NAME[TILE], "prepare", lambda geo, w, pass_: (
+        prepared.append(pass_), real(geo, w, pass_))[1])
+    x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    p = fc.conv2d_plan(x.shape, w.shape, padding=1, algorithm=TILE, keep_weights=False)
+    with winograd_enabled(False):
+        for _ in range(2):
+            fc.conv2d(x, w, padding=1)
+            p.forward(x, w)
+    assert prepared == ["forward"] * 4
+    assert all(q._kept is None for q in plan_mod._cache.values())
+
+
+def test_a_kept_plan_with_non_finite_weights_still_hands_over_to_the_direct_kernel(rng):
+    x = rng.standard_normal((2, 32, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 5, 5)).astype(np.float32)
+    w[3, 1, 2, 2] = np.nan
+    p = fc.conv2d_plan(x.shape, w.shape, padding=2, algorithm=WINO)
+    want = fc.conv2d_plan(x.shape, w.shape, padding=2, algorithm=TILE).forward(x, w)
+    for _ in range(2):  # the second call runs on the kept (NaN) transform
+        y = p.forward(x, w)
+        np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+        np.testing.assert_allclose(y[np.isfinite(y)], want[np.isfinite(want)], rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_out_receives_the_result(rng):
     p = fc.conv2d_plan((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)

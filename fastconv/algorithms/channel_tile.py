@@ -32,19 +32,26 @@ def why_not(geo, dtype, pass_):
     return None
 
 
-def forward(geo, x, w, b):
-    return _forward_tile(_pack_input(x, geo), w, b, geo)
+def prepare(geo, w, pass_):
+    """The weights as the forward pass or dX runs them: blocked (:func:`_blocked_weights`),
+    and for dX one block per phase (:class:`PhaseWeights`)."""
+    if pass_ == "forward":
+        return _blocked_weights(w.reshape(geo.G, geo.Kg, geo.Cg, geo.R, geo.S))
+    return _phase_weights(w, geo)
 
 
-def grad_input(geo, dy, w):
+def forward(geo, x, wb, b):
+    return packed_forward(geo, _pack_input(x, geo), wb, b)
+
+
+def grad_input(geo, dy, wp):
     layout = delta_layout(geo)
-    return _grad_input_tile(pack_deltas(dy, layout), layout, w, geo)
+    return packed_grad_input(geo, pack_deltas(dy, layout), layout, wp)
 
 
 def grad_weight(geo, x, dy):
     layout = delta_layout(geo, need_dx=False)
-    return _grad_weight_tile(_pack_input(x, geo), pack_deltas(dy, layout), layout,
-                                geo)
+    return packed_grad_weight(geo, _pack_input(x, geo), pack_deltas(dy, layout), layout)
 
 
 def _blocked_weights(wg: np.ndarray, CrP: int | None = None) -> np.ndarray:
@@ -68,30 +75,48 @@ def _taps(taps: list) -> slice:
     return slice(taps[0], None if stop < 0 else stop, step)
 
 
-def _grad_input_tile(dyp: np.ndarray, layout: DeltaLayout, w: np.ndarray,
-                     geo: ConvGeometry) -> np.ndarray:
-    """dX by the channel tile, phase by phase (see "dX, derived once" below)."""
-    G, Kg, Cg, pt, pl = geo.G, geo.Kg, geo.Cg, layout.top, layout.left
-    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+class PhaseWeights(NamedTuple):
+    """dX's weights: the rotated filters blocked per phase (``blocks[ph][pw]``, see "dX,
+    derived once" in :mod:`fastconv.geometry`), and whether any weight is an inf or NaN
+    (``exact``)."""
+
+    blocks: tuple
+    exact: bool
+
+
+def _phase_weights(w: np.ndarray, geo: ConvGeometry) -> PhaseWeights:
+    """The :class:`PhaseWeights` of ``w`` (K, Cg, R, S) for the phases of
+    :func:`fastconv.layouts.delta_layout`."""
+    layout = delta_layout(geo)
     # (K, Cg, R, S) -> (G, Cg, Kg, R, S): output channels are now c, the reduction runs
     # over k, including the layout's zero channels (KgP, with zero weights).
-    wt = w.reshape(G, Kg, Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
-    zero_bias = np.zeros((G, -(-Cg // KB) * KB), dyp.dtype)
+    wt = w.reshape(geo.G, geo.Kg, geo.Cg, geo.R, geo.S).transpose(0, 2, 1, 3, 4)
+    blocks = tuple(tuple(_blocked_weights(wt[:, :, :, _taps(ph.taps), _taps(pw.taps)],
+                                          layout.KgP) for pw in layout.cols)
+                   for ph in layout.rows)
     # With finite weights, taps that land on dy's zero border add exact zeros; an inf or NaN
     # weight would turn them into NaN, so then the kernel skips them (slower, and exact).
-    exact = not np.isfinite(w).all()
-    for ph in layout.rows:
-        for pw in layout.cols:
-            wb = _blocked_weights(wt[:, :, :, _taps(ph.taps), _taps(pw.taps)], layout.KgP)
+    return PhaseWeights(blocks, not np.isfinite(w).all())
+
+
+def packed_grad_input(geo: ConvGeometry, dyp: np.ndarray, layout: DeltaLayout,
+                      wp: PhaseWeights) -> np.ndarray:
+    """dX by the channel tile, phase by phase (see "dX, derived once" in
+    :mod:`fastconv.geometry`), from deltas packed in ``layout`` (``delta_layout(geo)``)."""
+    pt, pl = layout.top, layout.left
+    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    zero_bias = np.zeros((geo.G, -(-geo.Cg // KB) * KB), dyp.dtype)
+    for ph, blocks in zip(layout.rows, wp.blocks, strict=True):
+        for pw, wb in zip(layout.cols, blocks, strict=True):
             rows = TileMap(ph.count, pw.count, 1, 1, ph.step, pw.step, pt + ph.start,
                            pl + pw.start, ph.out0, pw.out0, geo.sh, geo.sw)
             conv_tiles(dyp, wb, zero_bias, dx, rows,
-                       Border(exact, pt, pt + geo.OH, pl, pl + geo.OW))
+                       Border(wp.exact, pt, pt + geo.OH, pl, pl + geo.OW))
     return dx
 
 
-def _grad_weight_tile(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
-                      geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+def packed_grad_weight(geo: ConvGeometry, xp: np.ndarray, dyp: np.ndarray,
+                       layout: DeltaLayout, ws=_FRESH) -> np.ndarray:
     """dW by the channel tile (:func:`kernels.conv_dw_tiles`) from packed input and
     deltas."""
     G, Kg, Cg, C, R, S = geo.G, geo.Kg, geo.Cg, geo.C, geo.R, geo.S
@@ -128,11 +153,13 @@ def _grad_bias_packed(dyp: np.ndarray, layout: DeltaLayout, geo: ConvGeometry,
     return part.sum(axis=0).reshape(geo.G, layout.KgP)[:, :geo.Kg].reshape(geo.K)
 
 
-def _forward_tile(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry, ws=_FRESH,
-                  pool_order=False) -> np.ndarray:
-    """y by the channel tile (:func:`kernels.conv_tiles`), as :func:`_forward_packed`."""
+def packed_forward(geo: ConvGeometry, xp: np.ndarray, wb: np.ndarray, b, ws=_FRESH,
+                   pool_order=False) -> np.ndarray:
+    """y (N, K, OH, OW) by the channel tile (:func:`conv_tiles`) from the packed input and
+    the blocked weights (:func:`prepare`); ``y`` is the array ``"y"`` of workspace ``ws``.
+    With ``pool_order``, y (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution
+    of twice the stride (see "Pool order" in :mod:`fastconv.layouts`)."""
     G, Kg = geo.G, geo.Kg
-    wb = _blocked_weights(w.reshape(G, Kg, geo.Cg, geo.R, geo.S))
     bb = np.zeros((G, wb.shape[1] * KB), xp.dtype)
     if b is not None:
         bb[:, :Kg] = b.reshape(G, Kg)

@@ -50,35 +50,50 @@ def why_not(geo, dtype, pass_):
     return None
 
 
-def forward(geo, x, w, b):
-    return _forward_winograd(_pack_input(x, geo), w, b, geo)
+def prepare(geo, w, pass_):
+    """``U``, the transformed filters (:func:`transform_filters`): of ``w`` for the forward
+    pass; for dX, of the filters rotated by 180 degrees with the channel roles swapped,
+    over the deltas' channels."""
+    if pass_ == "forward":
+        return transform_filters(w, geo.C, np.float32)
+    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 5, 5)
+    return transform_filters(wt, delta_layout(geo).KgP, np.float32)
 
 
-def grad_input(geo, dy, w):
+def forward(geo, x, U, b):
+    return packed_forward(geo, _pack_input(x, geo), U, b)
+
+
+def grad_input(geo, dy, U):
     layout = delta_layout(geo)
-    return _grad_input_winograd(pack_deltas(dy, layout), layout, w, geo)
+    return packed_grad_input(geo, pack_deltas(dy, layout), layout, U)
 
 
 def grad_weight(geo, x, dy):
     layout = delta_layout(geo, need_dx=False)
-    return grad_weight_packed(_pack_input(x, geo), pack_deltas(dy, layout), layout.top,
-                             layout.left, geo.K, geo.C)
+    return packed_grad_weight(geo, _pack_input(x, geo), pack_deltas(dy, layout), layout)
 
 
-def _grad_input_winograd(dyp, layout: DeltaLayout, w, geo: ConvGeometry):
-    """dX by Winograd from deltas in ``layout`` (padded by 4, as the full correlation
-    needs), or None if it has an inf or NaN."""
-    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-    return dx if grad_input_packed(dyp, w, dx) else None
-
-
-def _forward_winograd(xp, w, b, geo: ConvGeometry, ws=_FRESH, pool_order=False):
-    """y by Winograd from the packed input, as :func:`_forward_packed`; None if it has an
-    inf or NaN (the caller runs the next algorithm)."""
+def packed_forward(geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
+    """y from the packed input and ``U`` (:func:`prepare`), in NCHW or pool order, as
+    the channel tile's ``packed_forward``; None if it has an inf or NaN (the plan then
+    runs the next algorithm)."""
     shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
         geo.N, geo.K, geo.OH, geo.OW)
     y = ws.empty("y", shape, xp.dtype)
-    return y if forward_packed(xp, w, b, y, pool_order) else None
+    return y if run_forward(xp, U, b, y, pool_order) else None
+
+
+def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
+    """dX from deltas in ``layout`` (padded by 4, as the full correlation needs): the
+    forward kernel on the deltas with dX's ``U``; None if it has an inf or NaN."""
+    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    return dx if run_forward(dyp, U, None, dx) else None
+
+
+def packed_grad_weight(geo: ConvGeometry, xp, dyp, layout: DeltaLayout, ws=_FRESH):
+    """dW from the packed input and deltas in ``layout``; None if it has an inf or NaN."""
+    return run_grad_weight(xp, dyp, layout.top, layout.left, geo.K, geo.C)
 
 
 # ---- the transforms and the kernels' wrappers ------------------------------------------
@@ -179,37 +194,37 @@ def _check_packed(name: str, xp) -> tuple[int, int, int, int]:
     return N, Hp, Wp, C
 
 
-def forward_packed(xp: np.ndarray, w: np.ndarray, b, y: np.ndarray,
-            pool_order: bool = False) -> bool:
-    """The valid 5x5 correlation of the packed input ``xp`` (N, OH+4, OW+4, CP) with
-    ``w`` (K, C, 5, 5), plus ``b`` (K,) or None, into ``y``: (N, K, OH, OW), or with
-    ``pool_order`` (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the
-    result has an inf or NaN (see above)."""
+def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
+                pool_order: bool = False) -> bool:
+    """The valid 5x5 correlation of the packed input ``xp`` (N, OH+4, OW+4, CP) with the
+    filters whose transform is ``U`` (36, CP, KP) (:func:`transform_filters`), plus ``b``
+    (K,) or None, into ``y``: (N, K, OH, OW) with ``K <= KP``, or with ``pool_order``
+    (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the result has an
+    inf or NaN (see above).  dX is this on the deltas, with the rotated filters."""
     N, Hp, Wp, CP = _check_packed("xp", xp)
-    U = transform_filters(w, CP, xp.dtype)  # checks w
-    K, OH, OW = w.shape[0], Hp - 4, Wp - 4
+    KP = np.shape(U)[2] if np.ndim(U) == 3 else 0
+    if KP % _wk.KW or not KP:
+        raise ValueError(f"U must have shape (36, {CP}, KP), KP a multiple of {_wk.KW}, got "
+                         f"{np.shape(U)}")
+    _checks.array("U", U, (36, CP, KP), np.float32)
+    K = np.shape(y)[1] if np.ndim(y) == 4 else -1
+    OH, OW = Hp - 4, Wp - 4
+    if not 0 < K <= KP:
+        raise ValueError(f"y must have shape (N, K, ...) with K <= {KP}, got {np.shape(y)}")
     _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
                   np.float32, writeable=True)
     if b is not None and np.shape(b) != (K,):
         raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
-    bp = np.zeros(U.shape[2], xp.dtype)
+    bp = np.zeros(KP, xp.dtype)
     if b is not None:
-        bp[:w.shape[0]] = b
+        bp[:K] = b
     chk = np.zeros((_wk.NCH, _wk.VL), xp.dtype)
     _wk.winograd_tiles(xp, U, bp, y, kernel_constants(xp.dtype), pool_order, chk)
     return bool(np.isfinite(chk).all())
 
 
-def grad_input_packed(dyp: np.ndarray, w: np.ndarray, dx: np.ndarray) -> bool:
-    """dX (N, C, H, W) into ``dx`` from deltas ``dyp`` (N, H+4, W+4, KgP) padded as the
-    full correlation needs, and ``w`` (K, C, 5, 5): the forward kernel with the filters
-    rotated by 180 degrees and the channel roles swapped.  False as :func:`forward_packed`."""
-    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 5, 5)
-    return forward_packed(dyp, wt, None, dx)
-
-
-def grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
-                C: int) -> np.ndarray | None:
+def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
+                    C: int) -> np.ndarray | None:
     """dW (K, C, 5, 5) from the packed input ``xp`` (N, OH+4, OW+4, CP) and the
     channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at
     ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN.
