@@ -112,13 +112,15 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
-                    ws=_FRESH, pool_order=False) -> np.ndarray:
+                    ws=_FRESH, pool_order=False, held=None) -> np.ndarray:
     """y (N, K, OH, OW) from the packed input by the plan's algorithm (Winograd or the
     channel tile); ``w``, ``b`` in its dtype; ``y`` is the array ``"y"`` of workspace
     ``ws``.  With ``pool_order``, y (N, K, 4, OH/2 * OW/2) in pool order: each plane a
-    convolution of twice the stride (see "Pool order" in :mod:`fastconv.layouts`)."""
-    return plan.plan_for(geo, xp.dtype)._run_packed("forward", xp, w, b, ws=ws,
-                                                     pool_order=pool_order)
+    convolution of twice the stride (see "Pool order" in :mod:`fastconv.layouts`).
+    ``held`` (a :class:`fastconv.plan.HeldPlan`), if given, supplies the plan (and its
+    kept weights) instead of the shared cache."""
+    p = plan.plan_for(geo, xp.dtype) if held is None else held.get(geo, xp.dtype)
+    return p._run_packed("forward", xp, w, b, ws=ws, pool_order=pool_order)
 
 
 def pool_order_ok(geo: ConvGeometry) -> bool:
@@ -230,8 +232,10 @@ def saved_kind(geo: ConvGeometry, dtype, pool_order: bool = False) -> str:
 
 
 def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, workspace,
-                   out_ws=_FRESH, pool_order=False):
-    """:func:`conv2d_saving`.  ``y`` is the array ``"y"`` of ``out_ws``."""
+                   out_ws=_FRESH, pool_order=False, held=None):
+    """:func:`conv2d_saving`.  ``y`` is the array ``"y"`` of ``out_ws``; ``held`` (a
+    :class:`fastconv.plan.HeldPlan`, a layer's in evaluation) supplies the plan that runs
+    a serial, Winograd or channel-tile forward pass, keeping its prepared weights."""
     x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     geo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
     if b is not None and b.shape != (geo.K,):
@@ -255,10 +259,11 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
         y = _forward_pixels(x, w, b, geo, out_ws)
         return (y[0] if unbatched else y), x, geo
     if forward == "serial-direct":  # so does its dW, serial too
-        y = plan.plan_for(geo, dtype)._run("forward", x, w, b)
+        p = plan.plan_for(geo, dtype) if held is None else held.get(geo, dtype)
+        y = p._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo
     xp = _pack_input(x, geo, ws)
-    y = _forward_packed(xp, w, b, geo, out_ws, pool_order=pool_order)
+    y = _forward_packed(xp, w, b, geo, out_ws, pool_order, held)
     return (y[0] if unbatched else y), xp if kind == "packed" else x, geo
 
 

@@ -219,6 +219,7 @@ class Conv2d(Module):
         self.needs_input_grad = True
         self._saved = None
         self._workspace = _layouts.Workspace()  # packed input, deltas (and scratch output)
+        self._held = plan.HeldPlan()  # evaluation's plan, which keeps prepared weights
 
     def forward(self, x):
         return self._forward(x, False)[0]
@@ -233,10 +234,13 @@ class Conv2d(Module):
         """``(y, geo)`` of ``conv2d_saving``, keeping what backward reads."""
         # Only training steps reuse the workspace: evaluation batches (often larger) would
         # otherwise keep their buffers alive and make the next training step reallocate.
-        y, xp, geo = _conv.conv2d_saving(x, self.params["weight"], self.params.get("bias"),
-                                         **self.conv,
-                                         workspace=self._workspace if self.training else None,
-                                         reuse_output=reuse_output, pool_order=pool_order)
+        # Evaluation runs the layer's held plan, which prepares the weights once while they
+        # do not change; a training step's weights change every step.
+        y, xp, geo = _conv._conv2d_saving(
+            x, self.params["weight"], self.params.get("bias"), **self.conv,
+            workspace=self._workspace if self.training else None,
+            out_ws=self._workspace if reuse_output else _layouts._FRESH,
+            pool_order=pool_order, held=None if self.training else self._held)
         # What dW reads again in backward: the packed input, pool order's PixelInput, or
         # the input itself, as the plan's dW algorithm reads it (conv.saved_kind).
         self._saved = (xp, geo, np.ndim(x) == 3, y.dtype,

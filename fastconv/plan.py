@@ -322,6 +322,22 @@ def plan_for(geo: ConvGeometry, dtype) -> ConvPlan:
     return plan if plan is not None else _keep(key, ConvPlan(geo, dtype, keep_weights=False))
 
 
+class HeldPlan:
+    """The plan a layer holds for its evaluation calls: one :class:`ConvPlan` that keeps
+    its prepared weights (an inference loop prepares them once), made again when the
+    geometry, dtype or Winograd switch of a call differs from its own."""
+
+    def __init__(self):
+        self._key, self._plan = None, None
+
+    def get(self, geo: ConvGeometry, dtype) -> ConvPlan:
+        """The plan of a validated geometry in ``dtype``."""
+        key = (geo, np.dtype(dtype), config.get_winograd())
+        if key != self._key:
+            self._key, self._plan = key, ConvPlan(geo, dtype)
+        return self._plan
+
+
 def _recall(key) -> ConvPlan | None:
     """The cached plan of ``key``, now the most recently used, or None."""
     plan = _cache.get(key)

@@ -79,3 +79,34 @@ def test_what_each_case_keeps():
                                **conv_args)
         kinds.append(conv.saved_kind(geo, np.float32, conv.pool_order_ok(geo)))
     assert set(kinds) == {"pixels", "packed", "input"}
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["winograd", "channel-tile"])
+def test_a_layer_in_evaluation_prepares_its_weights_once_while_they_do_not_change(
+        case, rng, monkeypatch):
+    N, C, H, W, K, k, conv_args = case
+    model = nn.Sequential(nn.Conv2d(C, K, k, **conv_args, rng=np.random.default_rng(0)),
+                          nn.ReLU(), nn.MaxPool2d(2))
+    layer, w = model[0], model[0].params["weight"]
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    module = fc.algorithms.BY_NAME[fc.conv2d_plan(x.shape, w.shape, **conv_args).algorithms[
+        "forward"]]
+    model.train(False)
+    want, alone = model(x), fc.conv2d(x, w, layer.params["bias"], **conv_args)
+    prepared = []
+    real = module.prepare
+    monkeypatch.setattr(module, "prepare", lambda geo, w, pass_: (
+        prepared.append(pass_), real(geo, w, pass_))[1])
+    for _ in range(2):  # pool order (in the Sequential) and alone: one plan, kept weights
+        np.testing.assert_array_equal(model(x), want)
+        np.testing.assert_array_equal(layer(x), alone)
+    assert prepared == []  # the first model(x) prepared them
+    w[0, 0, 0, 0] += 1.0  # as an optimizer step does, in place
+    alone = fc.conv2d(x, w, layer.params["bias"], **conv_args)
+    del prepared[:]
+    np.testing.assert_array_equal(layer(x), alone)
+    assert prepared == ["forward"]
+    model.train(True)  # training steps prepare on every call, keeping nothing
+    del prepared[:]
+    model(x), model(x)
+    assert prepared.count("forward") == 2
