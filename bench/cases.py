@@ -220,8 +220,57 @@ def torch_pass(pass_: str):
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
 
+# ---- a baseline: another fastconv source tree, for A/B comparisons -------------------
+
+#: The fastconv package of ``--baseline DIR`` (:func:`load_baseline`), or None.
+baseline = None
+
+
+def load_baseline(root) -> object:
+    """Import the ``fastconv`` package of the source tree ``root`` (a checkout of another
+    commit) as the module ``fastconv_baseline``, beside this one, and make it the
+    ``baseline`` implementation.  Its modules import each other relatively, so they load
+    from ``root``; Numba compiles (and caches) them apart by their paths."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    global baseline
+    package = pathlib.Path(root).resolve() / "fastconv"
+    if not (package / "__init__.py").is_file():
+        raise ValueError(f"--baseline {root}: no fastconv package in it ({package})")
+    spec = importlib.util.spec_from_file_location(
+        "fastconv_baseline", package / "__init__.py",
+        submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastconv_baseline"] = module
+    spec.loader.exec_module(module)
+    baseline = module
+    return module
+
+
+def baseline_pass(pass_: str):
+    """The baseline's functional API (``None`` without ``--baseline``)."""
+    if baseline is None:
+        return None
+    b = baseline
+
+    def forward(c, a):
+        return b.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
+
+    def dx(c, a):
+        return b.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
+                                   padding=c.padding)
+
+    def dw(c, a):
+        return b.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
+                                    padding=c.padding)
+
+    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+
+
 IMPLS = {"fastconv": fastconv_pass, "fastconv-plan": fastconv_plan_pass,
-         "fastconv-direct": fastconv_direct_pass,
+         "fastconv-direct": fastconv_direct_pass, "baseline": baseline_pass,
          "numpy-im2col": numpy_pass, "torch": torch_pass}
 
 
@@ -236,10 +285,13 @@ def sync_threads() -> int:
 # ---- training steps: the MNIST two-conv network, SGD momentum 0.9, lr 0.05 ------------
 
 
-def fastconv_training(batch: int = 64, seed: int = 0):
-    """One fastconv training step on a fixed random batch; returns ``step() -> loss``."""
-    from fastconv import nn, train
+def fastconv_training(batch: int = 64, seed: int = 0, package=fc):
+    """One fastconv training step on a fixed random batch; returns ``step() -> loss``.
+    ``package``: this fastconv, or the baseline's (:func:`load_baseline`)."""
+    import importlib
 
+    nn = importlib.import_module(package.__name__ + ".nn")
+    train = importlib.import_module(package.__name__ + ".train")
     model, opt = train.build(train.TrainConfig(batch_size=batch, seed=seed))
     loss_fn = nn.SoftmaxCrossEntropy()
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
     python bench/report.py [--reps 15] [--targets 1 2 3 4 5] [--data-dir DIR]
         [--impl numpy-im2col] [--cases mnist-conv2 ...] [--markdown docs/benchmarks.md]
+        [--baseline DIR]
 
 ``--markdown PATH`` also writes what is printed (the machine, the tables and the
 verdicts) as a Markdown page, replacing PATH only once the run has finished: that is how
@@ -21,6 +22,11 @@ faster, the median of per-round ratios):
 5. small calls (``cases.SMALL``): the tiny layer's forward takes <= 1.2x torch's time
    through ``fc.conv2d`` and <= 1.0x through a held plan; every batch-1 pass of the MNIST
    layers and of the 3x3 64 -> 64 layer at 32x32 is >= 1.0x torch.
+
+``--baseline DIR`` compares against another fastconv source tree (a checkout of an older
+commit: ``git worktree add --detach DIR <commit>``): its functional API is timed,
+interleaved, as ``baseline`` in every table, with a ``fastconv vs baseline`` column
+(``t_baseline / t_fastconv``), and a section times the training step of both in turn.
 
 For each (shape, pass) the implementations are timed in turn, round after round, so that
 machine noise hits them alike.  ``--impl numpy-im2col`` adds the NumPy baseline, timed in
@@ -169,6 +175,8 @@ def conv_table(names, passes, impls, extra, reps, ratio_of=("fastconv",)):
     have_torch = "torch" in impls
     if have_torch:
         head += [f"{i} vs torch" for i in ratio_of]
+    if "baseline" in impls:
+        head += ["fastconv vs baseline"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     by_name = {c.name: c for c in cases.CASES}
@@ -187,9 +195,38 @@ def conv_table(names, passes, impls, extra, reps, ratio_of=("fastconv",)):
                     times["torch"], times[i], strict=True)) for i in ratio_of}
                 row += [f"{ratios[i]:.2f}x" for i in ratio_of]
                 ratio = ratios if len(ratio_of) > 1 else ratios[ratio_of[0]]
+            if "baseline" in impls:
+                row.append(f"{_ratio(times['baseline'], times['fastconv']):.2f}x")
             out[name, pass_] = (gf, ratio)
             print("| " + " | ".join(row) + " |", flush=True)
     return out
+
+
+def _ratio(slower, faster) -> float:
+    """The median of the per-round ratios ``slower[i] / faster[i]``."""
+    return statistics.median(a / b for a, b in zip(slower, faster, strict=True))
+
+
+def baseline_steps(reps: int, calls: int = 10) -> None:
+    """Time a training step of this fastconv and of the baseline in turn, ``reps`` rounds
+    of ``calls`` steps, and print their medians and the ratio."""
+    steps = {"fastconv": cases.fastconv_training(),
+             "baseline": cases.fastconv_training(package=cases.baseline)}
+    times = {k: [] for k in steps}
+    for step in steps.values():
+        step()
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - t0) / calls)
+    print("| | fastconv | baseline | fastconv vs baseline |")
+    print("|---|---|---|---|")
+    print(f"| MNIST two-conv training step, batch 64 (ms) | "
+          f"{statistics.median(times['fastconv']) * 1e3:.2f} | "
+          f"{statistics.median(times['baseline']) * 1e3:.2f} | "
+          f"{_ratio(times['baseline'], times['fastconv']):.2f}x |")
 
 
 def main(argv=None):
@@ -205,6 +242,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default=os.environ.get("FASTCONV_DATA"),
                    help="Fashion-MNIST for target 4 (default $FASTCONV_DATA)")
     p.add_argument("--train-rounds", type=int, default=5)
+    p.add_argument("--baseline", metavar="DIR",
+                   help="another fastconv source tree to A/B against (see above)")
     p.add_argument("--markdown", metavar="PATH",
                    help="also write the report as Markdown to PATH (docs/benchmarks.md), "
                    "replaced atomically when the run has finished")
@@ -229,7 +268,10 @@ def report(args) -> None:
     """Print the report that ``args`` (from :func:`main`'s parser) asks for."""
     threads = cases.sync_threads()
     have_torch = cases.torch is not None
-    impls = ["fastconv"] + (["torch"] if have_torch else []) + args.impl
+    if args.baseline:
+        cases.load_baseline(args.baseline)
+    impls = (["fastconv"] + (["baseline"] if args.baseline else [])
+             + (["torch"] if have_torch else []) + args.impl)
     print(f"# {_cpu_name()}, {os.cpu_count()} CPUs, {threads} threads, fp32, "
           f"median of {args.reps} interleaved rounds")
     print(f"# Python {platform.python_version()}, Numba {numba.__version__}"
@@ -311,6 +353,9 @@ def report(args) -> None:
             ok = r["ratio"] >= 1.5 and rss["fastconv"] < rss["torch"]
             verdicts.append(f"4. training: {r['ratio']:.2f}x torch, peak RSS "
                             f"{rss['fastconv']:.0f} vs {rss['torch']:.0f} MB -> {_verdict(ok)}")
+    if args.baseline:
+        print(f"\n## A/B: the training step against the baseline ({args.baseline})\n")
+        baseline_steps(args.reps)
     if verdicts:
         print("\n## Verdicts\n")
         for v in verdicts:

@@ -90,3 +90,31 @@ def test_markdown_of_a_small_run(tmp_path, capsys):
 def test_markdown_needs_an_existing_folder(tmp_path):
     with pytest.raises(SystemExit):
         report.main(["--cases", "tiny-rgb-8px", "--markdown", str(tmp_path / "no" / "b.md")])
+
+
+def test_a_baseline_tree_loads_beside_fastconv_and_runs_the_same_api():
+    import pathlib
+
+    import numpy as np
+
+    import cases
+
+    root = pathlib.Path(cases.__file__).resolve().parents[1]
+    try:
+        module = cases.load_baseline(root)  # this tree as its own baseline
+        assert module.__name__ == "fastconv_baseline" and module is not cases.fc
+        assert module.conv.__file__ == str(root / "fastconv" / "conv.py")
+        case = next(c for c in cases.SMALL if c.name == "tiny-rgb-8px")
+        arrays = cases.make_arrays(case)
+        np.testing.assert_array_equal(cases.IMPLS["baseline"]("forward")(case, arrays),
+                                      cases.IMPLS["fastconv"]("forward")(case, arrays))
+    finally:
+        cases.baseline = None
+    assert cases.IMPLS["baseline"]("forward") is None
+
+
+def test_a_baseline_without_a_package_is_refused(tmp_path):
+    import cases
+
+    with pytest.raises(ValueError, match="no fastconv package"):
+        cases.load_baseline(tmp_path)
