@@ -14,6 +14,14 @@ least one::
     forward(geo, x, w, b)   -> y  (N, K, OH, OW), or None to hand over to a fallback
     grad_input(geo, dy, w)  -> dx (N, C, H, W), or None
     grad_weight(geo, x, dy) -> dw (K, C/G, R, S), or None
+
+An algorithm that lays out its weights also defines ``prepare(geo, w, pass_)``; its
+forward and dX then take what that returns in place of ``w``, and a plan keeps it while
+the weights do not change (:meth:`fastconv.plan.ConvPlan._weights`).  The algorithms
+the training path runs on its packed layouts (Winograd, the channel tile) also define
+``packed_forward(geo, xp, w, b, ws, pool_order)``, ``packed_grad_input(geo, dyp,
+layout, w)`` and ``packed_grad_weight(geo, xp, dyp, layout, ws)``
+(:meth:`fastconv.plan.ConvPlan._run_packed`).
 """
 
 from __future__ import annotations
