@@ -28,6 +28,11 @@ PIXEL_MAX_C = 4
 #: MNIST conv2's dW: 4 chunks 0.96x the time of 8, 2 the same as 4.
 WINOGRAD_DW_CHUNKS = 4
 
+#: Winograd runs dW only for at least this many 2x2 output tiles (N * OH/2 * OW/2): its
+#: transforms back and its chunk sums cost the same for one image as for 64, and below
+#: about 8 MNIST conv2 images (49 tiles each) the NCHW-delta dW is faster.
+WINOGRAD_DW_MIN_TILES = 392
+
 #: Problems of at most this many multiply-adds per pass run the serial direct kernels
 #: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
 #: more than the arithmetic.

@@ -127,7 +127,7 @@ def pool_order_ok(geo: ConvGeometry) -> bool:
     """Whether ``conv2d_saving(..., pool_order=True)`` can run this layer: an even output
     size, a problem too large for the serial kernels (which write NCHW), and for the pixel
     path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX`` pixels."""
-    if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.why_not(geo, None, "forward") is None:
+    if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.slower(geo, None, "forward") is None:
         return False
     if _pixel_ok(geo):
         return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * PX

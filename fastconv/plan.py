@@ -212,9 +212,9 @@ def _forced(algorithm, pass_: str):
 
 def _order(geo, dtype, pass_: str, forced) -> list:
     """The algorithms that run ``pass_``, in order: the chosen one, then its fallbacks."""
-    supported = algorithms.supporting(geo, dtype, pass_)
     if forced is None:
-        return supported
+        return algorithms.choices(geo, dtype, pass_)
+    supported = algorithms.supporting(geo, dtype, pass_)
     reason = algorithms.why_not(forced, geo, dtype, pass_)
     if reason is not None:
         raise ValueError(f"algorithm {forced.NAME!r} cannot run the {pass_} pass of this "

@@ -80,12 +80,14 @@ def direct_only():
 
 @pytest.fixture
 def parallel_paths(monkeypatch):
-    """Run the test without the serial kernels of small problems (config.SMALL_WORK = 0),
-    for tests of the parallel algorithms' layouts on small shapes; plans made before and
-    during it are forgotten, since they remember their choices."""
+    """Run the test without the rules of speed that pass the parallel algorithms over on
+    small shapes (the serial kernels below config.SMALL_WORK, the direct dW below
+    config.WINOGRAD_DW_MIN_TILES), for tests of their layouts on small shapes; plans made
+    before and during it are forgotten, since they remember their choices."""
     from fastconv import config, plan
 
     monkeypatch.setattr(config, "SMALL_WORK", 0)
+    monkeypatch.setattr(config, "WINOGRAD_DW_MIN_TILES", 0)
     plan.clear_plan_cache()
     yield
     plan.clear_plan_cache()

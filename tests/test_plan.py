@@ -46,6 +46,32 @@ def test_the_order_is_the_policy():
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
 
 
+def test_an_algorithm_passed_over_as_slower_still_runs_when_forced(rng, monkeypatch):
+    """Winograd's dW below config.WINOGRAD_DW_MIN_TILES and the serial kernels above
+    config.SMALL_WORK are rules of speed: the plan chooses another algorithm, a forced
+    plan runs them."""
+    x = rng.standard_normal((1, 32, 14, 14)).astype(np.float32)  # 49 tiles
+    w = rng.standard_normal((64, 32, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal((1, 64, 14, 14)).astype(np.float32)
+    geo = fc.conv_geometry(x.shape, w.shape, padding=2)
+    assert "WINOGRAD_DW_MIN_TILES" in algorithms.slower(algorithms.BY_NAME[WINO], geo,
+                                                       np.float32, "grad_weight")
+    with winograd_enabled(True):
+        assert fc.conv2d_plan(x.shape, w.shape, padding=2).algorithms == {
+            "forward": WINO, "grad_input": WINO, "grad_weight": NCHW}
+        want = fc.conv2d_grad_weight(x, dy, w.shape, padding=2)
+        for forced in (WINO, SMALL):
+            plan = fc.conv2d_plan(x.shape, w.shape, padding=2, algorithm={"grad_weight": forced})
+            assert plan.algorithms["grad_weight"] == forced
+            np.testing.assert_allclose(plan.grad_weight(x, dy), want, rtol=1e-4, atol=1e-3)
+        monkeypatch.setattr(config, "WINOGRAD_DW_MIN_TILES", 49)
+        assert fc.conv2d_plan(x.shape, w.shape, padding=2).algorithms["grad_weight"] == WINO
+    for p in algorithms.PASSES:  # the choices are the supporting algorithms, in order
+        chosen = algorithms.choices(geo, np.float32, p)
+        supported = algorithms.supporting(geo, np.float32, p)
+        assert chosen == [a for a in supported if a in chosen] and chosen[-1].NAME == TILE
+
+
 GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pass of some
     (2, 32, 14, 14, 32, 5, 5, dict(padding=2)),
     (2, 16, 16, 18, 5, 5, 5, dict(padding=(1, 3))),
@@ -103,7 +129,6 @@ def test_each_algorithm_runs_somewhere_in_the_grid():
 
 @pytest.mark.parametrize("algorithm, words", [
     (WINO, "5x5 filter"), (PIXEL, "at most 4 input channels"), (NCHW, "it has no forward pass"),
-    (SMALL, "config.SMALL_WORK"),
     ("fft", "unknown algorithm 'fft'"), (3, "must be a name"),
     ({"backward": TILE}, "algorithm keys must be passes"),
 ])

@@ -20,6 +20,9 @@ from fastconv.algorithms import winograd_kernels as WK
 
 from conftest import all_passes, reference_passes, winograd_enabled
 
+# Winograd's dW on batches smaller than it is chosen for (config.WINOGRAD_DW_MIN_TILES).
+pytestmark = pytest.mark.usefixtures("parallel_paths")
+
 
 def _usable(geo, dtype) -> bool:
     """Whether plans run Winograd for this geometry (its rule, forward pass)."""

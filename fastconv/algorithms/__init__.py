@@ -2,12 +2,14 @@
 
 Like oneDNN's implementation list, **the order is the policy**: a plan
 (:mod:`fastconv.plan`) gives each pass the first algorithm in :data:`ALGORITHMS` that
-supports the geometry and dtype, and keeps the ones after it that also support it as
-fallbacks (Winograd hands a result with an inf or NaN to the next one, which propagates
-non-finite values exactly).  Adding an algorithm is a module here and a line below.
+supports the geometry and dtype and is not passed over as slower there, and keeps the
+ones after it as fallbacks (Winograd hands a result with an inf or NaN to the next one,
+which propagates non-finite values exactly).  Adding an algorithm is a module here and a line below.
 
-Each module defines ``NAME``, ``why_not(geo, dtype, pass_)`` (None if it supports the
-pass, else the reason, which a plan forced to use it reports), and one function per pass
+Each module defines ``NAME``, ``why_not(geo, dtype, pass_)`` (None if it can run the
+pass, else the reason, which a plan forced to use it reports), optionally ``slower(geo,
+dtype, pass_)`` (None, or why it is passed over although it can run the pass: a rule of
+speed, not of correctness, which forcing it overrides), and one function per pass
 it implements, each taking validated NCHW arrays in the plan's dtype and a batch of at
 least one::
 
@@ -43,6 +45,18 @@ def why_not(algorithm, geo, dtype, pass_: str) -> str | None:
     return algorithm.why_not(geo, dtype, pass_)
 
 
+def slower(algorithm, geo, dtype, pass_: str) -> str | None:
+    """Why ``algorithm``, which can run ``pass_``, is passed over as slower there, or None."""
+    rule = getattr(algorithm, "slower", None)
+    return None if rule is None else rule(geo, dtype, pass_)
+
+
 def supporting(geo, dtype, pass_: str) -> list:
     """The algorithms that can run ``pass_``, in the order of :data:`ALGORITHMS`."""
     return [a for a in ALGORITHMS if why_not(a, geo, dtype, pass_) is None]
+
+
+def choices(geo, dtype, pass_: str) -> list:
+    """The algorithms a plan runs ``pass_`` with, in order: those that can run it and are
+    not passed over as slower.  The first is the plan's choice, the others its fallbacks."""
+    return [a for a in supporting(geo, dtype, pass_) if slower(a, geo, dtype, pass_) is None]

@@ -39,6 +39,10 @@ def work(geo) -> int:
 
 
 def why_not(geo, dtype, pass_):
+    return None
+
+
+def slower(geo, dtype, pass_):
     if work(geo) > config.SMALL_WORK:
         return (f"it is for problems of at most {config.SMALL_WORK} multiply-adds "
                 f"(config.SMALL_WORK); this one has {work(geo)}")

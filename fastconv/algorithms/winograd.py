@@ -50,6 +50,14 @@ def why_not(geo, dtype, pass_):
     return None
 
 
+def slower(geo, dtype, pass_):
+    tiles = geo.N * (geo.OH // 2) * (geo.OW // 2)
+    if pass_ == "grad_weight" and tiles < config.WINOGRAD_DW_MIN_TILES:
+        return (f"its dW needs at least {config.WINOGRAD_DW_MIN_TILES} output tiles "
+                f"(config.WINOGRAD_DW_MIN_TILES) to pay for its transforms; this has {tiles}")
+    return None
+
+
 def prepare(geo, w, pass_):
     """``U``, the transformed filters (:func:`transform_filters`): of ``w`` for the forward
     pass; for dX, of the filters rotated by 180 degrees with the channel roles swapped,
