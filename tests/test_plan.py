@@ -15,12 +15,14 @@ from conftest import random_problem, reference_passes, winograd_enabled
 
 TILE, PIXEL, WINO, NCHW, SMALL = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
                                   "nchw-delta-dw", "serial-direct")
+WINO3 = "winograd-f4x4-3x3"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, conv, dtype, want", [
     ((8, 32, 14, 14), (64, 32, 5, 5), dict(padding=2), np.float32, (WINO, WINO, WINO)),
     ((8, 1, 28, 28), (32, 1, 5, 5), dict(padding=2), np.float32, (PIXEL, TILE, PIXEL)),
-    ((8, 32, 14, 14), (64, 32, 3, 3), dict(padding=1), np.float32, (TILE, TILE, NCHW)),
+    ((8, 32, 14, 14), (64, 32, 3, 3), dict(padding=1), np.float32, (WINO3, WINO3, NCHW)),
+    ((8, 32, 14, 14), (64, 32, 3, 3), dict(padding=1), np.float64, (TILE, TILE, NCHW)),
     ((8, 64, 14, 14), (32, 64, 1, 1), {}, np.float32, (PIXEL, PIXEL, PIXEL)),
     ((8, 32, 14, 14), (64, 32, 5, 5), dict(padding=2), np.float64, (TILE, TILE, NCHW)),
     ((8, 32, 14, 14), (64, 8, 3, 3), dict(padding=1, groups=4), np.float32,
@@ -40,7 +42,7 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 
 def test_the_order_is_the_policy():
-    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, PIXEL, NCHW, TILE]
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PIXEL, NCHW, TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
@@ -175,33 +177,40 @@ def test_a_plan_prepares_weights_once_and_again_when_they_change(
     monkeypatch.setattr(module, "prepare", lambda geo, w, pass_: (
         prepared.append(pass_), real(geo, w, pass_))[1])
     p = fc.conv2d_plan(x_shape, w_shape, padding=padding, algorithm=algorithm)
+    fresh = fc.conv2d_plan(x_shape, w_shape, padding=padding, algorithm=algorithm,
+                           keep_weights=False)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     dy = rng.standard_normal(p.forward(x, w).shape).astype(np.float32)
+
+    def want():
+        return fresh.forward(x, w), fresh.grad_input(dy, w)
+
+    expected = want()
+    del prepared[:]
     for _ in range(3):  # the same weights, also as a copy: prepared once per pass
         y, dx = p.forward(x, w.copy()), p.grad_input(dy, w)
-    assert sorted(prepared) == ["forward", "grad_input"]
-    np.testing.assert_array_equal(y, fc.conv2d(x, w, padding=padding))
-    np.testing.assert_array_equal(dx, fc.conv2d_grad_input(dy, w, x_shape, padding=padding))
+    assert sorted(prepared) == ["grad_input"]  # the forward pass's was kept above
+    np.testing.assert_array_equal(y, expected[0])
+    np.testing.assert_array_equal(dx, expected[1])
     # Changed in place (one element, then a sign of zero): prepared again, and right.
     for change in [lambda a: a.__setitem__((1, 2, 0, 1), 0.5),
                    lambda a: a.__setitem__((0, 0, 0, 0), -0.0),
                    lambda a: a.__setitem__((0, 0, 0, 0), 0.0)]:
         change(w)
-        want = fc.conv2d(x, w, padding=padding), fc.conv2d_grad_input(dy, w, x_shape,
-                                                                       padding=padding)
+        expected = want()
         del prepared[:]
         got = p.forward(x, w), p.grad_input(dy, w)
         assert sorted(prepared) == ["forward", "grad_input"]
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
     # Strided weights equal to the kept ones are the same weights.
     wide = np.zeros((*w_shape[:3], 2 * w_shape[3]), np.float32)
     wide[..., ::2] = w
     del prepared[:]
     y = p.forward(x, wide[..., ::2])
     assert prepared == []
-    np.testing.assert_array_equal(y, fc.conv2d(x, w, padding=padding))
+    np.testing.assert_array_equal(y, expected[0])
 
 
 def test_the_functional_api_and_unkept_plans_keep_no_weights(rng, monkeypatch):

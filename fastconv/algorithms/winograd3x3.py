@@ -1,0 +1,325 @@
+"""Winograd F(4x4, 3x3) for fp32 3x3 stride-1 layers: the forward pass and dX.
+
+The math
+--------
+A 4 x 4 tile of outputs ``y`` reads a 6 x 6 tile of input ``d``; with the transforms of
+F(4, 3) (``A^T`` 4 x 6, ``G`` 6 x 3, ``B^T`` 6 x 6, derived exactly by
+:func:`fastconv.algorithms.winograd.transforms` from the points 0, 1, -1, 1/2, -2 and
+infinity)::
+
+    y = A^T [ sum_c (G w[k, c] G^T) (.) (B^T d_c B) ] A          ((.) elementwise)
+
+so each of the 36 points is a matrix product over channels with 36 multiplications per
+16 outputs instead of 144: 4x fewer than the direct convolution.  ``B`` depends on the
+points only, and these are the points of the 5x5 path's F(2, 5): the input transform is
+that path's (``winograd_kernels._input_tile``, with its rows scaled to small integers),
+and so is the product of the 36 points (``winograd_kernels._product``, a 7-tile x 32
+channel register tile).  Only ``A^T`` (here 4 outputs per axis) and ``G`` differ.
+
+dX of a stride-1 layer is the valid correlation of the deltas, padded by ``2 - pad``,
+with the filters rotated by 180 degrees and the channel roles swapped: the same kernel
+on the deltas' layout (:func:`fastconv.layouts.delta_layout`).  dW stays with the direct
+algorithms.
+
+Why these points and this tile: fp32 error against float64 (relative L2, random data,
+64 channels) is 1.3e-6 for these points, 1.9e-6 for 0, +-1, +-2 and 2.0e-6 for 0, +-1,
++-1/2; F(2x2, 3x3) errs less but saves only 2.25x and needs a 4 x 4 input transform of
+its own.  The tests bound the error against the direct kernels' (see
+``tests/test_winograd3x3.py``).
+
+Tiles
+-----
+Tile ``(a, q)`` of an image owns output rows ``4a .. 4a + 3`` and columns ``4q .. 4q + 3``
+(fewer at the bottom and right edges).  Its 6 x 6 input starts at row ``i0 = min(4a, OH
+- 4)`` and column ``j0 = min(4q, OW - 4)``: a tile at an edge is shifted back inside the
+output, computes some outputs of its neighbour again and stores only its own, so every
+output size of at least 4 runs without extra padding.  The tiles of all images are one
+list; a task is ``TT`` consecutive tiles of it (the last task shifted back to end at the
+list's end, storing only its own tiles), so narrow layers fill the register tile too.
+
+Legend as in :mod:`fastconv.kernels`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from .. import _checks, config
+from .._jit import parallel_kernel, stack_tile
+from ..geometry import ConvGeometry
+from ..layouts import _FRESH, DeltaLayout, _pack_input, delta_layout, pack_deltas
+from . import winograd as _w5
+from . import winograd_kernels as _wk
+
+NAME = "winograd-f4x4-3x3"
+
+TT, KW, VL, NCH = _wk.TT, _wk.KW, _wk.VL, _wk.NCH
+
+
+def why_not(geo, dtype, pass_):
+    if pass_ == "grad_weight":
+        return "it computes the forward pass and dX only"
+    if not config.get_winograd():
+        return "Winograd is turned off (fastconv.set_winograd(False))"
+    if np.dtype(dtype) != np.float32:
+        return f"it computes in float32 only, not {np.dtype(dtype)}"
+    if geo.G != 1:
+        return "it needs one group"
+    if (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) != (3, 3, 1, 1, 1, 1):
+        return "it needs a 3x3 filter at stride 1 without dilation"
+    OH, OW = (geo.OH, geo.OW) if pass_ == "forward" else (geo.H, geo.W)
+    if min(OH, OW) < 4 or geo.N * -(-OH // 4) * -(-OW // 4) < TT:
+        return f"it needs outputs at least 4 wide and high, and at least {TT} tiles of 4x4"
+    if pass_ == "forward" and geo.C % VL:
+        return f"it needs input channels in multiples of {VL}"
+    if pass_ == "grad_input" and (max(geo.pads) > 2 or delta_layout(geo).shape[1:3] != (
+            geo.H + 2, geo.W + 2)):
+        return "its dX needs padding of at most 2, the deltas padded by 2 - pad"
+    return None
+
+
+def prepare(geo, w, pass_):
+    """``U`` (36, CP, KP), the transformed filters: of ``w`` for the forward pass; for dX,
+    of the filters rotated by 180 degrees with the channel roles swapped, over the
+    deltas' channels."""
+    if pass_ == "forward":
+        return transform_filters(w, geo.C)
+    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 3, 3)
+    return transform_filters(wt, delta_layout(geo).KgP)
+
+
+def forward(geo, x, U, b):
+    return packed_forward(geo, _pack_input(x, geo), U, b)
+
+
+def grad_input(geo, dy, U):
+    layout = delta_layout(geo)
+    return packed_grad_input(geo, pack_deltas(dy, layout), layout, U)
+
+
+def packed_forward(geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
+    """y from the packed input, in NCHW or pool order, as the channel tile's
+    ``packed_forward``; None if it has an inf or NaN (the plan then runs the next
+    algorithm)."""
+    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
+        geo.N, geo.K, geo.OH, geo.OW)
+    y = ws.empty("y", shape, xp.dtype)
+    return y if run_forward(xp, U, b, y, pool_order) else None
+
+
+def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
+    """dX from deltas in ``layout`` (padded by ``2 - pad``): the forward kernel on the
+    deltas with dX's ``U``; None if it has an inf or NaN."""
+    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
+    return dx if run_forward(dyp, U, None, dx) else None
+
+
+# ---- the transforms and the kernel's wrappers ------------------------------------------
+
+#: ``A^T`` (4, 6) and the scaled ``G`` (6, 3) of F(4, 3); the kernel hard-codes ``A^T``
+#: (:func:`_at4`) and shares ``B^T`` with the 5x5 path.
+_AT, _G = (np.array([[float(v) for v in row] for row in m])
+           for m in _w5.transforms(4, 3, _w5.POINTS)[:2])
+
+
+def output_constants(dtype) -> np.ndarray:
+    """The constants ``ka`` of the kernel's output transform ``A^T``, in ``dtype``."""
+    return np.array([0.5, 2, 0.25, 4, 0.125, 8, 0], dtype)
+
+
+def transform_filters(w: np.ndarray, CP: int) -> np.ndarray:
+    """``U`` (36, CP, KP) float32 = ``G w G^T`` per point for weights ``w`` (K, C, 3, 3)
+    (any strides), computed in float64; zero past ``C`` and ``K``, ``KP`` a multiple of
+    ``KW``."""
+    if np.ndim(w) != 4 or np.shape(w)[2:] != (3, 3) or np.shape(w)[1] > CP:
+        raise ValueError(f"w must have shape (K, C, 3, 3) with C <= {CP}, got {np.shape(w)}")
+    K, C = w.shape[:2]
+    KP = -(-K // KW) * KW
+    U = np.zeros((36, CP, KP), np.float32)
+    # (6, 3) x (K, C, 3, 3) x (3, 6) -> (6, 6, C, K), in float64
+    t = np.tensordot(_G, np.asarray(w, np.float64), axes=([1], [2]))  # (6, K, C, 3)
+    u = np.tensordot(t, _G, axes=([3], [1]))  # (6, K, C, 6)
+    U[:, :C, :K] = u.transpose(0, 3, 2, 1).reshape(36, C, K)
+    return U
+
+
+def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
+                pool_order: bool = False) -> bool:
+    """The valid 3x3 correlation of the packed input ``xp`` (N, OH+2, OW+2, CP) with the
+    filters whose transform is ``U`` (36, CP, KP) (:func:`transform_filters`), plus ``b``
+    (K,) or None, into ``y``: (N, K, OH, OW) with ``K <= KP``, or with ``pool_order``
+    (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the result has an
+    inf or NaN."""
+    if not isinstance(xp, np.ndarray) or xp.ndim != 4:
+        raise TypeError(f"xp must be a 4-D array (N, Hp, Wp, C), got "
+                        f"{getattr(xp, 'shape', type(xp).__name__)}")
+    N, Hp, Wp, CP = _checks.array("xp", xp, xp.shape, np.float32).shape
+    OH, OW = Hp - 2, Wp - 2
+    if not (CP % VL == 0 and min(OH, OW) >= 4 and N * -(-OH // 4) * -(-OW // 4) >= TT):
+        raise ValueError(f"xp of shape {xp.shape} is not a packed input this kernel runs: "
+                         f"channels a multiple of {VL}, an output at least 4 x 4, and at "
+                         f"least {TT} tiles")
+    KP = np.shape(U)[2] if np.ndim(U) == 3 else 0
+    if KP % KW or not KP:
+        raise ValueError(f"U must have shape (36, {CP}, KP), KP a multiple of {KW}, got "
+                         f"{np.shape(U)}")
+    _checks.array("U", U, (36, CP, KP), np.float32)
+    K = np.shape(y)[1] if np.ndim(y) == 4 else -1
+    if not 0 < K <= KP:
+        raise ValueError(f"y must have shape (N, K, ...) with K <= {KP}, got {np.shape(y)}")
+    if pool_order and (OH % 2 or OW % 2):
+        raise ValueError(f"pool order needs an even output size, got {OH} x {OW}")
+    _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
+                  np.float32, writeable=True)
+    if b is not None and np.shape(b) != (K,):
+        raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
+    bp = np.zeros(KP, np.float32)
+    if b is not None:
+        bp[:K] = b
+    chk = np.zeros((NCH, VL), np.float32)
+    winograd43_tiles(xp, U, bp, y, _w5.kernel_constants(np.float32),
+                     output_constants(np.float32), pool_order, chk)
+    return bool(np.isfinite(chk).all())
+
+
+# ---- the kernel ------------------------------------------------------------------------
+
+_u = np.uint64
+
+
+@numba.njit(inline="always")
+def _at4(m0, m1, m2, m3, m4, m5, ka):
+    """The four rows of ``A^T`` applied to (m0, ..., m5); ``ka`` holds (1/2, 2, 1/4, 4,
+    1/8, 8, 0) in the data's dtype."""
+    s12, d12 = m1 + m2, m1 - m2
+    return (m0 + s12 + m3 + m4,
+            d12 + ka[0] * m3 - ka[1] * m4,
+            s12 + ka[2] * m3 + ka[3] * m4,
+            d12 + ka[4] * m3 - ka[5] * m4 + m5)
+
+
+@parallel_kernel
+def winograd43_tiles(x, U, b, y, kc, ka, pool_order, chk):
+    """Winograd F(4x4, 3x3) correlation of a padded channels-last input.
+
+    For ``i < OH = Hp - 2``, ``j < OW = Wp - 2`` and ``k < K``::
+
+        y[n, k, i, j] = b[k] + sum_{r, s < 3, c} x[n, i + r, j + s, c] * w[k, c, r, s]
+
+    x : (N, Hp, Wp, C)     channels-last, zero padded; ``C`` a multiple of ``VL``.
+    U : (36, C, KP)        ``G w G^T`` per point, zero past ``K``; ``KP`` a multiple of
+                           ``KW``.
+    b : (KP,)              bias (zeros for none).
+    kc : (6,)              the input transform's constants (see ``winograd_kernels``).
+    ka : (7,)              the output transform's (1/2, 2, 1/4, 4, 1/8, 8, 0).
+    y : (N, K, OH, OW)     NCHW; or with ``pool_order`` (N, K, 4, OH/2 * OW/2): pixel
+                           (2i + a, 2j + q) in plane 2a + q at i*OW/2 + j.
+    chk : (NCH, VL)        overwritten: a sum of every output times zero, NaN if any
+                           output is inf or NaN (the wrapper then runs the direct kernel).
+
+    ``OH, OW >= 4`` (even with ``pool_order``) and at least ``TT`` tiles.  See the module
+    docstring for the tiles and tasks; each task stores only the outputs its tiles own,
+    so no two tasks write the same element.
+    """
+    N, Hp, Wp, C = x.shape
+    KP = U.shape[2]
+    K = y.shape[1]
+    OH, OW = Hp - 2, Wp - 2
+    TH, TWn = (OH + 3) // 4, (OW + 3) // 4
+    ntile = N * TH * TWn
+    ntask = (ntile + TT - 1) // TT
+    nch = min(ntask, NCH)
+    xf = x.reshape(-1)
+    Uf = U.reshape(-1)
+    rstep, cstep = _u(Wp * C), _u(C)
+    n36 = min(36 * VL, C * 36)  # == 36*VL (see winograd_kernels._input_tile)
+    half = OW // 2
+    for ch in prange(nch):
+        V = np.empty(36 * TT * C, x.dtype)
+        M = np.empty(36 * TT * KP, x.dtype)
+        tmp = stack_tile(36, VL, x.dtype)
+        vt = stack_tile(36, VL, x.dtype)
+        # 16 outputs x TT tiles of VL channels: a row per output (plane-major), so that
+        # the transform, vectorised over channels, stores whole vectors.
+        ot = stack_tile(112, VL, x.dtype)
+        rt = stack_tile(24, VL, x.dtype)
+        ck = stack_tile(1, VL, x.dtype)
+        for c in range(VL):
+            ck[0, c] = 0
+        for task in range(ch * ntask // nch, (ch + 1) * ntask // nch):
+            t0 = min(task * TT, ntile - TT)
+            for t in range(TT):
+                tile = t0 + t
+                q = tile % TWn
+                rest = tile // TWn
+                a = rest % TH
+                n = rest // TH
+                i0 = min(4 * a, OH - 4)
+                j0 = min(4 * q, OW - 4)
+                o = _u(((n * Hp + i0) * Wp + j0) * C)
+                for cv in range(C // VL):
+                    _wk._input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
+                                    _u((t * C // VL + cv) * 36 * VL), kc, tmp, vt, n36)
+            _wk._product(V, Uf, M, C, KP)
+            st = _u(TT * KP)
+            for kv in range((K + VL - 1) // VL):
+                for t in range(TT):
+                    for c in range(VL):
+                        o = _u(t * KP + kv * VL + c)
+                        # Rows xi of the 6 x 6 product, each to 4 values (along nu).
+                        for xi in range(6):
+                            ox = o + _u(6 * xi) * st
+                            r0, r1, r2, r3 = _at4(M[ox], M[ox + st], M[ox + _u(2) * st],
+                                                  M[ox + _u(3) * st], M[ox + _u(4) * st],
+                                                  M[ox + _u(5) * st], ka)
+                            rt[xi * 4, c] = r0
+                            rt[xi * 4 + 1, c] = r1
+                            rt[xi * 4 + 2, c] = r2
+                            rt[xi * 4 + 3, c] = r3
+                        bk = b[kv * VL + c]
+                        for v in range(4):
+                            y0, y1, y2, y3 = _at4(rt[v, c], rt[4 + v, c], rt[8 + v, c],
+                                                  rt[12 + v, c], rt[16 + v, c],
+                                                  rt[20 + v, c], ka)
+                            ck[0, c] += (y0 + y1 + y2 + y3 + bk) * ka[6]
+                            ot[v * TT + t, c] = y0 + bk  # output (u, v) at (4u + v)*TT + t
+                            ot[(4 + v) * TT + t, c] = y1 + bk
+                            ot[(8 + v) * TT + t, c] = y2 + bk
+                            ot[(12 + v) * TT + t, c] = y3 + bk
+                for t in range(max(0, task * TT - t0), TT):  # the tiles this task owns
+                    tile = t0 + t
+                    q = tile % TWn
+                    rest = tile // TWn
+                    a = rest % TH
+                    n = rest // TH
+                    i0 = min(4 * a, OH - 4)
+                    j0 = min(4 * q, OW - 4)
+                    u0, v0 = 4 * a - i0, 4 * q - j0
+                    for c in range(min(VL, K - kv * VL)):
+                        k = kv * VL + c
+                        for u in range(u0, 4):
+                            i = i0 + u
+                            o = (4 * u) * TT + t  # ot's row of output (u, 0)
+                            # Four stores spelt out: as a loop of at most 4 steps LLVM
+                            # vectorised it into gathers from ot.
+                            if pool_order:
+                                # i0, j0 and v0 are even: columns (j, j + 1) are one pixel
+                                # of planes 2*(i % 2) and 2*(i % 2) + 1.
+                                p0, m0 = 2 * (i % 2), i // 2 * half + j0 // 2
+                                if v0 == 0:
+                                    y[n, k, p0, m0] = ot[o, c]
+                                    y[n, k, p0 + 1, m0] = ot[o + TT, c]
+                                y[n, k, p0, m0 + 1] = ot[o + 2 * TT, c]
+                                y[n, k, p0 + 1, m0 + 1] = ot[o + 3 * TT, c]
+                            else:
+                                if v0 == 0:
+                                    y[n, k, i, j0] = ot[o, c]
+                                if v0 <= 1:
+                                    y[n, k, i, j0 + 1] = ot[o + TT, c]
+                                if v0 <= 2:
+                                    y[n, k, i, j0 + 2] = ot[o + 2 * TT, c]
+                                y[n, k, i, j0 + 3] = ot[o + 3 * TT, c]
+        for c in range(VL):
+            chk[ch, c] = ck[0, c]
