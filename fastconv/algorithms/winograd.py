@@ -43,7 +43,7 @@ def why_not(geo, dtype, pass_):
         return "it needs an even output size"
     if min(geo.OW, geo.W) < 2 * _wk.TT:
         return f"it needs input and output at least {2 * _wk.TT} wide"
-    if geo.C % _wk.VL:
+    if pass_ != "grad_input" and geo.C % _wk.VL:  # dX reads the deltas' channels
         return f"it needs input channels in multiples of {_wk.VL}"
     if pass_ == "grad_input" and delta_layout(geo).shape[1:3] != (geo.H + 4, geo.W + 4):
         return "its dX needs the deltas padded by 4 on every side"
