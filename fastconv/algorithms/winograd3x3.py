@@ -138,10 +138,7 @@ def transform_filters(w: np.ndarray, CP: int) -> np.ndarray:
     K, C = w.shape[:2]
     KP = -(-K // KW) * KW
     U = np.zeros((36, CP, KP), np.float32)
-    # (6, 3) x (K, C, 3, 3) x (3, 6) -> (6, 6, C, K), in float64
-    t = np.tensordot(_G, np.asarray(w, np.float64), axes=([1], [2]))  # (6, K, C, 3)
-    u = np.tensordot(t, _G, axes=([3], [1]))  # (6, K, C, 6)
-    U[:, :C, :K] = u.transpose(0, 3, 2, 1).reshape(36, C, K)
+    filter_transform43(np.ascontiguousarray(w.transpose(1, 2, 3, 0), np.float64), _G, U)
     return U
 
 
@@ -198,6 +195,30 @@ def _at4(m0, m1, m2, m3, m4, m5, ka):
             d12 + ka[0] * m3 - ka[1] * m4,
             s12 + ka[2] * m3 + ka[3] * m4,
             d12 + ka[4] * m3 - ka[5] * m4 + m5)
+
+
+@parallel_kernel
+def filter_transform43(w, G, U):
+    """``U[6*xi + nu, c, k] = (G w[k, c] G^T)[xi, nu]``, in float64, rounded once.
+
+    w : (C, 3, 3, K) float64   weights, channels-last (vectors run over k).
+    G : (6, 3) float64         the filter transform.
+    U : (36, CP, KP)           written for ``c < C``, ``k < K`` only (the wrapper zeroes
+                               the rest).  Parallel over ``c``: each task owns its rows.
+    """
+    C, K = w.shape[0], w.shape[3]
+    for c in prange(C):
+        t = np.empty((6, 3, K))  # (G w)[xi, s, k]
+        for xi in range(6):
+            g0, g1, g2 = G[xi, 0], G[xi, 1], G[xi, 2]
+            for s in range(3):
+                for k in range(K):
+                    t[xi, s, k] = g0 * w[c, 0, s, k] + g1 * w[c, 1, s, k] + g2 * w[c, 2, s, k]
+        for xi in range(6):
+            for nu in range(6):
+                g0, g1, g2 = G[nu, 0], G[nu, 1], G[nu, 2]
+                for k in range(K):
+                    U[6 * xi + nu, c, k] = g0 * t[xi, 0, k] + g1 * t[xi, 1, k] + g2 * t[xi, 2, k]
 
 
 @parallel_kernel
