@@ -69,6 +69,54 @@ def test_kernel_transforms_are_the_derived_matrices():
     np.testing.assert_array_equal(at, np.array(AT, float))
     np.testing.assert_array_equal(a, np.array(AT, float).T)
     np.testing.assert_array_equal(W._G, np.array(G, float))
+    # The weight transforms: the unscaled V (G = diag(1/scale) V) and the scale products.
+    scale = W.transforms()[3]
+    V = np.array([[g * s for g in row] for row, s in zip(G, scale, strict=True)], float)
+    v = np.array([WK._v6.py_func(*np.eye(5)[j]) for j in range(5)]).T
+    np.testing.assert_array_equal(v, V)
+    np.testing.assert_array_equal(W._GS, [float(1 / (a * b)) for a in scale for b in scale])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose16_moves_a_block_through_registers(dtype):
+    @numba.njit
+    def run(src, so, ss, dst, do, ds):
+        _jit.transpose16(src, so, ss, dst, do, ds)
+
+    src = np.arange(2000, dtype=dtype)
+    for so, ss, do, ds in [(0, 16, 0, 16), (7, 40, 3, 25), (5, 25, 16 * 24 + 1, -16)]:
+        dst = np.full(2000, -1, dtype)
+        run(src, so, ss, dst, do, ds)
+        want = np.full(2000, -1, dtype)
+        for r in range(16):
+            want[do + ds * np.arange(16) + r] = src[so + ss * r:so + ss * r + 16]
+        np.testing.assert_array_equal(dst, want)
+
+
+@pytest.mark.parametrize("K, C, CP, rotate, dtype, strided", [
+    (64, 32, 32, False, np.float32, False),  # MNIST conv2's forward pass: whole blocks
+    (64, 32, 64, True, np.float32, False),  # and its dX
+    (33, 20, 48, False, np.float32, False),  # a partial block, padding rows and columns
+    (33, 20, 48, True, np.float32, False),  # rotated: partial block, padding
+    (7, 16, 16, True, np.float64, False),  # float64 weights, read as they are
+    (40, 16, 16, False, np.float32, True),  # a strided view: copied contiguous
+])
+def test_filter_transform_is_float64_rounded_once(K, C, CP, rotate, dtype, strided, rng):
+    """U is G f G^T in float64 rounded once to float32 (within half an ulp of the exact
+    value plus float64 noise), for every filter f, zero past the channels."""
+    w = (rng.standard_normal((K, C, 5, 10) if strided else (K, C, 5, 5)) * 3).astype(dtype)
+    if strided:
+        w = w[..., ::2]
+    U = W.transform_filters(w, CP, np.float32, rotate)
+    f = w[:, :, ::-1, ::-1].astype(np.float64) if rotate else w.astype(np.float64)
+    NI, NJ = (K, C) if rotate else (C, K)
+    G = np.array(W.transforms()[1], float)
+    want = np.einsum("xr,kcrs,ys->xykc", G, f, G).reshape(36, K, C)
+    want = want if rotate else want.transpose(0, 2, 1)  # (36, NI, NJ)
+    assert U.shape == (36, CP, -(-NJ // 32) * 32) and U.dtype == np.float32
+    got = U[:, :NI, :NJ].astype(np.float64)
+    assert (np.abs(got - want) <= 2.0**-24 * np.abs(want) + 1e-12 * np.abs(f).max()).all()
+    assert not U[:, NI:].any() and not U[:, :, NJ:].any()
 
 
 def _geo(N=64, C=32, H=14, Wd=14, K=64, R=5, S=5, **conv_args):

@@ -64,8 +64,7 @@ def prepare(geo, w, pass_):
     over the deltas' channels."""
     if pass_ == "forward":
         return transform_filters(w, geo.C, np.float32)
-    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 5, 5)
-    return transform_filters(wt, delta_layout(geo).KgP, np.float32)
+    return transform_filters(w, delta_layout(geo).KgP, np.float32, rotate=True)
 
 
 def forward(geo, x, U, b):
@@ -163,20 +162,43 @@ def _float(m) -> np.ndarray:
 _G = _float(transforms()[1])  # (6, 5), the kernels' B^T and A^T are hard-coded
 
 
+def _scale_products() -> np.ndarray:
+    """``1 / (scale[xi] * scale[nu])`` at ``6*xi + nu``, exact then rounded once: the
+    weight transforms apply the unscaled ``V`` (``G = diag(1/scale) V``) on both sides and
+    multiply by these."""
+    scale = transforms()[3]
+    return np.array([float(1 / (a * b)) for a in scale for b in scale])
+
+
+_GS = _scale_products()
+
+
 def kernel_constants(dtype) -> np.ndarray:
     """The constants ``kc`` of the kernels' transforms, in ``dtype``."""
     return np.array([0.5, 2, 3, 4, 5, 0], dtype)
 
 
-def transform_filters(w: np.ndarray, CP: int, dtype) -> np.ndarray:
-    """``U`` (36, CP, KP) = ``G w G^T`` per point for weights ``w`` (K, C, 5, 5), in
-    float64 then ``dtype``; zero past ``C`` and ``K``, ``KP`` a multiple of ``KW``."""
-    if np.ndim(w) != 4 or np.shape(w)[2:] != (5, 5) or np.shape(w)[1] > CP:
-        raise ValueError(f"w must have shape (K, C, 5, 5) with C <= {CP}, got {np.shape(w)}")
-    K, C = w.shape[:2]
-    KP = -(-K // _wk.KW) * _wk.KW
-    U = np.zeros((36, CP, KP), dtype)
-    _wk.filter_transform(np.ascontiguousarray(w.transpose(1, 2, 3, 0), np.float64), _G, U)
+def transform_filters(w: np.ndarray, CP: int, dtype, rotate: bool = False) -> np.ndarray:
+    """The transformed filters ``U`` (36, CP, KP) of ``w`` (K, C, 5, 5), computed in
+    float64 and rounded once to ``dtype``, zero past the channels.
+
+    Without ``rotate``, ``U[p, c, k] = (G w[k, c] G^T)[p]`` (``C <= CP``, ``KP`` is ``K``
+    rounded up to a multiple of ``KW``): the forward pass.  With ``rotate``,
+    ``U[p, k, c] = (G w[k, c, ::-1, ::-1] G^T)[p]`` (``K <= CP``, ``KP`` from ``C``): dX,
+    the filters rotated by 180 degrees and the channel roles swapped, read from ``w``
+    itself.  ``w`` is read in its dtype (float32 or float64; anything else is converted to
+    float64).
+    """
+    if np.ndim(w) != 4 or np.shape(w)[2:] != (5, 5) or np.shape(w)[1 - rotate] > CP:
+        raise ValueError(f"w must have shape (K, C, 5, 5) with {'K' if rotate else 'C'} <= "
+                         f"{CP}, got {np.shape(w)}")
+    w = np.asarray(w)
+    if w.dtype not in _checks.FLOATS or not w.flags.c_contiguous:
+        w = np.ascontiguousarray(w, w.dtype if w.dtype in _checks.FLOATS else np.float64)
+    _checks.array("w", w, w.shape, _checks.FLOATS)
+    NJ = w.shape[1] if rotate else w.shape[0]
+    U = np.empty((36, CP, -(-NJ // _wk.KW) * _wk.KW), dtype)
+    _wk.filter_transform(w, bool(rotate), _GS, U)
     return U
 
 

@@ -19,6 +19,9 @@ Legend
 ``TB``           tiles per block of the dW kernel
 ``DC``           input channels per register tile of the dW product
 ``NCH``          chunks of the forward's tasks, each with its own scratch
+``FB``           filters per block of the weight transforms: one vector of fp32
+``RUN``          values of each point of ``U`` a group of the filter transform writes
+``TCH``          chunks of the weight transforms, each with its own scratch
 
 The algorithm (one tile, one input channel c, one output channel k)
 -----------------------------------------------------------------
@@ -29,7 +32,8 @@ A 2 x 2 output tile ``y`` reads a 6 x 6 input tile ``d``.  With the 6 x 6 input 
 
 so each of the 36 points p is a matrix product over channels,
 ``M[p][tile, k] = sum_c V[p][tile, c] * U[p][c, k]``, with 36 multiplications per 4
-outputs instead of 100.  ``U = G w G^T`` is computed once per call by the wrapper.
+outputs instead of 100.  ``U = G w G^T`` is computed once per call, in float64
+(:func:`filter_transform`).
 
 Derivation of dW.  Winograd's F(5, 2) from the same interpolation points computes the
 5 x 5 correlation of a 6 x 6 input tile with a 2 x 2 "filter", and that is exactly one
@@ -53,7 +57,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._jit import parallel_kernel, serial_kernel, stack_tile
+from .._jit import parallel_kernel, serial_kernel, stack_tile, transpose16
 
 TT = 7
 KW = 32
@@ -61,6 +65,9 @@ VL = 16
 TB = 28
 DC = 8
 NCH = 32
+FB = 16
+RUN = 256
+TCH = 8
 
 _u = np.uint64
 
@@ -416,31 +423,138 @@ def winograd_dw(x, dy, top, left, part, kc):
             _dw_product(V, D, acc_out, nt, C, KP)
 
 
-@serial_kernel
-def filter_transform(w, G, U):
-    """``U[6*xi + nu, c, k] = (G w[k, c] G^T)[xi, nu]``, in float64.
+@numba.njit(inline="always")
+def _v6(w0, w1, w2, w3, w4):
+    """The six rows of the unscaled filter transform ``V`` applied to (w0, ..., w4), in
+    float64: ``V`` is the points' Vandermonde matrix (0, 1, -1, 1/2, -2, then infinity)
+    and ``G = diag(1/scale) V``.  Rows 1 and 2 share the even and odd sums, rows 3 and 4
+    are Horner's scheme: 13 operations instead of 30 for the matrix product."""
+    e = w0 + w2 + w4
+    o = w1 + w3
+    h = (((w4 * 0.5 + w3) * 0.5 + w2) * 0.5 + w1) * 0.5 + w0
+    m = (((w4 * -2.0 + w3) * -2.0 + w2) * -2.0 + w1) * -2.0 + w0
+    return w0, e + o, e - o, h, m, w4
 
-    w : (C, 5, 5, K) float64   weights, channels-last (vectors run over k).
-    G : (6, 5) float64         the filter transform.
-    U : (36, CP, KP)           written for ``c < C``, ``k < K`` only (the wrapper zeroes
-                               the rest).
+
+@serial_kernel
+def _filter_groups(w, flip, gs, U, sc, g0, g1):
+    """The rows ``U[:, i, :]`` of the groups ``g0 <= g < g1`` of ``GI = max(1, RUN // KP)``
+    consecutive input channels ``i`` (see :func:`filter_transform`).
+
+    Each block of ``FB`` filters is transposed into the stack tile ``wt`` (25, FB), in
+    registers (:func:`transpose16`; a partial block one value at a time), so that the
+    transforms run on vectors of ``FB`` filters: ``V`` along the rows
+    into ``t`` (30, FB), then along the columns, times ``gs``, rounded into ``sc``
+    (36, GI, KP), the group's share of every point.  ``sc`` then goes to ``U`` as 36 runs of
+    ``GI*KP`` values: written straight from the blocks, each block's 36 rows of ``FB``
+    values land in the same cache set (the points are a multiple of 4 KiB apart), which
+    took 3x as long.
     """
-    C, K = w.shape[0], w.shape[3]
-    t = np.empty((5, 6, K))
-    for c in range(C):
-        for r in range(5):
-            for nu in range(6):
-                g0, g1, g2, g3, g4 = G[nu, 0], G[nu, 1], G[nu, 2], G[nu, 3], G[nu, 4]
-                for k in range(K):
-                    t[r, nu, k] = (w[c, r, 0, k] * g0 + w[c, r, 1, k] * g1 + w[c, r, 2, k] * g2
-                                   + w[c, r, 3, k] * g3 + w[c, r, 4, k] * g4)
-        for xi in range(6):
-            g0, g1, g2, g3, g4 = G[xi, 0], G[xi, 1], G[xi, 2], G[xi, 3], G[xi, 4]
-            for nu in range(6):
-                for k in range(K):
-                    U[6 * xi + nu, c, k] = (g0 * t[0, nu, k] + g1 * t[1, nu, k]
-                                            + g2 * t[2, nu, k] + g3 * t[3, nu, k]
-                                            + g4 * t[4, nu, k])
+    K, C = w.shape[0], w.shape[1]
+    CP, KP = U.shape[1], U.shape[2]
+    NI, NJ = (K, C) if flip else (C, K)
+    si, sj = (C * 25, 25) if flip else (25, C * 25)
+    wf = w.reshape(-1)
+    Uf = U.reshape(-1)
+    gi_n = max(1, RUN // KP)
+    ps = _u(gi_n * KP)  # from one point to the next in sc
+    wt = stack_tile(25, FB, w.dtype)
+    wtf = wt.reshape(-1)
+    t = stack_tile(30, FB, np.float64)
+    for g in range(g0, g1):
+        i0 = g * gi_n
+        gn = min(gi_n, CP - i0)
+        for gi in range(gn):
+            i = i0 + gi
+            for jb in range(0, KP, FB):
+                so = _u(gi * KP + jb)
+                if i >= NI or jb >= NJ:
+                    for p in range(36):
+                        for j in range(FB):
+                            sc[so + _u(p) * ps + _u(j)] = 0
+                    continue
+                nj = min(FB, NJ - jb)
+                o = _u(i * si + jb * sj)
+                if nj == FB:
+                    # Elements 0-15 and 9-24 of the 16 filters, transposed in registers
+                    # (rows 9-15 twice); rotated, element e goes to row 24 - e.
+                    ob = i * si + jb * sj
+                    if flip:
+                        transpose16(wf, ob, sj, wtf, 24 * FB, -FB)
+                        transpose16(wf, ob + 9, sj, wtf, 15 * FB, -FB)
+                    else:
+                        transpose16(wf, ob, sj, wtf, 0, FB)
+                        transpose16(wf, ob + 9, sj, wtf, 9 * FB, FB)
+                elif flip:
+                    for j in range(nj):
+                        oj = o + _u(j) * _u(sj)
+                        for e in range(25):
+                            wt[e, j] = wf[oj + _u(24 - e)]
+                else:
+                    for j in range(nj):
+                        oj = o + _u(j) * _u(sj)
+                        for e in range(25):
+                            wt[e, j] = wf[oj + _u(e)]
+                for j in range(nj, FB):
+                    for e in range(25):
+                        wt[e, j] = 0
+                for r in range(5):
+                    for j in range(FB):
+                        a0, a1, a2, a3, a4, a5 = _v6(
+                            np.float64(wt[5 * r, j]), np.float64(wt[5 * r + 1, j]),
+                            np.float64(wt[5 * r + 2, j]), np.float64(wt[5 * r + 3, j]),
+                            np.float64(wt[5 * r + 4, j]))
+                        t[6 * r, j] = a0
+                        t[6 * r + 1, j] = a1
+                        t[6 * r + 2, j] = a2
+                        t[6 * r + 3, j] = a3
+                        t[6 * r + 4, j] = a4
+                        t[6 * r + 5, j] = a5
+                for nu in range(6):
+                    s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
+                    s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
+                    for j in range(FB):
+                        b0, b1, b2, b3, b4, b5 = _v6(t[nu, j], t[6 + nu, j], t[12 + nu, j],
+                                                     t[18 + nu, j], t[24 + nu, j])
+                        sjo = so + _u(j)
+                        sc[sjo + _u(nu) * ps] = b0 * s0
+                        sc[sjo + _u(6 + nu) * ps] = b1 * s1
+                        sc[sjo + _u(12 + nu) * ps] = b2 * s2
+                        sc[sjo + _u(18 + nu) * ps] = b3 * s3
+                        sc[sjo + _u(24 + nu) * ps] = b4 * s4
+                        sc[sjo + _u(30 + nu) * ps] = b5 * s5
+        n = gn * KP
+        for p in range(36):
+            uo = _u((p * CP + i0) * KP)
+            so = _u(p) * ps
+            for e in range(n):
+                Uf[uo + _u(e)] = sc[so + _u(e)]
+
+
+@parallel_kernel
+def filter_transform(w, flip, gs, U):
+    """``U[6*xi + nu, i, j] = (G f G^T)[xi, nu]`` for the filters ``f`` of ``w``, in
+    float64 and rounded once to ``U``'s dtype; zero for ``i >= NI`` or ``j >= NJ``.
+
+    w : (K, C, 5, 5)        float32 or float64, read as it is.  Without ``flip`` the filter
+                            of (i, j) is ``w[j, i]`` (``NI, NJ = C, K``: the forward pass);
+                            with ``flip`` it is ``w[i, j]`` rotated by 180 degrees
+                            (``NI, NJ = K, C``: dX, channel roles swapped).
+    gs : (36,) float64      ``1 / (scale[xi] * scale[nu])`` at ``6*xi + nu``: ``G f G^T`` is
+                            ``gs * (V f V^T)`` (:func:`_v6`).
+    U : (36, CP, KP)        overwritten; ``CP >= NI``, ``KP >= NJ`` a multiple of ``FB``.
+
+    The ``CP`` rows are cut into groups of ``GI = max(1, RUN // KP)``, and the groups
+    into at most ``TCH`` chunks, each with its own scratch (36, GI, KP)
+    (:func:`_filter_groups`); each chunk writes its own rows of ``U``.
+    """
+    CP, KP = U.shape[1], U.shape[2]
+    gi_n = max(1, RUN // KP)
+    ngroup = -(-CP // gi_n)
+    nch = min(TCH, ngroup)
+    for ch in prange(nch):
+        sc = np.empty(36 * gi_n * KP, U.dtype)
+        _filter_groups(w, flip, gs, U, sc, ch * ngroup // nch, (ch + 1) * ngroup // nch)
 
 
 @serial_kernel
