@@ -68,14 +68,35 @@ def test_kernel_transforms_are_the_derived_matrices():
     np.testing.assert_array_equal(bt, np.array(BT, float))
     np.testing.assert_array_equal(at, np.array(AT, float))
     np.testing.assert_array_equal(a, np.array(AT, float).T)
-    np.testing.assert_array_equal(W._G, np.array(G, float))
     # The weight transforms: the unscaled V (G = diag(1/scale) V) and the scale products.
     scale = W.transforms()[3]
     V = np.array([[g * s for g in row] for row, s in zip(G, scale, strict=True)], float)
     v = np.array([WK._v6.py_func(*np.eye(5)[j]) for j in range(5)]).T
+    vt = np.array([WK._vt5.py_func(*np.eye(6)[j]) for j in range(6)]).T
     np.testing.assert_array_equal(v, V)
+    np.testing.assert_array_equal(vt, V.T)
     np.testing.assert_array_equal(W._GS, [float(1 / (a * b)) for a in scale for b in scale])
 
+
+
+@pytest.mark.parametrize("P, C, CP, K, KP", [
+    (2, 32, 32, 64, 64),  # MNIST conv2 at batch 1: whole blocks of 16 filters
+    (3, 20, 32, 33, 64),  # an odd number of chunks, a partial block, padded channels
+    (1, 16, 16, 7, 32),  # one chunk, K below one block
+])
+def test_dw_transform_is_float64_rounded_once(P, C, CP, K, KP, rng):
+    """dW = G^T (sum of the chunks) G in float64, rounded once to float32; the check
+    stays finite."""
+    part = (rng.standard_normal((P, CP, 36, KP)) * 100).astype(np.float32)
+    dw = np.empty((K, C, 5, 5), np.float32)
+    chk = np.zeros((WK.TCH, WK.FB), np.float32)
+    WK.dw_transform(part, W._GS, W.kernel_constants(np.float32), dw, chk)
+    S = part.astype(np.float64).sum(0)[:C, :, :K].reshape(C, 6, 6, K)
+    G = np.array(W.transforms()[1], float)
+    want = np.einsum("xr,cxyk,ys->kcrs", G, S, G)
+    scale = np.einsum("xr,cxyk,ys->kcrs", np.abs(G), np.abs(S), np.abs(G))
+    assert (np.abs(dw - want) <= 2.0**-24 * np.abs(want) + 1e-12 * scale).all()
+    assert np.isfinite(chk).all()
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_transpose16_moves_a_block_through_registers(dtype):

@@ -155,17 +155,10 @@ def transforms(m: int = 2, r: int = 5, points=POINTS):
     return AT, G, BT, scale
 
 
-def _float(m) -> np.ndarray:
-    return np.array([[float(v) for v in row] for row in m])
-
-
-_G = _float(transforms()[1])  # (6, 5), the kernels' B^T and A^T are hard-coded
-
-
 def _scale_products() -> np.ndarray:
-    """``1 / (scale[xi] * scale[nu])`` at ``6*xi + nu``, exact then rounded once: the
-    weight transforms apply the unscaled ``V`` (``G = diag(1/scale) V``) on both sides and
-    multiply by these."""
+    """``1 / (scale[xi] * scale[nu])`` at ``6*xi + nu``, exact then rounded once.  The
+    kernels hard-code ``B^T``, ``A^T`` and the unscaled ``V`` of ``G = diag(1/scale) V``;
+    the weight transforms apply ``V`` on both sides and multiply by these."""
     scale = transforms()[3]
     return np.array([float(1 / (a * b)) for a in scale for b in scale])
 
@@ -259,8 +252,9 @@ def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int
     channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at
     ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN.
 
-    The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64 and
-    transformed back with ``G``.
+    The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64,
+    transformed back with ``G`` in float64 and rounded once
+    (:func:`winograd_kernels.dw_transform`).
     """
     N, Hp, Wp, CP = _check_packed("xp", xp)
     if np.ndim(dyp) != 4:
@@ -274,9 +268,10 @@ def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int
     # Chunks of at least a block of TB tiles, so that a small batch still fills two cores;
     # a number from the shapes only.
     P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB) or -(-ntile // _wk.TB)))
-    part = np.empty((P, 36, CP, KP), xp.dtype)
-    _wk.winograd_dw(xp, dyp, top, left, part, kernel_constants(xp.dtype))
-    dwt = np.empty((CP, 5, 5, KP))
-    _wk.dw_transform(part, _G, dwt)
-    dw = dwt[:C, :, :, :K].transpose(3, 0, 1, 2).astype(xp.dtype, order="C")
-    return dw if np.isfinite(dw).all() else None
+    part = np.empty((P, CP, 36, KP), xp.dtype)
+    kc = kernel_constants(xp.dtype)
+    _wk.winograd_dw(xp, dyp, top, left, part, kc)
+    dw = np.empty((K, C, 5, 5), xp.dtype)
+    chk = np.zeros((_wk.TCH, _wk.FB), xp.dtype)
+    _wk.dw_transform(part, _GS, kc, dw, chk)
+    return dw if np.isfinite(chk).all() else None

@@ -298,8 +298,8 @@ def winograd_tiles(x, U, b, y, kc, pool_order, chk):
 
 @serial_kernel
 def _dw_product(V, D, acc_out, nt, C, KP):
-    """``acc_out[p, c, k] += sum_{t < nt} V[t, c // VL, p, c % VL] * D[t, k // KW, p,
-    k % KW]``: V (TB, C/VL, 36, VL), D (TB, KP/KW, 36, KW), acc_out (36, C, KP), all flat.
+    """``acc_out[c, p, k] += sum_{t < nt} V[t, c // VL, p, c % VL] * D[t, k // KW, p,
+    k % KW]``: V (TB, C/VL, 36, VL), D (TB, KP/KW, 36, KW), acc_out (C, 36, KP), all flat.
 
     The register tile is ``DC`` channels c x ``KW`` channels k: ``DC`` broadcast values of
     V times two vectors of D per tile t, reduced over the block's tiles.
@@ -309,10 +309,10 @@ def _dw_product(V, D, acc_out, nt, C, KP):
     for p in range(36):
         for cb in range(C // DC):
             for kb in range(KP // KW):
-                ab = _u((p * C + cb * DC) * KP + kb * KW)
+                ab = _u((cb * DC * 36 + p) * KP + kb * KW)
                 for i in range(DC):
                     for k in range(kw):
-                        acc[i, k] = acc_out[ab + _u(i * KP + k)]
+                        acc[i, k] = acc_out[ab + _u(i * 36 * KP + k)]
                 vb = _u((cb * DC // VL * 36 + p) * VL + cb * DC % VL)
                 db = _u((kb * 36 + p) * KW)
                 for t in range(nt):
@@ -338,7 +338,7 @@ def _dw_product(V, D, acc_out, nt, C, KP):
                         acc[7, k] += v7 * dk
                 for i in range(DC):
                     for k in range(kw):
-                        acc_out[ab + _u(i * KP + k)] = acc[i, k]
+                        acc_out[ab + _u(i * 36 * KP + k)] = acc[i, k]
 
 
 @parallel_kernel
@@ -347,16 +347,17 @@ def winograd_dw(x, dy, top, left, part, kc):
 
     For the 36 points p, every input channel c and every ``k < KP``::
 
-        part[h, p, c, k] = sum over the tiles of chunk h of (B^T d B)[p] * (A dy A^T)[p]
+        part[h, c, p, k] = sum over the tiles of chunk h of (B^T d B)[p] * (A dy A^T)[p]
 
     where ``d`` is the tile's 6 x 6 input of channel c and ``dy`` its 2 x 2 deltas of
-    channel k; the wrapper sums the chunks and applies ``G^T (.) G``.
+    channel k; :func:`dw_transform` sums the chunks and applies ``G^T (.) G``.
 
     x : (N, Hp, Wp, C)     the forward's packed input (:func:`winograd_tiles`).
     dy : (N, Hd, Wd, KP)   channels-last deltas, ``dy[n, top + i, left + j, k]`` for
                            ``i < OH = Hp - 4``, ``j < OW = Wp - 4``; ``KP`` a multiple of
                            ``KW``.
-    part : (P, 36, C, KP)  one sum per chunk, overwritten.
+    part : (P, C, 36, KP)  one sum per chunk, overwritten; channel-major, so that the
+                           back-transform reads each channel's 36 points in one run.
     kc : (6,)              transform constants, as for :func:`winograd_tiles`.
 
     The ``N*TH*TWn`` tiles are cut into ``P`` chunks of consecutive tiles (a number chosen
@@ -557,35 +558,113 @@ def filter_transform(w, flip, gs, U):
         _filter_groups(w, flip, gs, U, sc, ch * ngroup // nch, (ch + 1) * ngroup // nch)
 
 
-@serial_kernel
-def dw_transform(part, G, dw):
-    """``dw[c, r, s, k] = (G^T S[c, k] G)[r, s]`` with ``S`` the chunk sums of
-    :func:`winograd_dw` added in float64: ``S[p, c, k] = sum_h part[h, p, c, k]``.
+@numba.njit(inline="always")
+def _vt5(u0, u1, u2, u3, u4, u5):
+    """The five rows of ``V^T`` (see :func:`_v6`) applied to (u0, ..., u5), in float64:
+    14 operations instead of 25."""
+    p = u1 + u2
+    m = u1 - u2
+    return (u0 + p + u3 + u4, m + u3 * 0.5 - u4 * 2.0, p + u3 * 0.25 + u4 * 4.0,
+            m + u3 * 0.125 - u4 * 8.0, p + u3 * 0.0625 + u4 * 16.0 + u5)
 
-    part : (P, 36, C, KP)    chunk sums.
-    G : (6, 5) float64       the filter transform.
-    dw : (C, 5, 5, KP) float64
+
+@serial_kernel
+def _dw_blocks(part, gs, kc, dw, chk, ch, b0, b1):
+    """The blocks ``b0 <= b < b1`` of :func:`dw_transform`, block ``b`` being the ``FB``
+    output channels from ``b % nkb * FB`` of input channel ``b // nkb``; ``chk[ch]`` the
+    sum of their outputs times zero.
+
+    The chunk sums go into the stack tile ``S`` (36, FB), ``V^T`` along ``xi`` (times
+    ``gs``) into ``t`` (30, FB), along ``nu`` into ``out`` (25, FB) in ``dw``'s dtype; a
+    whole block is transposed in registers into its 16 filters (:func:`transpose16`),
+    a partial one written a value at a time.
     """
-    P, _, C, KP = part.shape
-    S = np.empty((36, KP))
-    t = np.empty((5, 6, KP))
-    for c in range(C):
+    P, CP, _, KP = part.shape
+    K, C = dw.shape[0], dw.shape[1]
+    nkb = -(-K // FB)
+    partf = part.reshape(-1)
+    dwf = dw.reshape(-1)
+    hs = _u(CP * 36 * KP)  # from one chunk to the next
+    jn = min(FB, KP)  # == FB; a bound LLVM cannot see keeps the loops vectorised
+    z = kc[5]
+    S = stack_tile(36, FB, np.float64)
+    t = stack_tile(30, FB, np.float64)
+    out = stack_tile(25, FB, dw.dtype)
+    outf = out.reshape(-1)
+    ck = stack_tile(1, FB, dw.dtype)
+    for j in range(FB):
+        ck[0, j] = z
+    for b in range(b0, b1):
+        c = b // nkb
+        kb = b % nkb * FB
         for p in range(36):
-            for k in range(KP):
-                S[p, k] = part[0, p, c, k]
+            po = _u((c * 36 + p) * KP + kb)
+            for j in range(jn):
+                S[p, j] = np.float64(partf[po + _u(j)])
             for h in range(1, P):
-                for k in range(KP):
-                    S[p, k] += part[h, p, c, k]
+                ph = po + _u(h) * hs
+                for j in range(jn):
+                    S[p, j] += np.float64(partf[ph + _u(j)])
+        for nu in range(6):
+            s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
+            s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
+            for j in range(FB):
+                a0, a1, a2, a3, a4 = _vt5(S[nu, j] * s0, S[6 + nu, j] * s1,
+                                          S[12 + nu, j] * s2, S[18 + nu, j] * s3,
+                                          S[24 + nu, j] * s4, S[30 + nu, j] * s5)
+                t[nu, j] = a0
+                t[6 + nu, j] = a1
+                t[12 + nu, j] = a2
+                t[18 + nu, j] = a3
+                t[24 + nu, j] = a4
         for r in range(5):
-            g0, g1, g2, g3, g4, g5 = G[0, r], G[1, r], G[2, r], G[3, r], G[4, r], G[5, r]
-            for nu in range(6):
-                for k in range(KP):
-                    t[r, nu, k] = (g0 * S[nu, k] + g1 * S[6 + nu, k] + g2 * S[12 + nu, k]
-                                   + g3 * S[18 + nu, k] + g4 * S[24 + nu, k]
-                                   + g5 * S[30 + nu, k])
-        for r in range(5):
-            for s in range(5):
-                g0, g1, g2, g3, g4, g5 = G[0, s], G[1, s], G[2, s], G[3, s], G[4, s], G[5, s]
-                for k in range(KP):
-                    dw[c, r, s, k] = (g0 * t[r, 0, k] + g1 * t[r, 1, k] + g2 * t[r, 2, k]
-                                      + g3 * t[r, 3, k] + g4 * t[r, 4, k] + g5 * t[r, 5, k])
+            for j in range(FB):
+                q0, q1, q2, q3, q4 = _vt5(t[6 * r, j], t[6 * r + 1, j], t[6 * r + 2, j],
+                                          t[6 * r + 3, j], t[6 * r + 4, j], t[6 * r + 5, j])
+                out[5 * r, j] = q0
+                out[5 * r + 1, j] = q1
+                out[5 * r + 2, j] = q2
+                out[5 * r + 3, j] = q3
+                out[5 * r + 4, j] = q4
+        for j in range(jn):
+            a = ck[0, j]
+            for e in range(25):
+                a += out[e, j] * z
+            ck[0, j] = a
+        if kb + FB <= K:
+            # Rows 0-15 and 9-24 of out, each to 16 filters (values 9-15 twice).
+            o = (kb * C + c) * 25
+            transpose16(outf, 0, FB, dwf, o, C * 25)
+            transpose16(outf, 9 * FB, FB, dwf, o + 9, C * 25)
+        else:
+            for j in range(K - kb):
+                o = _u(((kb + j) * C + c) * 25)
+                for e in range(25):
+                    dwf[o + _u(e)] = out[e, j]
+    for j in range(FB):
+        chk[ch, j] = ck[0, j]
+
+
+@parallel_kernel
+def dw_transform(part, gs, kc, dw, chk):
+    """``dw[k, c] = G^T S[c, k] G`` with ``S`` the chunk sums of :func:`winograd_dw` added
+    in float64, ``S[c, p, k] = sum_h part[h, c, p, k]``; computed in float64 and rounded
+    once to ``dw``'s dtype.
+
+    part : (P, CP, 36, KP)   chunk sums; ``KP`` a multiple of ``FB``.
+    gs : (36,) float64       scale products, as for :func:`filter_transform`: ``G^T S G``
+                             is ``V^T (gs * S) V``.
+    kc : (6,)                transform constants in ``dw``'s dtype (``kc[5]`` is zero).
+    dw : (K, C, 5, 5)        overwritten; ``K <= KP``, ``C <= CP``.
+    chk : (TCH, FB)          overwritten: sums of every output times zero, NaN if any
+                             output is inf or NaN (the wrapper then returns None).
+
+    The ``C * ceil(K / FB)`` blocks of ``FB`` output channels are cut into at most ``TCH``
+    chunks of consecutive blocks (:func:`_dw_blocks`); each writes its own filters and its
+    own row of ``chk``.
+    """
+    K, C = dw.shape[0], dw.shape[1]
+    nblock = C * -(-K // FB)
+    nch = min(TCH, nblock)
+    for ch in prange(nch):
+        _dw_blocks(part, gs, kc, dw, chk, ch, ch * nblock // nch, (ch + 1) * nblock // nch)
