@@ -112,6 +112,11 @@ def test_transpose16_moves_a_block_through_registers(dtype):
         for r in range(16):
             want[do + ds * np.arange(16) + r] = src[so + ss * r:so + ss * r + 16]
         np.testing.assert_array_equal(dst, want)
+    # In registers: whole-vector loads, stores and two-row shuffles, no scalar moves.
+    asm = run.inspect_asm(run.signatures[0])
+    shuffles = re.findall(r"^\s+v(?:perm|shuf|unpck|insert)\w*\s[^\n]*zmm", asm, re.M)
+    assert 48 <= len(shuffles) <= 80 * (dst.itemsize // 4), len(shuffles)
+    assert not re.search(r"vmovs[sd]\s|gather", asm)
 
 
 @pytest.mark.parametrize("K, C, CP, rotate, dtype, strided", [
