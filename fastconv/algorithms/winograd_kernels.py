@@ -448,8 +448,8 @@ def _filter_groups(w, flip, gs, U, sc, g0, g1):
     into ``t`` (30, FB), then along the columns, times ``gs``, rounded into ``sc``
     (36, GI, KP), the group's share of every point.  ``sc`` then goes to ``U`` as 36 runs of
     ``GI*KP`` values: written straight from the blocks, each block's 36 rows of ``FB``
-    values land in the same cache set (the points are a multiple of 4 KiB apart), which
-    took 3x as long.
+    values would land in the same cache set (the points are a multiple of 4 KiB apart),
+    3x slower here.
     """
     K, C = w.shape[0], w.shape[1]
     CP, KP = U.shape[1], U.shape[2]
