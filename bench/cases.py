@@ -99,17 +99,19 @@ def make_arrays(case: Case, seed: int = 0) -> dict:
 # ---- fastconv ------------------------------------------------------------------------
 
 
-def fastconv_pass(pass_: str):
+def fastconv_pass(pass_: str, package=fc):
+    """fastconv's functional API (``package``: this fastconv, or the baseline's)."""
+
     def forward(c, a):
-        return fc.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
+        return package.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
 
     def dx(c, a):
-        return fc.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
-                                    padding=c.padding)
+        return package.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
+                                         padding=c.padding)
 
     def dw(c, a):
-        return fc.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
-                                     padding=c.padding)
+        return package.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
+                                          padding=c.padding)
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
@@ -251,22 +253,7 @@ def load_baseline(root) -> object:
 
 def baseline_pass(pass_: str):
     """The baseline's functional API (``None`` without ``--baseline``)."""
-    if baseline is None:
-        return None
-    b = baseline
-
-    def forward(c, a):
-        return b.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
-
-    def dx(c, a):
-        return b.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
-                                   padding=c.padding)
-
-    def dw(c, a):
-        return b.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
-                                    padding=c.padding)
-
-    return {"forward": forward, "dX": dx, "dW": dw}[pass_]
+    return None if baseline is None else fastconv_pass(pass_, baseline)
 
 
 IMPLS = {"fastconv": fastconv_pass, "fastconv-plan": fastconv_plan_pass,

@@ -29,14 +29,9 @@ NAME = "winograd-f2x2-5x5"
 
 
 def why_not(geo, dtype, pass_):
-    if not config.get_winograd():
-        return "Winograd is turned off (fastconv.set_winograd(False))"
-    if np.dtype(dtype) != np.float32:
-        return f"it computes in float32 only, not {np.dtype(dtype)}"
-    if geo.G != 1:
-        return "it needs one group"
-    if (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) != (5, 5, 1, 1, 1, 1):
-        return "it needs a 5x5 filter at stride 1 without dilation"
+    reason = common_rule(geo, dtype, 5)
+    if reason is not None:
+        return reason
     if max(geo.pads) > 4:
         return "it needs padding of at most 4"
     if geo.OH % 2 or geo.OW % 2:
@@ -47,6 +42,20 @@ def why_not(geo, dtype, pass_):
         return f"it needs input channels in multiples of {_wk.VL}"
     if pass_ == "grad_input" and delta_layout(geo).shape[1:3] != (geo.H + 4, geo.W + 4):
         return "its dX needs the deltas padded by 4 on every side"
+    return None
+
+
+def common_rule(geo, dtype, R: int) -> str | None:
+    """What every Winograd path needs (this one and F(4x4, 3x3)): the switch on, float32,
+    one group, an ``R x R`` filter at stride 1 without dilation; None if ``geo`` has it."""
+    if not config.get_winograd():
+        return "Winograd is turned off (fastconv.set_winograd(False))"
+    if np.dtype(dtype) != np.float32:
+        return f"it computes in float32 only, not {np.dtype(dtype)}"
+    if geo.G != 1:
+        return "it needs one group"
+    if (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) != (R, R, 1, 1, 1, 1):
+        return f"it needs a {R}x{R} filter at stride 1 without dilation"
     return None
 
 
@@ -225,25 +234,35 @@ def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
     (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the result has an
     inf or NaN (see above).  dX is this on the deltas, with the rotated filters."""
     N, Hp, Wp, CP = _check_packed("xp", xp)
+    bp, chk = check_product_arrays(U, y, b, N, CP, Hp - 4, Wp - 4, pool_order)
+    _wk.winograd_tiles(xp, U, bp, y, kernel_constants(xp.dtype), pool_order, chk)
+    return bool(np.isfinite(chk).all())
+
+
+def check_product_arrays(U, y, b, N: int, CP: int, OH: int, OW: int, pool_order: bool):
+    """Check what a forward kernel of either Winograd path takes besides its input, for
+    an input of ``N`` images of ``CP`` channels and an output of ``OH x OW``: ``U`` (36,
+    CP, KP) float32, ``KP`` a multiple of ``KW``; ``y`` (N, K, OH, OW), or (N, K, 4, OH/2
+    * OW/2) with ``pool_order``, ``K <= KP``; ``b`` (K,) or None.  Returns the bias
+    padded to ``KP`` (zeros for none) and the kernel's zeroed ``chk`` (NCH, VL)."""
     KP = np.shape(U)[2] if np.ndim(U) == 3 else 0
     if KP % _wk.KW or not KP:
         raise ValueError(f"U must have shape (36, {CP}, KP), KP a multiple of {_wk.KW}, got "
                          f"{np.shape(U)}")
     _checks.array("U", U, (36, CP, KP), np.float32)
     K = np.shape(y)[1] if np.ndim(y) == 4 else -1
-    OH, OW = Hp - 4, Wp - 4
     if not 0 < K <= KP:
         raise ValueError(f"y must have shape (N, K, ...) with K <= {KP}, got {np.shape(y)}")
+    if pool_order and (OH % 2 or OW % 2):
+        raise ValueError(f"pool order needs an even output size, got {OH} x {OW}")
     _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
                   np.float32, writeable=True)
     if b is not None and np.shape(b) != (K,):
         raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
-    bp = np.zeros(KP, xp.dtype)
+    bp = np.zeros(KP, np.float32)
     if b is not None:
         bp[:K] = b
-    chk = np.zeros((_wk.NCH, _wk.VL), xp.dtype)
-    _wk.winograd_tiles(xp, U, bp, y, kernel_constants(xp.dtype), pool_order, chk)
-    return bool(np.isfinite(chk).all())
+    return bp, np.zeros((_wk.NCH, _wk.VL), np.float32)
 
 
 def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,

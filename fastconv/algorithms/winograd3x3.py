@@ -46,7 +46,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .. import _checks, config
+from .. import _checks
 from .._jit import parallel_kernel, stack_tile
 from ..geometry import ConvGeometry
 from ..layouts import _FRESH, DeltaLayout, _pack_input, delta_layout, pack_deltas
@@ -61,14 +61,9 @@ TT, KW, VL, NCH = _wk.TT, _wk.KW, _wk.VL, _wk.NCH
 def why_not(geo, dtype, pass_):
     if pass_ == "grad_weight":
         return "it computes the forward pass and dX only"
-    if not config.get_winograd():
-        return "Winograd is turned off (fastconv.set_winograd(False))"
-    if np.dtype(dtype) != np.float32:
-        return f"it computes in float32 only, not {np.dtype(dtype)}"
-    if geo.G != 1:
-        return "it needs one group"
-    if (geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) != (3, 3, 1, 1, 1, 1):
-        return "it needs a 3x3 filter at stride 1 without dilation"
+    reason = _w5.common_rule(geo, dtype, 3)
+    if reason is not None:
+        return reason
     OH, OW = (geo.OH, geo.OW) if pass_ == "forward" else (geo.H, geo.W)
     if min(OH, OW) < 4 or geo.N * -(-OH // 4) * -(-OW // 4) < TT:
         return f"it needs outputs at least 4 wide and high, and at least {TT} tiles of 4x4"
@@ -158,24 +153,7 @@ def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
         raise ValueError(f"xp of shape {xp.shape} is not a packed input this kernel runs: "
                          f"channels a multiple of {VL}, an output at least 4 x 4, and at "
                          f"least {TT} tiles")
-    KP = np.shape(U)[2] if np.ndim(U) == 3 else 0
-    if KP % KW or not KP:
-        raise ValueError(f"U must have shape (36, {CP}, KP), KP a multiple of {KW}, got "
-                         f"{np.shape(U)}")
-    _checks.array("U", U, (36, CP, KP), np.float32)
-    K = np.shape(y)[1] if np.ndim(y) == 4 else -1
-    if not 0 < K <= KP:
-        raise ValueError(f"y must have shape (N, K, ...) with K <= {KP}, got {np.shape(y)}")
-    if pool_order and (OH % 2 or OW % 2):
-        raise ValueError(f"pool order needs an even output size, got {OH} x {OW}")
-    _checks.array("y", y, (N, K, 4, OH * OW // 4) if pool_order else (N, K, OH, OW),
-                  np.float32, writeable=True)
-    if b is not None and np.shape(b) != (K,):
-        raise ValueError(f"b must have shape ({K},), got {np.shape(b)}")
-    bp = np.zeros(KP, np.float32)
-    if b is not None:
-        bp[:K] = b
-    chk = np.zeros((NCH, VL), np.float32)
+    bp, chk = _w5.check_product_arrays(U, y, b, N, CP, OH, OW, pool_order)
     winograd43_tiles(xp, U, bp, y, _w5.kernel_constants(np.float32),
                      output_constants(np.float32), pool_order, chk)
     return bool(np.isfinite(chk).all())
@@ -195,6 +173,17 @@ def _at4(m0, m1, m2, m3, m4, m5, ka):
             d12 + ka[0] * m3 - ka[1] * m4,
             s12 + ka[2] * m3 + ka[3] * m4,
             d12 + ka[4] * m3 - ka[5] * m4 + m5)
+
+
+@numba.njit(inline="always")
+def _tile(tile, TH, TWn, OH, OW):
+    """Tile ``tile`` of the list: its image ``n``, tile row ``a`` and column ``q``, and
+    the origin ``(i0, j0)`` of its 4 x 4 outputs, shifted back inside the output."""
+    q = tile % TWn
+    rest = tile // TWn
+    a = rest % TH
+    n = rest // TH
+    return n, a, q, min(4 * a, OH - 4), min(4 * q, OW - 4)
 
 
 @parallel_kernel
@@ -272,13 +261,7 @@ def winograd43_tiles(x, U, b, y, kc, ka, pool_order, chk):
         for task in range(ch * ntask // nch, (ch + 1) * ntask // nch):
             t0 = min(task * TT, ntile - TT)
             for t in range(TT):
-                tile = t0 + t
-                q = tile % TWn
-                rest = tile // TWn
-                a = rest % TH
-                n = rest // TH
-                i0 = min(4 * a, OH - 4)
-                j0 = min(4 * q, OW - 4)
+                n, a, q, i0, j0 = _tile(t0 + t, TH, TWn, OH, OW)
                 o = _u(((n * Hp + i0) * Wp + j0) * C)
                 for cv in range(C // VL):
                     _wk._input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
@@ -310,13 +293,7 @@ def winograd43_tiles(x, U, b, y, kc, ka, pool_order, chk):
                             ot[(8 + v) * TT + t, c] = y2 + bk
                             ot[(12 + v) * TT + t, c] = y3 + bk
                 for t in range(max(0, task * TT - t0), TT):  # the tiles this task owns
-                    tile = t0 + t
-                    q = tile % TWn
-                    rest = tile // TWn
-                    a = rest % TH
-                    n = rest // TH
-                    i0 = min(4 * a, OH - 4)
-                    j0 = min(4 * q, OW - 4)
+                    n, a, q, i0, j0 = _tile(t0 + t, TH, TWn, OH, OW)
                     u0, v0 = 4 * a - i0, 4 * q - j0
                     for c in range(min(VL, K - kv * VL)):
                         k = kv * VL + c
