@@ -45,6 +45,30 @@ def reference_passes(x, w, b, dy, conv):
     return y, dx, dw
 
 
+def check_filter_transform(transform, taps, K, C, CP, rotate, dtype, strided, rng):
+    """``transform(w, CP, rotate)`` (a Winograd ``transform_filters``) gives ``G f G^T``
+    in float64 rounded once to float32 (within half an ulp of the exact value plus
+    float64 noise) for every filter ``f`` of a random ``w`` (K, C, taps, taps), rotated
+    and transposed with ``rotate``, zero past the channels; ``strided`` hands it a view
+    with a step of 2 along the last axis."""
+    from fastconv.algorithms import winograd
+
+    shape = (K, C, taps, 2 * taps) if strided else (K, C, taps, taps)
+    w = (rng.standard_normal(shape) * 3).astype(dtype)
+    if strided:
+        w = w[..., ::2]
+    U = transform(w, CP, rotate)
+    f = w[:, :, ::-1, ::-1].astype(np.float64) if rotate else w.astype(np.float64)
+    NI, NJ = (K, C) if rotate else (C, K)
+    G = np.array(winograd.transforms(7 - taps, taps, winograd.POINTS)[1], float)  # F(7-r, r)
+    want = np.einsum("xr,kcrs,ys->xykc", G, f, G).reshape(36, K, C)
+    want = want if rotate else want.transpose(0, 2, 1)  # (36, NI, NJ)
+    assert U.shape == (36, CP, -(-NJ // 32) * 32) and U.dtype == np.float32
+    got = U[:, :NI, :NJ].astype(np.float64)
+    assert (np.abs(got - want) <= 2.0**-24 * np.abs(want) + 1e-12 * np.abs(f).max()).all()
+    assert not U[:, NI:].any() and not U[:, :, NJ:].any()
+
+
 def random_problem(rng, N, C, H, W, K, R, S, conv, dtype=np.float64):
     """Random x, w, b and deltas of the right output shape for one configuration."""
     x = rng.standard_normal((N, C, H, W)).astype(dtype)

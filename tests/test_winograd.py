@@ -18,7 +18,7 @@ from fastconv.algorithms import winograd as W
 from fastconv.algorithms import winograd as winograd_algorithm
 from fastconv.algorithms import winograd_kernels as WK
 
-from conftest import all_passes, reference_passes, winograd_enabled
+from conftest import all_passes, check_filter_transform, reference_passes, winograd_enabled
 
 # Winograd's dW on batches smaller than it is chosen for (config.WINOGRAD_DW_MIN_TILES).
 pytestmark = pytest.mark.usefixtures("parallel_paths")
@@ -130,19 +130,8 @@ def test_transpose16_moves_a_block_through_registers(dtype):
 def test_filter_transform_is_float64_rounded_once(K, C, CP, rotate, dtype, strided, rng):
     """U is G f G^T in float64 rounded once to float32 (within half an ulp of the exact
     value plus float64 noise), for every filter f, zero past the channels."""
-    w = (rng.standard_normal((K, C, 5, 10) if strided else (K, C, 5, 5)) * 3).astype(dtype)
-    if strided:
-        w = w[..., ::2]
-    U = W.transform_filters(w, CP, np.float32, rotate)
-    f = w[:, :, ::-1, ::-1].astype(np.float64) if rotate else w.astype(np.float64)
-    NI, NJ = (K, C) if rotate else (C, K)
-    G = np.array(W.transforms()[1], float)
-    want = np.einsum("xr,kcrs,ys->xykc", G, f, G).reshape(36, K, C)
-    want = want if rotate else want.transpose(0, 2, 1)  # (36, NI, NJ)
-    assert U.shape == (36, CP, -(-NJ // 32) * 32) and U.dtype == np.float32
-    got = U[:, :NI, :NJ].astype(np.float64)
-    assert (np.abs(got - want) <= 2.0**-24 * np.abs(want) + 1e-12 * np.abs(f).max()).all()
-    assert not U[:, NI:].any() and not U[:, :, NJ:].any()
+    check_filter_transform(lambda w, CP, rotate: W.transform_filters(w, CP, np.float32, rotate),
+                           5, K, C, CP, rotate, dtype, strided, rng)
 
 
 def _geo(N=64, C=32, H=14, Wd=14, K=64, R=5, S=5, **conv_args):

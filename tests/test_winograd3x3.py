@@ -11,8 +11,9 @@ import fastconv as fc
 from fastconv import layouts
 from fastconv.algorithms import winograd as W5
 from fastconv.algorithms import winograd3x3 as W3
+from fastconv.algorithms import winograd_kernels as WK
 
-from conftest import reference_passes, winograd_enabled
+from conftest import check_filter_transform, reference_passes, winograd_enabled
 
 NAME, TILE = W3.NAME, "direct-channel-tile"
 FORCED = {"forward": NAME, "grad_input": NAME}
@@ -27,6 +28,13 @@ def test_the_kernel_transforms_are_the_derived_ones():
     ka = W3.output_constants(np.float64)
     at = np.array([W3._at4.py_func(*np.eye(6)[j], ka) for j in range(6)]).T
     np.testing.assert_array_equal(at, np.array(AT, float))
+    # The filter transform: G = diag(1/scale) V with the 5x5 path's scale (so its scale
+    # products), V the points' Vandermonde rows for three coefficients.
+    scale = W5.transforms()[3]
+    assert W5.transforms(4, 3, W5.POINTS)[3] == scale
+    V = np.array([[g * s for g in row] for row, s in zip(G, scale, strict=True)], float)
+    v = np.array([WK._v6_3.py_func(*np.eye(3)[j]) for j in range(3)]).T
+    np.testing.assert_array_equal(v, V)
     # Exactly, in Fractions: A^T [(G g G^T) (.) (B^T d B)] A is the 3x3 correlation.
     rng = np.random.default_rng(1)
     d = [[Fraction(int(v), 7) for v in row] for row in rng.integers(-9, 10, (6, 6))]
@@ -45,6 +53,33 @@ def test_the_kernel_transforms_are_the_derived_ones():
     want = [[sum(d[i + r][j + s] * g[r][s] for r in range(3) for s in range(3))
              for j in range(4)] for i in range(4)]
     assert y == want
+
+
+@pytest.mark.parametrize("K, C, CP, rotate, dtype, strided", [
+    (64, 64, 64, False, np.float32, False),  # (64, 64, 3, 3) forward: whole blocks of 16
+    (64, 64, 64, True, np.float32, False),  # and its dX, rotated and transposed in place
+    (33, 20, 48, False, np.float32, False),  # a partial block, padding rows and columns
+    (33, 20, 48, True, np.float32, False),  # rotated: partial block, padding
+    (16, 16, 16, False, np.float32, False),  # the last block's window would pass w's end
+    (16, 16, 16, True, np.float32, False),  # so would the rotated one's
+    (7, 16, 16, True, np.float64, False),  # float64 weights, read as they are
+    (40, 16, 16, False, np.float32, True),  # a strided view: copied contiguous
+])
+def test_filter_transform_is_float64_rounded_once(K, C, CP, rotate, dtype, strided, rng):
+    """U is G f G^T in float64 rounded once to float32 (within half an ulp of the exact
+    value plus float64 noise), for every filter f, zero past the channels."""
+    check_filter_transform(W3.transform_filters, 3, K, C, CP, rotate, dtype, strided, rng)
+
+
+def test_dx_filters_are_read_in_place(rng):
+    """prepare's dX transform reads w rotated and transposed by index: the same bits as
+    the transform of that view made contiguous."""
+    w = rng.standard_normal((24, 32, 3, 3)).astype(np.float32)
+    geo = fc.conv_geometry((2, 32, 12, 12), w.shape, padding=1)
+    KgP = layouts.delta_layout(geo).KgP
+    view = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(W3.prepare(geo, w, "grad_input"),
+                                  W3.transform_filters(view, KgP))
 
 
 CASES = [  # (N, C, H, W, K, padding): edge tiles of every kind

@@ -180,20 +180,27 @@ def kernel_constants(dtype) -> np.ndarray:
     return np.array([0.5, 2, 3, 4, 5, 0], dtype)
 
 
-def transform_filters(w: np.ndarray, CP: int, dtype, rotate: bool = False) -> np.ndarray:
-    """The transformed filters ``U`` (36, CP, KP) of ``w`` (K, C, 5, 5), computed in
+def transform_filters(w: np.ndarray, CP: int, dtype, rotate: bool = False,
+                      taps: int = 5) -> np.ndarray:
+    """The transformed filters ``U`` (36, CP, KP) of ``w`` (K, C, taps, taps), computed in
     float64 and rounded once to ``dtype``, zero past the channels.
 
-    Without ``rotate``, ``U[p, c, k] = (G w[k, c] G^T)[p]`` (``C <= CP``, ``KP`` is ``K``
-    rounded up to a multiple of ``KW``): the forward pass.  With ``rotate``,
-    ``U[p, k, c] = (G w[k, c, ::-1, ::-1] G^T)[p]`` (``K <= CP``, ``KP`` from ``C``): dX,
-    the filters rotated by 180 degrees and the channel roles swapped, read from ``w``
-    itself.  ``w`` is read in its dtype (float32 or float64; anything else is converted to
-    float64).
+    ``taps`` is 5 (F(2, 5), this module) or 3 (F(4, 3),
+    :mod:`fastconv.algorithms.winograd3x3`): the points, and so ``B^T`` and the scale
+    products, are the same; ``G`` is the points' Vandermonde matrix for ``taps``
+    coefficients (:func:`transforms`).  Without ``rotate``, ``U[p, c, k] = (G w[k, c]
+    G^T)[p]`` (``C <= CP``, ``KP`` is ``K`` rounded up to a multiple of ``KW``): the
+    forward pass.  With ``rotate``, ``U[p, k, c] = (G w[k, c, ::-1, ::-1] G^T)[p]``
+    (``K <= CP``, ``KP`` from ``C``): dX, the filters rotated by 180 degrees and the
+    channel roles swapped, read from ``w`` itself.  ``w`` is read in its dtype (float32
+    or float64; anything else is converted to float64).
     """
-    if np.ndim(w) != 4 or np.shape(w)[2:] != (5, 5) or np.shape(w)[1 - rotate] > CP:
-        raise ValueError(f"w must have shape (K, C, 5, 5) with {'K' if rotate else 'C'} <= "
-                         f"{CP}, got {np.shape(w)}")
+    if taps not in (3, 5):
+        raise ValueError(f"taps must be 3 or 5, got {taps!r}")
+    if (np.ndim(w) != 4 or np.shape(w)[2:] != (taps, taps)
+            or np.shape(w)[1 - rotate] > CP):
+        raise ValueError(f"w must have shape (K, C, {taps}, {taps}) with "
+                         f"{'K' if rotate else 'C'} <= {CP}, got {np.shape(w)}")
     w = np.asarray(w)
     if w.dtype not in _checks.FLOATS or not w.flags.c_contiguous:
         w = np.ascontiguousarray(w, w.dtype if w.dtype in _checks.FLOATS else np.float64)

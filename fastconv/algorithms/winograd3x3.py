@@ -14,7 +14,9 @@ so each of the 36 points is a matrix product over channels with 36 multiplicatio
 points only, and these are the points of the 5x5 path's F(2, 5): the input transform is
 that path's (``winograd_kernels._input_tile``, with its rows scaled to small integers),
 and so is the product of the 36 points (``winograd_kernels._product``, a 7-tile x 32
-channel register tile).  Only ``A^T`` (here 4 outputs per axis) and ``G`` differ.
+channel register tile).  Only ``A^T`` (here 4 outputs per axis) and ``G`` differ; ``G``
+is ``diag(1/scale) V`` with the same ``scale``, so the filter transform is the 5x5
+path's kernel for 3 taps (:func:`transform_filters`).
 
 dX of a stride-1 layer is the valid correlation of the deltas, padded by ``2 - pad``,
 with the filters rotated by 180 degrees and the channel roles swapped: the same kernel
@@ -81,8 +83,7 @@ def prepare(geo, w, pass_):
     deltas' channels."""
     if pass_ == "forward":
         return transform_filters(w, geo.C)
-    wt = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, 3, 3)
-    return transform_filters(wt, delta_layout(geo).KgP)
+    return transform_filters(w, delta_layout(geo).KgP, rotate=True)
 
 
 def forward(geo, x, U, b):
@@ -113,28 +114,19 @@ def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
 
 # ---- the transforms and the kernel's wrappers ------------------------------------------
 
-#: ``A^T`` (4, 6) and the scaled ``G`` (6, 3) of F(4, 3); the kernel hard-codes ``A^T``
-#: (:func:`_at4`) and shares ``B^T`` with the 5x5 path.
-_AT, _G = (np.array([[float(v) for v in row] for row in m])
-           for m in _w5.transforms(4, 3, _w5.POINTS)[:2])
-
-
 def output_constants(dtype) -> np.ndarray:
     """The constants ``ka`` of the kernel's output transform ``A^T``, in ``dtype``."""
     return np.array([0.5, 2, 0.25, 4, 0.125, 8, 0], dtype)
 
 
-def transform_filters(w: np.ndarray, CP: int) -> np.ndarray:
+def transform_filters(w: np.ndarray, CP: int, rotate: bool = False) -> np.ndarray:
     """``U`` (36, CP, KP) float32 = ``G w G^T`` per point for weights ``w`` (K, C, 3, 3)
-    (any strides), computed in float64; zero past ``C`` and ``K``, ``KP`` a multiple of
-    ``KW``."""
-    if np.ndim(w) != 4 or np.shape(w)[2:] != (3, 3) or np.shape(w)[1] > CP:
-        raise ValueError(f"w must have shape (K, C, 3, 3) with C <= {CP}, got {np.shape(w)}")
-    K, C = w.shape[:2]
-    KP = -(-K // KW) * KW
-    U = np.zeros((36, CP, KP), np.float32)
-    filter_transform43(np.ascontiguousarray(w.transpose(1, 2, 3, 0), np.float64), _G, U)
-    return U
+    (any strides and float dtype), computed in float64 and rounded once; zero past the
+    channels, ``KP`` a multiple of ``KW``.  With ``rotate``, of the filters rotated by 180
+    degrees with the channel roles swapped (dX), read from ``w`` in place.  The 5x5 path's
+    kernel (:func:`fastconv.algorithms.winograd.transform_filters` with ``taps=3``):
+    ``G = diag(1/scale) V`` with the same points and ``scale``, ``V`` 6 x 3."""
+    return _w5.transform_filters(w, CP, np.float32, rotate, taps=3)
 
 
 def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
@@ -184,30 +176,6 @@ def _tile(tile, TH, TWn, OH, OW):
     a = rest % TH
     n = rest // TH
     return n, a, q, min(4 * a, OH - 4), min(4 * q, OW - 4)
-
-
-@parallel_kernel
-def filter_transform43(w, G, U):
-    """``U[6*xi + nu, c, k] = (G w[k, c] G^T)[xi, nu]``, in float64, rounded once.
-
-    w : (C, 3, 3, K) float64   weights, channels-last (vectors run over k).
-    G : (6, 3) float64         the filter transform.
-    U : (36, CP, KP)           written for ``c < C``, ``k < K`` only (the wrapper zeroes
-                               the rest).  Parallel over ``c``: each task owns its rows.
-    """
-    C, K = w.shape[0], w.shape[3]
-    for c in prange(C):
-        t = np.empty((6, 3, K))  # (G w)[xi, s, k]
-        for xi in range(6):
-            g0, g1, g2 = G[xi, 0], G[xi, 1], G[xi, 2]
-            for s in range(3):
-                for k in range(K):
-                    t[xi, s, k] = g0 * w[c, 0, s, k] + g1 * w[c, 1, s, k] + g2 * w[c, 2, s, k]
-        for xi in range(6):
-            for nu in range(6):
-                g0, g1, g2 = G[nu, 0], G[nu, 1], G[nu, 2]
-                for k in range(K):
-                    U[6 * xi + nu, c, k] = g0 * t[xi, 0, k] + g1 * t[xi, 1, k] + g2 * t[xi, 2, k]
 
 
 @parallel_kernel

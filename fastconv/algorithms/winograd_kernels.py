@@ -437,26 +437,78 @@ def _v6(w0, w1, w2, w3, w4):
     return w0, e + o, e - o, h, m, w4
 
 
+@numba.njit(inline="always")
+def _v6_3(w0, w1, w2):
+    """:func:`_v6` for a 3-tap filter (F(4, 3), the 3x3 path): the first three columns of
+    the same Vandermonde rows, the point at infinity taking the last tap; 7 operations
+    instead of 18."""
+    e = w0 + w2
+    h = (w2 * 0.5 + w1) * 0.5 + w0
+    m = (w2 * -2.0 + w1) * -2.0 + w0
+    return w0, e + w1, e - w1, h, m, w2
+
+
+@numba.njit(inline="always")
+def _v_taps(a, o, step, j, taps):
+    """``V`` (:func:`_v6`, or :func:`_v6_3` for ``taps == 3``) applied to the ``taps``
+    values ``a[o + s*step, j]``, ``s < taps``, in float64.  ``taps`` is a compile-time
+    constant: each kernel that calls this is compiled for one filter size."""
+    if taps == 3:
+        return _v6_3(np.float64(a[o, j]), np.float64(a[o + step, j]),
+                     np.float64(a[o + 2 * step, j]))
+    return _v6(np.float64(a[o, j]), np.float64(a[o + step, j]),
+               np.float64(a[o + 2 * step, j]), np.float64(a[o + 3 * step, j]),
+               np.float64(a[o + 4 * step, j]))
+
+
+@numba.njit(inline="always")
+def _transpose_block(wf, ob, sj, wtf, flip, ne):
+    """The ``ne`` elements of ``FB`` filters, filter ``j`` from ``wf[ob + j*sj]``, into
+    the rows of the stack tile ``wtf`` (flat, ``max(ne, FB)`` rows of ``FB``), in
+    registers (:func:`transpose16`); returns the row of element 0.
+
+    A window of 16 elements per filter, and for ``ne > 16`` a second one ending at the
+    filter's end (elements ``ne - 16 .. 15`` twice); rotated (``flip``), element ``e``
+    goes to row ``max(ne, FB) - 1 - e``, so element ``e`` of the rotated filter is at
+    row ``max(ne, FB) - ne + e``.  The windows read ``wf[ob + j*sj + e]`` for
+    ``e < max(ne, FB)``: the caller keeps them inside ``wf``."""
+    top = max(ne, FB) - 1
+    if flip:
+        transpose16(wf, ob, sj, wtf, top * FB, -FB)
+    else:
+        transpose16(wf, ob, sj, wtf, 0, FB)
+    if ne > FB:
+        e0 = ne - FB
+        if flip:
+            transpose16(wf, ob + e0, sj, wtf, (top - e0) * FB, -FB)
+        else:
+            transpose16(wf, ob + e0, sj, wtf, e0 * FB, FB)
+    return top + 1 - ne if flip else 0
+
+
 @serial_kernel
-def _filter_groups(w, flip, gs, U, sc, g0, g1):
+def _filter_groups(w, flip, gs, U, sc, g0, g1, taps):
     """The rows ``U[:, i, :]`` of the groups ``g0 <= g < g1`` of ``GI = max(1, RUN // KP)``
-    consecutive input channels ``i`` (see :func:`filter_transform`).
+    consecutive input channels ``i`` (see :func:`filter_transform`), for filters of
+    ``taps`` x ``taps`` (a constant at the call: compiled once for 5 and once for 3).
 
     Each block of ``FB`` filters is transposed into the stack tile ``wt`` (25, FB), in
-    registers (:func:`transpose16`; a partial block one value at a time), so that the
-    transforms run on vectors of ``FB`` filters: ``V`` along the rows
-    into ``t`` (30, FB), then along the columns, times ``gs``, rounded into ``sc``
-    (36, GI, KP), the group's share of every point.  ``sc`` then goes to ``U`` as 36 runs of
-    ``GI*KP`` values: written straight from the blocks, each block's 36 rows of ``FB``
-    values would land in the same cache set (the points are a multiple of 4 KiB apart),
-    3x slower here.
+    registers (:func:`_transpose_block`; a partial block, or one whose window would read
+    past ``w``'s end, one value at a time), so that the transforms run on vectors of
+    ``FB`` filters: ``V`` along the rows into ``t`` (6*taps, FB), then along the
+    columns, times ``gs``, rounded into ``sc`` (36, GI, KP), the group's share of every
+    point.  ``sc`` then goes to ``U`` as 36 runs of ``GI*KP`` values: written straight
+    from the blocks, each block's 36 rows of ``FB`` values would land in the same cache
+    set (the points are a multiple of 4 KiB apart), 3x slower here.
     """
     K, C = w.shape[0], w.shape[1]
     CP, KP = U.shape[1], U.shape[2]
+    ne = taps * taps
     NI, NJ = (K, C) if flip else (C, K)
-    si, sj = (C * 25, 25) if flip else (25, C * 25)
+    si, sj = (C * ne, ne) if flip else (ne, C * ne)
     wf = w.reshape(-1)
     Uf = U.reshape(-1)
+    last = wf.size - (FB - 1) * sj - max(ne, FB)  # the last block start a window may read
     gi_n = max(1, RUN // KP)
     ps = _u(gi_n * KP)  # from one point to the next in sc
     wt = stack_tile(25, FB, w.dtype)
@@ -475,36 +527,22 @@ def _filter_groups(w, flip, gs, U, sc, g0, g1):
                             sc[so + _u(p) * ps + _u(j)] = 0
                     continue
                 nj = min(FB, NJ - jb)
-                o = _u(i * si + jb * sj)
-                if nj == FB:
-                    # Elements 0-15 and 9-24 of the 16 filters, transposed in registers
-                    # (rows 9-15 twice); rotated, element e goes to row 24 - e.
-                    ob = i * si + jb * sj
-                    if flip:
-                        transpose16(wf, ob, sj, wtf, 24 * FB, -FB)
-                        transpose16(wf, ob + 9, sj, wtf, 15 * FB, -FB)
-                    else:
-                        transpose16(wf, ob, sj, wtf, 0, FB)
-                        transpose16(wf, ob + 9, sj, wtf, 9 * FB, FB)
-                elif flip:
-                    for j in range(nj):
-                        oj = o + _u(j) * _u(sj)
-                        for e in range(25):
-                            wt[e, j] = wf[oj + _u(24 - e)]
+                ob = i * si + jb * sj
+                o = _u(ob)
+                wb = 0  # wt's row of element 0 of the (rotated) filters
+                if nj == FB and ob <= last:
+                    wb = _transpose_block(wf, ob, sj, wtf, flip, ne)
                 else:
                     for j in range(nj):
                         oj = o + _u(j) * _u(sj)
-                        for e in range(25):
-                            wt[e, j] = wf[oj + _u(e)]
-                for j in range(nj, FB):
-                    for e in range(25):
-                        wt[e, j] = 0
-                for r in range(5):
+                        for e in range(ne):
+                            wt[e, j] = wf[oj + _u(ne - 1 - e if flip else e)]
+                    for j in range(nj, FB):
+                        for e in range(ne):
+                            wt[e, j] = 0
+                for r in range(taps):
                     for j in range(FB):
-                        a0, a1, a2, a3, a4, a5 = _v6(
-                            np.float64(wt[5 * r, j]), np.float64(wt[5 * r + 1, j]),
-                            np.float64(wt[5 * r + 2, j]), np.float64(wt[5 * r + 3, j]),
-                            np.float64(wt[5 * r + 4, j]))
+                        a0, a1, a2, a3, a4, a5 = _v_taps(wt, wb + taps * r, 1, j, taps)
                         t[6 * r, j] = a0
                         t[6 * r + 1, j] = a1
                         t[6 * r + 2, j] = a2
@@ -515,8 +553,7 @@ def _filter_groups(w, flip, gs, U, sc, g0, g1):
                     s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
                     s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
                     for j in range(FB):
-                        b0, b1, b2, b3, b4, b5 = _v6(t[nu, j], t[6 + nu, j], t[12 + nu, j],
-                                                     t[18 + nu, j], t[24 + nu, j])
+                        b0, b1, b2, b3, b4, b5 = _v_taps(t, nu, 6, j, taps)
                         sjo = so + _u(j)
                         sc[sjo + _u(nu) * ps] = b0 * s0
                         sc[sjo + _u(6 + nu) * ps] = b1 * s1
@@ -537,17 +574,20 @@ def filter_transform(w, flip, gs, U):
     """``U[6*xi + nu, i, j] = (G f G^T)[xi, nu]`` for the filters ``f`` of ``w``, in
     float64 and rounded once to ``U``'s dtype; zero for ``i >= NI`` or ``j >= NJ``.
 
-    w : (K, C, 5, 5)        float32 or float64, read as it is.  Without ``flip`` the filter
-                            of (i, j) is ``w[j, i]`` (``NI, NJ = C, K``: the forward pass);
-                            with ``flip`` it is ``w[i, j]`` rotated by 180 degrees
-                            (``NI, NJ = K, C``: dX, channel roles swapped).
+    w : (K, C, R, R)        ``R`` 5 (F(2, 5), ``G`` 6 x 5) or 3 (F(4, 3), ``G`` 6 x 3);
+                            float32 or float64, C-contiguous, read as it is.  Without
+                            ``flip`` the filter of (i, j) is ``w[j, i]`` (``NI, NJ = C,
+                            K``: the forward pass); with ``flip`` it is ``w[i, j]`` rotated
+                            by 180 degrees (``NI, NJ = K, C``: dX, channel roles swapped).
     gs : (36,) float64      ``1 / (scale[xi] * scale[nu])`` at ``6*xi + nu``: ``G f G^T`` is
-                            ``gs * (V f V^T)`` (:func:`_v6`).
+                            ``gs * (V f V^T)`` (:func:`_v6`, :func:`_v6_3`); both sizes
+                            share the points, so ``scale`` and ``gs``.
     U : (36, CP, KP)        overwritten; ``CP >= NI``, ``KP >= NJ`` a multiple of ``FB``.
 
     The ``CP`` rows are cut into groups of ``GI = max(1, RUN // KP)``, and the groups
     into at most ``TCH`` chunks, each with its own scratch (36, GI, KP)
-    (:func:`_filter_groups`); each chunk writes its own rows of ``U``.
+    (:func:`_filter_groups`, compiled for each filter size); each chunk writes its own
+    rows of ``U``.
     """
     CP, KP = U.shape[1], U.shape[2]
     gi_n = max(1, RUN // KP)
@@ -555,7 +595,11 @@ def filter_transform(w, flip, gs, U):
     nch = min(TCH, ngroup)
     for ch in prange(nch):
         sc = np.empty(36 * gi_n * KP, U.dtype)
-        _filter_groups(w, flip, gs, U, sc, ch * ngroup // nch, (ch + 1) * ngroup // nch)
+        g0, g1 = ch * ngroup // nch, (ch + 1) * ngroup // nch
+        if w.shape[2] == 3:
+            _filter_groups(w, flip, gs, U, sc, g0, g1, 3)
+        else:
+            _filter_groups(w, flip, gs, U, sc, g0, g1, 5)
 
 
 @numba.njit(inline="always")
