@@ -66,7 +66,7 @@ TB = 28
 DC = 8
 NCH = 32
 FB = 16
-RUN = 256
+RUN = 128
 TCH = 8
 
 _u = np.uint64
