@@ -27,6 +27,7 @@ class Case(NamedTuple):
     R: int
     stride: int
     padding: int
+    groups: int = 1
 
     @property
     def OH(self) -> int:
@@ -34,7 +35,12 @@ class Case(NamedTuple):
 
     def flops(self) -> float:
         """Multiply-adds x 2 of one pass (forward, dX and dW all do the same work)."""
-        return 2.0 * self.N * self.K * self.C * self.R * self.R * self.OH * self.OH
+        Cg = self.C // self.groups
+        return 2.0 * self.N * self.K * Cg * self.R * self.R * self.OH * self.OH
+
+    @property
+    def w_shape(self) -> tuple:
+        return (self.K, self.C // self.groups, self.R, self.R)
 
 
 #: The MNIST two-conv network's layers at batch 64 (target 1 of the performance issue).
@@ -68,7 +74,21 @@ SMALL = [
     Case("mnist-conv2-b1", 1, 32, 14, 64, 5, 1, 2),
     Case("3x3s1-c64-32px-b1", 1, 64, 32, 64, 3, 1, 1),
 ]
-CASES = MNIST + GENERAL + SMALL
+#: Depthwise layers (groups = C) of MobileNet-like sizes: 3x3 and 5x5, stride 1 and 2,
+#: 14-112 px, 32-512 channels, batch 1-32.
+DEPTHWISE = [
+    Case("dw3x3-c128-28px", 16, 128, 28, 128, 3, 1, 1, 128),
+    Case("dw3x3-c32-112px", 8, 32, 112, 32, 3, 1, 1, 32),
+    Case("dw3x3s2-c64-112px", 8, 64, 112, 64, 3, 2, 1, 64),
+    Case("dw3x3-c256-14px", 32, 256, 14, 256, 3, 1, 1, 256),
+    Case("dw3x3s2-c256-28px", 32, 256, 28, 256, 3, 2, 1, 256),
+    Case("dw3x3-c512-14px", 16, 512, 14, 512, 3, 1, 1, 512),
+    Case("dw5x5-c144-56px", 8, 144, 56, 144, 5, 1, 2, 144),
+    Case("dw5x5s2-c240-28px", 16, 240, 28, 240, 5, 2, 2, 240),
+    Case("dw3x3-c128-28px-b1", 1, 128, 28, 128, 3, 1, 1, 128),
+    Case("dw3x3-c32-112px-b1", 1, 32, 112, 32, 3, 1, 1, 32),
+]
+CASES = MNIST + GENERAL + SMALL + DEPTHWISE
 PASSES = ["forward", "dX", "dW"]
 
 
@@ -77,8 +97,8 @@ _PLAN_PASS = {"forward": "forward", "dX": "grad_input", "dW": "grad_weight"}
 
 def algorithm(case: Case, pass_: str) -> str:
     """The algorithm fastconv's plan runs this pass with (fp32, Winograd as switched)."""
-    plan = fc.conv2d_plan((case.N, case.C, case.H, case.H), (case.K, case.C, case.R, case.R),
-                          stride=case.stride, padding=case.padding)
+    plan = fc.conv2d_plan((case.N, case.C, case.H, case.H), case.w_shape,
+                          stride=case.stride, padding=case.padding, groups=case.groups)
     return plan.algorithms[_PLAN_PASS[pass_]]
 
 
@@ -90,7 +110,7 @@ def needs_dx(case: Case) -> bool:
 def make_arrays(case: Case, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((case.N, case.C, case.H, case.H), dtype=np.float32)
-    w = rng.standard_normal((case.K, case.C, case.R, case.R), dtype=np.float32)
+    w = rng.standard_normal(case.w_shape, dtype=np.float32)
     b = rng.standard_normal(case.K, dtype=np.float32)
     dy = rng.standard_normal((case.N, case.K, case.OH, case.OH), dtype=np.float32)
     return {"x": x, "w": w, "b": b, "dy": dy}
@@ -103,15 +123,16 @@ def fastconv_pass(pass_: str, package=fc):
     """fastconv's functional API (``package``: this fastconv, or the baseline's)."""
 
     def forward(c, a):
-        return package.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding)
+        return package.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding,
+                              groups=c.groups)
 
     def dx(c, a):
         return package.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
-                                         padding=c.padding)
+                                         padding=c.padding, groups=c.groups)
 
     def dw(c, a):
         return package.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
-                                          padding=c.padding)
+                                          padding=c.padding, groups=c.groups)
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
@@ -122,7 +143,7 @@ def fastconv_plan_pass(pass_: str):
     def plan(c, a):
         if "_plan" not in a:
             a["_plan"] = fc.conv2d_plan(a["x"].shape, a["w"].shape, stride=c.stride,
-                                        padding=c.padding)
+                                        padding=c.padding, groups=c.groups)
         return a["_plan"]
 
     def forward(c, a):
@@ -166,22 +187,29 @@ def _im2col(x, R, stride, padding):
 
 
 def numpy_pass(pass_: str):
+    # Groups: the patches' columns (c, r, s) split into G blocks of C/G channels, the
+    # filters into G blocks of K/G; each block of outputs is a product with its own block.
     def forward(c, a):
+        G = c.groups
         cols, OH, OW = _im2col(a["x"], c.R, c.stride, c.padding)
-        y = cols @ a["w"].reshape(c.K, -1).T + a["b"]  # (N, OH*OW, K)
+        cols = cols.reshape(c.N, OH * OW, G, -1)
+        y = np.einsum("npgq,gkq->npgk", cols, a["w"].reshape(G, c.K // G, -1),
+                      optimize=True).reshape(c.N, OH * OW, c.K) + a["b"]  # (N, OH*OW, K)
         return y.transpose(0, 2, 1).reshape(c.N, c.K, OH, OW)
 
     def dw(c, a):
+        G = c.groups
         cols, _, _ = _im2col(a["x"], c.R, c.stride, c.padding)
-        dy = a["dy"].reshape(c.N, c.K, -1)  # (N, K, OH*OW)
-        return np.einsum("nkp,npq->kq", dy, cols, optimize=True).reshape(a["w"].shape)
+        cols = cols.reshape(c.N, cols.shape[1], G, -1)
+        dy = a["dy"].reshape(c.N, G, c.K // G, -1)  # (N, G, K/G, OH*OW)
+        return np.einsum("ngkp,npgq->gkq", dy, cols, optimize=True).reshape(a["w"].shape)
 
     def dx(c, a):
         # col2im: scatter dy @ W back into the padded input, one (r, s) tap at a time.
         N, C, H, _ = a["x"].shape
-        P, OH = c.padding, c.OH
-        dcols = np.einsum("nkp,kq->npq", a["dy"].reshape(c.N, c.K, -1),
-                          a["w"].reshape(c.K, -1), optimize=True)
+        P, OH, G = c.padding, c.OH, c.groups
+        dcols = np.einsum("ngkp,gkq->npgq", a["dy"].reshape(c.N, G, c.K // G, -1),
+                          a["w"].reshape(G, c.K // G, -1), optimize=True)
         dcols = dcols.reshape(N, OH, OH, C, c.R, c.R)
         dxp = np.zeros((N, C, H + 2 * P, H + 2 * P), np.float32)
         span = c.stride * (OH - 1) + 1
@@ -209,15 +237,18 @@ def torch_pass(pass_: str):
     def forward(c, a):
         t = tensors(a)
         with torch.no_grad():
-            return torch.nn.functional.conv2d(t["x"], t["w"], t["b"], c.stride, c.padding)
+            return torch.nn.functional.conv2d(t["x"], t["w"], t["b"], c.stride, c.padding, 1,
+                                              c.groups)
 
     def dx(c, a):
         t = tensors(a)
-        return torch.nn.grad.conv2d_input(a["x"].shape, t["w"], t["dy"], c.stride, c.padding)
+        return torch.nn.grad.conv2d_input(a["x"].shape, t["w"], t["dy"], c.stride, c.padding,
+                                          1, c.groups)
 
     def dw(c, a):
         t = tensors(a)
-        return torch.nn.grad.conv2d_weight(t["x"], a["w"].shape, t["dy"], c.stride, c.padding)
+        return torch.nn.grad.conv2d_weight(t["x"], a["w"].shape, t["dy"], c.stride, c.padding,
+                                           1, c.groups)
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 

@@ -258,7 +258,8 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
     if forward == "pixel":  # its dW reads the input again
         y = _forward_pixels(x, w, b, geo, out_ws)
         return (y[0] if unbatched else y), x, geo
-    if forward == "serial-direct":  # so does its dW, serial too
+    if forward == "serial-direct" or (forward == "depthwise" and kind == "input"
+                                      and not pool_order):  # so does its dW
         p = plan.plan_for(geo, dtype) if held is None else held.get(geo, dtype)
         y = p._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo

@@ -13,6 +13,7 @@ import pytest
 from fastconv import _jit
 from fastconv import kernels as K
 from fastconv.algorithms import channel_tile as T
+from fastconv.algorithms import depthwise as DW
 from fastconv.algorithms import nchw_delta_dw as NC
 from fastconv.algorithms import pixel as P
 
@@ -130,6 +131,55 @@ def test_nchw_delta_dw_kernel_keeps_its_tile_in_registers():
     assert len(PACKED_FMA.findall(loop)) == NC.CK * NC.CV
     assert "vgather" not in loop
     assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+
+
+def _serial(kernel):
+    return numba.njit(fastmath=_jit.FASTMATH, cache=False)(kernel.py_func)
+
+
+NO_SPILL = re.compile(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm")
+
+
+def _innermost_fma_loop(asm: str) -> str:
+    """The shortest loop (a label down to a backward jump to it) that holds a packed FMA:
+    the hot loop, where the first FMA in the text may belong to an outer loop's epilogue."""
+    lines = asm.splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.\w+:$", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        jump = re.match(r"^\s+j\w+\s+(\.\w+)$", line)
+        if jump and labels.get(jump.group(1), i) < i:
+            body = "\n".join(lines[labels[jump.group(1)]:i + 1])
+            if PACKED_FMA.search(body):
+                loops.append(body)
+    return min(loops, key=len)
+
+
+def test_depthwise_tap_kernel_keeps_its_tile_in_registers():
+    f = _serial(DW._dw_taps)
+    f(np.zeros(8 * DW.TP + 16, np.float32), np.arange(9, dtype=np.uint64),
+      np.ones(9, np.float32), np.float32(0), np.zeros(8 * DW.TP, np.float32), 8)
+    asm = f.inspect_asm(f.signatures[0])
+    # Per tap: one broadcast weight times TV vectors of pixels, TV packed zmm FMAs on
+    # accumulators in registers (no stack traffic in the loop), loaded as whole vectors.
+    loop = _innermost_fma_loop(asm)
+    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop)) >= DW.TV
+    assert not NO_SPILL.search(loop)
+    assert "vgather" not in asm and "vscatter" not in asm
+    # The last tap stores the tile as whole vectors (a store loop of its own was scalar).
+    assert re.search(r"vmovups\s+%zmm\d+, -?\w*\(%r(?!sp)", asm)
+
+
+def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
+    f = _serial(DW._dw_dots)
+    f(np.zeros(8 * DW.VL + DW.DT, np.float32), np.zeros(8 * DW.VL, np.float32),
+      np.arange(DW.DT, dtype=np.uint64), np.zeros((DW.DT, DW.VL), np.float32), 8)
+    asm = f.inspect_asm(f.signatures[0])
+    # One delta vector times DT input vectors: DT packed zmm FMAs a step, no selects.
+    loop = _innermost_fma_loop(asm)
+    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop)) == DW.DT
+    assert not NO_SPILL.search(loop)
+    assert "vgather" not in asm and "vscatter" not in asm
 
 
 def test_kernels_compile_for_512_bit_vectors_on_avx512_hosts():

@@ -21,6 +21,8 @@ CASES = [  # (N, C, H, W, K, kernel, conv args): one per saved kind and algorith
     (4, 32, 16, 16, 32, 3, dict(padding=1, groups=4)),  # channel tile: packed
     (4, 16, 23, 21, 24, 3, dict(stride=2, padding=1)),  # channel tile, strided, odd output
     (2, 8, 11, 9, 6, 3, dict(stride=2, padding=1)),  # serial: the input itself
+    (8, 32, 28, 28, 32, 3, dict(padding=1, groups=32)),  # depthwise: the input itself
+    (8, 16, 32, 31, 32, 3, dict(stride=2, padding=1, groups=16)),  # depthwise, multiplier 2
 ]
 
 

@@ -13,8 +13,8 @@ from fastconv import plan as plan_mod
 
 from conftest import random_problem, reference_passes, winograd_enabled
 
-TILE, PIXEL, WINO, NCHW, SMALL = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
-                                  "nchw-delta-dw", "serial-direct")
+TILE, PIXEL, WINO, NCHW, SMALL, DW = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
+                                      "nchw-delta-dw", "serial-direct", "depthwise")
 WINO3 = "winograd-f4x4-3x3"
 
 
@@ -30,6 +30,9 @@ WINO3 = "winograd-f4x4-3x3"
     ((8, 3, 64, 64), (32, 3, 3, 3), dict(stride=2, padding=1), np.float32,
      (PIXEL, TILE, PIXEL)),
     ((1, 3, 8, 8), (8, 3, 3, 3), dict(padding=1), np.float32, (SMALL, SMALL, SMALL)),
+    ((16, 128, 28, 28), (128, 1, 3, 3), dict(padding=1, groups=128), np.float32, (DW, DW, DW)),
+    ((8, 32, 56, 56), (64, 1, 5, 5), dict(stride=2, padding=2, groups=32), np.float64,
+     (DW, DW, DW)),
     ((2, 16, 9, 9), (8, 4, 3, 3), dict(stride=2, groups=4), np.float64, (SMALL, SMALL, SMALL)),
 ])
 def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,
@@ -42,7 +45,8 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 
 def test_the_order_is_the_policy():
-    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PIXEL, NCHW, TILE]
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PIXEL, DW, NCHW,
+                                                       TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
@@ -85,6 +89,13 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (2, 16, 9, 9, 12, 3, 3, dict(padding=1, groups=4)),
     (4, 32, 16, 16, 32, 3, 3, dict(padding=1, groups=4)),  # grouped, beyond the serial kernels
     (2, 4, 7, 9, 3, 4, 2, dict(stride=(2, 1), padding=(2, 0), dilation=(1, 3))),
+    # depthwise: channels off the 16-lane vectors, multiplier 2, strides 1-3, dilation 2,
+    # asymmetric padding ('same' with an even kernel), batch 1
+    (2, 3, 9, 11, 3, 3, 3, dict(padding=1, groups=3)),
+    (2, 20, 13, 12, 40, 3, 3, dict(stride=2, padding=1, groups=20)),
+    (1, 33, 14, 13, 33, 4, 4, dict(padding="same", groups=33)),
+    (2, 17, 16, 15, 17, 3, 3, dict(stride=3, dilation=2, padding=(2, 1), groups=17)),
+    (3, 32, 20, 20, 64, 5, 5, dict(stride=(1, 2), padding=2, groups=32)),  # beyond serial
 ]
 
 

@@ -28,10 +28,10 @@ layout, w)`` and ``packed_grad_weight(geo, xp, dyp, layout, ws)``
 
 from __future__ import annotations
 
-from . import channel_tile, nchw_delta_dw, pixel, small, winograd, winograd3x3
+from . import channel_tile, depthwise, nchw_delta_dw, pixel, small, winograd, winograd3x3
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pixel, nchw_delta_dw, channel_tile)
+ALGORITHMS = (small, winograd, winograd3x3, pixel, depthwise, nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
