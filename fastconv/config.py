@@ -33,10 +33,24 @@ WINOGRAD_DW_CHUNKS = 4
 #: about 8 MNIST conv2 images (49 tiles each) the NCHW-delta dW is faster.
 WINOGRAD_DW_MIN_TILES = 392
 
+#: The depthwise kernels cut their planes into this many groups per thread, each with its
+#: own scratch planes (the results do not depend on it: each plane is one task's).
+DEPTHWISE_GROUPS_PER_THREAD = 2
+
+#: The depthwise dW aims at this many (batch chunk, channel) tasks: layers with fewer
+#: channels cut the batch into chunks.  Shapes only, so dW does not depend on the thread
+#: count.
+DEPTHWISE_DW_TASKS = 32
+
 #: Problems of at most this many multiply-adds per pass run the serial direct kernels
 #: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
 #: more than the arithmetic.
 SMALL_WORK = 1 << 19
+
+#: The same bound for depthwise layers (groups = C > 1), whose parallel kernel needs no
+#: layout pass of its own: at 113k multiply-adds (256 channels, 7x7, batch 1) it takes
+#: about the serial kernels' time, at 226k (128 channels, 14x14) 0.7x on dX and dW.
+DEPTHWISE_SMALL_WORK = 1 << 17
 
 #: How many plans the functional API keeps (least recently used dropped first), as
 #: oneDNN's primitive cache does.

@@ -105,12 +105,14 @@ def direct_only():
 @pytest.fixture
 def parallel_paths(monkeypatch):
     """Run the test without the rules of speed that pass the parallel algorithms over on
-    small shapes (the serial kernels below config.SMALL_WORK, the direct dW below
-    config.WINOGRAD_DW_MIN_TILES), for tests of their layouts on small shapes; plans made
-    before and during it are forgotten, since they remember their choices."""
+    small shapes (the serial kernels below config.SMALL_WORK and DEPTHWISE_SMALL_WORK, the
+    direct dW below config.WINOGRAD_DW_MIN_TILES), for tests of their layouts on small
+    shapes; plans made before and during it are forgotten, since they remember their
+    choices."""
     from fastconv import config, plan
 
     monkeypatch.setattr(config, "SMALL_WORK", 0)
+    monkeypatch.setattr(config, "DEPTHWISE_SMALL_WORK", 0)
     monkeypatch.setattr(config, "WINOGRAD_DW_MIN_TILES", 0)
     plan.clear_plan_cache()
     yield

@@ -33,6 +33,10 @@ WINO3 = "winograd-f4x4-3x3"
     ((16, 128, 28, 28), (128, 1, 3, 3), dict(padding=1, groups=128), np.float32, (DW, DW, DW)),
     ((8, 32, 56, 56), (64, 1, 5, 5), dict(stride=2, padding=2, groups=32), np.float64,
      (DW, DW, DW)),
+    # depthwise above config.DEPTHWISE_SMALL_WORK (226k multiply-adds), and below it
+    ((1, 128, 14, 14), (128, 1, 3, 3), dict(padding=1, groups=128), np.float32, (DW, DW, DW)),
+    ((1, 16, 8, 8), (16, 1, 3, 3), dict(padding=1, groups=16), np.float32,
+     (SMALL, SMALL, SMALL)),
     ((2, 16, 9, 9), (8, 4, 3, 3), dict(stride=2, groups=4), np.float64, (SMALL, SMALL, SMALL)),
 ])
 def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,

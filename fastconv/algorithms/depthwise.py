@@ -58,6 +58,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .. import config
 from .._jit import parallel_kernel, serial_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
 
@@ -70,12 +71,6 @@ TV = 8
 TP = TV * VL
 #: Taps per register tile of dW: DT vector accumulators.
 DT = 9
-#: Scratch groups per thread (each group owns one set of scratch planes).
-GROUPS_PER_THREAD = 2
-#: dW tasks (batch chunk, channel) to aim for: the batch is cut into chunks when there are
-#: fewer channels, so that every thread has work.  Shapes only: results do not depend on
-#: the thread count.
-DW_TASKS = 32
 
 
 def why_not(geo, dtype, pass_):
@@ -120,7 +115,7 @@ def _planes(geo: ConvGeometry) -> _Planes:
 
 
 def _groups(tasks: int) -> int:
-    return max(1, min(tasks, GROUPS_PER_THREAD * numba.get_num_threads()))
+    return max(1, min(tasks, config.DEPTHWISE_GROUPS_PER_THREAD * numba.get_num_threads()))
 
 
 # ---- forward ---------------------------------------------------------------------------
@@ -264,7 +259,7 @@ def grad_weight(geo, x, dy):
     TB = -(-T // DT)
     off = np.zeros(TB * DT, np.uint64)
     off[:T] = pl_.off
-    P = min(N, max(1, -(-DW_TASKS // K)))  # batch chunks
+    P = min(N, max(1, -(-config.DEPTHWISE_DW_TASKS // K)))  # batch chunks
     Q = _groups(P * K)
     Mp = pl_.ntiles * TP
     L = max(pl_.L, int(off.max()) + Mp)

@@ -43,9 +43,13 @@ def why_not(geo, dtype, pass_):
 
 
 def slower(geo, dtype, pass_):
-    if work(geo) > config.SMALL_WORK:
-        return (f"it is for problems of at most {config.SMALL_WORK} multiply-adds "
-                f"(config.SMALL_WORK); this one has {work(geo)}")
+    if geo.G == geo.C > 1:  # depthwise
+        name, bound = "DEPTHWISE_SMALL_WORK", config.DEPTHWISE_SMALL_WORK
+    else:
+        name, bound = "SMALL_WORK", config.SMALL_WORK
+    if work(geo) > bound:
+        return (f"it is for problems of at most {bound} multiply-adds "
+                f"(config.{name}); this one has {work(geo)}")
     return None
 
 
