@@ -77,6 +77,10 @@ def why_not(geo, dtype, pass_):
     return None
 
 
+def slower(geo, dtype, pass_):
+    return _w5.one_channel_rule(geo, pass_)
+
+
 def prepare(geo, w, pass_):
     """``U`` (36, CP, KP), the transformed filters: of ``w`` for the forward pass; for dX,
     of the filters rotated by 180 degrees with the channel roles swapped, over the
