@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import parallel_kernel, stack_tile
+from ._jit import parallel_kernel, stack_tile, transpose16
 
 CL = 16
 MR = 6
@@ -35,23 +35,52 @@ MC = 64
 
 @parallel_kernel
 def pack_channels_last(src, dst, pt, pl, G, CgP):
-    """Copy NCHW ``src`` into the pre-zeroed, padded, channels-last ``dst``.
+    """Copy NCHW ``src`` into the padded, channels-last ``dst``, zero everywhere else.
 
     ``dst[n, pt + h, pl + w, g*CgP + c] = src[n, g*Cg + c, h, w]`` for ``c < Cg = C/G``;
-    ``CgP >= Cg`` leaves zero channels at the end of every group.
+    every other element of ``dst`` (the border rows and columns, and the ``CgP - Cg`` zero
+    channels at the end of every group) is set to zero, so ``dst`` may come uninitialised.
 
-    src : (N, C, H, W), any strides.    dst : (N, Hd, Wd, G*CgP), zeros outside the copy.
+    src : (N, C, H, W), C-contiguous.    dst : (N, Hd, Wd, G*CgP), C-contiguous.
+
+    Parallel over the rows ``(n, hd)`` of ``dst``.  Blocks of 16 channels x 16 pixels are
+    transposed in registers (:func:`fastconv._jit.transpose16`: 16 row loads, 16 row
+    stores), the last block of a row shifted back to end at ``W`` (it copies some pixels
+    again, within the task); rows narrower than 16 pixels and the channels past the last
+    whole block go one value at a time, ``CL`` channels of a pixel in step so that each
+    pixel's values fill a cache line of ``dst``.
     """
     N, C, H, W = src.shape
+    Hd, Wd, CD = dst.shape[1], dst.shape[2], dst.shape[3]
     Cg = C // G
-    for task in prange(N * H):
-        n = task // H
-        h = task % H
+    sf = src.reshape(-1)
+    df = dst.reshape(-1)
+    for task in prange(N * Hd):
+        n = task // Hd
+        h = task % Hd - pt
+        drow = (n * Hd + h + pt) * Wd * CD
+        if h < 0 or h >= H:
+            for e in range(Wd * CD):
+                df[drow + e] = 0
+            continue
+        for e in range(pl * CD):
+            df[drow + e] = 0
+        for e in range((pl + W) * CD, Wd * CD):
+            df[drow + e] = 0
+        drow += pl * CD
         for g in range(G):
-            # CL channels at a time, pixel by pixel: each pixel's CL outputs fill one cache
-            # line of dst, read from CL rows of src walked in step (1.4-1.7x faster than one
-            # channel at a time, which touches a new dst line for every element).
+            if CgP > Cg:
+                for j in range(W):
+                    for u in range(Cg, CgP):
+                        df[drow + j * CD + g * CgP + u] = 0
             c = 0
+            if W >= 16:
+                while c + 16 <= Cg:
+                    so = ((n * C + g * Cg + c) * H + h) * W
+                    for jb in range((W + 15) // 16):
+                        j0 = min(16 * jb, W - 16)
+                        transpose16(sf, so + j0, H * W, df, drow + j0 * CD + g * CgP + c, CD)
+                    c += 16
             while c + CL <= Cg:
                 for j in range(W):
                     for u in range(CL):

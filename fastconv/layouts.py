@@ -93,8 +93,8 @@ def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), ws=_FRESH
     (the array ``name`` of workspace ``ws``)."""
     N, _, H, W = a.shape
     pt, pb, pl, pr = pads
-    out = ws.zeros(name, (N, H + pt + pb, W + pl + pr, G * CgP), a.dtype)
-    _k.pack_channels_last(a, out, pt, pl, G, CgP)
+    out = ws.empty(name, (N, H + pt + pb, W + pl + pr, G * CgP), a.dtype)
+    _k.pack_channels_last(np.ascontiguousarray(a), out, pt, pl, G, CgP)  # zeroes the rest
     return out
 
 

@@ -49,15 +49,17 @@ def test_dx_phases_multiply_no_inserted_zero(size, pad, stride, dilation, kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pack_channels_last_matches_numpy(G, Cg, CgP, dtype):
     """The packer's whole channel blocks and its leftover channels land where NumPy puts
-    them, every group's padding channels and the border stay zero, from a strided source."""
+    them, every group's padding channels and the border stay zero."""
     rng = np.random.default_rng(Cg)
-    N, H, W, pt, pl = 2, 5, 7, 2, 1
-    src = rng.standard_normal((N, G * Cg, H, 2 * W)).astype(dtype)[..., ::2]
-    dst = np.zeros((N, H + pt + 3, W + pl + 2, G * CgP), dtype)
-    k.pack_channels_last(src, dst, pt, pl, G, CgP)
-    want = np.zeros_like(dst).reshape(N, H + pt + 3, W + pl + 2, G, CgP)
-    want[:, pt:pt + H, pl:pl + W, :, :Cg] = src.reshape(N, G, Cg, H, W).transpose(0, 3, 4, 1, 2)
-    np.testing.assert_array_equal(dst, want.reshape(dst.shape))
+    for N, H, W, pt, pl in [(2, 5, 7, 2, 1), (2, 3, 16, 1, 0), (1, 2, 37, 0, 3)]:
+        # rows narrower than a block, one whole block, blocks and a shifted last block
+        src = rng.standard_normal((N, G * Cg, H, W)).astype(dtype)
+        dst = np.full((N, H + pt + 3, W + pl + 2, G * CgP), np.nan, dtype)  # overwritten
+        k.pack_channels_last(src, dst, pt, pl, G, CgP)
+        want = np.zeros_like(dst).reshape(N, H + pt + 3, W + pl + 2, G, CgP)
+        want[:, pt:pt + H, pl:pl + W, :, :Cg] = src.reshape(N, G, Cg, H, W).transpose(
+            0, 3, 4, 1, 2)
+        np.testing.assert_array_equal(dst, want.reshape(dst.shape))
 
 
 _PROBE = """
