@@ -147,33 +147,12 @@ def forward(geo, x, wt, b):
 # ---- dX --------------------------------------------------------------------------------
 
 
-class DxWeights(NamedTuple):
-    """dX's taps (see the module's docstring): for phase ``p``, taps ``[tap0[p],
-    tap0[p+1])`` of ``off`` (uint64, into ``M`` padded delta planes of ``Hd x Wd`` one
-    after another) and of ``wt`` (C, T), the rotated weights of input channel c; its
-    outputs are rows ``out0h[p] + u*sh``, ``u < cnth[p]``, columns ``out0w[p] + t*sw``,
-    ``t < cntw[p]``.  ``exact``: every weight is finite."""
-
-    off: np.ndarray
-    wt: np.ndarray
-    tap0: np.ndarray
-    cnth: np.ndarray
-    cntw: np.ndarray
-    out0h: np.ndarray
-    out0w: np.ndarray
-    top: int
-    left: int
-    Hd: int
-    Wd: int
-    ntiles: int
-    L: int
-    covered: bool
-    exact: bool
-
-
 class _DxTaps(NamedTuple):
-    """The weight-independent part of :class:`DxWeights` (cached per geometry), with the
-    multiplier index ``m`` and flat tap ``r*S + s`` of each tap."""
+    """dX's taps (see the module's docstring), cached per geometry: for phase ``p``, taps
+    ``[tap0[p], tap0[p+1])`` of ``off`` (uint64, into ``M`` padded delta planes of ``Hd x
+    Wd`` one after another), with the multiplier index ``m`` and flat tap ``r*S + s`` of
+    each; its outputs are rows ``out0h[p] + u*sh``, ``u < cnth[p]``, columns ``out0w[p] +
+    t*sw``, ``t < cntw[p]``."""
 
     off: np.ndarray
     m: np.ndarray
@@ -190,6 +169,16 @@ class _DxTaps(NamedTuple):
     ntiles: int
     L: int
     covered: bool
+
+
+class DxWeights(NamedTuple):
+    """dX's prepared weights: the taps of the geometry (:class:`_DxTaps`) and ``wt``
+    (C, T), the rotated weights of each input channel, in the taps' order; ``exact``:
+    every weight is finite."""
+
+    taps: _DxTaps
+    wt: np.ndarray
+    exact: bool
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,23 +218,23 @@ def _dx_taps(geo: ConvGeometry) -> _DxTaps:
 def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> DxWeights:
     t = _dx_taps(geo)
     wt = np.ascontiguousarray(w.reshape(geo.C, geo.K // geo.C, geo.R * geo.S)[:, t.m, t.rs])
-    return DxWeights(t.off, wt, t.tap0, t.cnth, t.cntw, t.out0h, t.out0w, t.top, t.left,
-                     t.Hd, t.Wd, t.ntiles, t.L, t.covered, bool(np.isfinite(w).all()))
+    return DxWeights(t, wt, bool(np.isfinite(w).all()))
 
 
 def grad_input(geo, dy, wd):
     if not wd.exact:
         return None  # the channel tile's exact path skips the deltas' zero border
-    make = np.empty if wd.covered else np.zeros
+    t = wd.taps
+    make = np.empty if t.covered else np.zeros
     dx = make((geo.N, geo.C, geo.H, geo.W), dy.dtype)
     tasks = geo.N * geo.C
     Q = _groups(tasks)
-    src = np.zeros((Q, wd.L), dy.dtype)
-    out = np.empty((Q, wd.ntiles * TP), dy.dtype)
-    dw_grad_input(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), wd.off, wd.wt,
-                  wd.tap0, wd.cnth, wd.cntw, wd.out0h, wd.out0w,
-                  dx.reshape(geo.N, geo.C, -1), src, out, geo.OH, geo.OW, geo.W, wd.top,
-                  wd.left, wd.Hd, wd.Wd, geo.sh, geo.sw)
+    src = np.zeros((Q, t.L), dy.dtype)
+    out = np.empty((Q, t.ntiles * TP), dy.dtype)
+    dw_grad_input(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), t.off, wd.wt,
+                  t.tap0, t.cnth, t.cntw, t.out0h, t.out0w,
+                  dx.reshape(geo.N, geo.C, -1), src, out, geo.OH, geo.OW, geo.W, t.top,
+                  t.left, t.Hd, t.Wd, geo.sh, geo.sw)
     return dx
 
 
