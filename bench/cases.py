@@ -88,7 +88,23 @@ DEPTHWISE = [
     Case("dw3x3-c128-28px-b1", 1, 128, 28, 128, 3, 1, 1, 128),
     Case("dw3x3-c32-112px-b1", 1, 32, 112, 32, 3, 1, 1, 32),
 ]
-CASES = MNIST + GENERAL + SMALL + DEPTHWISE
+#: The other families of the layers users call (the all-convolutions issue): grouped
+#: layers with 16 and 4 channels per group, an ImageNet 7x7 stride-2 stem, a CIFAR input
+#: layer, 3x3 stride 2 and 1x1 layers of ResNet-like sizes, and batch 1 of the grouped
+#: layer and the stem.  Their input layers are measured with dX: users who fine-tune every
+#: layer need it.
+FAMILIES = [
+    Case("g8-c128-28px", 16, 128, 28, 128, 3, 1, 1, 8),
+    Case("g32-c128-28px", 16, 128, 28, 128, 3, 1, 1, 32),
+    Case("stem7x7s2-224px", 8, 3, 224, 64, 7, 2, 3),
+    Case("cifar-rgb-c32-32px", 32, 3, 32, 32, 3, 1, 1),
+    Case("3x3s2-c64-128-32px", 16, 64, 32, 128, 3, 2, 1),
+    Case("3x3s1-c64-32px", 16, 64, 32, 64, 3, 1, 1),
+    Case("1x1-c128-256-16px", 16, 128, 16, 256, 1, 1, 0),
+    Case("g8-c128-28px-b1", 1, 128, 28, 128, 3, 1, 1, 8),
+    Case("stem7x7s2-224px-b1", 1, 3, 224, 64, 7, 2, 3),
+]
+CASES = MNIST + GENERAL + SMALL + DEPTHWISE + FAMILIES
 PASSES = ["forward", "dX", "dW"]
 
 
@@ -103,8 +119,9 @@ def algorithm(case: Case, pass_: str) -> str:
 
 
 def needs_dx(case: Case) -> bool:
-    """Input layers (C <= 3) never need dX in training, so the targets leave it out."""
-    return case.C > 3
+    """Input layers (C <= 3) never need dX in training, so the targets of the MNIST and
+    wider sets leave it out; the families of the all-convolutions issue measure it."""
+    return case.C > 3 or case in FAMILIES
 
 
 def make_arrays(case: Case, seed: int = 0) -> dict:
