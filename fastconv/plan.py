@@ -107,20 +107,20 @@ class ConvPlan:
             shape = {"forward": (0, g.K, g.OH, g.OW), "grad_input": (0, g.C, g.H, g.W),
                      "grad_weight": (g.K, g.Cg, g.R, g.S)}[pass_]
             return np.zeros(shape, self.dtype)
-        for algorithm in self._run_order[pass_]:
-            result = getattr(algorithm, pass_)(g, *self._with_weights(algorithm, pass_,
-                                                                       arrays))
-            if result is not None:
-                return result
-        raise AssertionError("the channel tile, last in every run order, returned None")
+        return self._first(pass_, pass_, arrays, {})
 
     def _run_packed(self, pass_: str, *arrays, **options) -> np.ndarray:
         """``pass_`` on the training path's layouts, as :meth:`_run`, by the first
         algorithm of the run order that reads them (``packed_forward(geo, xp, w, b, ws,
         pool_order)``, ``packed_grad_input(geo, dyp, layout, w)``,
         ``packed_grad_weight(geo, xp, dyp, layout, ws)``): Winograd or the channel tile."""
+        return self._first(pass_, "packed_" + pass_, arrays, options)
+
+    def _first(self, pass_: str, entry: str, arrays: tuple, options: dict) -> np.ndarray:
+        """The first result that is not None of the run order's algorithms that have
+        ``entry``, each given ``arrays`` with its own form of the weights."""
         for algorithm in self._run_order[pass_]:
-            run = getattr(algorithm, "packed_" + pass_, None)
+            run = getattr(algorithm, entry, None)
             if run is not None:
                 result = run(self.geometry, *self._with_weights(algorithm, pass_, arrays),
                              **options)
