@@ -106,17 +106,30 @@ def packed_forward(geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
     """y from the packed input and ``U`` (:func:`prepare`), in NCHW or pool order, as
     the channel tile's ``packed_forward``; None if it has an inf or NaN (the plan then
     runs the next algorithm)."""
-    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
-        geo.N, geo.K, geo.OH, geo.OW)
-    y = ws.empty("y", shape, xp.dtype)
-    return y if run_forward(xp, U, b, y, pool_order) else None
+    return forward_by(run_forward, geo, xp, U, b, ws, pool_order)
 
 
 def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
     """dX from deltas in ``layout`` (padded by 4, as the full correlation needs): the
     forward kernel on the deltas with dX's ``U``; None if it has an inf or NaN."""
+    return grad_input_by(run_forward, geo, dyp, U)
+
+
+def forward_by(run, geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
+    """The output of either Winograd path's ``run(xp, U, b, y, pool_order)`` (its
+    ``run_forward``) in a new ``y`` (N, K, OH, OW), or in pool order (N, K, 4, OH/2 *
+    OW/2), the array ``"y"`` of ``ws``; None if ``run`` reports an inf or NaN."""
+    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
+        geo.N, geo.K, geo.OH, geo.OW)
+    y = ws.empty("y", shape, xp.dtype)
+    return y if run(xp, U, b, y, pool_order) else None
+
+
+def grad_input_by(run, geo: ConvGeometry, dyp, U):
+    """dX (N, C, H, W) by either Winograd path's ``run`` on the deltas ``dyp`` with dX's
+    ``U``; None if it reports an inf or NaN."""
     dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-    return dx if run_forward(dyp, U, None, dx) else None
+    return dx if run(dyp, U, None, dx) else None
 
 
 def packed_grad_weight(geo: ConvGeometry, xp, dyp, layout: DeltaLayout, ws=_FRESH):

@@ -103,17 +103,13 @@ def packed_forward(geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
     """y from the packed input, in NCHW or pool order, as the channel tile's
     ``packed_forward``; None if it has an inf or NaN (the plan then runs the next
     algorithm)."""
-    shape = (geo.N, geo.K, 4, geo.OH * geo.OW // 4) if pool_order else (
-        geo.N, geo.K, geo.OH, geo.OW)
-    y = ws.empty("y", shape, xp.dtype)
-    return y if run_forward(xp, U, b, y, pool_order) else None
+    return _w5.forward_by(run_forward, geo, xp, U, b, ws, pool_order)
 
 
 def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
     """dX from deltas in ``layout`` (padded by ``2 - pad``): the forward kernel on the
     deltas with dX's ``U``; None if it has an inf or NaN."""
-    dx = np.empty((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
-    return dx if run_forward(dyp, U, None, dx) else None
+    return _w5.grad_input_by(run_forward, geo, dyp, U)
 
 
 # ---- the transforms and the kernel's wrappers ------------------------------------------
