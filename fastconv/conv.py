@@ -112,14 +112,14 @@ def _grad_weight_packed(xp: np.ndarray, dyp: np.ndarray, layout: DeltaLayout,
 
 
 def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
-                    ws=_FRESH, pool_order=False, held=None) -> np.ndarray:
+                    ws=_FRESH, pool_order=False, p=None) -> np.ndarray:
     """y (N, K, OH, OW) from the packed input by the plan's algorithm (Winograd or the
     channel tile); ``w``, ``b`` in its dtype; ``y`` is the array ``"y"`` of workspace
     ``ws``.  With ``pool_order``, y (N, K, 4, OH/2 * OW/2) in pool order: each plane a
     convolution of twice the stride (see "Pool order" in :mod:`fastconv.layouts`).
-    ``held`` (a :class:`fastconv.plan.HeldPlan`), if given, supplies the plan (and its
-    kept weights) instead of the shared cache."""
-    p = plan.plan_for(geo, xp.dtype) if held is None else held.get(geo, xp.dtype)
+    ``p``, if given, is the plan of ``geo`` to run (a layer's held plan, with its kept
+    weights) instead of the shared cache's."""
+    p = plan.plan_for(geo, xp.dtype) if p is None else p
     return p._run_packed("forward", xp, w, b, ws=ws, pool_order=pool_order)
 
 
@@ -254,17 +254,17 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
     if kind == "pixels":
         px = _pool_order_input(x, geo, ws)
         return _forward_pixel_input(px, w, b, geo, out_ws), px, geo
-    forward = _planned(geo, dtype, "forward")
+    p = plan.plan_for(geo, dtype) if held is None else held.get(geo, dtype)
+    forward = p.algorithms["forward"]
     if forward == "pixel":  # its dW reads the input again
         y = _forward_pixels(x, w, b, geo, out_ws)
         return (y[0] if unbatched else y), x, geo
     if forward == "serial-direct" or (forward == "depthwise" and kind == "input"
                                       and not pool_order):  # so does its dW
-        p = plan.plan_for(geo, dtype) if held is None else held.get(geo, dtype)
         y = p._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo
     xp = _pack_input(x, geo, ws)
-    y = _forward_packed(xp, w, b, geo, out_ws, pool_order, held)
+    y = _forward_packed(xp, w, b, geo, out_ws, pool_order, p)
     return (y[0] if unbatched else y), xp if kind == "packed" else x, geo
 
 
