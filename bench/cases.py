@@ -28,10 +28,12 @@ class Case(NamedTuple):
     stride: int
     padding: int
     groups: int = 1
+    dilation: int = 1
 
     @property
     def OH(self) -> int:
-        return fc.conv_output_size(self.H, self.R, self.stride, self.padding, self.padding, 1)
+        return fc.conv_output_size(self.H, self.R, self.stride, self.padding, self.padding,
+                                   self.dilation)
 
     def flops(self) -> float:
         """Multiply-adds x 2 of one pass (forward, dX and dW all do the same work)."""
@@ -90,9 +92,9 @@ DEPTHWISE = [
 ]
 #: The other families of the layers users call (the all-convolutions issue): grouped
 #: layers with 16 and 4 channels per group, an ImageNet 7x7 stride-2 stem, a CIFAR input
-#: layer, 3x3 stride 2 and 1x1 layers of ResNet-like sizes, and batch 1 of the grouped
-#: layer and the stem.  Their input layers are measured with dX: users who fine-tune every
-#: layer need it.
+#: layer, 3x3 stride 2 and 1x1 layers of ResNet-like sizes, batch 1 of the grouped layer
+#: and the stem, and a 3x3 layer with dilation 2 (DeepLab-like).  Their input layers are
+#: measured with dX: users who fine-tune every layer need it.
 FAMILIES = [
     Case("g8-c128-28px", 16, 128, 28, 128, 3, 1, 1, 8),
     Case("g32-c128-28px", 16, 128, 28, 128, 3, 1, 1, 32),
@@ -103,6 +105,7 @@ FAMILIES = [
     Case("1x1-c128-256-16px", 16, 128, 16, 256, 1, 1, 0),
     Case("g8-c128-28px-b1", 1, 128, 28, 128, 3, 1, 1, 8),
     Case("stem7x7s2-224px-b1", 1, 3, 224, 64, 7, 2, 3),
+    Case("dil2-3x3-c64-28px", 16, 64, 28, 64, 3, 1, 2, dilation=2),
 ]
 CASES = MNIST + GENERAL + SMALL + DEPTHWISE + FAMILIES
 PASSES = ["forward", "dX", "dW"]
@@ -114,7 +117,8 @@ _PLAN_PASS = {"forward": "forward", "dX": "grad_input", "dW": "grad_weight"}
 def algorithm(case: Case, pass_: str) -> str:
     """The algorithm fastconv's plan runs this pass with (fp32, Winograd as switched)."""
     plan = fc.conv2d_plan((case.N, case.C, case.H, case.H), case.w_shape,
-                          stride=case.stride, padding=case.padding, groups=case.groups)
+                          stride=case.stride, padding=case.padding, dilation=case.dilation,
+                          groups=case.groups)
     return plan.algorithms[_PLAN_PASS[pass_]]
 
 
@@ -141,15 +145,17 @@ def fastconv_pass(pass_: str, package=fc):
 
     def forward(c, a):
         return package.conv2d(a["x"], a["w"], a["b"], stride=c.stride, padding=c.padding,
-                              groups=c.groups)
+                              dilation=c.dilation, groups=c.groups)
 
     def dx(c, a):
         return package.conv2d_grad_input(a["dy"], a["w"], a["x"].shape, stride=c.stride,
-                                         padding=c.padding, groups=c.groups)
+                                         padding=c.padding, dilation=c.dilation,
+                                         groups=c.groups)
 
     def dw(c, a):
         return package.conv2d_grad_weight(a["x"], a["dy"], a["w"].shape, stride=c.stride,
-                                          padding=c.padding, groups=c.groups)
+                                          padding=c.padding, dilation=c.dilation,
+                                          groups=c.groups)
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
@@ -160,7 +166,8 @@ def fastconv_plan_pass(pass_: str):
     def plan(c, a):
         if "_plan" not in a:
             a["_plan"] = fc.conv2d_plan(a["x"].shape, a["w"].shape, stride=c.stride,
-                                        padding=c.padding, groups=c.groups)
+                                        padding=c.padding, dilation=c.dilation,
+                                        groups=c.groups)
         return a["_plan"]
 
     def forward(c, a):
@@ -193,12 +200,13 @@ def fastconv_direct_pass(pass_: str):
 # ---- NumPy im2col + BLAS baseline ----------------------------------------------------
 
 
-def _im2col(x, R, stride, padding):
+def _im2col(x, R, stride, padding, dilation=1):
     """(N, C, H, W) -> (N, OH*OW, C*R*R) patches, via a strided view and one copy."""
     N, C, H, W = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (R, R), axis=(2, 3))
-    win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, R, R)
+    span = (R - 1) * dilation + 1  # the dilated filter's extent
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span, span), axis=(2, 3))
+    win = win[:, :, ::stride, ::stride, ::dilation, ::dilation]  # (N, C, OH, OW, R, R)
     N, C, OH, OW = win.shape[:4]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(N, OH * OW, C * R * R), OH, OW
 
@@ -208,7 +216,7 @@ def numpy_pass(pass_: str):
     # filters into G blocks of K/G; each block of outputs is a product with its own block.
     def forward(c, a):
         G = c.groups
-        cols, OH, OW = _im2col(a["x"], c.R, c.stride, c.padding)
+        cols, OH, OW = _im2col(a["x"], c.R, c.stride, c.padding, c.dilation)
         cols = cols.reshape(c.N, OH * OW, G, -1)
         y = np.einsum("npgq,gkq->npgk", cols, a["w"].reshape(G, c.K // G, -1),
                       optimize=True).reshape(c.N, OH * OW, c.K) + a["b"]  # (N, OH*OW, K)
@@ -216,7 +224,7 @@ def numpy_pass(pass_: str):
 
     def dw(c, a):
         G = c.groups
-        cols, _, _ = _im2col(a["x"], c.R, c.stride, c.padding)
+        cols, _, _ = _im2col(a["x"], c.R, c.stride, c.padding, c.dilation)
         cols = cols.reshape(c.N, cols.shape[1], G, -1)
         dy = a["dy"].reshape(c.N, G, c.K // G, -1)  # (N, G, K/G, OH*OW)
         return np.einsum("ngkp,npgq->gkq", dy, cols, optimize=True).reshape(a["w"].shape)
@@ -224,7 +232,7 @@ def numpy_pass(pass_: str):
     def dx(c, a):
         # col2im: scatter dy @ W back into the padded input, one (r, s) tap at a time.
         N, C, H, _ = a["x"].shape
-        P, OH, G = c.padding, c.OH, c.groups
+        P, OH, G, d = c.padding, c.OH, c.groups, c.dilation
         dcols = np.einsum("ngkp,gkq->npgq", a["dy"].reshape(c.N, G, c.K // G, -1),
                           a["w"].reshape(G, c.K // G, -1), optimize=True)
         dcols = dcols.reshape(N, OH, OH, C, c.R, c.R)
@@ -232,7 +240,7 @@ def numpy_pass(pass_: str):
         span = c.stride * (OH - 1) + 1
         for r in range(c.R):
             for s in range(c.R):
-                dxp[:, :, r:r + span:c.stride, s:s + span:c.stride] += (
+                dxp[:, :, r * d:r * d + span:c.stride, s * d:s * d + span:c.stride] += (
                     dcols[:, :, :, :, r, s].transpose(0, 3, 1, 2))
         return dxp[:, :, P:P + H, P:P + H]
 
@@ -254,18 +262,18 @@ def torch_pass(pass_: str):
     def forward(c, a):
         t = tensors(a)
         with torch.no_grad():
-            return torch.nn.functional.conv2d(t["x"], t["w"], t["b"], c.stride, c.padding, 1,
-                                              c.groups)
+            return torch.nn.functional.conv2d(t["x"], t["w"], t["b"], c.stride, c.padding,
+                                              c.dilation, c.groups)
 
     def dx(c, a):
         t = tensors(a)
         return torch.nn.grad.conv2d_input(a["x"].shape, t["w"], t["dy"], c.stride, c.padding,
-                                          1, c.groups)
+                                          c.dilation, c.groups)
 
     def dw(c, a):
         t = tensors(a)
         return torch.nn.grad.conv2d_weight(t["x"], a["w"].shape, t["dy"], c.stride, c.padding,
-                                           1, c.groups)
+                                           c.dilation, c.groups)
 
     return {"forward": forward, "dX": dx, "dW": dw}[pass_]
 
