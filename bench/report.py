@@ -24,7 +24,9 @@ faster, the median of per-round ratios):
    layers and of the 3x3 64 -> 64 layer at 32x32 is >= 1.0x torch;
 6. every family (``cases.DEPTHWISE`` and ``cases.FAMILIES``): every pass >= 0.8x torch,
    depthwise passes >= 1.5x, grouped passes >= 1.0x, and the geometric mean over every
-   row of the report (targets 1, 2, 5 and 6) >= 1.25x.
+   row of the report (targets 1, 2, 5 and 6) >= 1.25x.  With it, a table of
+   ``bench/interplay.py``: a loop of NumPy products and convolutions under each thread
+   setting (no verdict: README's remedies are what it shows).
 
 ``--baseline DIR`` compares against another fastconv source tree (a checkout of an older
 commit: ``git worktree add --detach DIR <commit>``): its functional API is timed,
@@ -362,6 +364,14 @@ def report(args) -> None:
                         f"depthwise worst {min(depthwise):.2f}x, grouped worst "
                         f"{min(grouped):.2f}x, geomean of all {len(every)} rows {geo:.2f}x -> "
                         f"{_verdict(ok)}")
+    if 6 in args.targets:
+        print("\n## NumPy code around fastconv: a loop of NumPy products and conv2 forward "
+              "passes (bench/interplay.py)\n")
+        # In processes of their own: each thread setting must be in place before NumPy loads.
+        child = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("interplay.py")),
+             "--reps", str(min(args.reps, 5))], check=True, stdout=subprocess.PIPE, text=True)
+        print(child.stdout, end="")
     if 4 in args.targets and have_torch:
         print("\n## Target 4: fastconv train >= 1.5x torch, lower peak RSS\n")
         if not args.data_dir:
