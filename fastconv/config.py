@@ -33,6 +33,9 @@ WINOGRAD_DW_CHUNKS = 4
 #: about 8 MNIST conv2 images (49 tiles each) the NCHW-delta dW is faster.
 WINOGRAD_DW_MIN_TILES = 392
 
+#: The same for F(4x4, 3x3)'s dW, in 4x4 output tiles (N * ceil(OH/4) * ceil(OW/4)).
+WINOGRAD43_DW_MIN_TILES = 64
+
 #: The depthwise kernels cut their planes into this many groups per thread, each with its
 #: own scratch planes (the results do not depend on it: each plane is one task's).
 DEPTHWISE_GROUPS_PER_THREAD = 2

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _checks, config, plan
+from . import _checks, algorithms, config, plan
 from . import kernels as _k
 from ._args import _as_array, _as_float, _check_rank, _is_int, _result_dtype, _shape4
 from .algorithms import small
@@ -226,7 +226,7 @@ def saved_kind(geo: ConvGeometry, dtype, pool_order: bool = False) -> str:
     """
     if pool_order and _pixel_ok(geo):
         return "pixels"
-    if _planned(geo, dtype, "grad_weight") in ("winograd-f2x2-5x5", "direct-channel-tile"):
+    if hasattr(algorithms.BY_NAME[_planned(geo, dtype, "grad_weight")], "packed_grad_weight"):
         return "packed"
     return "input"
 

@@ -1,5 +1,5 @@
-"""Winograd F(4x4, 3x3): its transforms against their exact derivation, the forward pass
-and dX forced through plans against the float64 reference (error within a few times the
+"""Winograd F(4x4, 3x3): its transforms against their exact derivation, the forward pass,
+dX and dW forced through plans against the float64 reference (error within a few times the
 direct kernels'), edge tiles, pool order, non-finite values, and the wrappers' checks."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastconv.algorithms import winograd_kernels as WK
 from conftest import check_filter_transform, reference_passes, winograd_enabled
 
 NAME, TILE = W3.NAME, "direct-channel-tile"
-FORCED = {"forward": NAME, "grad_input": NAME}
+FORCED = {"forward": NAME, "grad_input": NAME, "grad_weight": NAME}
 
 
 def test_the_kernel_transforms_are_the_derived_ones():
@@ -53,6 +53,21 @@ def test_the_kernel_transforms_are_the_derived_ones():
     want = [[sum(d[i + r][j + s] * g[r][s] for r in range(3) for s in range(3))
              for j in range(4)] for i in range(4)]
     assert y == want
+
+    # dW is F(3, 4) from the same points: A (6 x 4) is A^T transposed, the back-transform
+    # V^T for three coefficients, and G^T [(A dy A^T) (.) (B^T d B)] G is one tile's
+    # 3 x 3 correlation of its input with its 4 x 4 deltas.
+    kc = W5.kernel_constants(np.float64)
+    a = np.array([W3._a64.py_func(*np.eye(4)[j], kc) for j in range(4)]).T
+    np.testing.assert_array_equal(a, np.array(AT, float).T)
+    vt3 = np.array([WK._vt3.py_func(*np.eye(6)[j]) for j in range(6)]).T
+    np.testing.assert_array_equal(vt3, V.T)
+    e = [[Fraction(int(v), 3) for v in row] for row in rng.integers(-9, 10, (4, 4))]
+    m = mm(mm(tr(AT), e), AT)
+    dw = mm(mm(tr(G), [[m[i][j] * v[i][j] for j in range(6)] for i in range(6)]), G)
+    want = [[sum(d[i + r][j + s] * e[i][j] for i in range(4) for j in range(4))
+             for s in range(3)] for r in range(3)]
+    assert dw == want
 
 
 @pytest.mark.parametrize("K, C, CP, rotate, dtype, strided", [
@@ -97,7 +112,7 @@ def _rel(a, want):
 
 
 @pytest.mark.parametrize("N, C, H, Wd, K, pad", CASES)
-def test_forward_and_dx_against_the_reference(N, C, H, Wd, K, pad, rng):
+def test_every_pass_against_the_reference(N, C, H, Wd, K, pad, rng):
     x = rng.standard_normal((N, C, H, Wd)).astype(np.float32)
     w = rng.standard_normal((K, C, 3, 3)).astype(np.float32)
     b = rng.standard_normal(K).astype(np.float32)
@@ -105,14 +120,17 @@ def test_forward_and_dx_against_the_reference(N, C, H, Wd, K, pad, rng):
     direct = fc.conv2d_plan(x.shape, w.shape, padding=pad, algorithm=TILE)
     y = plan.forward(x, w, b)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    want_y, want_dx, _ = reference_passes(
+    want_y, want_dx, want_dw = reference_passes(
         *(a.astype(np.float64) for a in (x, w, b, dy)),
         dict(stride=1, padding=pad, dilation=1, groups=1))
-    for got, base, want in [(y, direct.forward(x, w, b), want_y),
-                            (plan.grad_input(dy, w), direct.grad_input(dy, w), want_dx)]:
+    for got, base, want, bound in [
+            (y, direct.forward(x, w, b), want_y, 6),
+            (plan.grad_input(dy, w), direct.grad_input(dy, w), want_dx, 6),
+            (plan.grad_weight(x, dy), direct.grad_weight(x, dy), want_dw, 8)]:
         assert got.dtype == np.float32 and got.shape == want.shape
-        # F(4x4, 3x3) errs about 3x the direct kernels (1.3e-6 relative on 64 channels).
-        assert _rel(got, want) < max(6 * _rel(base, want), 1e-6)
+        # F(4x4, 3x3) errs about 3x the direct kernels (1.3e-6 relative on 64 channels);
+        # dW, a sum over every tile, 1.3-5x (as the 5x5 path's dW is bounded by 8x).
+        assert _rel(got, want) < max(bound * _rel(base, want), 1e-6)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -129,8 +147,10 @@ def test_pool_order_holds_the_nchw_output_in_planes(rng):
 
 def test_plans_choose_it_for_fp32_3x3_stride_1_and_not_elsewhere():
     plan = fc.conv2d_plan((8, 64, 28, 28), (64, 64, 3, 3), padding=1)
-    assert plan.algorithms["forward"] == NAME and plan.algorithms["grad_input"] == NAME
-    assert plan.algorithms["grad_weight"] != NAME
+    assert set(plan.algorithms.values()) == {NAME}
+    # dW pays for its transforms from config.WINOGRAD43_DW_MIN_TILES 4x4 tiles.
+    few = fc.conv2d_plan((1, 64, 12, 12), (64, 64, 3, 3), padding=1)
+    assert few.algorithms["forward"] == NAME and few.algorithms["grad_weight"] != NAME
     for shape, conv, dtype in [((8, 64, 28, 28), dict(stride=2, padding=1), np.float32),
                                ((8, 64, 28, 28), dict(padding=1), np.float64),
                                ((8, 64, 28, 28), dict(padding=1, dilation=2), np.float32),
@@ -161,6 +181,10 @@ def test_non_finite_values_reach_what_they_touch(where, rng):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx, want = plan.grad_input(dy, w), direct.grad_input(dy, w)
     np.testing.assert_array_equal(np.isfinite(dx), np.isfinite(want))
+    if where == "input":  # dW reads the input and the deltas
+        dw, want = plan.grad_weight(x, dy), direct.grad_weight(x, dy)
+        np.testing.assert_array_equal(np.isfinite(dw), np.isfinite(want))
+        assert not np.isfinite(dw).all()
 
 
 def test_the_wrapper_checks_what_it_hands_the_kernel():
@@ -180,6 +204,16 @@ def test_the_wrapper_checks_what_it_hands_the_kernel():
     for w in [np.zeros((32, 24, 3, 3), np.float32), np.zeros((32, 16, 5, 5), np.float32)]:
         with pytest.raises(ValueError):
             W3.transform_filters(w, 16)
+    dyp = np.zeros((1, 14, 14, 32), np.float32)  # the 14 x 14 deltas of 24 channels
+    assert W3.run_grad_weight(xp, dyp, 0, 0, 24, 16) is not None
+    for args in [(xp, dyp[:, :13].copy(), 0, 0, 24, 16), (xp, dyp, 1, 0, 24, 16),
+                 (xp, dyp, 0, -1, 24, 16), (xp, dyp[..., :16].copy(), 0, 0, 16, 16),
+                 (xp, dyp, 0, 0, 40, 16), (xp, dyp, 0, 0, 24, 32),
+                 (xp, dyp.astype(np.float64), 0, 0, 24, 16), (xp[..., :8].copy(), dyp, 0, 0,
+                                                              24, 8),
+                 (xp, dyp[0], 0, 0, 24, 16)]:
+        with pytest.raises((ValueError, TypeError)):
+            W3.run_grad_weight(*args)
 
 
 def test_the_kernel_transforms_with_packed_fmas_and_stores_without_scatters():
@@ -199,6 +233,27 @@ def test_the_kernel_transforms_with_packed_fmas_and_stores_without_scatters():
     y = np.zeros((1, 64, 14, 14), np.float32)
     f(x, U, np.zeros(64, np.float32), y, W5.kernel_constants(np.float32),
       W3.output_constants(np.float32), False, chk)
+    asm = f.inspect_asm(f.signatures[0])
+    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", asm)) > 0
+    assert "vscatter" not in asm and "vgather" not in asm
+
+
+def test_the_dw_kernel_transforms_the_deltas_with_packed_fmas_and_no_gathers():
+    """dW's delta transform, vectorised over channels (the edge tiles' zeroed rows and
+    columns as selects, not branches per value), and the product: packed FMAs, no gathers
+    or scatters."""
+    import re
+
+    import numba
+
+    from fastconv import _jit
+
+    f = numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(
+        W3.winograd43_dw.py_func)
+    x = np.zeros((1, 16, 16, 32), np.float32)
+    dy = np.zeros((1, 14, 14, 64), np.float32)
+    part = np.zeros((1, 32, 36, 64), np.float32)
+    f(x, dy, 0, 0, part, W5.kernel_constants(np.float32))
     asm = f.inspect_asm(f.signatures[0])
     assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", asm)) > 0
     assert "vscatter" not in asm and "vgather" not in asm

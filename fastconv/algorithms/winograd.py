@@ -301,28 +301,38 @@ def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int
                     C: int) -> np.ndarray | None:
     """dW (K, C, 5, 5) from the packed input ``xp`` (N, OH+4, OW+4, CP) and the
     channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at
-    ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN.
+    ``[n, top + i, left + j, k]``; in ``xp``'s dtype.  None if it has an inf or NaN."""
+    N, Hp, Wp, _ = _check_packed("xp", xp)
+    ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
+    return grad_weight_by(_wk.winograd_dw, xp, dyp, top, left, K, C, 5, ntile)
 
-    The chunk sums of :func:`winograd_kernels.winograd_dw` are added in float64,
-    transformed back with ``G`` in float64 and rounded once
-    (:func:`winograd_kernels.dw_transform`).
+
+def grad_weight_by(kernel, xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
+                   C: int, taps: int, ntile: int) -> np.ndarray | None:
+    """dW (K, C, taps, taps) of either Winograd path from its checked packed input ``xp``
+    (N, OH + taps - 1, OW + taps - 1, CP), cut into ``ntile`` tiles, and the deltas
+    ``dyp`` (checked here), by its chunk kernel ``kernel(xp, dyp, top, left, part, kc)``;
+    None if the result has an inf or NaN.
+
+    The chunk sums are added in float64, transformed back with ``G`` in float64 and
+    rounded once (:func:`winograd_kernels.dw_transform`).
     """
-    N, Hp, Wp, CP = _check_packed("xp", xp)
+    N, Hp, Wp, CP = xp.shape
+    OH, OW = Hp - taps + 1, Wp - taps + 1
     if np.ndim(dyp) != 4:
         raise ValueError(f"dyp must be 4-D (N, Hd, Wd, KP), got shape {np.shape(dyp)}")
     Hd, Wd, KP = _checks.array("dyp", dyp, (N, *np.shape(dyp)[1:]), np.float32).shape[1:]
     if not (KP % _wk.KW == 0 and K <= KP and C <= CP and 0 <= top
-            and top + Hp - 4 <= Hd and 0 <= left and left + Wp - 4 <= Wd):
+            and top + OH <= Hd and 0 <= left and left + OW <= Wd):
         raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
                          f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
-    ntile = N * ((Hp - 4) // 2) * ((Wp - 4) // 2)
     # Chunks of at least a block of TB tiles, so that a small batch still fills two cores;
     # a number from the shapes only.
     P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB) or -(-ntile // _wk.TB)))
     part = np.empty((P, CP, 36, KP), xp.dtype)
     kc = kernel_constants(xp.dtype)
-    _wk.winograd_dw(xp, dyp, top, left, part, kc)
-    dw = np.empty((K, C, 5, 5), xp.dtype)
+    kernel(xp, dyp, top, left, part, kc)
+    dw = np.empty((K, C, taps, taps), xp.dtype)
     chk = np.zeros((_wk.TCH, _wk.FB), xp.dtype)
     _wk.dw_transform(part, _GS, kc, dw, chk)
     return dw if np.isfinite(chk).all() else None

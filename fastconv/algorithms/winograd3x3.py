@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) for fp32 3x3 stride-1 layers: the forward pass and dX.
+"""Winograd F(4x4, 3x3) for fp32 3x3 stride-1 layers: the forward pass, dX and dW.
 
 The math
 --------
@@ -20,8 +20,22 @@ path's kernel for 3 taps (:func:`transform_filters`).
 
 dX of a stride-1 layer is the valid correlation of the deltas, padded by ``2 - pad``,
 with the filters rotated by 180 degrees and the channel roles swapped: the same kernel
-on the deltas' layout (:func:`fastconv.layouts.delta_layout`).  dW stays with the direct
-algorithms.
+on the deltas' layout (:func:`fastconv.layouts.delta_layout`).
+
+dW is F(3, 4) from the same points, as the 5x5 path's dW is F(5, 2) (see
+:mod:`fastconv.algorithms.winograd_kernels`): one tile's contribution ``dw[r, s] =
+sum_{i, j < 4} d[i + r, j + s] * dy[i, j]`` is the 3 x 3 correlation of its 6 x 6 input
+with its 4 x 4 deltas, so::
+
+    dw = G^T [ sum_tiles (A dy A^T) (.) (B^T d B) ] G
+
+with ``A`` (6 x 4) the points' Vandermonde matrix for 4 coefficients (``A^T`` of the
+forward pass, transposed) and ``G`` (6 x 3) the forward's.  The input transform and the
+product over tiles are the 5x5 path's (``winograd_kernels._input_tile``,
+``winograd_kernels._dw_product``), and so is the back-transform, for 3 taps
+(``winograd_kernels.dw_transform``).  An edge tile shifted back inside the output (see
+Tiles) zeroes the deltas of the rows and columns its neighbour counted, so that every
+output pixel enters the sum once.
 
 Why these points and this tile: fp32 error against float64 (relative L2, random data,
 64 channels) is 1.3e-6 for these points, 1.9e-6 for 0, +-1, +-2 and 2.0e-6 for 0, +-1,
@@ -48,7 +62,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .. import _checks
+from .. import _checks, config
 from .._jit import parallel_kernel, stack_tile
 from ..geometry import ConvGeometry
 from ..layouts import _FRESH, DeltaLayout, _pack_input, delta_layout, pack_deltas
@@ -57,19 +71,17 @@ from . import winograd_kernels as _wk
 
 NAME = "winograd-f4x4-3x3"
 
-TT, KW, VL, NCH = _wk.TT, _wk.KW, _wk.VL, _wk.NCH
+TT, KW, VL, NCH, TB = _wk.TT, _wk.KW, _wk.VL, _wk.NCH, _wk.TB
 
 
 def why_not(geo, dtype, pass_):
-    if pass_ == "grad_weight":
-        return "it computes the forward pass and dX only"
     reason = _w5.common_rule(geo, dtype, 3)
     if reason is not None:
         return reason
     OH, OW = (geo.OH, geo.OW) if pass_ == "forward" else (geo.H, geo.W)
     if min(OH, OW) < 4 or geo.N * -(-OH // 4) * -(-OW // 4) < TT:
         return f"it needs outputs at least 4 wide and high, and at least {TT} tiles of 4x4"
-    if pass_ == "forward" and geo.C % VL:
+    if pass_ != "grad_input" and geo.C % VL:  # dX reads the deltas' channels
         return f"it needs input channels in multiples of {VL}"
     if pass_ == "grad_input" and (max(geo.pads) > 2 or delta_layout(geo).shape[1:3] != (
             geo.H + 2, geo.W + 2)):
@@ -78,7 +90,15 @@ def why_not(geo, dtype, pass_):
 
 
 def slower(geo, dtype, pass_):
-    return _w5.one_channel_rule(geo, pass_)
+    reason = _w5.one_channel_rule(geo, pass_)
+    if reason is not None:
+        return reason
+    tiles = geo.N * -(-geo.OH // 4) * -(-geo.OW // 4)
+    if pass_ == "grad_weight" and tiles < config.WINOGRAD43_DW_MIN_TILES:
+        return (f"its dW needs at least {config.WINOGRAD43_DW_MIN_TILES} output tiles "
+                f"(config.WINOGRAD43_DW_MIN_TILES) to pay for its transforms; this has "
+                f"{tiles}")
+    return None
 
 
 def prepare(geo, w, pass_):
@@ -99,6 +119,11 @@ def grad_input(geo, dy, U):
     return packed_grad_input(geo, pack_deltas(dy, layout), layout, U)
 
 
+def grad_weight(geo, x, dy):
+    layout = delta_layout(geo, need_dx=False)
+    return packed_grad_weight(geo, _pack_input(x, geo), pack_deltas(dy, layout), layout)
+
+
 def packed_forward(geo: ConvGeometry, xp, U, b, ws=_FRESH, pool_order=False):
     """y from the packed input, in NCHW or pool order, as the channel tile's
     ``packed_forward``; None if it has an inf or NaN (the plan then runs the next
@@ -110,6 +135,11 @@ def packed_grad_input(geo: ConvGeometry, dyp, layout: DeltaLayout, U):
     """dX from deltas in ``layout`` (padded by ``2 - pad``): the forward kernel on the
     deltas with dX's ``U``; None if it has an inf or NaN."""
     return _w5.grad_input_by(run_forward, geo, dyp, U)
+
+
+def packed_grad_weight(geo: ConvGeometry, xp, dyp, layout: DeltaLayout, ws=_FRESH):
+    """dW from the packed input and deltas in ``layout``; None if it has an inf or NaN."""
+    return run_grad_weight(xp, dyp, layout.top, layout.left, geo.K, geo.C)
 
 
 # ---- the transforms and the kernel's wrappers ------------------------------------------
@@ -129,6 +159,22 @@ def transform_filters(w: np.ndarray, CP: int, rotate: bool = False) -> np.ndarra
     return _w5.transform_filters(w, CP, np.float32, rotate, taps=3)
 
 
+def _check_packed(name: str, xp) -> tuple[int, int, int, int]:
+    """The shape of a packed input (or delta array) the kernels can run: float32,
+    C-contiguous, channels a multiple of ``VL``, an output ``(Hp - 2, Wp - 2)`` of at
+    least 4 x 4 and at least ``TT`` tiles."""
+    if not isinstance(xp, np.ndarray) or xp.ndim != 4:
+        raise TypeError(f"{name} must be a 4-D array (N, Hp, Wp, C), got "
+                        f"{getattr(xp, 'shape', type(xp).__name__)}")
+    N, Hp, Wp, CP = _checks.array(name, xp, xp.shape, np.float32).shape
+    OH, OW = Hp - 2, Wp - 2
+    if not (CP % VL == 0 and min(OH, OW) >= 4 and N * -(-OH // 4) * -(-OW // 4) >= TT):
+        raise ValueError(f"{name} of shape {xp.shape} is not a packed input this kernel runs: "
+                         f"channels a multiple of {VL}, an output at least 4 x 4, and at "
+                         f"least {TT} tiles")
+    return N, Hp, Wp, CP
+
+
 def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
                 pool_order: bool = False) -> bool:
     """The valid 3x3 correlation of the packed input ``xp`` (N, OH+2, OW+2, CP) with the
@@ -136,19 +182,22 @@ def run_forward(xp: np.ndarray, U: np.ndarray, b, y: np.ndarray,
     (K,) or None, into ``y``: (N, K, OH, OW) with ``K <= KP``, or with ``pool_order``
     (N, K, 4, OH/2 * OW/2).  False (and ``y`` to be overwritten) if the result has an
     inf or NaN."""
-    if not isinstance(xp, np.ndarray) or xp.ndim != 4:
-        raise TypeError(f"xp must be a 4-D array (N, Hp, Wp, C), got "
-                        f"{getattr(xp, 'shape', type(xp).__name__)}")
-    N, Hp, Wp, CP = _checks.array("xp", xp, xp.shape, np.float32).shape
-    OH, OW = Hp - 2, Wp - 2
-    if not (CP % VL == 0 and min(OH, OW) >= 4 and N * -(-OH // 4) * -(-OW // 4) >= TT):
-        raise ValueError(f"xp of shape {xp.shape} is not a packed input this kernel runs: "
-                         f"channels a multiple of {VL}, an output at least 4 x 4, and at "
-                         f"least {TT} tiles")
-    bp, chk = _w5.check_product_arrays(U, y, b, N, CP, OH, OW, pool_order)
+    N, Hp, Wp, CP = _check_packed("xp", xp)
+    bp, chk = _w5.check_product_arrays(U, y, b, N, CP, Hp - 2, Wp - 2, pool_order)
     winograd43_tiles(xp, U, bp, y, _w5.kernel_constants(np.float32),
                      output_constants(np.float32), pool_order, chk)
     return bool(np.isfinite(chk).all())
+
+
+def run_grad_weight(xp: np.ndarray, dyp: np.ndarray, top: int, left: int, K: int,
+                    C: int) -> np.ndarray | None:
+    """dW (K, C, 3, 3) from the packed input ``xp`` (N, OH+2, OW+2, CP) and the
+    channels-last deltas ``dyp`` (N, Hd, Wd, KP), ``dy[n, k, i, j]`` at ``[n, top + i,
+    left + j, k]``; None if it has an inf or NaN.  The 5x5 path's wrapper
+    (:func:`fastconv.algorithms.winograd.grad_weight_by`) with :func:`winograd43_dw`."""
+    N, Hp, Wp, _ = _check_packed("xp", xp)
+    ntile = N * -(-(Hp - 2) // 4) * -(-(Wp - 2) // 4)
+    return _w5.grad_weight_by(winograd43_dw, xp, dyp, top, left, K, C, 3, ntile)
 
 
 # ---- the kernel ------------------------------------------------------------------------
@@ -289,3 +338,109 @@ def winograd43_tiles(x, U, b, y, kc, ka, pool_order, chk):
                                 y[n, k, i, j0 + 3] = ot[o + 3 * TT, c]
         for c in range(VL):
             chk[ch, c] = ck[0, c]
+
+
+@numba.njit(inline="always")
+def _a64(e0, e1, e2, e3, kc):
+    """The six rows of ``A`` (the points' Vandermonde matrix for 4 coefficients) applied
+    to (e0, ..., e3), the points 1/2 and -2 by Horner's rule: the deltas' transform in
+    dW.  ``kc`` as for ``winograd_kernels._bt6``: (1/2, 2, ...)."""
+    h, c2 = kc[0], kc[1]
+    return (e0, e0 + e1 + e2 + e3, e0 - e1 + e2 - e3, e0 + h * (e1 + h * (e2 + h * e3)),
+            e0 - c2 * (e1 - c2 * (e2 - c2 * e3)), e3)
+
+
+@numba.njit(inline="always")
+def _dy_row(dyf, o, kp, v0, kc):
+    """``A`` applied to the four deltas of one row of a tile (``dyf[o + v * kp]``,
+    ``v < 4``), those of the columns ``v < v0`` taken as zero (its neighbour counted them)."""
+    z = kc[5]
+    return _a64(dyf[o] if v0 == 0 else z, dyf[o + kp] if v0 <= 1 else z,
+                dyf[o + _u(2) * kp] if v0 <= 2 else z, dyf[o + _u(3) * kp], kc)
+
+
+@parallel_kernel
+def winograd43_dw(x, dy, top, left, part, kc):
+    """The transform-domain weight gradient of F(4x4, 3x3), summed per chunk of tiles.
+
+    For the 36 points p, every input channel c and every ``k < KP``::
+
+        part[h, c, p, k] = sum over the tiles of chunk h of (B^T d B)[p] * (A dy A^T)[p]
+
+    where ``d`` is the tile's 6 x 6 input of channel c and ``dy`` its 4 x 4 deltas of
+    channel k, those an edge tile shares with its neighbour zeroed; ``dw_transform`` sums
+    the chunks and applies ``G^T (.) G``.
+
+    x : (N, Hp, Wp, C)     the forward's packed input; ``C`` a multiple of ``VL``.
+    dy : (N, Hd, Wd, KP)   channels-last deltas, ``dy[n, top + i, left + j, k]`` for
+                           ``i < OH = Hp - 2``, ``j < OW = Wp - 2``; ``KP`` a multiple of
+                           ``KW``.
+    part : (P, C, 36, KP)  one sum per chunk, overwritten.
+    kc : (6,)              the input transform's constants (see ``winograd_kernels``).
+
+    The tiles (see the module docstring) are cut into ``P`` chunks of consecutive tiles, a
+    number chosen from the shapes only; each chunk transforms blocks of ``TB`` tiles into
+    ``V`` and ``D`` and adds their products into its own ``part[h]``, as
+    ``winograd_kernels.winograd_dw`` does.
+    """
+    N, Hp, Wp, C = x.shape
+    KP = dy.shape[3]
+    Hd, Wd = dy.shape[1], dy.shape[2]
+    OH, OW = Hp - 2, Wp - 2
+    TH, TWn = (OH + 3) // 4, (OW + 3) // 4
+    P = part.shape[0]
+    ntile = N * TH * TWn
+    xf = x.reshape(-1)
+    dyf = dy.reshape(-1)
+    rstep, cstep = _u(Wp * C), _u(C)
+    kw = min(KW, KP)  # == KW, a bound LLVM cannot see: the copy below vectorises
+    n36 = min(36 * VL, C * 36)  # == 36*VL (see winograd_kernels._input_tile)
+    kp, rs = _u(KP), _u(Wd * KP)
+    for h in prange(P):
+        V = np.empty(36 * TB * C, x.dtype)
+        D = np.empty(36 * TB * KP, x.dtype)
+        tmp = stack_tile(36, VL, x.dtype)
+        vt = stack_tile(36, VL, x.dtype)
+        dt = stack_tile(36, KW, x.dtype)  # one tile's transformed deltas, KW channels
+        dtf = dt.reshape(-1)
+        acc_out = part[h].reshape(-1)
+        for e in range(36 * C * KP):
+            acc_out[e] = 0
+        g1 = (h + 1) * ntile // P
+        for g0 in range(h * ntile // P, g1, TB):
+            nt = min(TB, g1 - g0)
+            for t in range(nt):
+                n, a, q, i0, j0 = _tile(g0 + t, TH, TWn, OH, OW)
+                u0, v0 = 4 * a - i0, 4 * q - j0  # rows and columns the neighbour counted
+                o = _u(((n * Hp + i0) * Wp + j0) * C)
+                for cv in range(C // VL):
+                    _wk._input_tile(xf, o + _u(cv * VL), rstep, cstep, V,
+                                    _u((t * C // VL + cv) * 36 * VL), kc, tmp, vt, n36)
+                # The deltas' transform A dy A^T: along each row (nu), then down (xi).
+                r0 = _u(((n * Hd + top + i0) * Wd + left + j0) * KP)
+                z = kc[5]
+                for kb in range(KP // KW):
+                    for hv in range(KW // VL):
+                        for c in range(VL):
+                            ku = _u(kb * KW + hv * VL + c)
+                            cc = hv * VL + c
+                            zs = (z, z, z, z, z, z)
+                            a0 = _dy_row(dyf, r0 + ku, kp, v0, kc) if u0 == 0 else zs
+                            a1 = _dy_row(dyf, r0 + rs + ku, kp, v0, kc) if u0 <= 1 else zs
+                            a2 = (_dy_row(dyf, r0 + _u(2) * rs + ku, kp, v0, kc) if u0 <= 2
+                                  else zs)
+                            a3 = _dy_row(dyf, r0 + _u(3) * rs + ku, kp, v0, kc)
+                            for nu in range(6):
+                                z0, z1, z2, z3, z4, z5 = _a64(a0[nu], a1[nu], a2[nu], a3[nu],
+                                                              kc)
+                                dt[nu, cc] = z0
+                                dt[6 + nu, cc] = z1
+                                dt[12 + nu, cc] = z2
+                                dt[18 + nu, cc] = z3
+                                dt[24 + nu, cc] = z4
+                                dt[30 + nu, cc] = z5
+                    # One contiguous block of D: a copy loop long enough to vectorise.
+                    do = _u((t * (KP // KW) + kb) * 36 * KW)
+                    for e in range(36 * kw):
+                        D[do + _u(e)] = dtf[e]
+            _wk._dw_product(V, D, acc_out, nt, C, KP)

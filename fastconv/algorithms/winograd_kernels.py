@@ -612,6 +612,14 @@ def _vt5(u0, u1, u2, u3, u4, u5):
             m + u3 * 0.125 - u4 * 8.0, p + u3 * 0.0625 + u4 * 16.0 + u5)
 
 
+@numba.njit(inline="always")
+def _vt3(u0, u1, u2, u3, u4, u5):
+    """The three rows of ``V^T`` for 3 taps (see :func:`_v6_3`) applied to (u0, ..., u5),
+    in float64."""
+    p = u1 + u2
+    return u0 + p + u3 + u4, u1 - u2 + u3 * 0.5 - u4 * 2.0, p + u3 * 0.25 + u4 * 4.0 + u5
+
+
 @serial_kernel
 def _dw_blocks(part, gs, kc, dw, chk, ch, b0, b1):
     """The blocks ``b0 <= b < b1`` of :func:`dw_transform`, block ``b`` being the ``FB``
@@ -619,12 +627,15 @@ def _dw_blocks(part, gs, kc, dw, chk, ch, b0, b1):
     sum of their outputs times zero.
 
     The chunk sums go into the stack tile ``S`` (36, FB), ``V^T`` along ``xi`` (times
-    ``gs``) into ``t`` (30, FB), along ``nu`` into ``out`` (25, FB) in ``dw``'s dtype; a
-    whole block is transposed in registers into its 16 filters (:func:`transpose16`),
-    a partial one written a value at a time.
+    ``gs``) into ``t`` (6 * taps, FB), along ``nu`` into ``out`` (taps * taps, FB) in
+    ``dw``'s dtype.  For 5 taps a whole block is transposed in registers into its 16
+    filters (:func:`transpose16`), a partial one written a value at a time; the 9 values
+    of a 3-tap filter are written a value at a time (9 of 16 rows would not fill a
+    transpose).
     """
     P, CP, _, KP = part.shape
-    K, C = dw.shape[0], dw.shape[1]
+    K, C, taps = dw.shape[0], dw.shape[1], dw.shape[2]
+    T2 = taps * taps
     nkb = -(-K // FB)
     partf = part.reshape(-1)
     dwf = dw.reshape(-1)
@@ -649,41 +660,61 @@ def _dw_blocks(part, gs, kc, dw, chk, ch, b0, b1):
                 ph = po + _u(h) * hs
                 for j in range(jn):
                     S[p, j] += np.float64(partf[ph + _u(j)])
-        for nu in range(6):
-            s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
-            s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
-            for j in range(FB):
-                a0, a1, a2, a3, a4 = _vt5(S[nu, j] * s0, S[6 + nu, j] * s1,
-                                          S[12 + nu, j] * s2, S[18 + nu, j] * s3,
-                                          S[24 + nu, j] * s4, S[30 + nu, j] * s5)
-                t[nu, j] = a0
-                t[6 + nu, j] = a1
-                t[12 + nu, j] = a2
-                t[18 + nu, j] = a3
-                t[24 + nu, j] = a4
-        for r in range(5):
-            for j in range(FB):
-                q0, q1, q2, q3, q4 = _vt5(t[6 * r, j], t[6 * r + 1, j], t[6 * r + 2, j],
-                                          t[6 * r + 3, j], t[6 * r + 4, j], t[6 * r + 5, j])
-                out[5 * r, j] = q0
-                out[5 * r + 1, j] = q1
-                out[5 * r + 2, j] = q2
-                out[5 * r + 3, j] = q3
-                out[5 * r + 4, j] = q4
+        if taps == 5:
+            for nu in range(6):
+                s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
+                s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
+                for j in range(FB):
+                    a0, a1, a2, a3, a4 = _vt5(S[nu, j] * s0, S[6 + nu, j] * s1,
+                                              S[12 + nu, j] * s2, S[18 + nu, j] * s3,
+                                              S[24 + nu, j] * s4, S[30 + nu, j] * s5)
+                    t[nu, j] = a0
+                    t[6 + nu, j] = a1
+                    t[12 + nu, j] = a2
+                    t[18 + nu, j] = a3
+                    t[24 + nu, j] = a4
+            for r in range(5):
+                for j in range(FB):
+                    q0, q1, q2, q3, q4 = _vt5(t[6 * r, j], t[6 * r + 1, j], t[6 * r + 2, j],
+                                              t[6 * r + 3, j], t[6 * r + 4, j],
+                                              t[6 * r + 5, j])
+                    out[5 * r, j] = q0
+                    out[5 * r + 1, j] = q1
+                    out[5 * r + 2, j] = q2
+                    out[5 * r + 3, j] = q3
+                    out[5 * r + 4, j] = q4
+        else:
+            for nu in range(6):
+                s0, s1, s2 = gs[nu], gs[6 + nu], gs[12 + nu]
+                s3, s4, s5 = gs[18 + nu], gs[24 + nu], gs[30 + nu]
+                for j in range(FB):
+                    a0, a1, a2 = _vt3(S[nu, j] * s0, S[6 + nu, j] * s1, S[12 + nu, j] * s2,
+                                      S[18 + nu, j] * s3, S[24 + nu, j] * s4,
+                                      S[30 + nu, j] * s5)
+                    t[nu, j] = a0
+                    t[6 + nu, j] = a1
+                    t[12 + nu, j] = a2
+            for r in range(3):
+                for j in range(FB):
+                    q0, q1, q2 = _vt3(t[6 * r, j], t[6 * r + 1, j], t[6 * r + 2, j],
+                                      t[6 * r + 3, j], t[6 * r + 4, j], t[6 * r + 5, j])
+                    out[3 * r, j] = q0
+                    out[3 * r + 1, j] = q1
+                    out[3 * r + 2, j] = q2
         for j in range(jn):
             a = ck[0, j]
-            for e in range(25):
+            for e in range(T2):
                 a += out[e, j] * z
             ck[0, j] = a
-        if kb + FB <= K:
+        if taps == 5 and kb + FB <= K:
             # Rows 0-15 and 9-24 of out, each to 16 filters (values 9-15 twice).
             o = (kb * C + c) * 25
             transpose16(outf, 0, FB, dwf, o, C * 25)
             transpose16(outf, 9 * FB, FB, dwf, o + 9, C * 25)
         else:
-            for j in range(K - kb):
-                o = _u(((kb + j) * C + c) * 25)
-                for e in range(25):
+            for j in range(min(FB, K - kb)):
+                o = _u(((kb + j) * C + c) * T2)
+                for e in range(T2):
                     dwf[o + _u(e)] = out[e, j]
     for j in range(FB):
         chk[ch, j] = ck[0, j]
@@ -691,15 +722,16 @@ def _dw_blocks(part, gs, kc, dw, chk, ch, b0, b1):
 
 @parallel_kernel
 def dw_transform(part, gs, kc, dw, chk):
-    """``dw[k, c] = G^T S[c, k] G`` with ``S`` the chunk sums of :func:`winograd_dw` added
-    in float64, ``S[c, p, k] = sum_h part[h, c, p, k]``; computed in float64 and rounded
-    once to ``dw``'s dtype.
+    """``dw[k, c] = G^T S[c, k] G`` with ``S`` the chunk sums of :func:`winograd_dw` (or of
+    F(4x4, 3x3)'s ``winograd43_dw``) added in float64, ``S[c, p, k] = sum_h part[h, c, p,
+    k]``; computed in float64 and rounded once to ``dw``'s dtype.  ``G`` is 6 x 5 or 6 x 3
+    (the points' Vandermonde matrix for ``taps`` coefficients, divided by the scales).
 
     part : (P, CP, 36, KP)   chunk sums; ``KP`` a multiple of ``FB``.
     gs : (36,) float64       scale products, as for :func:`filter_transform`: ``G^T S G``
                              is ``V^T (gs * S) V``.
     kc : (6,)                transform constants in ``dw``'s dtype (``kc[5]`` is zero).
-    dw : (K, C, 5, 5)        overwritten; ``K <= KP``, ``C <= CP``.
+    dw : (K, C, taps, taps)  overwritten; ``taps`` 5 or 3, ``K <= KP``, ``C <= CP``.
     chk : (TCH, FB)          overwritten: sums of every output times zero, NaN if any
                              output is inf or NaN (the wrapper then returns None).
 
