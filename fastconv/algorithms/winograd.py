@@ -326,9 +326,10 @@ def grad_weight_by(kernel, xp: np.ndarray, dyp: np.ndarray, top: int, left: int,
             and top + OH <= Hd and 0 <= left and left + OW <= Wd):
         raise ValueError(f"deltas {dyp.shape} at ({top}, {left}) do not cover the output of "
                          f"the packed input {xp.shape}, or K={K} > {KP} or C={C} > {CP}")
-    # Chunks of at least a block of TB tiles, so that a small batch still fills two cores;
-    # a number from the shapes only.
-    P = max(1, min(config.WINOGRAD_DW_CHUNKS, ntile // (4 * _wk.TB) or -(-ntile // _wk.TB)))
+    # config.WINOGRAD_DW_CHUNKS chunks, fewer only where a chunk would hold less than a
+    # block of TB tiles: a number from the shapes only, and from 2 blocks on, work for
+    # two cores.
+    P = max(1, min(config.WINOGRAD_DW_CHUNKS, -(-ntile // _wk.TB)))
     part = np.empty((P, CP, 36, KP), xp.dtype)
     kc = kernel_constants(xp.dtype)
     kernel(xp, dyp, top, left, part, kc)
