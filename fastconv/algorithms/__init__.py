@@ -28,10 +28,20 @@ layout, w)`` and ``packed_grad_weight(geo, xp, dyp, layout, ws)``
 
 from __future__ import annotations
 
-from . import channel_tile, depthwise, nchw_delta_dw, pixel, small, winograd, winograd3x3
+from . import (
+    channel_tile,
+    depthwise,
+    nchw_delta_dw,
+    pixel,
+    pointwise,
+    small,
+    winograd,
+    winograd3x3,
+)
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pixel, depthwise, nchw_delta_dw, channel_tile)
+ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, nchw_delta_dw,
+              channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
