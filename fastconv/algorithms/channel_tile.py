@@ -249,6 +249,38 @@ TCW = 6
 KBWW = 64
 
 
+@numba.njit(inline="always")
+def _tile_inputs(i, j, OW, sh, sw, xh0, xw0, Wx, Cx):
+    """Where the TW outputs from output pixel (i, j) on, in row-major order (rows of
+    ``OW``), read their first tap, as unsigned offsets into an image of the channels-last
+    input: a step to the right (or to the next row) per pixel."""
+    o0 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o1 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o2 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o3 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o4 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o5 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    i, j = _next_pixel(i, j, OW)
+    o6 = _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx)
+    return o0, o1, o2, o3, o4, o5, o6
+
+
+@numba.njit(inline="always")
+def _next_pixel(i, j, OW):
+    """The output pixel after (i, j) in row-major order."""
+    return (i + 1, 0) if j + 1 == OW else (i, j + 1)
+
+
+@numba.njit(inline="always")
+def _tile_input(i, j, sh, sw, xh0, xw0, Wx, Cx):
+    return np.uint64(((xh0 + i * sh) * Wx + xw0 + j * sw) * Cx)
+
+
 @parallel_kernel
 def conv_tiles(x, w, b, y, tiles, border):
     """Direct convolution with a register tile; the forward pass and every dX phase.
@@ -266,21 +298,38 @@ def conv_tiles(x, w, b, y, tiles, border):
     b : (G, KBn*KB)            bias (zeros for none).
     y : (N, G*Ko, Hy, Wy)      NCHW; only the pixels named above are written.
 
-    Parallel over ``(n, i, g, kb)``: each task owns one output row of one channel block, so
-    no two threads write the same element.  Rows are covered by ``TW``-wide tiles; the last
-    tile is shifted left to end at ``OW`` (it recomputes a few pixels, identically), so no
-    pixel falls to a slow path unless ``OW < TW``.
+    Parallel over ``(n, i, g, kb)``: task ``(n, i, g, kb)`` computes output row ``i`` of
+    one channel block, in ``ceil(OW / TW)`` tiles, the last shifted left to end at ``OW``;
+    or, where rows are narrower than a tile or that shift would waste a tenth of the work
+    (rows of 16 pixels: 21 computed for 16), the ``TT = ceil(OH*OW / TW)`` tiles of the
+    image's flattened outputs (a tile may span rows) are cut into ``OH`` bands and the task
+    computes band ``i``, the image's last tile shifted back to end at its last pixel.  A
+    shifted tile stores only the pixels the tile before it did not: each task owns its
+    outputs, so no two threads write the same element.  A tile's pixels read the input at
+    ``TW`` offsets of their own, each moved by the same amount per tap.  (Flattened tiles
+    everywhere ran 0.9x on 32-pixel rows, 1.3x on 16 and 1.8x on 8; one thread, 64
+    channels.)
 
     ``exact`` makes every pixel take the one-pixel path, which skips the taps that read
     outside ``x[:, h_lo:h_hi, w_lo:w_hi]`` (its zero border).  Products with the border are
     zero for finite weights, but ``inf * 0`` is NaN: with non-finite weights, dX uses this
-    so that a NaN or inf reaches only the pixels that its tap really touches.
+    so that a NaN or inf reaches only the pixels that its tap really touches.  Images of
+    fewer than ``TW`` outputs take it too.
     """
     OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw = tiles
     exact, h_lo, h_hi, w_lo, w_hi = border
-    N = x.shape[0]
+    N, Hx, Wx, Cx = x.shape
+    Hy, Wy = y.shape[2], y.shape[3]
     G, KBn, R, S, Cg = w.shape[:5]
     Ko = y.shape[1] // G
+    M = OH * OW
+    TT = (M + TW - 1) // TW  # tiles of an image's flattened outputs
+    TR = (OW + TW - 1) // TW  # tiles of one row
+    # Flattened tiles where they save at least a tenth of the row tiles' work (or rows are
+    # narrower than a tile); else a task's tiles stay in its row (see above).
+    flat = OW < TW or 10 * TT < 9 * OH * TR
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
     for task in prange(N * OH * G * KBn):
         kb = task % KBn
         rest = task // KBn
@@ -292,25 +341,41 @@ def conv_tiles(x, w, b, y, tiles, border):
         k0 = g * Ko + kb * KB
         kn = min(KB, Ko - kb * KB)
         acc = stack_tile(TW, KB, y.dtype)
-        if OW >= TW and not exact:
-            for jt in range((OW + TW - 1) // TW):
-                j0 = min(jt * TW, OW - TW)
+        yt = stack_tile(1, 7, np.int64)  # TW output offsets
+        if M >= TW and not exact:
+            xn = np.uint64(n * Hx * Wx * Cx + c0)
+            t_lo, t_hi = (i * TT // OH, (i + 1) * TT // OH) if flat else (0, TR)
+            for tt in range(t_lo, t_hi):
+                # The tile's first pixel p0 (flat) and how many of its pixels the tile
+                # before it stored.
+                if flat:
+                    p0 = min(tt * TW, M - TW)
+                    done = tt * TW - p0
+                    ti = p0 // OW
+                    tj = p0 - ti * OW
+                else:
+                    tj = min(tt * TW, OW - TW)
+                    ti = i
+                    done = tt * TW - tj
                 for t in range(TW):
                     for k in range(KB):
                         acc[t, k] = 0
+                o0, o1, o2, o3, o4, o5, o6 = _tile_inputs(ti, tj, OW, sh, sw, xh0, xw0, Wx, Cx)
                 for r in range(R):
-                    ih = xh0 + i * sh + r * dlh
                     for s in range(S):
-                        iw = xw0 + j0 * sw + s * dlw
+                        d = xn + np.uint64((r * dlh * Wx + s * dlw) * Cx)
+                        a0, a1, a2, a3, a4, a5, a6 = (o0 + d, o1 + d, o2 + d, o3 + d, o4 + d,
+                                                      o5 + d, o6 + d)
                         for c in range(Cg):
                             # TW broadcast inputs times one weight vector: TW packed FMAs.
-                            x0 = x[n, ih, iw, c0 + c]
-                            x1 = x[n, ih, iw + sw, c0 + c]
-                            x2 = x[n, ih, iw + 2 * sw, c0 + c]
-                            x3 = x[n, ih, iw + 3 * sw, c0 + c]
-                            x4 = x[n, ih, iw + 4 * sw, c0 + c]
-                            x5 = x[n, ih, iw + 5 * sw, c0 + c]
-                            x6 = x[n, ih, iw + 6 * sw, c0 + c]
+                            cu = np.uint64(c)
+                            x0 = xf[a0 + cu]
+                            x1 = xf[a1 + cu]
+                            x2 = xf[a2 + cu]
+                            x3 = xf[a3 + cu]
+                            x4 = xf[a4 + cu]
+                            x5 = xf[a5 + cu]
+                            x6 = xf[a6 + cu]
                             for k in range(KB):
                                 wk = w[g, kb, r, s, c, k]
                                 acc[0, k] += x0 * wk
@@ -320,13 +385,21 @@ def conv_tiles(x, w, b, y, tiles, border):
                                 acc[4, k] += x4 * wk
                                 acc[5, k] += x5 * wk
                                 acc[6, k] += x6 * wk
+                # Each pixel's place in an output plane, then plane by plane (consecutive
+                # stores to one row, as they combine best).
+                pi, pj = ti, tj
+                for t in range(TW):
+                    yt[0, t] = (yh0 + pi * ysh) * Wy + yw0 + pj * ysw
+                    pi, pj = _next_pixel(pi, pj, OW)
                 for k in range(kn):
                     bk = b[g, kb * KB + k]
+                    plane = (n * y.shape[1] + k0 + k) * Hy * Wy
                     for t in range(TW):
-                        y[n, k0 + k, yh0 + i * ysh, yw0 + (j0 + t) * ysw] = acc[t, k] + bk
+                        if t >= done:  # a pixel this tile owns
+                            yf[plane + yt[0, t]] = acc[t, k] + bk
         else:
-            # Rows narrower than one tile, or exact mode: one pixel at a time, still
-            # vectorised over k.
+            # Images of fewer than TW outputs, or exact mode: row i one pixel at a time,
+            # still vectorised over k.
             for j in range(OW):
                 for k in range(KB):
                     acc[0, k] = 0
