@@ -127,7 +127,7 @@ def _check_order(function: str, ours: str, theirs: str, array_arg: str, array_va
         raise TypeError(
             f"{function} takes ({ours}); it got the shape {_describe(tuple(array_value))} as "
             f"{array_arg} and {_describe(shape_value)} as {shape_arg}: the argument order of "
-            f"{theirs}. Pass {array_arg} (the array) first and {shape_arg} last"
+            f"{theirs}, where fastconv takes the shape last"
         )
 
 
