@@ -1,16 +1,20 @@
-"""Thin layers over the kernels, with PyTorch's names and default initialisation.
+"""Thin layers over the kernels, with PyTorch's names, default initialisation and habits.
 
 The contract of every layer:
 
 * ``forward(x)`` returns the output and, in training mode, keeps only what ``backward``
   needs;
-* ``backward(dy)`` returns ``dx`` and fills ``grads`` with the same keys as ``params``;
+* ``backward(dy)`` returns ``dx`` and adds each parameter's gradient to ``grads`` (same
+  keys as ``params``): the first backward after :meth:`Module.zero_grad` stores the
+  kernel's new array as it is, later ones add to it, so gradients accumulate as in PyTorch;
 * ``train()`` / ``eval()`` switch modes (``eval`` keeps nothing for backward);
-* ``state_dict()`` / ``load_state_dict()`` copy parameters in and out, keyed like PyTorch's
-  (``"0.weight"`` for the first layer of a :class:`Sequential`).
+* ``state_dict()`` / ``load_state_dict()`` copy parameters and buffers (running statistics)
+  in and out, keyed like PyTorch's (``"0.weight"`` for the first layer of a
+  :class:`Sequential`).
 
 Parameters are float32 NumPy arrays by default and are updated in place by the optimizers
-in :mod:`fastconv.optim`.
+in :mod:`fastconv.optim`.  ``layer.weight`` / ``layer.bias`` and ``parameters()`` hand out
+:class:`Parameter` references to them.
 """
 
 from __future__ import annotations
@@ -25,12 +29,31 @@ from . import conv as _conv
 from . import layouts as _layouts
 from .linalg import matmul
 
-__all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "Module", "Parameter",
-           "ReLU", "Sequential", "SoftmaxCrossEntropy"]
+__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout", "Flatten",
+           "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",
+           "SoftmaxCrossEntropy"]
 
 
 class Parameter:
-    """A named reference to one parameter array and its gradient in a module."""
+    """A reference to one parameter array of a module and to its gradient.
+
+    What ``model.parameters()``, ``layer.weight`` and ``layer.bias`` return.  It behaves
+    like the parts of ``torch.nn.Parameter`` that a NumPy array can give: ``p.data`` is the
+    array itself (the optimizers update it in place), ``p.grad`` the gradient array or
+    None, ``p.shape``, ``p.dtype``, ``p.ndim``, ``p.numel()``, ``p.size()``, ``p.dim()``,
+    indexing (``p[0]``, ``p[...] = 0`` write into the array) and ``np.asarray(p)``.
+    Two references to the same array of the same module are equal.
+
+    Attributes
+    ----------
+    module : Module
+        The layer that holds the array, in ``module.params[key]``.
+    key : str
+        ``'weight'`` or ``'bias'``.
+    name : str
+        The name in the model's ``state_dict`` (``'3.weight'``), or ``key`` when taken from
+        the layer itself.
+    """
 
     __slots__ = ("module", "key", "name")
 
@@ -39,22 +62,123 @@ class Parameter:
 
     @property
     def data(self) -> np.ndarray:
+        """The parameter array.  Assigning an array of the same shape replaces it (in the
+        parameter's dtype, as a C-contiguous writeable array; a copy where needed)."""
         return self.module.params[self.key]
+
+    @data.setter
+    def data(self, value) -> None:
+        self.module.params[self.key] = _replacement(f"{self.name}.data", value, self.data)
 
     @property
     def grad(self) -> np.ndarray | None:
+        """The gradient accumulated since the last ``zero_grad()``, or None.  Assign None
+        to drop it, or an array of the parameter's shape (kept in the parameter's dtype)."""
         return self.module.grads.get(self.key)
+
+    @grad.setter
+    def grad(self, value) -> None:
+        if value is None:
+            self.module.grads.pop(self.key, None)
+        else:
+            self.module.grads[self.key] = _replacement(f"{self.name}.grad", value, self.data)
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    def dim(self) -> int:
+        """The number of dimensions (``torch.Tensor.dim``)."""
+        return self.data.ndim
+
+    def numel(self) -> int:
+        """The number of elements (``torch.Tensor.numel``)."""
+        return self.data.size
+
+    def size(self, dim: int | None = None):
+        """The shape, or the size of dimension ``dim`` (``torch.Tensor.size``)."""
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+    def __setitem__(self, index, value) -> None:
+        self.data[index] = value
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.data
+        if copy:
+            return np.array(a, dtype=dtype, copy=True)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Parameter) and other.module is self.module
+                and other.key == self.key)
+
+    def __hash__(self) -> int:
+        return hash((id(self.module), self.key))
 
     def __repr__(self) -> str:
         return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def _replacement(name: str, value, like: np.ndarray) -> np.ndarray:
+    """``value`` as an array to stand in for ``like`` (a parameter or its gradient): of
+    ``like``'s shape, in its dtype, C-contiguous and writeable (a copy where needed)."""
+    if isinstance(value, Parameter):
+        value = value.data
+    a = _state.real_array(name, value)
+    if a.shape != like.shape:
+        raise ValueError(f"{name} must have the parameter's shape {like.shape}, got "
+                         f"{a.shape}")
+    if a.dtype != like.dtype or not a.flags.c_contiguous or not a.flags.writeable:
+        a = np.array(a, dtype=like.dtype, order="C")
+    return a
+
+
+class _ParamAttr:
+    """``layer.weight`` / ``layer.bias``: a :class:`Parameter`, or None when the layer has
+    no such parameter (``bias=False``), as in PyTorch.  Assigning replaces the array as
+    ``Parameter.data`` does."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        return Parameter(module, self.key, self.key) if self.key in module.params else None
+
+    def __set__(self, module, value):
+        if self.key not in module.params:
+            raise AttributeError(f"{type(module).__name__} was built without a "
+                                 f"{self.key}; it cannot be given one")
+        Parameter(module, self.key, self.key).data = value
+
+
 class Module:
-    """Base class: ``params``/``grads`` dicts, modes and state dicts."""
+    """Base class: ``params``/``grads`` dicts, buffers, modes and state dicts.
+
+    ``params`` maps each parameter's key to its array; ``grads`` holds the gradients
+    accumulated since the last :meth:`zero_grad` (a key is absent until a backward gives
+    it one); buffers (running statistics) are state that is not trained.
+    """
 
     def __init__(self):
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}
         self.training = True
 
     def forward(self, x):
@@ -83,27 +207,82 @@ class Module:
     def _forget(self) -> None:
         """Drop what forward kept for backward."""
 
-    def named_parameters(self, prefix: str = "") -> Iterator[Parameter]:
+    def _accumulate(self, key: str, g: np.ndarray) -> None:
+        """Add the gradient ``g`` (a new array the caller hands over) to ``grads[key]``:
+        stored as it is when no gradient is held (after :meth:`zero_grad`), else added in
+        place, as PyTorch accumulates ``.grad``."""
+        held = self.grads.get(key)
+        if held is None:
+            self.grads[key] = g
+        elif held.flags.writeable and held.shape == g.shape and held.dtype == g.dtype:
+            np.add(held, g, out=held)
+        else:
+            self.grads[key] = (held + g).astype(self.params[key].dtype, copy=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter (this module's and its children's), as
+        ``torch.nn.Module.zero_grad``: drop them (``set_to_none=True``, the default: the
+        next backward stores its arrays without an extra pass), or fill the held ones with
+        zeros (the next backward adds to them)."""
+        set_to_none = _args._bool("set_to_none", set_to_none)
+        for p in self.parameters():
+            _clear_grad(p, set_to_none)
+
+    def _parameters(self, prefix: str = "") -> Iterator[Parameter]:
         for key in self.params:
             yield Parameter(self, key, prefix + key)
         for i, child in enumerate(self.children()):
-            yield from child.named_parameters(f"{prefix}{i}.")
+            yield from child._parameters(f"{prefix}{i}.")
 
-    def parameters(self) -> list[Parameter]:
-        return list(self.named_parameters())
+    def named_parameters(self, prefix: str = "", recurse: bool = True
+                         ) -> Iterator[tuple[str, Parameter]]:
+        """``(name, parameter)`` pairs, named as in :meth:`state_dict`
+        (``torch.nn.Module.named_parameters``); only this module's own with
+        ``recurse=False``."""
+        for p in self._parameters(prefix) if recurse else (
+                Parameter(self, k, prefix + k) for k in self.params):
+            yield p.name, p
+
+    def parameters(self, recurse: bool = True) -> list[Parameter]:
+        """Every :class:`Parameter` (a list, in :meth:`state_dict` order); only this
+        module's own with ``recurse=False``."""
+        return [p for _, p in self.named_parameters(recurse=recurse)]
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+        """``(name, array)`` of every buffer (BatchNorm2d's running statistics)."""
+        for key, a in self._buffers.items():
+            yield prefix + key, a
+        if recurse:
+            for i, child in enumerate(self.children()):
+                yield from child.named_buffers(f"{prefix}{i}.")
+
+    def buffers(self, recurse: bool = True) -> list[np.ndarray]:
+        return [a for _, a in self.named_buffers(recurse=recurse)]
+
+    def _state(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray, str]]:
+        """``(name, array, what)`` of every parameter and buffer in PyTorch's state_dict
+        order: each module's parameters, then its buffers, then its children's."""
+        for key, a in self.params.items():
+            yield prefix + key, a, "parameter"
+        for key, a in self._buffers.items():
+            yield prefix + key, a, "buffer"
+        for i, child in enumerate(self.children()):
+            yield from child._state(f"{prefix}{i}.")
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {p.name: p.data.copy() for p in self.named_parameters()}
+        """Copies of every parameter and buffer, keyed as ``torch.nn.Module.state_dict``."""
+        return {name: a.copy() for name, a, _ in self._state()}
 
     def check_state_dict(self, state, *, prefix: str | None = None) -> dict[str, np.ndarray]:
-        """Check ``state`` against the parameters, changing nothing.
+        """Check ``state`` against the parameters and buffers, changing nothing.
 
         Parameters
         ----------
         state : mapping of str to array_like
             Exactly the keys of :meth:`state_dict` (none missing, none unexpected).  Each
-            value must have its parameter's shape (no broadcasting) and a real dtype that
-            casts to the parameter's with ``casting='same_kind'``, within its range.
+            value must have its array's shape (no broadcasting) and a real dtype that
+            casts to the array's with ``casting='same_kind'``, within its range.
         prefix : str, optional
             Name keys in messages as ``prefix + key`` (a checkpoint's ``"model/"``) instead
             of ``state_dict[key]``.
@@ -111,31 +290,44 @@ class Module:
         Returns
         -------
         dict of str to ndarray
-            The values as new C-contiguous arrays of their parameters' dtypes.
+            The values as new C-contiguous arrays of their arrays' dtypes.
 
         Raises
         ------
         ValueError, TypeError
             For the first entry that breaks a rule, naming it, what it holds and the rule.
         """
-        params = {p.name: p for p in self.named_parameters()}
-        _state.check_keys(state, params, owner="the model", prefix=prefix)
-        return {name: _state.array_like(name, state[name], p.data, "the model's parameter",
+        entries = {name: (a, what) for name, a, what in self._state()}
+        _state.check_keys(state, entries, owner="the model", prefix=prefix)
+        return {name: _state.array_like(name, state[name], a, f"the model's {what}",
                                         prefix=prefix)
-                for name, p in params.items()}
+                for name, (a, what) in entries.items()}
 
     def load_state_dict(self, state) -> None:
-        """Copy ``state`` into the parameters (in place).
+        """Copy ``state`` into the parameters and buffers (in place).
 
-        Everything is checked first (:meth:`check_state_dict`): when it raises, no
-        parameter has changed.
+        Everything is checked first (:meth:`check_state_dict`): when it raises, nothing has
+        changed.
         """
         values = self.check_state_dict(state)
-        for p in self.named_parameters():
-            np.copyto(p.data, values[p.name])
+        for name, a, _ in self._state():
+            np.copyto(a, values[name])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _clear_grad(p: Parameter, set_to_none: bool) -> None:
+    """``zero_grad`` of one parameter."""
+    g = p.grad
+    if g is None:
+        return
+    if set_to_none:
+        p.grad = None
+    elif g.flags.writeable:
+        g.fill(0)
+    else:
+        p.grad = np.zeros_like(p.data)
 
 
 def _uniform(rng, bound, shape, dtype):
@@ -188,7 +380,14 @@ class Conv2d(Module):
         The initial weights' random stream.
     dtype : float32 or float64
         The parameters' dtype.
+
+    Attributes
+    ----------
+    weight, bias : Parameter
+        ``bias`` is None for ``bias=False``.
     """
+
+    weight, bias = _ParamAttr("weight"), _ParamAttr("bias")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, *, rng=None, dtype=np.float32):
@@ -330,9 +529,9 @@ class Conv2d(Module):
         else:
             dx, dw, db = _conv.backward_saved(xp, geo, self.params["weight"], dyp, layout,
                                               self.needs_input_grad, self._workspace, dsum)
-        self.grads["weight"] = dw
+        self._accumulate("weight", dw)
         if "bias" in self.params:
-            self.grads["bias"] = db
+            self._accumulate("bias", db)
         return dx
 
     def _forget(self):
@@ -552,7 +751,14 @@ class Linear(Module):
     bias : bool
     rng, dtype
         As for :class:`Conv2d`.
+
+    Attributes
+    ----------
+    weight, bias : Parameter
+        ``bias`` is None for ``bias=False``.
     """
+
+    weight, bias = _ParamAttr("weight"), _ParamAttr("bias")
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
@@ -588,9 +794,9 @@ class Linear(Module):
         if dy.shape != expected:
             raise ValueError(f"Linear.backward got grad_output of shape {dy.shape}, the "
                              f"forward output had shape {expected}")
-        self.grads["weight"] = matmul(dy.T, self._x)
+        self._accumulate("weight", matmul(dy.T, self._x))
         if "bias" in self.params:
-            self.grads["bias"] = dy.sum(axis=0)
+            self._accumulate("bias", dy.sum(axis=0))
         return matmul(dy, self.params["weight"])
 
     def _forget(self):
@@ -600,34 +806,324 @@ class Linear(Module):
         return f"Linear({self.in_features}, {self.out_features})"
 
 
+class Dropout(Module):
+    """Inverted dropout, as ``torch.nn.Dropout``: in training mode each element is zeroed
+    with probability ``p`` and the others are scaled by ``1 / (1 - p)``; in eval mode the
+    input passes unchanged (the same array).
+
+    ``p = 0`` passes the input unchanged in both modes; ``p = 1`` gives zeros in training
+    mode.  Backward multiplies the deltas by the same scaled mask.
+
+    Parameters
+    ----------
+    p : real number in [0, 1]
+        The probability of zeroing an element.
+    inplace : bool
+        Write the output into the input array (a writeable float32/float64 array).
+    rng : None, int seed >= 0 or numpy Generator
+        The masks' random stream (``self.rng``): a seed makes the masks reproducible.
+        Each training forward draws one uniform number per element from it.
+    """
+
+    def __init__(self, p=0.5, inplace=False, *, rng=None):
+        super().__init__()
+        p = _args._real("p", p)
+        if p > 1:
+            raise ValueError(f"dropout probability p must lie in [0, 1], got {p!r}")
+        self.p = p
+        self.inplace = _args._bool("inplace", inplace)
+        self.rng = _rng(rng)
+        self._saved = None  # (kind, shape, mask): kind 'identity', 'zero' or 'mask'
+
+    def forward(self, x):
+        x = _args._as_float("input", x)
+        if not self.training or self.p == 0:
+            self._saved = ("identity", x.shape, None) if self.training else None
+            return x
+        if self.p == 1:  # x * 0, as torch: NaN and inf stay NaN
+            mask = None
+            y = np.multiply(x, x.dtype.type(0), out=self._inplace_out(x))
+        else:
+            keep = self.rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(self.p)
+            mask = np.multiply(keep, x.dtype.type(1 / (1 - self.p)), dtype=x.dtype)
+            y = np.multiply(x, mask, out=self._inplace_out(x))
+        self._saved = ("zero" if mask is None else "mask", x.shape, mask) if self.training \
+            else None
+        return y
+
+    def _inplace_out(self, x):
+        if not self.inplace:
+            return None
+        if not x.flags.writeable:
+            raise ValueError("Dropout(inplace=True) needs a writeable input array")
+        return x
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        kind, shape, mask = self._saved
+        dy = _args._as_float("grad_output", dy)
+        if dy.shape != shape:
+            raise ValueError(f"Dropout.backward got grad_output of shape {dy.shape}, the "
+                             f"forward output had shape {shape}")
+        if kind == "identity":
+            return dy
+        if kind == "zero":
+            return dy * dy.dtype.type(0)
+        return dy * mask
+
+    def _forget(self):
+        self._saved = None
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation over (N, H, W) per channel, as ``torch.nn.BatchNorm2d``.
+
+    In training mode (or without running statistics) each channel is normalised by the
+    batch's mean and biased variance, ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
+    and the running statistics move towards the batch's::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+
+    with ``m = N * H * W`` (the unbiased variance, as PyTorch); ``momentum=None`` takes the
+    cumulative average (factor ``1 / num_batches_tracked``).  In eval mode the running
+    statistics normalise instead.  Computed with NumPy in the input's and parameters'
+    result dtype (the sums in float64).
+
+    Parameters
+    ----------
+    num_features : int >= 1
+        C, the input's channels.
+    eps : finite real number >= 0
+    momentum : real number in [0, 1], or None
+    affine : bool
+        Learn ``weight`` (ones at first) and ``bias`` (zeros).
+    track_running_stats : bool
+        Keep the buffers ``running_mean`` (zeros), ``running_var`` (ones) and
+        ``num_batches_tracked`` (0, int64); without them eval mode uses batch statistics.
+    dtype : float32 or float64
+        The parameters' and running statistics' dtype.
+    """
+
+    weight, bias = _ParamAttr("weight"), _ParamAttr("bias")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, dtype=np.float32):
+        super().__init__()
+        self.num_features = _args._int("num_features", num_features, 1)
+        self.eps = _args._real("eps", eps)
+        self.momentum = None if momentum is None else _args._real("momentum", momentum, 0.0)
+        if self.momentum is not None and self.momentum > 1:
+            raise ValueError(f"momentum must lie in [0, 1] (or be None), got {momentum!r}")
+        self.affine = _args._bool("affine", affine)
+        self.track_running_stats = _args._bool("track_running_stats", track_running_stats)
+        dtype = _param_dtype(dtype)
+        C = self.num_features
+        if self.affine:
+            self.params["weight"] = np.ones(C, dtype)
+            self.params["bias"] = np.zeros(C, dtype)
+        if self.track_running_stats:
+            self._buffers["running_mean"] = np.zeros(C, dtype)
+            self._buffers["running_var"] = np.ones(C, dtype)
+            self._buffers["num_batches_tracked"] = np.zeros((), np.int64)
+        self._saved = None
+
+    @property
+    def running_mean(self) -> np.ndarray | None:
+        return self._buffers.get("running_mean")
+
+    @property
+    def running_var(self) -> np.ndarray | None:
+        return self._buffers.get("running_var")
+
+    @property
+    def num_batches_tracked(self) -> np.ndarray | None:
+        return self._buffers.get("num_batches_tracked")
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def _check_input(self, x) -> np.ndarray:
+        x = _args._as_array("input", x)
+        C = self.num_features
+        if x.ndim != 4 or x.shape[1] != C:
+            raise ValueError(f"BatchNorm2d({C}) needs input of shape (N, {C}, H, W), got "
+                             f"shape {x.shape}")
+        dtype = _args._result_dtype(x, *self.params.values(), *(
+            a for a in self._buffers.values() if a.dtype.kind == "f"))
+        return x.astype(dtype, copy=False)
+
+    def forward(self, x):
+        x = self._check_input(x)
+        N, C, H, W = x.shape
+        m = N * H * W
+        x3 = x.reshape(N, C, H * W)
+        dtype = x.dtype
+        batch_stats = self.training or not self.track_running_stats
+        if batch_stats and m == 1:
+            raise ValueError(f"BatchNorm2d needs more than 1 value per channel to take "
+                             f"batch statistics, got input of shape {x.shape}")
+        if m == 0:  # as torch: an empty output; the count moves, the statistics do not
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked[...] += 1
+            self._saved = (None, None, x.shape) if self.training else None
+            return np.empty(x.shape, dtype)
+        if batch_stats:
+            mean = x3.sum(axis=(0, 2), dtype=np.float64) / m
+            xhat = x3 - mean.astype(dtype)[:, None]
+            var = np.einsum("nci,nci->c", xhat, xhat, dtype=np.float64) / m
+            invstd = 1.0 / np.sqrt(var + self.eps)
+            xhat *= invstd.astype(dtype)[:, None]
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, var * (m / (m - 1)))
+            if self.affine:
+                y = xhat * self.params["weight"].astype(dtype)[:, None]
+                y += self.params["bias"].astype(dtype)[:, None]
+            else:
+                y = xhat.copy() if self.training else xhat
+            self._saved = (xhat, invstd, x.shape) if self.training else None
+        else:
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            scale = invstd * (self.params["weight"] if self.affine else 1.0)
+            shift = -self.running_mean * scale + (self.params["bias"] if self.affine else 0.0)
+            y = x3 * scale.astype(dtype)[:, None]
+            y += shift.astype(dtype)[:, None]
+            self._saved = None
+        return y.reshape(x.shape)
+
+    def _update_running_stats(self, mean, var_unbiased) -> None:
+        self.num_batches_tracked[...] += 1
+        f = (1.0 / int(self.num_batches_tracked) if self.momentum is None
+             else self.momentum)
+        for a, batch in ((self.running_mean, mean), (self.running_var, var_unbiased)):
+            a[...] = (1.0 - f) * a + f * batch
+
+    def backward(self, dy):
+        """dx of the batch-statistics forward (training mode); adds dweight and dbias."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        xhat, invstd, shape = self._saved
+        dy = _args._as_array("grad_output", dy)
+        if dy.shape != shape:
+            raise ValueError(f"BatchNorm2d.backward got grad_output of shape {dy.shape}, "
+                             f"the forward output had shape {shape}")
+        N, C, H, W = shape
+        m = N * H * W
+        if m == 0:
+            if self.affine:
+                for key in ("weight", "bias"):
+                    self._accumulate(key, np.zeros_like(self.params[key]))
+            return np.zeros(shape, _args._result_dtype(dy, *self.params.values()))
+        dtype = xhat.dtype
+        dy3 = dy.astype(dtype, copy=False).reshape(N, C, H * W)
+        db = dy3.sum(axis=(0, 2), dtype=np.float64)
+        dw = np.einsum("nci,nci->c", dy3, xhat, dtype=np.float64)
+        w = self.params["weight"].astype(np.float64) if self.affine else 1.0
+        # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), per channel
+        dx = xhat * (-dw / m).astype(dtype)[:, None]
+        dx += dy3
+        dx -= (db / m).astype(dtype)[:, None]
+        dx *= (w * invstd).astype(dtype)[:, None]
+        if self.affine:
+            pdtype = self.params["weight"].dtype
+            self._accumulate("weight", dw.astype(pdtype))
+            self._accumulate("bias", db.astype(pdtype))
+        return dx.reshape(shape)
+
+    def _forget(self):
+        self._saved = None
+
+    def __repr__(self):
+        return (f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+
+
 # Layers that keep no reference to their input (only their output, indices or its shape).
-_KEEP_NO_INPUT = (ReLU, MaxPool2d, AvgPool2d)
+_KEEP_NO_INPUT = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d)
 
 
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse.
 
+    A list of layers as ``torch.nn.Sequential`` is: ``len(seq)``, iteration,
+    ``seq[i]`` (negative too), ``seq[i:j]`` (a new Sequential of the same layer objects),
+    ``seq[i] = layer``, ``del seq[i]``, ``append``, ``extend`` and ``insert``.
+
     Parameters
     ----------
     *layers : Module
+        Layers, not losses (a loss is called on the Sequential's output).
     """
 
     def __init__(self, *layers: Module):
         super().__init__()
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise TypeError(f"layers[{i}] must be a fastconv.nn.Module, got "
-                                f"{type(layer).__name__} {layer!r}")
+            _check_layer(f"layers[{i}]", layer)
         self.layers = list(layers)
 
     def children(self):
         return self.layers
 
+    def _index(self, i) -> int:
+        if not _args._is_int(i):
+            raise TypeError(f"Sequential indices must be ints or slices, got {i!r}")
+        n = len(self.layers)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for a Sequential of {n} layers")
+        return int(i) % n
+
     def __getitem__(self, i):
-        return self.layers[i]
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
+        return self.layers[self._index(i)]
+
+    def __setitem__(self, i, layer) -> None:
+        i = self._index(i)
+        self.layers[i] = _check_layer("layer", layer)
+
+    def __delitem__(self, i) -> None:
+        if isinstance(i, slice):
+            del self.layers[i]
+        else:
+            del self.layers[self._index(i)]
 
     def __len__(self):
         return len(self.layers)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.layers)
+
+    def append(self, layer: Module) -> Sequential:
+        """Add ``layer`` at the end; returns this Sequential."""
+        self.layers.append(_check_layer("layer", layer))
+        return self
+
+    def extend(self, layers) -> Sequential:
+        """Add each of ``layers`` at the end; returns this Sequential."""
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            _check_layer(f"layers[{i}]", layer)
+        self.layers.extend(layers)
+        return self
+
+    def insert(self, index: int, layer: Module) -> Sequential:
+        """Put ``layer`` before position ``index`` (``-len <= index <= len``)."""
+        n = len(self.layers)
+        if not _args._is_int(index):
+            raise TypeError(f"index must be an int, got {index!r}")
+        if not -n <= index <= n:
+            raise IndexError(f"index {index} is out of range for inserting into a "
+                             f"Sequential of {n} layers")
+        self.layers.insert(int(index) + n if index < 0 else int(index),
+                           _check_layer("layer", layer))
+        return self
 
     def _steps(self):
         """Layers in order, with each ReLU directly followed by MaxPool2d fused into one
@@ -697,12 +1193,15 @@ class Sequential(Module):
         return f"Sequential(\n{inner}\n)"
 
 
-class SoftmaxCrossEntropy:
-    """Softmax followed by cross-entropy with integer labels, computed stably.
+class CrossEntropyLoss(Module):
+    """Softmax followed by cross-entropy with integer labels, computed stably, as
+    ``torch.nn.CrossEntropyLoss`` (class-index targets).
 
-    ``forward(logits, labels)`` returns the loss: ``logsumexp(z) - z[label]`` per row,
-    averaged (``reduction='mean'``) or summed (``'sum'``).  ``backward()`` returns
-    ``dL/dlogits = (softmax(z) - onehot(label))``, divided by N for the mean.
+    ``loss = loss_fn(logits, labels)`` returns ``logsumexp(z) - z[label]`` per row,
+    averaged (``reduction='mean'``) or summed (``'sum'``), as a NumPy float64 scalar (0-d,
+    with ``.item()``; torch returns a 0-d tensor in the logits' dtype).  ``backward()``
+    returns ``dL/dlogits = softmax(z) - onehot(label)``, divided by N for the mean, in the
+    logits' dtype: the ``dy`` to hand to ``model.backward``.
 
     Parameters
     ----------
@@ -710,6 +1209,7 @@ class SoftmaxCrossEntropy:
     """
 
     def __init__(self, reduction: str = "mean"):
+        super().__init__()
         if not isinstance(reduction, str):
             raise TypeError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if reduction not in ("mean", "sum"):
@@ -720,7 +1220,7 @@ class SoftmaxCrossEntropy:
     def __call__(self, logits, labels):
         return self.forward(logits, labels)
 
-    def forward(self, logits, labels) -> float:
+    def forward(self, logits, labels) -> np.float64:
         """The loss of ``logits`` (N, classes) against ``labels`` (N,) in
         ``[0, classes)``; an empty batch (N = 0) has loss 0 and gradient (0, classes)."""
         z = _args._as_float("logits", logits)
@@ -740,14 +1240,39 @@ class SoftmaxCrossEntropy:
         losses = -log_p[rows, y]
         self._saved = (np.exp(log_p), y)
         total = losses.sum(dtype=np.float64)
-        return float(total / max(len(y), 1) if self.reduction == "mean" else total)
+        return np.float64(total / max(len(y), 1) if self.reduction == "mean" else total)
 
-    def backward(self):
+    def backward(self, grad_output=1.0):
+        """``dL/dlogits`` of the last forward, times ``grad_output`` (a real number: the
+        gradient of something downstream with respect to the loss; 1 by default)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
+        if not (isinstance(grad_output, (int, float, np.integer, np.floating))
+                and not isinstance(grad_output, (bool, np.bool_))):
+            raise TypeError(f"grad_output must be a real number, got {grad_output!r}")
         p, y = self._saved
         d = p.copy()
         d[np.arange(len(y)), y] -= 1
         if self.reduction == "mean":
             d /= max(len(y), 1)
+        if grad_output != 1:
+            d *= d.dtype.type(grad_output)
         return d
+
+    def __repr__(self):
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+
+#: The earlier name of :class:`CrossEntropyLoss`, the same class.
+SoftmaxCrossEntropy = CrossEntropyLoss
+
+
+def _check_layer(name: str, layer):
+    """``layer`` if it can be a :class:`Sequential`'s layer: a Module, not a loss."""
+    if not isinstance(layer, Module):
+        raise TypeError(f"{name} must be a fastconv.nn.Module, got {type(layer).__name__} "
+                        f"{layer!r}")
+    if isinstance(layer, CrossEntropyLoss):
+        raise TypeError(f"{name} is a loss ({layer!r}), not a layer: call it on the "
+                        "Sequential's output instead")
+    return layer

@@ -524,6 +524,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                 idx = order[start:start + cfg.batch_size]
                 x, y = normalise(xtr[idx]), ytr[idx]
                 t0 = time.perf_counter()
+                opt.zero_grad()  # drops the gradients: this backward stores its own
                 logits = model(x)
                 loss = loss_fn(logits, y)
                 if not np.isfinite(loss):
@@ -584,7 +585,8 @@ def _warm_up(model, loss_fn, xtr, ytr):
     """Compile (or load) every kernel a step uses, outside the timed steps."""
     x, y = normalise(xtr[:2]), ytr[:2]
     loss_fn(model(x), y)
-    model.backward(loss_fn.backward())  # gradients only: the next step overwrites them
+    model.backward(loss_fn.backward())
+    model.zero_grad()  # the warm-up's gradients are no step's
     model.eval()
     model(x)
     model.train()

@@ -58,11 +58,13 @@ def test_training_model_without_input_gradient():
      (2, 9, 9)),
     ((nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), nn.ReLU()), (3, 10, 10)),
     ((nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3)), (3, 2, 2)),
+    ((nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5, rng=0)), (3, 6, 6)),
 ])
 def test_every_layer_and_fused_path_takes_an_empty_batch(layers, shape, rng):
     model = nn.Sequential(*layers)
     full = model(rng.standard_normal((2, *shape)).astype(np.float32))  # the shapes to expect
     model.backward(np.ones_like(full))
+    model.zero_grad()
     y = model(np.zeros((0, *shape), np.float32))
     assert y.shape == (0, *full.shape[1:]) and y.dtype == np.float32
     dx = model.backward(np.zeros_like(y))

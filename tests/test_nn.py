@@ -10,6 +10,7 @@ from fastconv import models, nn, optim
 
 
 def _loss_and_grads(model, x, y):
+    model.zero_grad()
     loss = nn.SoftmaxCrossEntropy()
     value = loss(model(x), y)
     dx = model.backward(loss.backward())
@@ -315,6 +316,7 @@ def test_conv_pool_packed_backward_equals_the_layers_one_by_one(conv_args, shape
     for n in (shape[0], shape[0] + 1, shape[0]):
         x = rng.standard_normal((n, *shape[1:])).astype(dtype)
         single = layers()
+        seq.zero_grad()
         y = seq(x)
         a = x
         for layer in single:
