@@ -169,7 +169,7 @@ def _result_dtype(*arrays: np.ndarray | None) -> np.dtype:
     Where an integer or bool array is what makes the result float64 (no float64 array
     among them), a ``UserWarning`` says so, once per line of the caller's code (Python's
     default filter, as NumPy's warnings): torch refuses integer convolutions, and float64
-    runs at about half float32's speed."""
+    is the slower dtype (half the numbers per vector)."""
     promoted = None
     for a in arrays:
         if a is None or (a.dtype.kind == "f" and a.dtype.itemsize <= 4):

@@ -5,7 +5,8 @@ The functional API (:func:`conv2d`, :func:`conv2d_grad_input`, :func:`conv2d_gra
 from the cache (:mod:`fastconv.plan`) and runs it.  Its semantics are those of
 ``torch.nn.functional.conv2d``, ``torch.nn.grad.conv2d_input`` and
 ``torch.nn.grad.conv2d_weight``: NCHW activations, ``(K, C/groups, R, S)`` weights,
-cross-correlation (no kernel flip in the forward pass), zero padding.
+cross-correlation (no kernel flip in the forward pass), zero padding.  The 1-D and
+transposed convolutions, on the same plans, are in :mod:`fastconv.functional`.
 
 The training path (:func:`conv2d_saving`, :func:`backward_saved`,
 :func:`backward_pool_order`, :func:`backward_input`) is what :class:`fastconv.nn.Conv2d`

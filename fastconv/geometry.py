@@ -2,7 +2,9 @@
 
 Small pure helpers (as ``jax.lax``'s convolution rules): :func:`conv_output_size` is the one
 output-size formula every pass uses, :func:`conv_geometry` validates a convolution and
-returns all its sizes, and :func:`_dx_phases` derives how dX reads the deltas (below).
+returns all its sizes, :func:`conv1d_geometry` and :func:`conv_transpose2d_geometry` give the
+conv2d that computes torch's 1-D and transposed convolutions, and :func:`_dx_phases` derives
+how dX reads the deltas (each derived below).
 Legend: ``N, C, H, W, K, R, S, OH, OW``; ``G`` groups, ``sh, sw`` strides, ``dlh, dlw``
 dilations, ``pt, pb, pl, pr`` pads.
 """
