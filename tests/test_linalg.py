@@ -56,7 +56,6 @@ def test_non_contiguous_operands_and_the_linear_layer_shapes(kernel_calls):
     assert len(kernel_calls) == 4
 
 
-@pytest.mark.filterwarnings("ignore:fastconv computes integer")  # test_functional.py tests it
 @pytest.mark.parametrize("dtypes", [(np.float64, np.float64), (np.float32, np.float64),
                                     (np.float32, np.int64)])
 def test_other_dtypes_run_on_numpy_in_numpy_result_dtype(dtypes, kernel_calls):

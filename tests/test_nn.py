@@ -274,7 +274,6 @@ def test_conv_backward_checks_the_delta_shape(rng):
         conv.backward(np.ones((2, 3, 5, 4), np.float32))
 
 
-@pytest.mark.filterwarnings("ignore:fastconv computes integer")  # test_functional.py tests it
 def test_relu_dtypes_follow_the_conv_rules():
     assert nn.ReLU()(np.ones(3, np.float16)).dtype == np.float32
     with pytest.warns(UserWarning, match="integer and bool arrays in float64"):
