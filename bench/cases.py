@@ -358,12 +358,17 @@ def torch_model():
         tnn.Flatten(), tnn.Linear(3136, 128), tnn.ReLU(), tnn.Linear(128, 10))
 
 
-def torch_training(batch: int = 64, seed: int = 0):
-    """The same step in PyTorch; ``None`` without torch."""
+def torch_training(batch: int = 64, seed: int = 0, convert: bool = False):
+    """The same step in PyTorch; ``None`` without torch.  With ``convert``, the model's
+    convolutions run fastconv (``fastconv.torch.convert``): the rest is torch's."""
     if torch is None:
         return None
     torch.manual_seed(seed)
     model = torch_model()
+    if convert:
+        import fastconv.torch
+
+        fastconv.torch.convert(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = torch.rand(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))
@@ -378,7 +383,33 @@ def torch_training(batch: int = 64, seed: int = 0):
     return step
 
 
-TRAINERS = {"fastconv": fastconv_training, "torch": torch_training}
+def torch_inference(batch: int = 64, seed: int = 0, convert: bool = False):
+    """A forward pass of the same network in PyTorch without grad (evaluation mode),
+    with fastconv's convolutions if ``convert``; ``None`` without torch."""
+    if torch is None:
+        return None
+    torch.manual_seed(seed)
+    model = torch_model().eval()
+    if convert:
+        import fastconv.torch
+
+        fastconv.torch.convert(model)
+    x = torch.rand(batch, 1, 28, 28)
+
+    def step():
+        with torch.no_grad():
+            return model(x)
+
+    return step
+
+
+def torch_fastconv_training(batch: int = 64, seed: int = 0):
+    """The PyTorch step with fastconv's convolutions (``fastconv.torch.convert``)."""
+    return torch_training(batch, seed, convert=True)
+
+
+TRAINERS = {"fastconv": fastconv_training, "torch": torch_training,
+            "torch-fastconv": torch_fastconv_training}
 
 
 def blas_single_thread():

@@ -1,6 +1,6 @@
 """The performance report: fastconv vs PyTorch, interleaved, for the speed targets.
 
-    python bench/report.py [--reps 15] [--targets 1 2 3 4 5 6] [--data-dir DIR]
+    python bench/report.py [--reps 15] [--targets 1 2 3 4 5 6 7] [--data-dir DIR]
         [--impl numpy-im2col] [--cases mnist-conv2 ...] [--markdown docs/benchmarks.md]
         [--baseline DIR]
 
@@ -26,7 +26,10 @@ faster, the median of per-round ratios):
    depthwise passes >= 1.5x, grouped passes >= 1.0x, and the geometric mean over every
    row of the report (targets 1, 2, 5 and 6) >= 1.25x.  With it, a table of
    ``bench/interplay.py``: a loop of NumPy products and convolutions under each thread
-   setting (no verdict: README's remedies are what it shows).
+   setting (no verdict: README's remedies are what it shows);
+7. ``fastconv.torch``: the two-conv network's training step in PyTorch with
+   ``fastconv.torch.convert(model)`` (fastconv's convolutions, torch's everything else) is
+   >= 1.3x the same step in pure PyTorch, batch 64.  With it, a forward pass without grad.
 
 ``--baseline DIR`` compares against another fastconv source tree (a checkout of an older
 commit: ``git worktree add --detach DIR <commit>``): its functional API is timed,
@@ -238,11 +241,40 @@ def baseline_steps(reps: int, calls: int = 10) -> None:
           f"{_ratio(times['baseline'], times['fastconv']):.2f}x |")
 
 
+def bridge_steps(reps: int, calls: int = 10) -> float:
+    """Target 7: the two-conv network in PyTorch as it is and with
+    ``fastconv.torch.convert``, in turn, ``reps`` rounds of ``calls`` steps each: a training
+    step, and a forward pass without grad.  Prints the table; returns the training step's
+    ratio ``t_torch / t_fastconv.torch`` (the median of the per-round ratios)."""
+    rows = {"training step (SGD momentum), batch 64": (cases.torch_training(),
+                                                      cases.torch_training(convert=True)),
+            "forward without grad, batch 64": (cases.torch_inference(),
+                                                 cases.torch_inference(convert=True))}
+    print("| two-conv network | torch (ms) | torch + fastconv.torch (ms) | "
+          "fastconv.torch vs torch |")
+    print("|---|---|---|---|")
+    ratios = {}
+    for what, steps in rows.items():
+        times = ([], [])
+        for step in steps:  # warm up: JIT compilation, plans, thread pools
+            step()
+        for _ in range(reps):
+            for step, t in zip(steps, times, strict=True):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                t.append((time.perf_counter() - t0) / calls)
+        ratios[what] = _ratio(*times)
+        print(f"| {what} | {statistics.median(times[0]) * 1e3:.2f} | "
+              f"{statistics.median(times[1]) * 1e3:.2f} | {ratios[what]:.2f}x |", flush=True)
+    return next(iter(ratios.values()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--targets", nargs="*", type=int, default=[1, 2, 3, 4, 5, 6])
+    p.add_argument("--targets", nargs="*", type=int, default=[1, 2, 3, 4, 5, 6, 7])
     p.add_argument("--cases", nargs="*",
                    help="just these shapes, no target verdicts (names from bench/cases.py)")
     p.add_argument("--passes", nargs="*", default=cases.PASSES)
@@ -372,6 +404,12 @@ def report(args) -> None:
             [sys.executable, str(Path(__file__).with_name("interplay.py")),
              "--reps", str(min(args.reps, 5))], check=True, stdout=subprocess.PIPE, text=True)
         print(child.stdout, end="")
+    if 7 in args.targets and have_torch:
+        print("\n## Target 7: fastconv.torch, a PyTorch training step with "
+              "convert(model) >= 1.3x pure PyTorch\n")
+        ratio = bridge_steps(args.reps)
+        verdicts.append(f"7. fastconv.torch: the training step {ratio:.2f}x pure torch -> "
+                        f"{_verdict(ratio >= 1.3)}")
     if 4 in args.targets and have_torch:
         print("\n## Target 4: fastconv train >= 1.5x torch, lower peak RSS\n")
         if not args.data_dir:

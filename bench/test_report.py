@@ -118,3 +118,17 @@ def test_a_baseline_without_a_package_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="no fastconv package"):
         cases.load_baseline(tmp_path)
+
+
+def test_bridge_steps_prints_both_rows(capsys):
+    """Target 7's table (fastconv.torch against pure torch), one round of one step."""
+    import cases
+
+    if cases.torch is None:
+        pytest.skip("needs torch")
+    ratio = report.bridge_steps(reps=1, calls=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| two-conv network | torch (ms) | torch + fastconv.torch (ms)")
+    assert out[2].startswith("| training step (SGD momentum), batch 64 |")
+    assert out[3].startswith("| forward without grad, batch 64 |")
+    assert ratio > 0

@@ -6,9 +6,10 @@
 (1, 1, 2, 2)
 """
 
-from . import conv, plan
-from .conv import *  # noqa: F403  (the public API is conv.__all__ and plan.__all__)
+from . import conv, functional, plan
+from .conv import *  # noqa: F403  (the public API is the modules' __all__)
+from .functional import *  # noqa: F403
 from .plan import *  # noqa: F403
 
 __version__ = "0.1.0"
-__all__ = list(conv.__all__) + list(plan.__all__)
+__all__ = list(conv.__all__) + list(functional.__all__) + list(plan.__all__)

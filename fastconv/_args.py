@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import numpy as np
 
@@ -16,6 +19,17 @@ def _is_int(v) -> bool:
 
 
 _INT_MAX = 2**31 - 1  # kernel index arithmetic stays far from int64 overflow
+
+
+def _describe(value) -> str:
+    """``value`` for an error message: an array (NumPy's, or anything with a shape and a
+    dtype, such as a torch tensor) by its type, shape and dtype, never its elements;
+    anything else by its ``repr``, cut at 80 characters."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None and len(shape) > 0:
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -29,22 +43,23 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     ):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got "
+                        f"{_describe(value)}")
     if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_describe(value)}")
     if max(pair) > _INT_MAX:
-        raise ValueError(f"{name} must be <= {_INT_MAX}, got {value!r}")
+        raise ValueError(f"{name} must be <= {_INT_MAX}, got {_describe(value)}")
     return pair
 
 
 def _int(name: str, value, minimum: int) -> int:
     """Validate a scalar int argument (not a bool) in ``[minimum, 2**31 - 1]``."""
     if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{name} must be an int, got {_describe(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_describe(value)}")
     if value > _INT_MAX:
-        raise ValueError(f"{name} must be <= {_INT_MAX}, got {value!r}")
+        raise ValueError(f"{name} must be <= {_INT_MAX}, got {_describe(value)}")
     return int(value)
 
 
@@ -52,35 +67,68 @@ def _real(name: str, value, minimum: float = 0.0, below: float | None = None) ->
     """Validate a finite real number (not a bool) ``>= minimum`` and, if given,
     ``< below``; returned as a float."""
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {_describe(value)}")
     if below is not None and not minimum <= v < below:
-        raise ValueError(f"{name} must lie in [{minimum:g}, {below:g}), got {value!r}")
+        raise ValueError(f"{name} must lie in [{minimum:g}, {below:g}), got {_describe(value)}")
     if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum:g}, got {_describe(value)}")
     return v
 
 
 def _bool(name: str, value) -> bool:
     """Validate a flag: ``True`` or ``False`` (NumPy's bools too), nothing truthy."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}")
     return bool(value)
 
 
-def _shape4(name: str, shape) -> tuple[int, int, int, int]:
-    """Validate a user-given 4-D shape such as ``input_shape`` or ``weight_shape``."""
+def _shape(name: str, shape, n: int) -> tuple[int, ...]:
+    """Validate a user-given shape of ``n`` sizes, such as ``input_shape`` or
+    ``weight_shape``: a sequence of ints >= 0 (a tuple, a list, ``torch.Size``, a 1-D
+    integer array).  An array of another rank is refused by its shape and dtype (it is
+    what a call in another argument order hands in), never printed whole."""
+    if getattr(shape, "ndim", 1) != 1:
+        raise TypeError(f"{name} must be a shape, a sequence of {n} ints, got "
+                        f"{_describe(shape)}")
     try:
         dims = tuple(shape)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
-    if len(dims) != 4 or not all(_is_int(d) for d in dims):
-        raise ValueError(f"{name} must be 4 ints, got {dims!r}")
-    if min(dims) < 0:
-        raise ValueError(f"{name} must not have negative sizes, got {dims!r}")
+        raise TypeError(f"{name} must be a sequence of {n} ints, got {_describe(shape)}"
+                        ) from None
+    shown = _describe(shape if hasattr(shape, "dtype") else dims)
+    if len(dims) != n or not all(_is_int(d) for d in dims):
+        raise ValueError(f"{name} must be {n} ints, got {shown}")
+    if min(dims, default=0) < 0:
+        raise ValueError(f"{name} must not have negative sizes, got {shown}")
     return tuple(int(d) for d in dims)
+
+
+def _shape4(name: str, shape) -> tuple[int, int, int, int]:
+    """:func:`_shape` of 4 sizes: a 2-D convolution's or pool's shapes."""
+    return _shape(name, shape, 4)
+
+
+def _is_shape(value) -> bool:
+    """Whether ``value`` is a shape as torch passes one: a tuple (``torch.Size`` is one) or
+    list of ints."""
+    return isinstance(value, (tuple, list)) and all(_is_int(v) for v in value)
+
+
+def _check_order(function: str, ours: str, theirs: str, array_arg: str, array_value,
+                 shape_arg: str, shape_value) -> None:
+    """TypeError if a call of ``function`` (arguments ``ours``) passed a shape for
+    ``array_arg`` and an array of two or more dimensions for ``shape_arg``: the argument
+    order ``theirs`` of the torch function it mirrors.  The message says which argument
+    got what, by shapes and dtypes."""
+    if _is_shape(array_value) and getattr(shape_value, "ndim", 0) >= 2:
+        raise TypeError(
+            f"{function} takes ({ours}); it got the shape {_describe(tuple(array_value))} as "
+            f"{array_arg} and {_describe(shape_value)} as {shape_arg}: the argument order of "
+            f"{theirs}, where fastconv takes the shape last"
+        )
 
 
 def _as_array(name: str, value) -> np.ndarray:
@@ -102,14 +150,42 @@ def _as_float(name: str, value) -> np.ndarray:
     return a.astype(_result_dtype(a), copy=False)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` from the caller of this function that names
+    the first frame outside fastconv: the user's line, however deep the call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _result_dtype(*arrays: np.ndarray | None) -> np.dtype:
-    """float32 if every array is float16/float32; float64 if any is float64, int or bool."""
+    """float32 if every array is float16/float32; float64 if any is float64, int or bool.
+
+    Where an integer or bool array is what makes the result float64 (no float64 array
+    among them), a ``UserWarning`` says so, once per line of the caller's code (Python's
+    default filter, as NumPy's warnings): torch refuses integer convolutions, and float64
+    runs at about half float32's speed."""
+    promoted = None
     for a in arrays:
-        if a is not None and not (a.dtype.kind == "f" and a.dtype.itemsize <= 4):
+        if a is None or (a.dtype.kind == "f" and a.dtype.itemsize <= 4):
+            continue
+        if a.dtype.kind == "f":
             return np.dtype(np.float64)
+        promoted = promoted or a.dtype
+    if promoted is not None:
+        warnings.warn(
+            f"fastconv computes integer and bool arrays in float64 (got {promoted}); "
+            "convert them to float32 or float64 to choose the dtype (torch refuses "
+            "integer convolutions)", UserWarning, stacklevel=_caller_stacklevel())
+        return np.dtype(np.float64)
     return np.dtype(np.float32)
 
 
-def _check_rank(name: str, a: np.ndarray, layout: str) -> None:
-    if a.ndim != 4:
-        raise ValueError(f"{name} must be 4-D {layout}, got shape {a.shape} ({a.ndim}-D)")
+def _check_rank(name: str, a: np.ndarray, layout: str, ndim: int = 4) -> None:
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {a.shape} ({a.ndim}-D)")

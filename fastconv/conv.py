@@ -25,7 +25,16 @@ import numpy as np
 
 from . import _checks, algorithms, config, plan
 from . import kernels as _k
-from ._args import _as_array, _as_float, _check_rank, _is_int, _result_dtype, _shape4
+from ._args import (
+    _as_array,
+    _as_float,
+    _check_order,
+    _check_rank,
+    _describe,
+    _is_int,
+    _result_dtype,
+    _shape4,
+)
 from .algorithms import small
 from .algorithms.channel_tile import _grad_bias_packed
 from .algorithms.pixel import (
@@ -409,6 +418,9 @@ def conv2d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
         ``dL/dx``: the full convolution of the 180-degree rotated filters with the
         stride-dilated deltas, cropped by the padding.
     """
+    _check_order("conv2d_grad_input", "grad_output, weight, input_shape",
+                 "torch.nn.grad.conv2d_input (input_size, weight, grad_output)",
+                 "grad_output", grad_output, "input_shape", input_shape)
     dy = _as_array("grad_output", grad_output)
     w = _as_array("weight", weight)
     dtype = _result_dtype(dy, w)
@@ -439,6 +451,9 @@ def conv2d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
         ``dw[k,c,r,s] = sum_{n,i,j} dy[n,k,i,j] * x_pad[n, g*Cg + c, i*sh + r*dlh,
         j*sw + s*dlw]``: the correlation of the input with the deltas.
     """
+    _check_order("conv2d_grad_weight", "input, grad_output, weight_shape",
+                 "torch.nn.grad.conv2d_weight (input, weight_size, grad_output)",
+                 "grad_output", grad_output, "weight_shape", weight_shape)
     x = _as_array("input", input)
     dy = _as_array("grad_output", grad_output)
     dtype = _result_dtype(x, dy)
@@ -476,7 +491,7 @@ def set_num_threads(n: int) -> None:
     Like ``numba.set_num_threads`` this applies to the calling Python thread.
     """
     if not _is_int(n):
-        raise TypeError(f"n, the number of threads, must be an int, got {n!r}")
+        raise TypeError(f"n, the number of threads, must be an int, got {_describe(n)}")
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= limit:
         raise ValueError(f"n, the number of threads, must be in [1, {limit}], got {n}")

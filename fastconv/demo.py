@@ -36,12 +36,12 @@ def main(argv=None) -> int:
             p.error(str(e))
 
     print("1-D example: input [1,2,3], filter [0.3,0.5], deltas [-0.1,0.2]")
-    x = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 1, 3)
-    w = np.array([0.3, 0.5]).reshape(1, 1, 1, 2)
-    dy = np.array([-0.1, 0.2]).reshape(1, 1, 1, 2)
-    print("  forward", np.round(fc.conv2d(x, w).ravel(), 12))
-    print("  dW     ", np.round(fc.conv2d_grad_weight(x, dy, w.shape).ravel(), 12))
-    print("  dX     ", np.round(fc.conv2d_grad_input(dy, w, x.shape).ravel(), 12))
+    x = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 3)  # (N, C, L)
+    w = np.array([0.3, 0.5]).reshape(1, 1, 2)  # (K, C, R)
+    dy = np.array([-0.1, 0.2]).reshape(1, 1, 2)
+    print("  forward", np.round(fc.conv1d(x, w).ravel(), 12))
+    print("  dW     ", np.round(fc.conv1d_grad_weight(x, dy, w.shape).ravel(), 12))
+    print("  dX     ", np.round(fc.conv1d_grad_input(dy, w, x.shape).ravel(), 12))
 
     print("3x3 input, 2x2 filter: dX = zero-padded deltas * 180-degree rotated filter")
     w2 = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)

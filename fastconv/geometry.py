@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
-from ._args import _INT_MAX, _check_rank, _int, _is_int, _pair, _shape4
+from ._args import _INT_MAX, _check_rank, _describe, _int, _is_int, _pair, _shape, _shape4
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: int,
@@ -90,9 +90,40 @@ def _resolve_padding(padding, R, S, sh, sw, dlh, dlw) -> tuple[int, int, int, in
             # Like PyTorch: total padding dilation*(k-1), the odd one at the bottom/right.
             th, tw = dlh * (R - 1), dlw * (S - 1)
             return th // 2, th - th // 2, tw // 2, tw - tw // 2
-        raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got "
+                         f"{_describe(padding)}")
     ph, pw = _pair("padding", padding, 0)
     return ph, ph, pw, pw
+
+
+def _check_channels(input_shape: tuple, weight_shape: tuple, groups) -> None:
+    """The rules between a convolution's shapes (N, C, *spatial) and (K, C/groups,
+    *kernel) and its ``groups``, for any number of spatial axes."""
+    C, spatial = input_shape[1], input_shape[2:]
+    K, Cg = weight_shape[:2]
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {_describe(groups)}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if min(weight_shape) < 1:
+        raise ValueError(f"weight shape {tuple(weight_shape)} must have every size >= 1")
+    if min(spatial) < 1:
+        raise ValueError(f"input spatial size must be at least {'x'.join('1' * len(spatial))}, "
+                         f"got {'x'.join(map(str, spatial))} (input shape {tuple(input_shape)}); "
+                         "only the batch may be empty")
+    if C % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C={C}")
+    if K % groups:
+        raise ValueError(
+            f"groups={groups} must divide the output channels K={K} "
+            f"(weight shape {tuple(weight_shape)})"
+        )
+    if Cg * groups != C:
+        raise ValueError(
+            f"channel mismatch: input has C={C} channels, weight shape "
+            f"{tuple(weight_shape)} with groups={groups} expects C = {Cg}*{groups} = "
+            f"{Cg * groups}"
+        )
 
 
 def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
@@ -114,28 +145,7 @@ def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
     """
     N, C, H, W = input_shape = _shape4("input_shape", input_shape)
     K, Cg, R, S = weight_shape = _shape4("weight_shape", weight_shape)
-    if not _is_int(groups):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if min(K, Cg, R, S) < 1:
-        raise ValueError(f"weight shape {tuple(weight_shape)} must have every size >= 1")
-    if min(H, W) < 1:
-        raise ValueError(f"input spatial size must be at least 1x1, got {H}x{W} "
-                         f"(input shape {tuple(input_shape)}); only the batch may be empty")
-    if C % groups:
-        raise ValueError(f"groups={groups} must divide the input channels C={C}")
-    if K % groups:
-        raise ValueError(
-            f"groups={groups} must divide the output channels K={K} "
-            f"(weight shape {tuple(weight_shape)})"
-        )
-    if Cg * groups != C:
-        raise ValueError(
-            f"channel mismatch: input has C={C} channels, weight shape "
-            f"{tuple(weight_shape)} with groups={groups} expects C = {Cg}*{groups} = "
-            f"{Cg * groups}"
-        )
+    _check_channels(input_shape, weight_shape, groups)
     sh, sw = _pair("stride", stride, 1)
     dlh, dlw = _pair("dilation", dilation, 1)
     pt, pb, pl, pr = _resolve_padding(padding, R, S, sh, sw, dlh, dlw)
@@ -157,7 +167,9 @@ def _check_geometry(geo) -> ConvGeometry:
     make the kernels index outside their arrays."""
     _checks.instance("geo", geo, ConvGeometry)
     if not all(type(v) is int or _is_int(v) for v in geo):
-        raise TypeError(f"geo must hold ints, got {geo!r}")
+        bad = ", ".join(f"{k}={_describe(v)}" for k, v in geo._asdict().items()
+                        if not (type(v) is int or _is_int(v)))
+        raise TypeError(f"geo must hold ints, got {bad}")
     N, C, H, W, K, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr, OH, OW = geo
     if not (N >= 0 and min(C, H, W, K, R, S, G, sh, sw, dlh, dlw) >= 1
             and min(pt, pb, pl, pr) >= 0 and max(geo) <= _INT_MAX
@@ -177,6 +189,146 @@ def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
             f"grad_output has shape {dy.shape}, but {given} gives the output shape "
             f"(N, K, OH, OW) = {expected}"
         )
+
+
+# 1-D convolutions, as 2-D ones
+# -----------------------------
+# torch's conv1d: y[n,k,j] = b[k] + sum_{c,s} x_pad[n, g*Cg + c, j*st + s*dl] * w[k,c,s],
+# x_pad the input (N, C, L) padded along L.  The 2-D convolution of the one-row image
+# x[:, :, None, :] (H = 1) with the one-row filters w[:, :, None, :] (R = 1), stride
+# (1, st), padding (0, p) and dilation (1, dl) has one output row, OH = (1 - 0 - 1)//1 + 1
+# = 1, and one row tap, r = 0, which reads row i*1 + 0*1 = 0:
+#     y2[n,k,0,j] = b[k] + sum_{c,s} x_pad[n, g*Cg + c, 0, j*st + s*dl] * w[k,c,0,s],
+# the 1-D formula term by term, with OL = OW.  dX and dW are sums of the same products
+# over other indices, so all three passes of a 1-D convolution are the 2-D plan's on those
+# views.  'same' pads the R - 1 = 0 extra rows of the one-row kernel by nothing.
+
+
+def _single(name: str, value, minimum: int) -> int:
+    """An int, or a tuple or list of one int (torch's conv1d takes both), in
+    ``[minimum, 2**31 - 1]``."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return _int(name, value[0], minimum)
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int or a tuple of one int, got {_describe(value)}")
+    return _int(name, value, minimum)
+
+
+def conv1d_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1,
+                    groups=1) -> ConvGeometry:
+    """Validate a 1-D convolution's arguments (as ``torch.nn.functional.conv1d`` takes
+    them) and return the geometry of the 2-D convolution that computes it (above).
+
+    Parameters
+    ----------
+    input_shape : (N, C, L)
+    weight_shape : (K, C/groups, R)
+    stride, dilation : int or (int,), >= 1
+    padding : int or (int,) >= 0, or ``'valid'`` / ``'same'`` (stride 1 only)
+    groups : int >= 1 dividing both C and K
+
+    Returns
+    -------
+    ConvGeometry
+        Of input (N, C, 1, L) and weight (K, C/groups, 1, R): ``H = R = OH = 1``, and the
+        output length ``OL`` is its ``OW``.
+    """
+    N, C, L = input_shape = _shape("input_shape", input_shape, 3)
+    K, Cg, R = weight_shape = _shape("weight_shape", weight_shape, 3)
+    _check_channels(input_shape, weight_shape, groups)
+    st = _single("stride", stride, 1)
+    dl = _single("dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid', 'same', an int or a tuple of one int, "
+                             f"got {_describe(padding)}")
+        if padding == "same" and st != 1:
+            raise ValueError(f"padding='same' needs stride 1, got stride={st}; give explicit "
+                             "padding for strided convolutions")
+        total = dl * (R - 1) if padding == "same" else 0
+        lo, hi, padding2 = total // 2, total - total // 2, padding
+    else:
+        lo = hi = _single("padding", padding, 0)
+        padding2 = (0, lo)
+    OL = _output_size(L, R, st, lo, hi, dl)
+    if OL < 1:
+        raise ValueError(f"output length would be {OL} (< 1): input length {L} padded by "
+                         f"{lo}+{hi} is shorter than the dilated kernel {dl * (R - 1) + 1} "
+                         f"(kernel {R}, dilation {dl})")
+    return conv_geometry((N, C, 1, L), (K, Cg, 1, R), (1, st), padding2, (1, dl), groups)
+
+
+# Transposed convolutions, as dX
+# ------------------------------
+# torch's conv_transpose2d(x, w), x (N, C_in, H, W) and w (C_in, C_out/G, R, S), scatters
+# each input pixel through the filters:
+#     y[n, g*Cog + c, h, v] = sum_{k in group g} sum_{(i,r): i*sh + r*dlh - ph = h}
+#                             sum_{(j,s): j*sw + s*dlw - pw = v} x[n,k,i,j] * w[k,c,r,s],
+# which is dX of the conv2d with weight w (K = C_in, Cg = C_out/G) whose deltas are x
+# (see "dX, derived once" below).  That conv2d's input has C_out channels and torch's
+#     OH_t = (H - 1)*sh - 2*ph + dlh*(R - 1) + oph + 1  rows  (OW_t likewise),
+# and its output OH = (OH_t + 2*ph - dlh*(R - 1) - 1)//sh + 1 = ((H - 1)*sh + oph)//sh + 1
+# = H + oph//sh rows.  With oph < sh that is H: x is exactly its deltas.  torch also takes
+# sh <= oph < dlh; then the conv2d has oph//sh more output rows than x, and the sums above
+# run over x's H rows only: the deltas are x followed by zero rows.
+
+
+def conv_transpose2d_geometry(input_shape, weight_shape, stride=1, padding=0,
+                              output_padding=0, groups=1, dilation=1) -> ConvGeometry:
+    """Validate a transposed convolution's arguments (as
+    ``torch.nn.functional.conv_transpose2d`` takes them) and return the geometry of the
+    conv2d whose dX it is (above).
+
+    Parameters
+    ----------
+    input_shape : (N, C_in, H, W)
+    weight_shape : (C_in, C_out/groups, R, S)
+    stride, dilation : int or (h, w), each >= 1
+    padding : int or (h, w), >= 0
+    output_padding : int or (h, w), >= 0, each smaller than the stride or the dilation
+    groups : int >= 1 dividing C_in
+
+    Returns
+    -------
+    ConvGeometry
+        Of the conv2d with input (N, C_out, OH_t, OW_t), the transposed convolution's
+        output, and weight ``weight_shape``; its output ``OH x OW`` is ``H x W`` grown by
+        ``output_padding // stride`` (zero deltas).
+    """
+    N, Ci, H, W = input_shape = _shape4("input_shape", input_shape)
+    Cw, Cog, R, S = weight_shape = _shape4("weight_shape", weight_shape)
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {_describe(groups)}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if min(weight_shape) < 1:
+        raise ValueError(f"weight shape {weight_shape} must have every size >= 1")
+    if min(H, W) < 1:
+        raise ValueError(f"input spatial size must be at least 1x1, got {H}x{W} (input shape "
+                         f"{input_shape}); only the batch may be empty")
+    if Ci % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C_in={Ci}")
+    if Cw != Ci:
+        raise ValueError(f"channel mismatch: input has C_in={Ci} channels, weight shape "
+                         f"{weight_shape} (C_in, C_out/groups, R, S) expects C_in = {Cw}")
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dlh, dlw = _pair("dilation", dilation, 1)
+    oph, opw = _pair("output_padding", output_padding, 0)
+    if not ((oph < sh or oph < dlh) and (opw < sw or opw < dlw)):
+        raise ValueError(f"output_padding must be smaller than either stride or dilation, got "
+                         f"output_padding={(oph, opw)} with stride={(sh, sw)} and "
+                         f"dilation={(dlh, dlw)}")
+    OH = (H - 1) * sh - 2 * ph + dlh * (R - 1) + oph + 1
+    OW = (W - 1) * sw - 2 * pw + dlw * (S - 1) + opw + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output size would be {OH}x{OW} (< 1): input {H}x{W} with stride "
+                         f"{(sh, sw)}, kernel {R}x{S} and dilation {(dlh, dlw)} spans less "
+                         f"than padding {(ph, pw)} takes off each side")
+    if max(OH, OW) > _INT_MAX:
+        raise ValueError(f"output size would be {OH}x{OW}, more than {_INT_MAX} along an axis")
+    return conv_geometry((N, Cog * groups, OH, OW), weight_shape, (sh, sw), (ph, pw),
+                         (dlh, dlw), groups)
 
 
 # dX, derived once

@@ -36,6 +36,7 @@ def test_unbatched_input(data):
     np.testing.assert_array_equal(fc.conv2d(x[0], w, b, groups=2), fc.conv2d(x, w, b, groups=2)[0])
 
 
+@pytest.mark.filterwarnings("ignore:fastconv computes integer")  # test_functional.py tests it
 @pytest.mark.parametrize("xd, wd, bd, expected", [
     (np.float32, np.float32, np.float32, np.float32),
     (np.float64, np.float64, np.float64, np.float64),
@@ -58,6 +59,7 @@ def test_dtype_rules(xd, wd, bd, expected, rng):
     np.testing.assert_allclose(y, want, rtol=1e-3 if expected == np.float32 else 1e-12, atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:fastconv computes integer")
 def test_grad_dtypes_follow_their_arguments(rng):
     x32 = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
     w32 = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)

@@ -99,6 +99,33 @@ def _conv_args():
             ("dilation", POSITIVE_PAIR), ("groups", POSITIVE_INT + [(3, ValueError)])]
 
 
+# conv1d's stride, padding and dilation: an int or a tuple of one int.
+POSITIVE_SINGLE = [*POSITIVE_INT, ((1, 2), TypeError), ((0,), ValueError), ((2.0,), TypeError),
+                   (2**40, ValueError)]
+NON_NEGATIVE_SINGLE = [*NON_NEGATIVE_INT, ((-1,), ValueError), ((1, 2), TypeError)]
+SHAPE3 = [(None, TypeError), (5, TypeError), ((2, 4), ValueError), ((2, 4, -9), ValueError),
+          ((2.0, 4, 9), ValueError), ("abc", ValueError), (np.zeros((2, 4, 9)), TypeError)]
+
+
+def _conv1d_args():
+    padding = [(v, ValueError if isinstance(v, str) else e) for v, e in NON_NEGATIVE_SINGLE]
+    return [("stride", POSITIVE_SINGLE),
+            ("padding", padding + [("full", ValueError), (b"same", TypeError)]),
+            ("dilation", POSITIVE_SINGLE), ("groups", POSITIVE_INT + [(3, ValueError)])]
+
+
+# conv_transpose2d's input (C_in = 4) and weight (C_in, C_out/groups, R, S), C_out = 6.
+XT = np.zeros((2, 4, 5, 5))
+WT = np.zeros((4, 3, 3, 3))
+TSTEP = dict(stride=1, padding=0, output_padding=0, groups=2, dilation=1)
+
+
+def _transpose_args():
+    return [("stride", POSITIVE_PAIR), ("padding", NON_NEGATIVE_PAIR + [("same", TypeError)]),
+            ("output_padding", NON_NEGATIVE_PAIR + [(1, ValueError), ((0, 1), ValueError)]),
+            ("dilation", POSITIVE_PAIR), ("groups", POSITIVE_INT + [(3, ValueError)])]
+
+
 def _pool_args():
     return [("kernel_size", POSITIVE_PAIR),
             ("stride", [(v, e) for v, e in POSITIVE_PAIR if v is not None]),  # None: default
@@ -149,6 +176,56 @@ SPECS = [
              *_conv_args()]),
     Spec("conv2d_grad_bias", fc.conv2d_grad_bias, dict(grad_output=DY), [
         ("grad_output", ARRAY4 + [(np.zeros((2, 6, 7)), ValueError)])]),
+    Spec("conv1d", fc.conv1d, dict(input=X[..., 0], weight=W[..., 0], bias=np.zeros(6), **STEP),
+         [("input", ARRAY4 + [(np.zeros((2, 3, 9)), ValueError), (X, ValueError),
+                              (np.zeros((2, 4, 2)), ValueError)]),
+          ("weight", ARRAY4 + [(W, ValueError), (np.zeros((6, 2, 0)), ValueError)]),
+          ("bias", [("x", TypeError), (np.zeros(5), ValueError)]), *_conv1d_args()]),
+    Spec("conv1d_grad_input", fc.conv1d_grad_input,
+         dict(grad_output=DY[..., 0], weight=W[..., 0], input_shape=X.shape[:3], **STEP), [
+             ("grad_output", ARRAY4 + [(DY[:, :5, :, 0], ValueError), (DY, ValueError)]),
+             ("weight", ARRAY4), ("input_shape", SHAPE3), *_conv1d_args()]),
+    Spec("conv1d_grad_weight", fc.conv1d_grad_weight,
+         dict(input=X[..., 0], grad_output=DY[..., 0], weight_shape=W.shape[:3], **STEP), [
+             ("input", ARRAY4), ("grad_output", ARRAY4 + [(DY[:, :, :5, 0], ValueError)]),
+             ("weight_shape", SHAPE3 + [((6, 4, 3), ValueError, "weight shape (6, 4, 3)")]),
+             *_conv1d_args()]),
+    Spec("conv_transpose2d", fc.conv_transpose2d,
+         dict(input=XT, weight=WT, bias=np.zeros(6), **TSTEP), [
+             ("input", ARRAY4 + [(np.zeros((2, 3, 5, 5)), ValueError),
+                                 (np.zeros((2, 4, 0, 5)), ValueError)]),
+             ("weight", ARRAY4 + [(np.zeros((4, 3, 3)), ValueError)]),
+             ("bias", [("x", TypeError), (np.zeros(4), ValueError)]), *_transpose_args()]),
+    Spec("conv_transpose2d_grad_input", fc.conv_transpose2d_grad_input,
+         dict(grad_output=np.zeros((2, 6, 7, 7)), weight=WT, input_shape=XT.shape, **TSTEP), [
+             ("grad_output", ARRAY4 + [(np.zeros((2, 6, 7, 6)), ValueError)]),
+             ("weight", ARRAY4), ("input_shape", SHAPE4), *_transpose_args()]),
+    Spec("conv_transpose2d_grad_weight", fc.conv_transpose2d_grad_weight,
+         dict(input=XT, grad_output=np.zeros((2, 6, 7, 7)), weight_shape=WT.shape, **TSTEP), [
+             ("input", ARRAY4), ("grad_output", ARRAY4 + [(np.zeros((2, 4, 7, 7)), ValueError)]),
+             ("weight_shape", SHAPE4), *_transpose_args()]),
+    Spec("linear", fc.linear, dict(input=np.zeros((2, 5)), weight=np.zeros((3, 5)),
+                                   bias=np.zeros(3)), [
+        ("input", [(None, TypeError), ("abc", TypeError), (np.zeros((2, 4)), ValueError),
+                   (np.zeros((2, 5), complex), TypeError)]),
+        ("weight", [(None, TypeError), (np.zeros(5), ValueError), (np.zeros((3, 4)), ValueError),
+                    (np.zeros((3, 5), object), TypeError)]),
+        ("bias", [("x", TypeError), (np.zeros(4), ValueError), (np.zeros((3, 1)), ValueError)])]),
+    Spec("functional.relu", fc.relu, dict(input=X, inplace=False), [
+        ("input", ARRAY4[:2] + ARRAY4[3:]), ("inplace", FLAG)]),
+    Spec("functional.max_pool2d", fc.max_pool2d,
+         dict(input=PX, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode=False,
+              return_indices=False), [
+             ("input", ARRAY4 + [(np.zeros((2, 3, 1, 6)), ValueError)]), *_pool_args(),
+             ("dilation", POSITIVE_PAIR + [(2, ValueError)]),
+             ("ceil_mode", FLAG + [(True, ValueError)]), ("return_indices", FLAG)]),
+    Spec("functional.avg_pool2d", fc.avg_pool2d,
+         dict(input=PX, kernel_size=2, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None), [
+             ("input", ARRAY4 + [(np.zeros((2, 3, 1, 6)), ValueError)]), *_pool_args(),
+             ("ceil_mode", FLAG + [(True, ValueError)]),
+             ("count_include_pad", FLAG + [(False, ValueError)]),
+             ("divisor_override", [(3, ValueError), (0, ValueError)])]),
     Spec("conv_geometry", fc.conv_geometry,
          dict(input_shape=X.shape, weight_shape=W.shape, **STEP), [
              ("input_shape", SHAPE4), ("weight_shape", SHAPE4), *_conv_args()]),

@@ -175,9 +175,11 @@ def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
     f(np.zeros(8 * DW.VL + DW.DT, np.float32), np.zeros(8 * DW.VL, np.float32),
       np.arange(DW.DT, dtype=np.uint64), np.zeros((DW.DT, DW.VL), np.float32), 8)
     asm = f.inspect_asm(f.signatures[0])
-    # One delta vector times DT input vectors: DT packed zmm FMAs a step, no selects.
+    # One delta vector times DT input vectors: DT packed zmm FMAs a step, no selects (LLVM
+    # may unroll the step: twice when it tunes for AMD Zen 4).
     loop = _innermost_fma_loop(asm)
-    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop)) == DW.DT
+    fmas = len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop))
+    assert fmas and fmas % DW.DT == 0
     assert not NO_SPILL.search(loop)
     assert "vgather" not in asm and "vscatter" not in asm
 

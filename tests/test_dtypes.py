@@ -20,6 +20,9 @@ DTYPES = [
     (np.dtype(np.bool_), np.dtype(np.float64)),
 ]
 
+# Integer and bool input warns (tests/test_functional.py checks it); here it is expected.
+pytestmark = pytest.mark.filterwarnings("ignore:fastconv computes integer and bool arrays")
+
 rng = np.random.default_rng(7)
 
 
@@ -53,6 +56,11 @@ CALLS = {
     "avg_pool2d_backward": (pool.avg_pool2d_backward, dict(grad_output=PDY),
                             dict(input_shape=PX.shape, kernel_size=2)),
     "matmul": (matmul, dict(a=_values((7, 5)), b=_values((5, 130))), {}),
+    "conv1d": (fc.conv1d, dict(input=X[..., 0], weight=W[..., 0], bias=B),
+               dict(stride=2, padding=1, groups=2)),
+    "conv_transpose2d": (fc.conv_transpose2d, dict(input=DY, weight=W, bias=B[:4]), CONV),
+    "linear": (fc.linear, dict(input=_values((3, 5)), weight=_values((70, 5)), bias=_values(70)),
+               {}),
 }
 
 

@@ -276,7 +276,8 @@ def test_conv_backward_checks_the_delta_shape(rng):
 
 def test_relu_dtypes_follow_the_conv_rules():
     assert nn.ReLU()(np.ones(3, np.float16)).dtype == np.float32
-    assert nn.ReLU()(np.ones(3, np.int64)).dtype == np.float64
+    with pytest.warns(UserWarning, match="integer and bool arrays in float64"):
+        assert nn.ReLU()(np.ones(3, np.int64)).dtype == np.float64
     fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
     assert fused(np.ones((1, 1, 4, 4), np.float16)).dtype == np.float32
 

@@ -159,6 +159,7 @@ def test_the_kernel_keeps_its_tile_in_registers():
     blocks = re.split(r"\n(?=\.LBB|\S)", asm)
     hot = max(blocks, key=lambda b: len(re.findall(r"vfmadd\d+ps", b)))
     hot = re.split(r"\n\tj", hot)[0]  # the loop, up to its back edge
-    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", hot)) == 16
+    fmas = len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", hot))
+    assert fmas and fmas % 16 == 0  # one pixel a step, or several where LLVM unrolls
     assert "rsp" not in hot  # no spills or reloads in the loop
     assert "vgather" not in asm and "vscatter" not in asm

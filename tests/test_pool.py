@@ -69,6 +69,7 @@ def test_nan_wins_max_pool():
     assert np.isnan(y[0, 0, 0, 0]) and np.isfinite(y.ravel()[1:]).all()
 
 
+@pytest.mark.filterwarnings("ignore:fastconv computes integer")  # test_functional.py tests it
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtypes_preserved(dtype):
     x = np.ones((1, 2, 4, 4), dtype)

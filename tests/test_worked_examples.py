@@ -1,5 +1,5 @@
-"""The classic worked examples (the 1-D example, the 3x3 dX formula), exactly, and the
-convolution as a sparse matrix product."""
+"""The classic worked examples (the 1-D example, on conv1d and conv2d; the 3x3 dX formula),
+exactly, and the convolution as a sparse matrix product."""
 
 import numpy as np
 import pytest
@@ -8,13 +8,20 @@ import fastconv as fc
 from fastconv import reference as ref
 
 
-@pytest.mark.parametrize("impl", ["fastconv", "reference"])
+@pytest.mark.parametrize("impl", ["conv1d", "conv2d", "reference"])
 def test_1d_example(impl):
     # Input [1,2,3], filter [0.3,0.5], stride 1, no padding, bias 0.
     x = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 1, 3)
     w = np.array([0.3, 0.5]).reshape(1, 1, 1, 2)
     dy = np.array([-0.1, 0.2]).reshape(1, 1, 1, 2)
-    if impl == "fastconv":
+    if impl == "conv1d":  # (N, C, L) and (K, C, R)
+        x, w, dy = x[:, :, 0], w[:, :, 0], dy[:, :, 0]
+        y = fc.conv1d(x, w, np.zeros(1))
+        dw = fc.conv1d_grad_weight(x, dy, w.shape)
+        dx = fc.conv1d_grad_input(dy, w, x.shape)
+        db = dy.sum(axis=(0, 2))
+        assert y.shape == dy.shape and dw.shape == w.shape and dx.shape == x.shape
+    elif impl == "conv2d":
         y = fc.conv2d(x, w, np.zeros(1))
         dw = fc.conv2d_grad_weight(x, dy, w.shape)
         dx = fc.conv2d_grad_input(dy, w, x.shape)

@@ -1,0 +1,286 @@
+"""fastconv's convolution inside PyTorch: an autograd function and a drop-in ``Conv2d``.
+
+>>> import torch, fastconv.torch as fct
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU())
+>>> model = fct.convert(model)               # its Conv2d now runs fastconv, same weights
+>>> type(model[0]).__name__, model[0].weight.shape
+('Conv2d', torch.Size([8, 1, 3, 3]))
+>>> y = fct.conv2d(torch.ones(2, 1, 5, 5), torch.ones(4, 1, 3, 3), padding=1)
+>>> tuple(y.shape)
+(2, 4, 5, 5)
+
+* :func:`conv2d` has ``torch.nn.functional.conv2d``'s signature and semantics, for CPU
+  float32 and float64 tensors (any strides), and is differentiable with respect to any of
+  ``input``, ``weight`` and ``bias``: its backward computes only the gradients autograd
+  asks for (``ctx.needs_input_grad``).
+* :class:`Conv2d` is a subclass of ``torch.nn.Conv2d`` whose forward pass runs
+  :func:`conv2d`: the same constructor, parameters, initialisation, ``state_dict`` keys
+  and ``padding_mode`` handling.
+* :func:`convert` turns every ``torch.nn.Conv2d`` of a model into a :class:`Conv2d` in
+  place, and warns once, naming them, about those it leaves alone.
+
+How tensors cross (docs/torch.md): ``tensor.detach().numpy()`` and ``torch.from_numpy``
+share memory, so no array is copied on the way in or out; fastconv reads any strides.  The
+forward pass keeps for dW what fastconv's own layers keep (``fastconv.conv.saved_kind``):
+the zero-padded channels-last input it packed anyway, or the input tensor itself (saved
+with ``ctx.save_for_backward``, so that autograd's version check catches an in-place
+change).  The backward pass packs the deltas once for dX and dW
+(``fastconv.conv.backward_saved``).
+
+It has no second derivative: differentiating its backward pass (``create_graph=True``
+and a backward through the gradients) raises a RuntimeError that says so.
+
+Legend: ``x`` input (N, C, H, W), ``w`` weight (K, C/groups, R, S), ``b`` bias (K,),
+``y`` output (N, K, OH, OW), ``dy``, ``dx``, ``dw``, ``db`` the gradients of the loss
+with respect to them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("fastconv.torch needs PyTorch, which is not installed: "
+                      "pip install 'fastconv[torch]'") from e
+
+import numpy as np
+
+from . import conv as _conv
+from . import plan as _plan
+
+__all__ = ["Conv2d", "conv2d", "convert"]
+
+#: The dtypes fastconv computes in.
+DTYPES = (torch.float32, torch.float64)
+
+_NO_DOUBLE_BACKWARD = (
+    "fastconv.torch.conv2d has no second derivative: its backward pass runs fastconv's "
+    "kernels, which autograd cannot differentiate again. For gradients of gradients "
+    "(create_graph=True followed by a backward through the gradients: gradient penalties, "
+    "Hessian-vector products), use torch.nn.functional.conv2d / torch.nn.Conv2d.")
+
+
+def _check(input, weight, bias) -> None:
+    """TypeError or ValueError, naming what was received, unless ``input``, ``weight``
+    and ``bias`` (or None) are dense CPU tensors of one dtype, float32 or float64."""
+    tensors = {"input": input, "weight": weight, "bias": bias}
+    for name, t in tensors.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.device.type != "cpu":
+            raise ValueError(f"fastconv.torch.conv2d runs on the CPU only; {name} is on "
+                             f"{t.device}: move it with .cpu(), or use "
+                             "torch.nn.functional.conv2d on that device")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; fastconv.torch.conv2d computes in "
+                            "torch.float32 or torch.float64: convert it (.float() or "
+                            ".double()), or use torch.nn.functional.conv2d")
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        got = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+        raise TypeError(f"input, weight and bias must have one dtype (as in "
+                        f"torch.nn.functional.conv2d), got {got}")
+
+
+def _np(t):
+    """The NumPy view of a CPU tensor (no copy), or None."""
+    return None if t is None else t.detach().numpy()
+
+
+def _tensor(a):
+    """A NumPy result as a tensor (no copy), or None."""
+    return None if a is None else torch.from_numpy(a)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution by fastconv, like ``torch.nn.functional.conv2d``, differentiable.
+
+    Parameters
+    ----------
+    input : Tensor (N, C, H, W), or (C, H, W) for one unbatched image
+    weight : Tensor (K, C/groups, R, S)
+    bias : Tensor (K,), optional
+        All three dense CPU tensors of one dtype, float32 or float64, any strides; any of
+        them may require grad.
+    stride, dilation : int or (h, w) pair, >= 1
+    padding : int or (h, w) pair >= 0, or ``'valid'`` or ``'same'`` (stride 1)
+    groups : int dividing C and K
+
+    Returns
+    -------
+    Tensor (N, K, OH, OW), or (K, OH, OW) for unbatched input
+        In the input's dtype.  Its backward pass computes the gradients autograd needs:
+        dX, dW and db by fastconv's plans for this geometry.
+
+    Raises
+    ------
+    TypeError
+        Not tensors, dtypes other than float32/float64, mixed dtypes, sparse tensors.
+    ValueError
+        Tensors not on the CPU, and every geometry error of ``fastconv.conv2d``.
+    """
+    _check(input, weight, bias)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _Conv2d.apply(input, weight, bias, stride, padding, dilation, groups)
+    else:  # nothing to differentiate: the functional API, which keeps nothing
+        y = _tensor(_conv.conv2d(_np(input), _np(weight), _np(bias), stride, padding,
+                                 dilation, groups))
+    return y.squeeze(0) if unbatched else y
+
+
+class _Conv2d(torch.autograd.Function):
+    """The autograd node of :func:`conv2d`.  Forward keeps what its backward reads:
+
+    * ``ctx.geo``: the validated geometry (``fastconv.ConvGeometry``), whose plan
+      (``fastconv.plan.plan_for``) runs every pass;
+    * the weight (``save_for_backward``), for dX;
+    * for dW, only if the weight needs a gradient: ``ctx.xp``, the zero-padded
+      channels-last input the forward pass packed (its dW algorithm reads that layout), or
+      else the input tensor itself (``save_for_backward``).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        x = input.detach().numpy()
+        y, saved, geo = _conv.conv2d_saving(x, _np(weight), _np(bias), stride, padding,
+                                            dilation, groups)
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        ctx.geo, ctx.xp = geo, None
+        if need_dw and isinstance(saved, np.ndarray) and saved is not x:
+            ctx.xp = saved  # packed by this call: nobody else holds it
+        # The input for dW if its NCHW form is what dW reads; and whenever it requires
+        # grad, so that a second backward through dW reaches the error it must raise.
+        keep_input = need_dx or (need_dw and ctx.xp is None)
+        ctx.save_for_backward(weight, input if keep_input else None)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        geo, w = ctx.geo, _np(ctx.saved_tensors[0])
+        dy = grad_output.detach().numpy()
+        dx = dw = db = None
+        if need_dw and ctx.xp is not None:
+            layout = _conv.delta_layout(geo, need_dx)
+            dyp = _conv.pack_deltas(dy, layout)
+            dx, dw, db = _conv.backward_saved(ctx.xp, geo, w, dyp, layout, need_dx)
+        elif need_dw:
+            x = _np(ctx.saved_tensors[1])  # saved: the plan's dW reads NCHW
+            dx, dw, db = _conv.backward_input(x, geo, w, dy, need_dx)
+        else:
+            if need_dx:
+                dx = _plan.plan_for(geo, dy.dtype).grad_input(dy, w)
+            if need_db:
+                db = _conv.conv2d_grad_bias(dy)
+        grads = [_tensor(dx) if need_dx else None, _tensor(dw) if need_dw else None,
+                 _tensor(db) if need_db else None]
+        if torch.is_grad_enabled():  # create_graph=True: make a backward through these fail
+            grads = _no_double_backward(grads, (grad_output, *ctx.saved_tensors))
+        return (*grads, None, None, None, None)
+
+
+def _no_double_backward(grads: list, sources) -> list:
+    """``grads`` as tensors that require grad through a node that raises
+    :data:`_NO_DOUBLE_BACKWARD` when a backward pass reaches it, and whose inputs are
+    also the ``sources`` the gradients depend on (the deltas, the weight, the input) that
+    require grad: a backward pass towards any of them meets the error.
+    (``torch.autograd.function.once_differentiable`` does this with the deltas only.)"""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    delayed = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+    if delayed is None:  # pragma: no cover - a torch without it: refuse at once
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+    inputs = [grads[i].detach().requires_grad_() for i in present]
+    inputs += [t for t in sources if t is not None and t.requires_grad]
+    wrapped = delayed(_NO_DOUBLE_BACKWARD.encode(), len(inputs))(*inputs)
+    if isinstance(wrapped, torch.Tensor):
+        wrapped = (wrapped,)
+    out = list(grads)
+    for i, g in zip(present, wrapped, strict=False):
+        out[i] = g
+    return out
+
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by fastconv (:func:`conv2d`).
+
+    Everything but the computation is ``torch.nn.Conv2d``'s: the constructor and its
+    arguments (``padding_mode`` too: the input is padded by ``torch.nn.functional.pad``
+    first, as torch does), the parameters ``weight`` (K, C/groups, R, S) and ``bias`` (K,),
+    their initialisation, the ``state_dict`` keys (state dicts load both ways) and the
+    representation, named ``fastconv.torch.Conv2d``.  Its tensors must be on the CPU, in
+    float32 or float64.
+    """
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                            mode=self.padding_mode)
+            return conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                      self.groups)
+
+    def _get_name(self):
+        return "fastconv.torch.Conv2d"
+
+
+def _why_not(module) -> str | None:
+    """Why :func:`convert` leaves ``module`` (a ``torch.nn.Conv2d`` or subclass) as it is,
+    or None if it converts it."""
+    if type(module) is not torch.nn.Conv2d:
+        return f"{type(module).__name__}, a subclass of torch.nn.Conv2d with its own behaviour"
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in params):
+        return "uninitialised parameters"
+    for p in params:
+        if p.device.type != "cpu":
+            return f"parameters on {p.device}"
+        if p.dtype not in DTYPES:
+            return f"dtype {p.dtype}"
+    return None
+
+
+def convert(model):
+    """Make every ``torch.nn.Conv2d`` of ``model`` (the model itself included) a
+    :class:`Conv2d`, in place, and return ``model``.
+
+    The modules stay the same objects, with the same parameters, buffers, hooks and
+    mode: only their class changes, so an optimizer made before keeps working.  Layers
+    fastconv cannot run stay ``torch.nn.Conv2d``, with one warning that names each and
+    why: parameters off the CPU or of another dtype than float32/float64, and subclasses
+    of ``torch.nn.Conv2d`` (whose forward pass may not be a convolution's).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    model
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    left = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Conv2d) or isinstance(module, Conv2d):
+            continue
+        reason = _why_not(module)
+        if reason is None:
+            module.__class__ = Conv2d
+        else:
+            left.append(f"{name or '(the model itself)'} ({reason})")
+    if left:
+        warnings.warn(f"fastconv.torch.convert left {len(left)} torch.nn.Conv2d layer(s) to "
+                      f"torch: {'; '.join(left)}", stacklevel=2)
+    return model
