@@ -879,6 +879,14 @@ class Dropout(Module):
         return f"Dropout(p={self.p})"
 
 
+def _channel_sum(a, b=None) -> np.ndarray:
+    """Per-channel sums over N and the pixels of ``a`` (N, C, P), or of ``a * b``, in
+    float64: each image's rows in the arrays' dtype (NumPy's pairwise sum, or einsum's),
+    then the images in float64."""
+    rows = a.sum(axis=2) if b is None else np.einsum("nci,nci->nc", a, b)
+    return rows.sum(axis=0, dtype=np.float64)
+
+
 class BatchNorm2d(Module):
     """Batch normalisation over (N, H, W) per channel, as ``torch.nn.BatchNorm2d``.
 
@@ -892,7 +900,7 @@ class BatchNorm2d(Module):
     with ``m = N * H * W`` (the unbiased variance, as PyTorch); ``momentum=None`` takes the
     cumulative average (factor ``1 / num_batches_tracked``).  In eval mode the running
     statistics normalise instead.  Computed with NumPy in the input's and parameters'
-    result dtype (the sums in float64).
+    result dtype (the images' sums in float64).
 
     Parameters
     ----------
@@ -976,9 +984,9 @@ class BatchNorm2d(Module):
             self._saved = (None, None, x.shape) if self.training else None
             return np.empty(x.shape, dtype)
         if batch_stats:
-            mean = x3.sum(axis=(0, 2), dtype=np.float64) / m
+            mean = _channel_sum(x3) / m
             xhat = x3 - mean.astype(dtype)[:, None]
-            var = np.einsum("nci,nci->c", xhat, xhat, dtype=np.float64) / m
+            var = _channel_sum(xhat, xhat) / m
             invstd = 1.0 / np.sqrt(var + self.eps)
             xhat *= invstd.astype(dtype)[:, None]
             if self.training and self.track_running_stats:
@@ -1023,8 +1031,8 @@ class BatchNorm2d(Module):
             return np.zeros(shape, _args._result_dtype(dy, *self.params.values()))
         dtype = xhat.dtype
         dy3 = dy.astype(dtype, copy=False).reshape(N, C, H * W)
-        db = dy3.sum(axis=(0, 2), dtype=np.float64)
-        dw = np.einsum("nci,nci->c", dy3, xhat, dtype=np.float64)
+        db = _channel_sum(dy3)
+        dw = _channel_sum(dy3, xhat)
         w = self.params["weight"].astype(np.float64) if self.affine else 1.0
         # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), per channel
         dx = xhat * (-dw / m).astype(dtype)[:, None]

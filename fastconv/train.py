@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
             x = normalise(images[start:start + batch_size])
             y = labels[start:start + batch_size].astype(np.int64)
             logits = model(x)
-            total_loss += loss_fn(logits, y)
+            total_loss += float(loss_fn(logits, y))
             correct += int((logits.argmax(axis=1) == y).sum())
     finally:
         model.train(was_training)
@@ -526,7 +526,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                 t0 = time.perf_counter()
                 opt.zero_grad()  # drops the gradients: this backward stores its own
                 logits = model(x)
-                loss = loss_fn(logits, y)
+                loss = float(loss_fn(logits, y))
                 if not np.isfinite(loss):
                     if bar is not None:
                         bar.close()

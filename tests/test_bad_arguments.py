@@ -310,6 +310,19 @@ SPECS = [
     Spec("SoftmaxCrossEntropy", nn.SoftmaxCrossEntropy, dict(reduction="sum"), [
         ("reduction", [("none", ValueError), ("MEAN", ValueError), (None, TypeError),
                        (1, TypeError)])]),
+    Spec("CrossEntropyLoss", nn.CrossEntropyLoss, dict(reduction="mean"), [
+        ("reduction", [("none", ValueError), ("MEAN", ValueError), (None, TypeError),
+                       (1, TypeError)])]),
+    Spec("Dropout", nn.Dropout, dict(p=0.5, inplace=False, rng=0), [
+        ("p", NON_NEGATIVE_REAL + [(1.5, ValueError)]), ("inplace", FLAG), ("rng", SEED)]),
+    Spec("BatchNorm2d", nn.BatchNorm2d,
+         dict(num_features=3, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+              dtype=np.float32), [
+             ("num_features", POSITIVE_INT + [(2**40, ValueError)]),
+             ("eps", NON_NEGATIVE_REAL),
+             ("momentum", [(v, e) for v, e in NON_NEGATIVE_REAL if v is not None]
+              + [(1.5, ValueError)]),
+             ("affine", FLAG), ("track_running_stats", FLAG), ("dtype", DTYPE)]),
     # ---- forward and backward with input of the wrong rank, shape or kind ----------------
     Spec("Conv2d.forward", _forward, dict(layer=lambda: nn.Conv2d(4, 6, 3), x=X), [
         ("x", ARRAY4 + [(np.zeros((2, 5, 9, 8)), ValueError), (np.zeros((2, 4, 2, 9)),
@@ -344,6 +357,20 @@ SPECS = [
     Spec("Linear.backward", _backward, dict(layer=lambda: nn.Linear(4, 3), x=np.zeros((2, 4)),
                                             grad_output=np.zeros((2, 3))), [
         ("grad_output", [(np.zeros((2, 4)), ValueError), (np.zeros(3), ValueError)])]),
+    Spec("Dropout.forward", _forward, dict(layer=lambda: nn.Dropout(0.5, rng=0), x=X), [
+        ("x", [(None, TypeError), ("abc", TypeError), (X.astype(complex), TypeError)])],
+        dict(x="input")),
+    Spec("Dropout.backward", _backward,
+         dict(layer=lambda: nn.Dropout(0.5, rng=0), x=X, grad_output=X), [
+             ("grad_output", [(X[0], ValueError), (X[:, :2], ValueError),
+                              (None, TypeError)])]),
+    Spec("BatchNorm2d.forward", _forward, dict(layer=lambda: nn.BatchNorm2d(4), x=X), [
+        ("x", ARRAY4 + [(np.zeros((2, 3, 9, 8)), ValueError),
+                        (np.zeros((1, 4, 1, 1)), ValueError)])], dict(x="input")),
+    Spec("BatchNorm2d.backward", _backward,
+         dict(layer=lambda: nn.BatchNorm2d(4), x=X, grad_output=X), [
+             ("grad_output", [(X[0], ValueError), (X[:, :2], ValueError),
+                              (None, TypeError)])]),
     Spec("Sequential.forward", _forward,
          dict(layer=lambda: nn.Sequential(nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2)),
               x=np.zeros((2, 4, 10, 10))), [
@@ -481,6 +508,7 @@ def test_the_table_covers_every_public_callable():
         "conv_output_size", "set_num_threads", "set_winograd", "max_pool2d",
         "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "pool_geometry", "matmul",
         "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "Sequential", "SoftmaxCrossEntropy", "SGD",
+        "CrossEntropyLoss", "Dropout", "BatchNorm2d",
         "Adam", "TrainConfig", "two_conv", "tiny_net", "load_dataset", "read_idx",
         "conv2d_plan", "ConvPlan.forward", "relu", "relu_backward", "sgd_update"}
 
@@ -522,7 +550,10 @@ def test_a_conv_layer_is_built_if_some_input_fits():
     (nn.Flatten, np.zeros((2, 3, 4), np.float32)),
     (lambda: nn.Linear(3, 2), np.zeros((2, 3), np.float32)),
     (lambda: models.tiny_net(seed=0), np.zeros((1, 1, 28, 28), np.float32)),
-], ids=["Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "Flatten", "Linear", "Sequential"])
+    (lambda: nn.Dropout(0.5, rng=0), np.ones((2, 3), np.float32)),
+    (lambda: nn.BatchNorm2d(3), np.ones((2, 3, 4, 4), np.float32)),
+], ids=["Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "Flatten", "Linear", "Sequential",
+        "Dropout", "BatchNorm2d"])
 def test_backward_needs_a_forward_in_training_mode(make, x):
     layer = make()
     y = layer(x)
