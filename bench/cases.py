@@ -341,7 +341,11 @@ def fastconv_training(batch: int = 64, seed: int = 0, package=fc):
     x = rng.random((batch, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, batch)
 
+    zero_grad = getattr(opt, "zero_grad", None)  # a baseline tree may overwrite instead
+
     def step():
+        if zero_grad is not None:
+            zero_grad()
         loss = loss_fn(model(x), y)
         model.backward(loss_fn.backward())
         opt.step()
