@@ -119,8 +119,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Returns
     -------
     Tensor (N, K, OH, OW), or (K, OH, OW) for unbatched input
-        In the input's dtype.  Its backward pass computes the gradients autograd needs:
-        dX, dW and db by fastconv's plans for this geometry.
+        In the input's dtype; channels-last (a copy) if the input or the weight is, as
+        torch's is.  Its backward pass computes the gradients autograd needs: dX, dW
+        and db by fastconv's plans for this geometry.
 
     Raises
     ------
@@ -139,7 +140,16 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:  # nothing to differentiate: the functional API, which keeps nothing
         y = _tensor(_conv.conv2d(_np(input), _np(weight), _np(bias), stride, padding,
                                  dilation, groups))
+    if _channels_last(input) or _channels_last(weight):  # torch's rule for its output
+        y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
+
+
+def _channels_last(t) -> bool:
+    """Whether ``t`` is laid out channels-last (and not also contiguous), which makes
+    ``torch.nn.functional.conv2d`` write its output channels-last."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 class _Workspaces:

@@ -276,6 +276,23 @@ def test_float32_against_torch(shape):
 
 
 @requires_torch
+@pytest.mark.parametrize("layout", ["input", "weight", "neither"])
+def test_channels_last_in_channels_last_out_as_in_torch(layout):
+    x, w, b, conv = _problem(F32[1], torch.float32)
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl) if layout == "input" else x
+    w = w.contiguous(memory_format=cl) if layout == "weight" else w
+    x.requires_grad_()
+    y, yt = fct.conv2d(x, w, b, **conv), torch.nn.functional.conv2d(x, w, b, **conv)
+    assert y.is_contiguous(memory_format=cl) == yt.is_contiguous(memory_format=cl)
+    assert y.is_contiguous() == yt.is_contiguous()
+    torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (ex,) = torch.autograd.grad(yt.square().sum(), x)
+    torch.testing.assert_close(gx, ex, rtol=0, atol=2e-5 * ex.abs().max().item())
+
+
+@requires_torch
 def test_unbatched_input_and_no_grad():
     x, w, b, conv = _problem(GRID[0], torch.float64)
     want = torch.nn.functional.conv2d(x[0], w, b, **conv)
