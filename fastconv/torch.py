@@ -236,15 +236,19 @@ class _Conv2d(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         weight, input, xp = ctx.saved_tensors
         geo, w = ctx.geo, _np(weight)
-        dy = grad_output.detach().numpy()
+        dy = grad_output.detach().numpy().astype(w.dtype, copy=False)
         dx = dw = db = None
         if need_dw and xp is not None:
-            # Scratch arrays in the packed input's workspace while this node owns it
-            # (saved-tensor hooks may have copied xp and let the original go).
-            ws = ctx.ws if ctx.owns.alive else None
+            # Scratch arrays in the packed input's workspace while this node owns it;
+            # saved-tensor hooks may have copied xp (in any layout) and let the original go.
             layout = _conv.delta_layout(geo, need_dx)
-            dyp = _conv.pack_deltas(dy, layout, ws or _layouts._FRESH)
-            dx, dw, db = _conv.backward_saved(xp.numpy(), geo, w, dyp, layout, need_dx, ws)
+            if ctx.owns.alive:
+                dyp = _conv.pack_deltas(dy, layout, ctx.ws)
+                ws = ctx.ws
+            else:
+                dyp, ws = _conv.pack_deltas(dy, layout), None
+            dx, dw, db = _conv.backward_saved(np.ascontiguousarray(xp.numpy()), geo, w, dyp,
+                                              layout, need_dx, ws)
         else:  # the plan's passes on NCHW arrays, each only if needed
             p = _plan.plan_for(geo, dy.dtype)
             if need_dw:

@@ -190,7 +190,9 @@ def test_a_retained_graph_keeps_its_packed_input_and_hooks_may_copy_it(parallel_
         fct.conv2d(x + 1, w, b, **conv).sum().backward()  # another call of this geometry
         torch.testing.assert_close(torch.autograd.grad(loss, w, retain_graph=True), want)
     # saved-tensor hooks that copy what is saved (offloading, say): the copy is read
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(  # a copy in another layout
+            lambda t: t.clone().transpose(0, -1).contiguous().transpose(0, -1),
+            lambda t: t):
         loss = fct.conv2d(x, w, b, **conv).square().sum()
     fct.conv2d(x + 1, w, b, **conv).sum().backward()
     torch.testing.assert_close(torch.autograd.grad(loss, w), want)
