@@ -208,23 +208,29 @@ class _Conv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
-        x = input.detach().numpy()
-        key = (_conv.conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups),
-               x.dtype)
-        ws = _workspaces.take(key)
-        y, saved, geo = _conv.conv2d_saving(x, _np(weight), _np(bias), stride, padding,
-                                            dilation, groups, workspace=ws)
+        x, w, b = input.detach().numpy(), _np(weight), _np(bias)
+        geo = _conv.conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
         need_dx, need_dw = ctx.needs_input_grad[:2]
         ctx.geo, ctx.ws, xp = geo, None, None
-        if need_dw and isinstance(saved, np.ndarray) and saved is not x:
-            # The packed input lives in ws: ws is this node's until xp is freed (the
-            # tensor holds the view), which hands ws back.
-            view = saved.view()
-            xp = torch.from_numpy(view)
-            ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
-            ctx.owns.atexit = False
-        else:
-            _workspaces.give(key, ws)
+        if need_dw and _conv.saved_kind(geo, x.dtype) == "packed":
+            # The forward pass of fastconv's layers, which returns the packed input.
+            key = (geo, x.dtype)
+            ws = _workspaces.take(key)
+            y, saved, _ = _conv.conv2d_saving(x, w, b, stride, padding, dilation, groups,
+                                              workspace=ws)
+            if isinstance(saved, np.ndarray) and saved is not x:
+                # The packed input lives in ws: ws is this node's until xp is freed (the
+                # tensor holds the view), which hands ws back.
+                view = saved.view()
+                xp = torch.from_numpy(view)
+                ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
+                ctx.owns.atexit = False
+            else:
+                _workspaces.give(key, ws)
+        else:  # nothing of the forward pass to keep: the plan's NCHW forward pass
+            if b is not None and b.shape != (geo.K,):
+                raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
+            y = _plan.plan_for(geo, x.dtype).forward(x, w, b)
         # The input for dW if its NCHW form is what dW reads; and whenever it requires
         # grad, so that a second backward through dW reaches the error it must raise.
         keep_input = need_dx or (need_dw and xp is None)
