@@ -22,10 +22,10 @@
 How tensors cross (docs/torch.md): ``tensor.detach().numpy()`` and ``torch.from_numpy``
 share memory, so no array is copied on the way in or out; fastconv reads any strides.  The
 forward pass keeps for dW what fastconv's own layers keep (``fastconv.conv.saved_kind``):
-the zero-padded channels-last input it packed anyway, or the input tensor itself (saved
-with ``ctx.save_for_backward``, so that autograd's version check catches an in-place
-change).  The backward pass packs the deltas once for dX and dW
-(``fastconv.conv.backward_saved``).
+the zero-padded channels-last input it packed anyway (in a workspace reused between
+calls), or the input tensor itself, both with ``ctx.save_for_backward`` (autograd's
+version checks and saved-tensor hooks apply).  The backward pass packs the deltas once
+for dX and dW (``fastconv.conv.backward_saved``).
 
 It has no second derivative: differentiating its backward pass (``create_graph=True``
 and a backward through the gradients) raises a RuntimeError that says so.
