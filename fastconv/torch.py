@@ -22,10 +22,10 @@
 How tensors cross (docs/torch.md): ``tensor.detach().numpy()`` and ``torch.from_numpy``
 share memory, so no array is copied on the way in or out; fastconv reads any strides.  The
 forward pass keeps for dW what fastconv's own layers keep (``fastconv.conv.saved_kind``):
-the zero-padded channels-last input it packed anyway, or the input tensor itself (saved
-with ``ctx.save_for_backward``, so that autograd's version check catches an in-place
-change).  The backward pass packs the deltas once for dX and dW
-(``fastconv.conv.backward_saved``).
+the zero-padded channels-last input it packed anyway (in a workspace reused between
+calls), or the input tensor itself, both with ``ctx.save_for_backward`` (autograd's
+version checks and saved-tensor hooks apply).  The backward pass packs the deltas once
+for dX and dW (``fastconv.conv.backward_saved``).
 
 It has no second derivative: differentiating its backward pass (``create_graph=True``
 and a backward through the gradients) raises a RuntimeError that says so.
@@ -37,7 +37,10 @@ with respect to them.
 
 from __future__ import annotations
 
+import collections
+import threading
 import warnings
+import weakref
 
 try:
     import torch
@@ -48,6 +51,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import numpy as np
 
 from . import conv as _conv
+from . import layouts as _layouts
 from . import plan as _plan
 
 __all__ = ["Conv2d", "conv2d", "convert"]
@@ -115,8 +119,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Returns
     -------
     Tensor (N, K, OH, OW), or (K, OH, OW) for unbatched input
-        In the input's dtype.  Its backward pass computes the gradients autograd needs:
-        dX, dW and db by fastconv's plans for this geometry.
+        In the input's dtype; channels-last (a copy) if the input or the weight is, as
+        torch's is.  Its backward pass computes the gradients autograd needs: dX, dW
+        and db by fastconv's plans for this geometry.
 
     Raises
     ------
@@ -135,7 +140,58 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:  # nothing to differentiate: the functional API, which keeps nothing
         y = _tensor(_conv.conv2d(_np(input), _np(weight), _np(bias), stride, padding,
                                  dilation, groups))
+    if _channels_last(input) or _channels_last(weight):  # torch's rule for its output
+        y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
+
+
+def _channels_last(t) -> bool:
+    """Whether ``t`` is laid out channels-last (and not also contiguous), which makes
+    ``torch.nn.functional.conv2d`` write its output channels-last."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+class _Workspaces:
+    """Workspaces (``fastconv.layouts.Workspace``: the packed input, the packed deltas,
+    dW's partial sums) kept between calls by geometry and dtype, so that a training loop
+    reuses their memory instead of allocating (and page-faulting) about 10 MB a step.
+
+    A call takes one (:meth:`take`) and owns it until it hands it back (:meth:`give`):
+    at once if it keeps nothing in it, else when the packed input it saved for backward is
+    freed, which autograd does after the backward pass (or with the graph).  At most
+    ``per_key`` free workspaces are kept per geometry, for the ``keys`` geometries used
+    last.
+    """
+
+    def __init__(self, keys: int = 16, per_key: int = 2):
+        self.keys, self.per_key = keys, per_key
+        self._free: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key) -> _layouts.Workspace:
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                self._free.move_to_end(key)
+                return free.pop()
+        return _layouts.Workspace()
+
+    def give(self, key, ws: _layouts.Workspace) -> None:
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            self._free.move_to_end(key)
+            if len(free) < self.per_key:
+                free.append(ws)
+            while len(self._free) > self.keys:
+                self._free.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+_workspaces = _Workspaces()
 
 
 class _Conv2d(torch.autograd.Function):
@@ -143,45 +199,70 @@ class _Conv2d(torch.autograd.Function):
 
     * ``ctx.geo``: the validated geometry (``fastconv.ConvGeometry``), whose plan
       (``fastconv.plan.plan_for``) runs every pass;
-    * the weight (``save_for_backward``), for dX;
-    * for dW, only if the weight needs a gradient: ``ctx.xp``, the zero-padded
-      channels-last input the forward pass packed (its dW algorithm reads that layout), or
-      else the input tensor itself (``save_for_backward``).
+    * ``save_for_backward(weight, input or None, xp or None)``: the weight, for dX; for
+      dW, only if the weight needs a gradient, the zero-padded channels-last input ``xp``
+      that the forward pass packed (if its dW algorithm reads that layout, as a tensor
+      over the workspace it lives in), or else the input tensor itself.  The input is
+      also kept whenever it requires grad (see :func:`_no_double_backward`).
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
-        x = input.detach().numpy()
-        y, saved, geo = _conv.conv2d_saving(x, _np(weight), _np(bias), stride, padding,
-                                            dilation, groups)
+        x, w, b = input.detach().numpy(), _np(weight), _np(bias)
+        geo = _conv.conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        ctx.geo, ctx.xp = geo, None
-        if need_dw and isinstance(saved, np.ndarray) and saved is not x:
-            ctx.xp = saved  # packed by this call: nobody else holds it
+        ctx.geo, ctx.ws, xp = geo, None, None
+        if need_dw and _conv.saved_kind(geo, x.dtype) == "packed":
+            # The forward pass of fastconv's layers, which returns the packed input.
+            key = (geo, x.dtype)
+            ws = _workspaces.take(key)
+            y, saved, _ = _conv.conv2d_saving(x, w, b, stride, padding, dilation, groups,
+                                              workspace=ws)
+            if isinstance(saved, np.ndarray) and saved is not x:
+                # The packed input lives in ws: ws is this node's until xp is freed (the
+                # tensor holds the view), which hands ws back.
+                view = saved.view()
+                xp = torch.from_numpy(view)
+                ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
+                ctx.owns.atexit = False
+            else:
+                _workspaces.give(key, ws)
+        else:  # nothing of the forward pass to keep: the plan's NCHW forward pass
+            if b is not None and b.shape != (geo.K,):
+                raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
+            y = _plan.plan_for(geo, x.dtype).forward(x, w, b)
         # The input for dW if its NCHW form is what dW reads; and whenever it requires
         # grad, so that a second backward through dW reaches the error it must raise.
-        keep_input = need_dx or (need_dw and ctx.xp is None)
-        ctx.save_for_backward(weight, input if keep_input else None)
+        keep_input = need_dx or (need_dw and xp is None)
+        ctx.save_for_backward(weight, input if keep_input else None, xp)
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, grad_output):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        geo, w = ctx.geo, _np(ctx.saved_tensors[0])
-        dy = grad_output.detach().numpy()
+        weight, input, xp = ctx.saved_tensors
+        geo, w = ctx.geo, _np(weight)
+        dy = grad_output.detach().numpy().astype(w.dtype, copy=False)
         dx = dw = db = None
-        if need_dw and ctx.xp is not None:
+        if need_dw and xp is not None:
+            # Scratch arrays in the packed input's workspace while this node owns it;
+            # saved-tensor hooks may have copied xp (in any layout) and let the original go.
             layout = _conv.delta_layout(geo, need_dx)
-            dyp = _conv.pack_deltas(dy, layout)
-            dx, dw, db = _conv.backward_saved(ctx.xp, geo, w, dyp, layout, need_dx)
-        elif need_dw:
-            x = _np(ctx.saved_tensors[1])  # saved: the plan's dW reads NCHW
-            dx, dw, db = _conv.backward_input(x, geo, w, dy, need_dx)
-        else:
+            if ctx.owns.alive:
+                dyp = _conv.pack_deltas(dy, layout, ctx.ws)
+                ws = ctx.ws
+            else:
+                dyp, ws = _conv.pack_deltas(dy, layout), None
+            dx, dw, db = _conv.backward_saved(np.ascontiguousarray(xp.numpy()), geo, w, dyp,
+                                              layout, need_dx, ws)
+        else:  # the plan's passes on NCHW arrays, each only if needed
+            p = _plan.plan_for(geo, dy.dtype)
+            if need_dw:
+                dw = p.grad_weight(_np(input), dy)  # its dW reads NCHW
             if need_dx:
-                dx = _plan.plan_for(geo, dy.dtype).grad_input(dy, w)
+                dx = p.grad_input(dy, w)
             if need_db:
-                db = _conv.conv2d_grad_bias(dy)
+                db = p.grad_bias(dy)
         grads = [_tensor(dx) if need_dx else None, _tensor(dw) if need_dw else None,
                  _tensor(db) if need_db else None]
         if torch.is_grad_enabled():  # create_graph=True: make a backward through these fail

@@ -81,9 +81,24 @@ def _problem(shape, dtype, seed=0, contiguous=True):
     return x, w, b, conv
 
 
+#: gradcheck's tolerances, tighter than its defaults (rtol 1e-3): the convolution is linear
+#: in each argument, so float64 central differences are exact up to rounding.
+TOL = dict(rtol=1e-6, atol=1e-7)
+
+
 def _subsets():
     """Every non-empty subset of (input, weight, bias) that requires grad."""
     return [s for s in itertools.product([False, True], repeat=3) if any(s)]
+
+
+@pytest.fixture(params=["as-planned", "parallel"])
+def paths(request):
+    """The plans as they choose (small shapes: the serial kernels), and the parallel
+    algorithms (conftest's ``parallel_paths``), whose dW reads the packed input the
+    forward pass keeps."""
+    if request.param == "parallel":
+        request.getfixturevalue("parallel_paths")
+    return request.param
 
 
 @pytest.fixture(params=["as-planned", "parallel"])
@@ -96,7 +111,7 @@ def gradcheck(request):
     if request.param == "parallel":
         request.getfixturevalue("parallel_paths")
     fast = request.param == "parallel"
-    return lambda f, inputs: torch.autograd.gradcheck(f, inputs, fast_mode=fast)
+    return lambda f, inputs: torch.autograd.gradcheck(f, inputs, fast_mode=fast, **TOL)
 
 
 @requires_torch
@@ -113,7 +128,7 @@ def test_gradcheck_grid(shape, gradcheck):
                          ids=["packed"] + [_GRID_IDS[i] for i in (2, 5, 9)])
 @pytest.mark.parametrize("needs", _subsets(), ids=lambda s: "".join("xwb"[i] for i in
                                                                       range(3) if s[i]))
-def test_gradcheck_each_subset_of_requires_grad_non_contiguous(shape, needs, gradcheck):
+def test_gradcheck_each_subset_of_requires_grad_non_contiguous(shape, needs, paths):
     x, w, b, conv = _problem(shape, torch.float64, contiguous=False)
     x, w, b = (t.detach().requires_grad_(n) for t, n in zip((x, w, b), needs, strict=True))
     assert not x.is_contiguous()
@@ -123,7 +138,9 @@ def test_gradcheck_each_subset_of_requires_grad_non_contiguous(shape, needs, gra
         args = [next(it) if n else t for t, n in zip((x, w, b), needs, strict=True)]
         return fct.conv2d(*args, **conv)
 
-    assert gradcheck(f, tuple(t for t, n in zip((x, w, b), needs, strict=True) if n))
+    # fast mode (random projections of the Jacobians): the grid checks every entry
+    assert torch.autograd.gradcheck(f, tuple(t for t, n in zip((x, w, b), needs, strict=True)
+                                             if n), fast_mode=True, **TOL)
 
 
 @requires_torch
@@ -132,11 +149,53 @@ def test_both_saved_forms_for_dw_are_exercised(parallel_paths):
     or the input tensor itself (pixel dW): one geometry of each."""
     x, w, b, conv = _problem(PACKED, torch.float64)
     y = fct.conv2d(x, w.requires_grad_(), b, **conv)
-    assert y.grad_fn.xp is not None and y.grad_fn.xp.shape == (2, 9, 8, 6)
-    assert y.grad_fn.saved_tensors[1] is None  # only the packed copy
+    _, saved_input, xp = y.grad_fn.saved_tensors
+    assert saved_input is None and xp.shape == (2, 9, 8, 6)  # only the packed copy
     x, w, b, conv = _problem((2, 1, 8, 8, 4, 3, 3, dict(padding=1)), torch.float64)
     y = fct.conv2d(x, w.requires_grad_(), b, **conv)
-    assert y.grad_fn.xp is None and y.grad_fn.saved_tensors[1] is x
+    _, saved_input, xp = y.grad_fn.saved_tensors
+    assert saved_input is x and xp is None
+
+
+def _grads(f, x, w, b, conv, calls):
+    """The gradients of a loss over ``calls(f)``, a function of conv outputs."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    calls(lambda x_: f(x_, w, b, **conv), x).square().sum().backward()
+    return x.grad, w.grad, b.grad
+
+
+@requires_torch
+@pytest.mark.parametrize("calls", [
+    lambda f, x: f(x) + f(2 * x),                  # one layer twice before backward
+    lambda f, x: f(x) * f(x + 1),
+], ids=["twice", "product"])
+def test_workspaces_of_calls_in_flight_are_their_own(calls, parallel_paths):
+    """Each call owns the workspace its packed input lives in until its backward pass:
+    several calls of one geometry in flight at once (one layer used twice) each keep
+    theirs."""
+    x, w, b, conv = _problem(PACKED, torch.float64)
+    got = _grads(fct.conv2d, x, w, b, conv, calls)
+    want = _grads(torch.nn.functional.conv2d, x, w, b, conv, calls)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@requires_torch
+def test_a_retained_graph_keeps_its_packed_input_and_hooks_may_copy_it(parallel_paths):
+    x, w, b, conv = _problem(PACKED, torch.float64)
+    w.requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x, w, b, **conv).square().sum(), w)
+    loss = fct.conv2d(x, w, b, **conv).square().sum()
+    for _ in range(2):  # the second backward reads the same saved packed input
+        fct.conv2d(x + 1, w, b, **conv).sum().backward()  # another call of this geometry
+        torch.testing.assert_close(torch.autograd.grad(loss, w, retain_graph=True), want)
+    # saved-tensor hooks that copy what is saved (offloading, say): the copy is read
+    with torch.autograd.graph.saved_tensors_hooks(  # a copy in another layout
+            lambda t: t.clone().transpose(0, -1).contiguous().transpose(0, -1),
+            lambda t: t):
+        loss = fct.conv2d(x, w, b, **conv).square().sum()
+    fct.conv2d(x + 1, w, b, **conv).sum().backward()
+    torch.testing.assert_close(torch.autograd.grad(loss, w), want)
 
 
 @requires_torch
@@ -145,7 +204,7 @@ def test_an_input_changed_in_place_after_forward_is_an_error():
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     y = fct.conv2d(x, w, padding=1)
-    assert y.grad_fn.xp is None  # the pixel dW reads the input itself
+    assert y.grad_fn.saved_tensors[2] is None  # the pixel dW reads the input itself
     x.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
@@ -165,22 +224,26 @@ def test_backward_computes_only_the_gradients_it_needs(needs, monkeypatch, paral
 
     from fastconv import plan
 
-    for name in ("backward_saved", "backward_input", "conv2d_grad_bias"):
-        monkeypatch.setattr(fct._conv, name, spy(name, getattr(fct._conv, name)))
-    monkeypatch.setattr(plan.ConvPlan, "grad_input", spy("grad_input",
-                                                         plan.ConvPlan.grad_input))
-    x, w, b, conv = _problem(PACKED, torch.float64)
-    for t, n in zip((x, w, b), needs, strict=True):
-        t.requires_grad_(n)
-    fct.conv2d(x, w, b, **conv).sum().backward()
-    names = [c[0] for c in calls]
+    monkeypatch.setattr(fct._conv, "backward_saved", spy("backward_saved",
+                                                         fct._conv.backward_saved))
+    for name in ("grad_input", "grad_weight", "grad_bias"):
+        monkeypatch.setattr(plan.ConvPlan, name, spy(name, getattr(plan.ConvPlan, name)))
     need_x, need_w, need_b = needs
-    if need_w:  # dW from the packed input; dX with it only if asked
-        assert names == ["backward_saved"] and calls[0][1][5] is need_x
-    else:
-        assert names == ["grad_input"] * need_x + ["conv2d_grad_bias"] * need_b
-    for t, n in zip((x, w, b), needs, strict=True):
-        assert (t.grad is not None) is n
+    # PACKED's dW reads the packed input; conv1's (one input channel) the input itself
+    for shape in (PACKED, (2, 1, 8, 8, 4, 3, 3, dict(padding=1))):
+        calls.clear()
+        x, w, b, conv = _problem(shape, torch.float64)
+        for t, n in zip((x, w, b), needs, strict=True):
+            t.requires_grad_(n)
+        fct.conv2d(x, w, b, **conv).sum().backward()
+        names = [c[0] for c in calls]
+        if need_w and shape is PACKED:  # dW from the packed input; dX only if asked
+            assert names == ["backward_saved"] and calls[0][1][5] is need_x
+        else:
+            assert names == (["grad_weight"] * need_w + ["grad_input"] * need_x
+                             + ["grad_bias"] * need_b)
+        for t, n in zip((x, w, b), needs, strict=True):
+            assert (t.grad is not None) is n
 
 
 # ---- float32 against torch ------------------------------------------------------------
@@ -212,6 +275,23 @@ def test_float32_against_torch(shape):
     for a, e in [(y, yt)] + [(g.grad, t.grad) for g, t in zip(got, want, strict=True)]:
         scale = e.abs().max().item()
         torch.testing.assert_close(a, e, rtol=0, atol=2e-5 * scale)
+
+
+@requires_torch
+@pytest.mark.parametrize("layout", ["input", "weight", "neither"])
+def test_channels_last_in_channels_last_out_as_in_torch(layout):
+    x, w, b, conv = _problem(F32[1], torch.float32)
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl) if layout == "input" else x
+    w = w.contiguous(memory_format=cl) if layout == "weight" else w
+    x.requires_grad_()
+    y, yt = fct.conv2d(x, w, b, **conv), torch.nn.functional.conv2d(x, w, b, **conv)
+    assert y.is_contiguous(memory_format=cl) == yt.is_contiguous(memory_format=cl)
+    assert y.is_contiguous() == yt.is_contiguous()
+    torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (ex,) = torch.autograd.grad(yt.square().sum(), x)
+    torch.testing.assert_close(gx, ex, rtol=0, atol=2e-5 * ex.abs().max().item())
 
 
 @requires_torch
