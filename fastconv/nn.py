@@ -34,6 +34,16 @@ __all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout", 
            "SoftmaxCrossEntropy"]
 
 
+_NO_FORWARD = "backward() needs a forward() in training mode first"
+
+
+def _check_grad_output(layer: Module, dy: np.ndarray, expected: tuple) -> None:
+    """ValueError unless the deltas ``dy`` have the shape of the layer's forward output."""
+    if dy.shape != expected:
+        raise ValueError(f"{type(layer).__name__}.backward got grad_output of shape "
+                         f"{dy.shape}, the forward output had shape {expected}")
+
+
 class Parameter:
     """A reference to one parameter array of a module and to its gradient.
 
@@ -478,7 +488,7 @@ class Conv2d(Module):
         ``layouts.DeltaLayout``, ``layouts.PoolOrderLayout`` or ``layouts.NCHWLayout``, as
         ``conv.saved_kind`` says."""
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         geo, kind = self._saved[1], self._saved[4]
         if kind == "pixels":
             return _layouts.PoolOrderLayout((geo.N, geo.K, 4, geo.OH * geo.OW // 4))
@@ -502,9 +512,7 @@ class Conv2d(Module):
         if unbatched:
             dy = dy[None]
         expected = (geo.N, geo.K, geo.OH, geo.OW)
-        if dy.shape != expected:
-            raise ValueError(f"Conv2d.backward got grad_output of shape {dy.shape}, the "
-                             f"forward output had shape {expected}")
+        _check_grad_output(self, dy, expected)
         dy = dy.astype(dtype, copy=False)
         if isinstance(layout, _layouts.PoolOrderLayout):
             dyp = _layouts.to_pool_order(dy)
@@ -560,7 +568,7 @@ class ReLU(Module):
 
     def backward(self, dy):
         if self._y is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         return ops.relu_backward(dy, self._y)
 
     def _forget(self):
@@ -624,7 +632,7 @@ class MaxPool2d(Module):
         """The backward of :meth:`forward`, or of ReLU and this layer after
         :meth:`forward_after_relu` (deltas pass where the pooled output is positive)."""
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         idx, shape, relu_out, planes = self._saved
         if relu_out is None:
             return pool.max_pool2d_backward(dy, idx, shape)
@@ -643,7 +651,7 @@ class MaxPool2d(Module):
         pool gets almost for free; None from the other pools (the convolution then sums
         ``dx`` itself)."""
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         idx, shape, relu_out, planes = self._saved
         dy = np.asarray(dy)
         dy = dy.astype(relu_out.dtype if relu_out is not None else _args._result_dtype(dy),
@@ -695,7 +703,7 @@ class AvgPool2d(Module):
 
     def backward(self, dy):
         if self._shape is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         return pool.avg_pool2d_backward(dy, self._shape, **self.args)
 
     def _forget(self):
@@ -721,12 +729,10 @@ class Flatten(Module):
 
     def backward(self, dy):
         if self._shape is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         dy = np.asarray(dy)
         expected = (self._shape[0], math.prod(self._shape[1:]))
-        if dy.shape != expected:
-            raise ValueError(f"Flatten.backward got grad_output of shape {dy.shape}, the "
-                             f"forward output had shape {expected}")
+        _check_grad_output(self, dy, expected)
         return dy.reshape(self._shape)
 
     def _forget(self):
@@ -788,12 +794,10 @@ class Linear(Module):
 
     def backward(self, dy):
         if self._x is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         dy = np.asarray(dy)
         expected = (self._x.shape[0], self.out_features)
-        if dy.shape != expected:
-            raise ValueError(f"Linear.backward got grad_output of shape {dy.shape}, the "
-                             f"forward output had shape {expected}")
+        _check_grad_output(self, dy, expected)
         self._accumulate("weight", matmul(dy.T, self._x))
         if "bias" in self.params:
             self._accumulate("bias", dy.sum(axis=0))
@@ -860,12 +864,10 @@ class Dropout(Module):
 
     def backward(self, dy):
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         kind, shape, mask = self._saved
         dy = _args._as_float("grad_output", dy)
-        if dy.shape != shape:
-            raise ValueError(f"Dropout.backward got grad_output of shape {dy.shape}, the "
-                             f"forward output had shape {shape}")
+        _check_grad_output(self, dy, shape)
         if kind == "identity":
             return dy
         if kind == "zero":
@@ -1016,12 +1018,10 @@ class BatchNorm2d(Module):
     def backward(self, dy):
         """dx of the batch-statistics forward (training mode); adds dweight and dbias."""
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
+            raise RuntimeError(_NO_FORWARD)
         xhat, invstd, shape = self._saved
         dy = _args._as_array("grad_output", dy)
-        if dy.shape != shape:
-            raise ValueError(f"BatchNorm2d.backward got grad_output of shape {dy.shape}, "
-                             f"the forward output had shape {shape}")
+        _check_grad_output(self, dy, shape)
         N, C, H, W = shape
         m = N * H * W
         if m == 0:
