@@ -21,6 +21,42 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+def central_differences(f, arrays: dict, which: str, g, eps: float = 1e-6) -> np.ndarray:
+    """The gradient of ``sum(f(**arrays) * g)`` with respect to ``arrays[which]``, by
+    float64 central differences (exact up to rounding where ``f`` is linear in it)."""
+    a = arrays[which]
+    grad = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        losses = []
+        for step in (eps, -eps):
+            moved = a.copy()
+            moved[idx] += step
+            losses.append(np.sum(f(**{**arrays, which: moved}) * g))
+        grad[idx] = (losses[0] - losses[1]) / (2 * eps)
+    return grad
+
+
+def kink_margin(layers, x) -> float:
+    """The smallest distance of any ReLU input from 0, or of any 2x2 max-pool window's top
+    two values from each other, as ``x`` runs through ``layers`` (fastconv.nn modules): a
+    finite difference must not step across these kinks."""
+    from fastconv import nn
+
+    margin, a = np.inf, x
+    for layer in layers:
+        if isinstance(layer, nn.ReLU):
+            margin = min(margin, np.abs(a).min())
+        if isinstance(layer, nn.MaxPool2d):
+            N, C, H, W = a.shape
+            win = a.reshape(N, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5)
+            top = np.sort(win.reshape(N, C, H // 2, W // 2, 4), axis=-1)
+            live = top[..., -1] > 0  # all-zero windows (after ReLU) carry no gradient
+            if live.any():
+                margin = min(margin, (top[..., -1] - top[..., -2])[live].min())
+        a = layer(a)
+    return margin
+
+
 def normalised(x_shape, w_shape, stride, padding, dilation, groups):
     """The reference's argument form, from the public one."""
     g = fc.conv_geometry(x_shape, w_shape, stride, padding, dilation, groups)

@@ -13,6 +13,8 @@ import pytest
 import fastconv as fc
 from fastconv.geometry import conv_transpose2d_geometry
 
+from conftest import central_differences
+
 
 @pytest.fixture
 def torch():
@@ -137,26 +139,17 @@ def test_is_conv2d_grad_input():
 def test_finite_differences(conv, rng):
     x, w, b, g = _problem(rng, (2, 4, 3, 4, 4, 3, 2), conv, np.float64)
 
-    def numeric(arrays, which):
-        a = arrays[which]
-        grad = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            losses = []
-            for eps in (1e-6, -1e-6):
-                moved = a.copy()
-                moved[idx] += eps
-                losses.append(np.sum(fc.conv_transpose2d(**{**arrays, which: moved}, **conv)
-                                     * g))
-            grad[idx] = (losses[0] - losses[1]) / 2e-6
-        return grad
+    def f(**arrays):
+        return fc.conv_transpose2d(**arrays, **conv)
 
     arrays = dict(input=x, weight=w, bias=b)
     tol = dict(rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fc.conv_transpose2d_grad_input(g, w, x.shape, **conv),
-                               numeric(arrays, "input"), **tol)
+                               central_differences(f, arrays, "input", g), **tol)
     np.testing.assert_allclose(fc.conv_transpose2d_grad_weight(x, g, w.shape, **conv),
-                               numeric(arrays, "weight"), **tol)
-    np.testing.assert_allclose(fc.conv2d_grad_bias(g), numeric(arrays, "bias"), **tol)
+                               central_differences(f, arrays, "weight", g), **tol)
+    np.testing.assert_allclose(fc.conv2d_grad_bias(g),
+                               central_differences(f, arrays, "bias", g), **tol)
 
 
 def test_unbatched_input(rng):

@@ -10,6 +10,8 @@ import pytest
 
 from fastconv import models, nn, optim
 
+from conftest import kink_margin
+
 
 def _torch():
     return pytest.importorskip("torch")
@@ -612,22 +614,9 @@ def test_whole_network_finite_differences_through_dropout_and_batchnorm(rng):
         return loss(model(x), y)
 
     def kinks(x):
-        """The smallest distance of a ReLU input from 0 or of a 2x2 window's top two."""
         for i, d in enumerate(drops):
             d.rng = np.random.default_rng(100 + i)
-        margin, a = np.inf, x
-        for layer in model:
-            if isinstance(layer, nn.ReLU):
-                margin = min(margin, np.abs(a).min())
-            if isinstance(layer, nn.MaxPool2d):
-                N, C, H, W = a.shape
-                win = a.reshape(N, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5)
-                top = np.sort(win.reshape(N, C, H // 2, W // 2, 4), axis=-1)
-                live = top[..., -1] > 0
-                if live.any():
-                    margin = min(margin, (top[..., -1] - top[..., -2])[live].min())
-            a = layer(a)
-        return margin
+        return kink_margin(model, x)
 
     for _ in range(100):
         x = rng.standard_normal((3, 2, 8, 8))
