@@ -353,8 +353,7 @@ def relu(input, inplace=False):
         flat = x.reshape(-1)  # a view: x is C-contiguous
         ops.relu(flat, out=flat)
         return x
-    x = _as_float("input", input)
-    return ops.relu(x.reshape(-1)).reshape(x.shape)  # 1-D: ops.relu makes 0-D input 1-D
+    return ops.relu(input)
 
 
 def _refuse(name: str, value, only: str) -> None:

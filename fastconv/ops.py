@@ -18,7 +18,7 @@ def relu(input, *, out=None) -> np.ndarray:
     """``max(input, 0)`` (a NaN stays NaN), in the conv dtype rules' result dtype; into
     ``out`` (C-contiguous, the input's shape and that dtype; it may be the input itself) if
     given."""
-    x = np.ascontiguousarray(_as_float("input", input))
+    x = np.asarray(_as_float("input", input), order="C")  # 0-D stays 0-D
     y = np.empty_like(x) if out is None else _checks.array("out", out, x.shape, x.dtype,
                                                           writeable=True)
     _k.relu_fwd(x.reshape(-1), y.reshape(-1))
