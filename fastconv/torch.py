@@ -17,7 +17,14 @@
   :func:`conv2d`: the same constructor, parameters, initialisation, ``state_dict`` keys
   and ``padding_mode`` handling.
 * :func:`convert` turns every ``torch.nn.Conv2d`` of a model into a :class:`Conv2d` in
-  place, and warns once, naming them, about those it leaves alone.
+  place, and warns once, naming them, about those it leaves alone; and every
+  ``torch.nn.Sequential`` holding a ``Conv2d, ReLU, MaxPool2d(2)`` run into a
+  :class:`Sequential`, which runs such runs as one :func:`conv2d_relu_max_pool2d`
+  (:func:`fused_runs` names them).
+* :func:`conv2d_relu_max_pool2d` is ``max_pool2d(relu(conv2d(...)), 2)`` in one
+  differentiable pass: the convolution writes its output in the order the 2x2 pool reads
+  (fastconv's "pool order"), and the backward pass routes the deltas back through pool
+  and ReLU straight into the layout the convolution's backward reads.
 
 How tensors cross (docs/torch.md): ``tensor.detach().numpy()`` and ``torch.from_numpy``
 share memory, so no array is copied on the way in or out; fastconv reads any strides.  The
