@@ -354,9 +354,12 @@ def conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilati
         As :func:`conv2d`.
     """
     _check(input, weight, bias)
+    if input.dim() != 4:
+        raise ValueError(f"conv2d_relu_max_pool2d needs a batch (N, C, H, W), got input of "
+                         f"shape {tuple(input.shape)}")
     geo = _conv.conv_geometry(tuple(input.shape), tuple(weight.shape), stride, padding,
                               dilation, groups)
-    if input.dim() != 4 or not _conv.pool_order_ok(geo):
+    if not _conv.pool_order_ok(geo):
         raise ValueError(f"conv2d_relu_max_pool2d needs a batch (N, C, H, W) whose "
                          f"convolution output has an even, non-empty size that fastconv's "
                          f"parallel kernels write (fastconv.conv.pool_order_ok); got input "

@@ -625,6 +625,8 @@ def test_fused_function_without_grad_channels_last_and_refusals(parallel_paths):
         fct.conv2d_relu_max_pool2d(odd, w, b, **conv)
     with pytest.raises(TypeError, match="dtype"):
         fct.conv2d_relu_max_pool2d(x.float(), w, b, **conv)
+    with pytest.raises(ValueError, match=r"needs a batch \(N, C, H, W\), got input of shape"):
+        fct.conv2d_relu_max_pool2d(x[0], w, b, **conv)
     y = fct.conv2d_relu_max_pool2d(x, w.requires_grad_(), b, **conv)
     (dw,) = torch.autograd.grad(y.sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
