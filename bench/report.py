@@ -28,7 +28,8 @@ faster, the median of per-round ratios):
    ``bench/interplay.py``: a loop of NumPy products and convolutions under each thread
    setting (no verdict: README's remedies are what it shows);
 7. ``fastconv.torch``: the two-conv network's training step in PyTorch with
-   ``fastconv.torch.convert(model)`` (fastconv's convolutions, torch's everything else) is
+   ``fastconv.torch.convert(model)`` (fastconv's convolutions, fused with the ReLU and
+   2x2 max pool after each; torch's everything else) is
    >= 1.3x the same step in pure PyTorch, batch 64.  With it, a forward pass without grad.
 
 ``--baseline DIR`` compares against another fastconv source tree (a checkout of an older

@@ -17,7 +17,14 @@
   :func:`conv2d`: the same constructor, parameters, initialisation, ``state_dict`` keys
   and ``padding_mode`` handling.
 * :func:`convert` turns every ``torch.nn.Conv2d`` of a model into a :class:`Conv2d` in
-  place, and warns once, naming them, about those it leaves alone.
+  place, and warns once, naming them, about those it leaves alone; and every
+  ``torch.nn.Sequential`` holding a ``Conv2d, ReLU, MaxPool2d(2)`` run into a
+  :class:`Sequential`, which runs such runs as one :func:`conv2d_relu_max_pool2d`
+  (:func:`fused_runs` names them).
+* :func:`conv2d_relu_max_pool2d` is ``max_pool2d(relu(conv2d(...)), 2)`` in one
+  differentiable pass: the convolution writes its output in the order the 2x2 pool reads
+  (fastconv's "pool order"), and the backward pass routes the deltas back through pool
+  and ReLU straight into the layout the convolution's backward reads.
 
 How tensors cross (docs/torch.md): ``tensor.detach().numpy()`` and ``torch.from_numpy``
 share memory, so no array is copied on the way in or out; fastconv reads any strides.  The
@@ -53,8 +60,10 @@ import numpy as np
 from . import conv as _conv
 from . import layouts as _layouts
 from . import plan as _plan
+from . import pool as _pool
 
-__all__ = ["Conv2d", "conv2d", "convert"]
+__all__ = ["Conv2d", "Sequential", "conv2d", "conv2d_relu_max_pool2d", "convert",
+           "fused_ok", "fused_runs"]
 
 #: The dtypes fastconv computes in.
 DTYPES = (torch.float32, torch.float64)
@@ -316,6 +325,224 @@ class Conv2d(torch.nn.Conv2d):
         return "fastconv.torch.Conv2d"
 
 
+def conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
+                           groups=1):
+    """``max_pool2d(relu(conv2d(input, weight, bias, ...)), 2)`` in one pass: fastconv's
+    convolution writes its output in pool order (``fastconv.conv.conv2d_saving(...,
+    pool_order=True)``), and the 2x2 max pool and ReLU run on that; its backward pass
+    routes the deltas back through the pool and ReLU straight into the layout the
+    convolution's backward reads (``fastconv.conv.backward_pool_order`` or
+    ``backward_saved``).
+
+    Parameters
+    ----------
+    input : Tensor (N, C, H, W)
+        A batch whose convolution output size is even (``fastconv.conv.pool_order_ok``):
+        see :func:`fused_ok`.  The other arguments are :func:`conv2d`'s.
+
+    Returns
+    -------
+    Tensor (N, K, OH/2, OW/2)
+        The same values as ``torch.nn.functional.max_pool2d(torch.relu(conv2d(...)), 2)``
+        (max and ReLU commute), channels-last if the input or the weight is.
+
+    Raises
+    ------
+    ValueError
+        If :func:`fused_ok` is false for these arguments, and as :func:`conv2d`.
+    TypeError
+        As :func:`conv2d`.
+    """
+    _check(input, weight, bias)
+    if input.dim() != 4:
+        raise ValueError(f"conv2d_relu_max_pool2d needs a batch (N, C, H, W), got input of "
+                         f"shape {tuple(input.shape)}")
+    geo = _conv.conv_geometry(tuple(input.shape), tuple(weight.shape), stride, padding,
+                              dilation, groups)
+    if not _conv.pool_order_ok(geo):
+        raise ValueError(f"conv2d_relu_max_pool2d needs a batch (N, C, H, W) whose "
+                         f"convolution output has an even, non-empty size that fastconv's "
+                         f"parallel kernels write (fastconv.conv.pool_order_ok); got input "
+                         f"{tuple(input.shape)}, output {geo.OH}x{geo.OW}")
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _Conv2dReLUMaxPool2d.apply(input, weight, bias, stride, padding, dilation,
+                                       groups)
+    else:  # nothing to differentiate: keep nothing
+        key = (geo, "pool", input.dtype)
+        ws = _workspaces.take(key)
+        y4, _, geo = _conv.conv2d_saving(_np(input), _np(weight), _np(bias), stride,
+                                         padding, dilation, groups, workspace=ws,
+                                         pool_order=True)
+        _workspaces.give(key, ws)
+        y = torch.from_numpy(_pool.max_pool2x2_relu_pool_order(
+            y4, (geo.N, geo.K, geo.OH, geo.OW))[0])
+    if _channels_last(input) or _channels_last(weight):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def fused_ok(input, weight, stride=1, padding=0, dilation=1, groups=1) -> bool:
+    """Whether :func:`conv2d_relu_max_pool2d` takes these arguments: a 4-D CPU float32
+    or float64 batch and weight of one dtype whose convolution output has an even,
+    non-empty size that fastconv writes in pool order (``fastconv.conv.pool_order_ok``).
+    False, never an error, for anything else (the unfused modules then raise theirs)."""
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    if (input.dim() != 4 or input.layout != torch.strided or input.device.type != "cpu"
+            or input.dtype not in DTYPES or weight.dtype != input.dtype):
+        return False
+    try:
+        geo = _conv.conv_geometry(tuple(input.shape), tuple(weight.shape), stride, padding,
+                                  dilation, groups)
+    except (TypeError, ValueError):
+        return False
+    return _conv.pool_order_ok(geo)
+
+
+class _Conv2dReLUMaxPool2d(torch.autograd.Function):
+    """The autograd node of :func:`conv2d_relu_max_pool2d`.  Forward keeps:
+
+    * ``ctx.geo`` (the convolution's), ``ctx.kind`` (``fastconv.conv.saved_kind`` with
+      pool order: ``'pixels'``, ``'packed'`` or ``'input'``), ``ctx.px`` (the
+      ``PixelInput`` of the pixel path, its array saved as below);
+    * ``ctx.y`` and ``ctx.pos``: a private copy of the pooled output (whose sign is the
+      ReLU's mask; a copy, so that later in-place operations on the returned tensor, which
+      torch's own pool allows, change nothing here) and each maximum's window position;
+    * ``save_for_backward(weight, saved)``: the weight, and what dW reads: the packed
+      input or the pixel path's flattened input (tensors over the workspace they live
+      in, which goes back to the pool when autograd frees them), or the input itself.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        x, w, b = input.detach().numpy(), _np(weight), _np(bias)
+        geo = _conv.conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
+        key = (geo, "pool", x.dtype)
+        ws = _workspaces.take(key)
+        y4, saved, geo = _conv.conv2d_saving(x, w, b, stride, padding, dilation, groups,
+                                             workspace=ws, pool_order=True)
+        y, pos = _pool.max_pool2x2_relu_pool_order(y4, (geo.N, geo.K, geo.OH, geo.OW))
+        ctx.geo, ctx.kind = geo, _conv.saved_kind(geo, y.dtype, pool_order=True)
+        ctx.y, ctx.pos, ctx.px, ctx.ws = y.copy(), pos, None, None
+        if ctx.kind == "input":  # the input itself: nothing of ws is kept
+            _workspaces.give(key, ws)
+            kept = input
+        else:
+            if ctx.kind == "pixels":
+                ctx.px, arr = saved, saved.xf
+            else:
+                arr = saved
+            view = arr.view()
+            kept = torch.from_numpy(view)
+            ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
+            ctx.owns.atexit = False
+        # The input too whenever it requires grad, so that a second backward through dW
+        # reaches the error it must raise.
+        ctx.save_for_backward(weight, kept, input if ctx.needs_input_grad[0] else None)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        weight, kept, _ = ctx.saved_tensors
+        geo, w, y, pos = ctx.geo, _np(weight), ctx.y, ctx.pos
+        dy = np.ascontiguousarray(grad_output.detach().numpy(), y.dtype)
+        shape = (geo.N, geo.K, geo.OH, geo.OW)
+        ws = ctx.ws if ctx.ws is not None and ctx.owns.alive else None
+        if ctx.kind == "pixels":
+            g, dsum = _pool.max_pool2x2_relu_pool_order_backward(dy, pos, y)
+            pooled = _layouts.PooledDeltas(g, pos.reshape(geo.N, geo.K, -1))
+            px = ctx.px._replace(xf=np.ascontiguousarray(kept.numpy()))
+            dx, dw, db = _conv.backward_pool_order(px, geo, w, pooled, need_dx, dsum)
+        elif ctx.kind == "packed":
+            layout = _conv.delta_layout(geo, need_dx)
+            out = None if ws is None else ws.zeros("dy", layout.shape, y.dtype)
+            dyp, dsum = _pool.max_pool2x2_backward_packed(dy, pos, y, True, layout, shape,
+                                                          out, positions=True)
+            dx, dw, db = _conv.backward_saved(np.ascontiguousarray(kept.numpy()), geo, w,
+                                              dyp, layout, need_dx, ws, dsum)
+        else:
+            g, dsum = _pool.max_pool2x2_relu_pool_order_backward(dy, pos, y)
+            dy4 = _layouts.PooledDeltas(g, pos.reshape(geo.N, geo.K, -1)).expand()
+            dx, dw, db = _conv.backward_input(kept.detach().numpy(), geo, w,
+                                              _layouts.from_pool_order(dy4, geo.OH, geo.OW),
+                                              need_dx, dsum)
+        grads = [_tensor(dx) if need_dx else None, _tensor(dw) if need_dw else None,
+                 _tensor(db) if need_db else None]
+        if torch.is_grad_enabled():  # create_graph=True: make a backward through these fail
+            grads = _no_double_backward(grads, (grad_output, *ctx.saved_tensors))
+        return (*grads, None, None, None, None)
+
+
+def _no_hooks(*modules) -> bool:
+    """Whether no forward or backward hooks, the modules' own or global, would run."""
+    m = torch.nn.modules.module
+    if any(getattr(m, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return False
+    return not any(getattr(mod, name, None) for mod in modules for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _is_fusable_pool(pool) -> bool:
+    """Whether ``pool`` is a plain ``torch.nn.MaxPool2d`` of 2x2 windows at stride 2,
+    unpadded, undilated, floor mode, without indices."""
+    return (type(pool) is torch.nn.MaxPool2d and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride if pool.stride is not None else 2) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+            and not pool.ceil_mode and not pool.return_indices)
+
+
+def _fusable_run(conv, relu, pool) -> bool:
+    """Whether modules ``conv``, ``relu``, ``pool`` (in this order in a Sequential) run as
+    one :func:`conv2d_relu_max_pool2d`: a :class:`Conv2d` with zero padding mode, a
+    ``torch.nn.ReLU``, a 2x2 ``torch.nn.MaxPool2d`` (:func:`_is_fusable_pool`), no hooks."""
+    return (type(conv) is Conv2d and conv.padding_mode == "zeros"
+            and type(relu) is torch.nn.ReLU and _is_fusable_pool(pool)
+            and _no_hooks(conv, relu, pool))
+
+
+class Sequential(torch.nn.Sequential):
+    """``torch.nn.Sequential`` that runs each ``Conv2d, ReLU, MaxPool2d(2)`` run of its
+    modules as one :func:`conv2d_relu_max_pool2d` when it can (:func:`convert` makes it).
+
+    Its modules, their indices and the ``state_dict`` keys are those of the
+    ``torch.nn.Sequential`` it was: only the forward pass differs.  Which runs fuse is
+    decided at every call, for the modules it holds then and the actual input: a
+    :class:`Conv2d` (zero padding mode), a ``torch.nn.ReLU`` (``inplace`` or not) and a
+    ``torch.nn.MaxPool2d`` with 2x2 windows, stride 2, no padding, dilation 1, floor mode
+    and no indices, none of them with hooks (nor global module hooks), on a 4-D input
+    whose convolution output has an even size (:func:`fused_ok`); anything else runs
+    module by module, as ``torch.nn.Sequential`` does.  The modules called on their own
+    compute as they always do.
+    """
+
+    def forward(self, input):
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):
+            conv = mods[i]
+            if (i + 2 < len(mods) and _fusable_run(conv, mods[i + 1], mods[i + 2])
+                    and fused_ok(input, conv.weight, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups)):
+                input = conv2d_relu_max_pool2d(input, conv.weight, conv.bias, conv.stride,
+                                               conv.padding, conv.dilation, conv.groups)
+                i += 3
+            else:
+                input = conv(input)
+                i += 1
+        return input
+
+    def _get_name(self):
+        return "fastconv.torch.Sequential"
+
+
 def _why_not(module) -> str | None:
     """Why :func:`convert` leaves ``module`` (a ``torch.nn.Conv2d`` or subclass) as it is,
     or None if it converts it."""
@@ -334,13 +561,24 @@ def _why_not(module) -> str | None:
 
 def convert(model):
     """Make every ``torch.nn.Conv2d`` of ``model`` (the model itself included) a
-    :class:`Conv2d`, in place, and return ``model``.
+    :class:`Conv2d`, and every ``torch.nn.Sequential`` holding a ``Conv2d, ReLU,
+    MaxPool2d(2)`` run a :class:`Sequential`, in place, and return ``model``.
 
     The modules stay the same objects, with the same parameters, buffers, hooks and
-    mode: only their class changes, so an optimizer made before keeps working.  Layers
-    fastconv cannot run stay ``torch.nn.Conv2d``, with one warning that names each and
-    why: parameters off the CPU or of another dtype than float32/float64, and subclasses
-    of ``torch.nn.Conv2d`` (whose forward pass may not be a convolution's).
+    mode: only their class changes, so an optimizer made before keeps working, and the
+    ``state_dict`` keys and module indices stay.  Layers fastconv cannot run stay
+    ``torch.nn.Conv2d``, with one warning that names each and why: parameters off the
+    CPU or of another dtype than float32/float64, and subclasses of ``torch.nn.Conv2d``
+    (whose forward pass may not be a convolution's).
+
+    A converted :class:`Sequential` runs each run of three consecutive modules exactly
+    ``Conv2d`` (converted, zero padding mode), ``torch.nn.ReLU``, ``torch.nn.MaxPool2d``
+    (2x2 windows, stride 2, no padding, dilation 1, floor mode, no indices), none with
+    hooks, as one :func:`conv2d_relu_max_pool2d` (the convolution writes pool order, as
+    fastconv's own ``Sequential`` does) whenever the input allows it (:func:`fused_ok`),
+    and module by module otherwise.  The three modules stay in place, unchanged: called on
+    their own they compute as before.  Subclasses of ``torch.nn.Sequential`` are left
+    alone (their forward pass may differ).
 
     Parameters
     ----------
@@ -361,7 +599,31 @@ def convert(model):
             module.__class__ = Conv2d
         else:
             left.append(f"{name or '(the model itself)'} ({reason})")
+    for module in model.modules():
+        if type(module) is torch.nn.Sequential:
+            mods = list(module._modules.values())
+            if any(_fusable_run(*mods[i:i + 3]) for i in range(len(mods) - 2)):
+                module.__class__ = Sequential
     if left:
         warnings.warn(f"fastconv.torch.convert left {len(left)} torch.nn.Conv2d layer(s) to "
                       f"torch: {'; '.join(left)}", stacklevel=2)
     return model
+
+
+def fused_runs(model) -> list[str]:
+    """The names (as in ``model.named_modules()``) of the ``Conv2d`` modules whose
+    ``Conv2d, ReLU, MaxPool2d(2)`` runs a converted :class:`Sequential` of ``model`` fuses
+    (:func:`convert`), if the input allows it (:func:`fused_ok`)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    runs = []
+    for module in model.modules():
+        if type(module) is Sequential:
+            mods = list(module._modules.values())
+            i = 0
+            while i < len(mods) - 2:
+                if _fusable_run(*mods[i:i + 3]):
+                    runs.append(names[id(mods[i])])
+                    i += 3
+                else:
+                    i += 1
+    return runs

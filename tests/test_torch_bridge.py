@@ -553,3 +553,202 @@ def test_two_conv_network_trains_as_with_torchs_convolutions():
     assert ours[-1] < ours[0]
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+# ---- Conv2d, ReLU, MaxPool2d(2) runs fused by convert() --------------------------------
+
+# (N, C, H, W, K, R, S, conv) whose convolution output fastconv writes in pool order (with
+# the parallel_paths fixture), one for each kept form: the pixel path's PixelInput (few
+# channels), the packed input (channel tile, grouped), and the NCHW input (NCHW-delta dW,
+# depthwise), and a strided one.
+FUSED = [
+    (2, 1, 8, 8, 3, 3, 3, dict(padding=1)),
+    (2, 3, 12, 10, 4, 3, 3, dict(padding=1)),
+    (2, 6, 8, 8, 4, 3, 3, dict(padding=1)),
+    (2, 4, 8, 8, 6, 3, 3, dict(padding=1, groups=2)),
+    (2, 16, 6, 8, 8, 3, 3, dict(padding=1)),
+    (2, 4, 8, 8, 4, 3, 3, dict(padding=1, groups=4)),
+    (2, 8, 11, 11, 8, 3, 3, dict(stride=2, padding=1)),
+]
+
+
+def _reference_fused(x, w, b, conv):
+    return torch.nn.functional.max_pool2d(
+        torch.relu(torch.nn.functional.conv2d(x, w, b, **conv)), 2)
+
+
+@requires_torch
+@pytest.mark.parametrize("shape", FUSED, ids=str)
+def test_fused_function_gradcheck_and_matches_torch(shape, parallel_paths):
+    x, w, b, conv = _problem(shape, torch.float64)
+    assert fct.fused_ok(x, w, **conv)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    torch.autograd.gradcheck(lambda *a: fct.conv2d_relu_max_pool2d(*a, **conv), (x, w, b))
+    ours = fct.conv2d_relu_max_pool2d(x, w, b, **conv)
+    theirs = _reference_fused(x, w, b, conv)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ours)
+    for a, c in zip(torch.autograd.grad(ours, (x, w, b), g),
+                    torch.autograd.grad(theirs, (x, w, b), g), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-11, atol=1e-11)
+
+
+@requires_torch
+@pytest.mark.parametrize("needs", list(itertools.product([False, True], repeat=3))[1:],
+                         ids=str)
+def test_fused_function_each_subset_of_requires_grad(needs, parallel_paths):
+    for shape in (FUSED[0], FUSED[2], FUSED[4]):
+        x, w, b, conv = _problem(shape, torch.float64, contiguous=False)
+        args = [t.requires_grad_(n) for t, n in zip((x, w, b), needs, strict=True)]
+        ours = fct.conv2d_relu_max_pool2d(*args, **conv)
+        theirs = _reference_fused(*args, conv)
+        want = [t for t in args if t.requires_grad]
+        for a, c in zip(torch.autograd.grad(ours.square().sum(), want),
+                        torch.autograd.grad(theirs.square().sum(), want), strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-11, atol=1e-11)
+
+
+@requires_torch
+def test_fused_function_without_grad_channels_last_and_refusals(parallel_paths):
+    x, w, b, conv = _problem(FUSED[2], torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fct.conv2d_relu_max_pool2d(x, w, b, **conv),
+                                   _reference_fused(x, w, b, conv), rtol=1e-12, atol=1e-12)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    y = fct.conv2d_relu_max_pool2d(xc, w, b, **conv)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _reference_fused(x, w, b, conv), rtol=1e-12, atol=1e-12)
+    odd = x[:, :, :7, :7]
+    assert not fct.fused_ok(odd, w, **conv) and not fct.fused_ok(x[0], w, **conv)
+    assert not fct.fused_ok(x.float(), w, **conv) and not fct.fused_ok(x, "w")
+    with pytest.raises(ValueError, match=r"even, non-empty size .* output 7x7"):
+        fct.conv2d_relu_max_pool2d(odd, w, b, **conv)
+    with pytest.raises(TypeError, match="dtype"):
+        fct.conv2d_relu_max_pool2d(x.float(), w, b, **conv)
+    with pytest.raises(ValueError, match=r"needs a batch \(N, C, H, W\), got input of shape"):
+        fct.conv2d_relu_max_pool2d(x[0], w, b, **conv)
+    y = fct.conv2d_relu_max_pool2d(x, w.requires_grad_(), b, **conv)
+    (dw,) = torch.autograd.grad(y.sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        dw.sum().backward()
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = fct.conv2d_relu_max_pool2d
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fct, "conv2d_relu_max_pool2d", spy)
+    return calls
+
+
+def _compare(model, reference, x, rtol, atol):
+    """Outputs and all gradients of ``model`` and ``reference`` on ``x`` are close."""
+    for m in (model, reference):
+        m.zero_grad(set_to_none=True)
+    ours, theirs = model(x), reference(x)
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    theirs.backward(g)
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=n)
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_convert_fuses_the_two_conv_networks_runs(dtype, monkeypatch):
+    torch.manual_seed(0)
+    reference = _two_conv().to(dtype)
+    model = fct.convert(copy.deepcopy(reference))
+    assert type(model) is fct.Sequential and fct.fused_runs(model) == ["0", "3"]
+    assert [type(m) for m in model][:3] == [fct.Conv2d, torch.nn.ReLU, torch.nn.MaxPool2d]
+    assert list(model.state_dict()) == list(reference.state_dict())
+    calls = _spy(monkeypatch)
+    x = torch.randn(16, 1, 28, 28, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
+                                                                           atol=1e-5)
+    _compare(model, reference, x, **tol)
+    assert calls == [(16, 1, 28, 28), (16, 32, 14, 14)]
+    for m in (model, reference):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), **tol)
+    assert len(calls) == 4
+    # the modules called on their own compute as before, unfused
+    torch.testing.assert_close(model[0](x), reference[0](x), **tol)
+    torch.testing.assert_close(model[2](model[1](model[0](x))), reference[:3](x), **tol)
+    torch.testing.assert_close(model[:3](x), reference[:3](x), **tol)
+    assert len(calls) == 5  # the slice is a fastconv.torch.Sequential too
+
+
+@requires_torch
+def test_two_conv_network_trains_fused_as_with_torch(monkeypatch):
+    calls = _spy(monkeypatch)
+    test_two_conv_network_trains_as_with_torchs_convolutions()
+    assert len(calls) == 12  # two runs, six steps
+
+
+@requires_torch
+def test_inplace_relu_odd_sizes_other_pools_and_hooks(monkeypatch, parallel_paths):
+    tnn = torch.nn
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+
+    def check(reference, x, fused):
+        model = fct.convert(copy.deepcopy(reference))
+        calls.clear()
+        _compare(model, reference, x, rtol=1e-10, atol=1e-12)
+        assert len(calls) == fused
+        return model
+
+    net = tnn.Sequential(tnn.Conv2d(3, 8, 3, padding=1), tnn.ReLU(inplace=True),
+                         tnn.MaxPool2d(2, 2), tnn.Conv2d(8, 4, 3)).double()
+    assert type(check(net, torch.randn(4, 3, 16, 12, dtype=torch.float64), 1)) is fct.Sequential
+    check(net, torch.randn(4, 3, 15, 12, dtype=torch.float64), 0)  # odd: torch's relu, pool
+    check(net, torch.randn(3, 16, 12, dtype=torch.float64), 0)  # unbatched
+    for pool in (tnn.MaxPool2d(3), tnn.MaxPool2d(2, 1), tnn.MaxPool2d(2, ceil_mode=True),
+                 tnn.MaxPool2d(2, padding=1), tnn.AvgPool2d(2)):
+        other = tnn.Sequential(net[0], tnn.ReLU(), pool).double()
+        assert type(check(other, torch.randn(2, 3, 12, 12, dtype=torch.float64), 0)) is \
+            tnn.Sequential
+    hooked = copy.deepcopy(net)
+    seen = []
+    hooked[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert type(check(hooked, torch.randn(2, 3, 8, 8, dtype=torch.float64), 0)) is \
+        tnn.Sequential
+    assert seen == [(2, 8, 8, 8)] * 2
+    # a hook registered after convert() turns the fusion off at call time
+    model = fct.convert(copy.deepcopy(net))
+    handle = model[2].register_forward_pre_hook(lambda m, i: seen.append("pool"))
+    model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert seen[-1] == "pool" and not calls
+    handle.remove()
+    model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert len(calls) == 1
+    # nested Sequentials are converted too; subclasses are left alone
+    nested = tnn.Sequential(tnn.Sequential(*copy.deepcopy(net)))
+    assert fct.fused_runs(fct.convert(nested)) == ["0.0"]
+    assert type(nested[0]) is fct.Sequential and type(nested) is tnn.Sequential
+
+
+@requires_torch
+def test_fused_cases_cover_each_kept_form_and_a_retained_graph(parallel_paths):
+    from fastconv import conv as fconv
+
+    kinds = set()
+    for N, C, H, W, K, R, S, conv in FUSED:
+        geo = fconv.conv_geometry((N, C, H, W), (K, C // conv.get("groups", 1), R, S), **conv)
+        kinds.add(fconv.saved_kind(geo, np.float64, pool_order=True))
+    assert kinds == {"pixels", "packed", "input"}
+    for shape in FUSED[:3]:
+        x, w, b, conv = _problem(shape, torch.float64)
+        w.requires_grad_()
+        y = fct.conv2d_relu_max_pool2d(x, w, b, **conv)
+        (first,) = torch.autograd.grad(y.sum(), w, retain_graph=True)
+        fct.conv2d_relu_max_pool2d(x * 2, w, b, **conv).sum().backward()  # same geometry
+        (again,) = torch.autograd.grad(y.sum(), w)
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
