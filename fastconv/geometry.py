@@ -98,11 +98,10 @@ def _resolve_padding(padding, R, S, sh, sw, dlh, dlw) -> tuple[int, int, int, in
     return ph, ph, pw, pw
 
 
-def _check_channels(input_shape: tuple, weight_shape: tuple, groups) -> None:
-    """The rules between a convolution's shapes (N, C, *spatial) and (K, C/groups,
-    *kernel) and its ``groups``, for any number of spatial axes."""
-    C, spatial = input_shape[1], input_shape[2:]
-    K, Cg = weight_shape[:2]
+def _check_sizes(input_shape: tuple, weight_shape: tuple, groups) -> None:
+    """``groups`` an int >= 1, every weight size >= 1 and every spatial size of the input
+    (N, C, *spatial) >= 1: the rules every convolution, plain or transposed, shares."""
+    spatial = input_shape[2:]
     if not _is_int(groups):
         raise TypeError(f"groups must be an int, got {_describe(groups)}")
     if groups < 1:
@@ -113,6 +112,14 @@ def _check_channels(input_shape: tuple, weight_shape: tuple, groups) -> None:
         raise ValueError(f"input spatial size must be at least {'x'.join('1' * len(spatial))}, "
                          f"got {'x'.join(map(str, spatial))} (input shape {tuple(input_shape)}); "
                          "only the batch may be empty")
+
+
+def _check_channels(input_shape: tuple, weight_shape: tuple, groups) -> None:
+    """The rules between a convolution's shapes (N, C, *spatial) and (K, C/groups,
+    *kernel) and its ``groups``, for any number of spatial axes."""
+    C = input_shape[1]
+    K, Cg = weight_shape[:2]
+    _check_sizes(input_shape, weight_shape, groups)
     if C % groups:
         raise ValueError(f"groups={groups} must divide the input channels C={C}")
     if K % groups:
@@ -299,15 +306,7 @@ def conv_transpose2d_geometry(input_shape, weight_shape, stride=1, padding=0,
     """
     N, Ci, H, W = input_shape = _shape4("input_shape", input_shape)
     Cw, Cog, R, S = weight_shape = _shape4("weight_shape", weight_shape)
-    if not _is_int(groups):
-        raise TypeError(f"groups must be an int, got {_describe(groups)}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if min(weight_shape) < 1:
-        raise ValueError(f"weight shape {weight_shape} must have every size >= 1")
-    if min(H, W) < 1:
-        raise ValueError(f"input spatial size must be at least 1x1, got {H}x{W} (input shape "
-                         f"{input_shape}); only the batch may be empty")
+    _check_sizes(input_shape, weight_shape, groups)
     if Ci % groups:
         raise ValueError(f"groups={groups} must divide the input channels C_in={Ci}")
     if Cw != Ci:
