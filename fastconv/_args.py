@@ -186,6 +186,13 @@ def _result_dtype(*arrays: np.ndarray | None) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def _check_bias(b: np.ndarray | None, size: int, name: str = "K") -> None:
+    """ValueError unless the bias ``b`` is None or of shape ``(size,)``; ``name`` is what
+    ``size`` counts (``K``, ``C_out``, ``out_features``)."""
+    if b is not None and b.shape != (size,):
+        raise ValueError(f"bias must have shape ({name},) = ({size},), got {b.shape}")
+
+
 def _check_rank(name: str, a: np.ndarray, layout: str, ndim: int = 4) -> None:
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {a.shape} ({a.ndim}-D)")

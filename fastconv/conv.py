@@ -29,6 +29,7 @@ from . import kernels as _k
 from ._args import (
     _as_array,
     _as_float,
+    _check_bias,
     _check_order,
     _check_rank,
     _describe,
@@ -187,8 +188,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     p = plan.cached(x.shape, w.shape, stride, padding, dilation, groups, dtype)
-    if b is not None and b.shape != (p.geometry.K,):
-        raise ValueError(f"bias must have shape (K,) = ({p.geometry.K},), got {b.shape}")
+    _check_bias(b, p.geometry.K)
     y = p._run("forward", x.astype(dtype, copy=False), w.astype(dtype, copy=False),
                None if b is None else b.astype(dtype, copy=False))
     return y[0] if unbatched else y
@@ -248,8 +248,7 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
     a serial, Winograd or channel-tile forward pass, keeping its prepared weights."""
     x, w, b, dtype, unbatched = _forward_args(input, weight, bias)
     geo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    if b is not None and b.shape != (geo.K,):
-        raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
+    _check_bias(b, geo.K)
 
     if pool_order and (unbatched or not pool_order_ok(geo)):
         raise ValueError(f"pool_order needs a batch and an even, non-empty output size "

@@ -23,6 +23,7 @@ from ._args import (
     _as_array,
     _as_float,
     _bool,
+    _check_bias,
     _check_order,
     _check_rank,
     _describe,
@@ -31,19 +32,17 @@ from ._args import (
     _shape,
     _shape4,
 )
-from .geometry import ConvGeometry, conv1d_geometry, conv_transpose2d_geometry
+from .geometry import (
+    ConvGeometry,
+    _check_grad_output,
+    conv1d_geometry,
+    conv_transpose2d_geometry,
+)
 from .linalg import matmul
 
 __all__ = ["avg_pool2d", "conv1d", "conv1d_grad_input", "conv1d_grad_weight",
            "conv_transpose2d", "conv_transpose2d_grad_input", "conv_transpose2d_grad_weight",
            "linear", "max_pool2d", "relu"]
-
-
-def _bias(b, size: int, name: str):
-    """``b`` checked to be None or of shape (size,); ``name`` says what size is."""
-    if b is not None and b.shape != (size,):
-        raise ValueError(f"bias must have shape ({name},) = ({size},), got {b.shape}")
-    return b
 
 
 # ---- 1-D convolution -------------------------------------------------------------------
@@ -79,21 +78,13 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_rank("input", x, "(N, C, L) or 2-D (C, L)", 3)
     _check_rank("weight", w, "(K, C/groups, R)", 3)
     geo = conv1d_geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    _bias(b, geo.K, "K")
+    _check_bias(b, geo.K, "K")
     dtype = _result_dtype(x, w, b)
     y = plan.plan_for(geo, dtype)._run(
         "forward", x[:, :, None].astype(dtype, copy=False), w[:, :, None].astype(dtype, copy=False),
         None if b is None else b.astype(dtype, copy=False))
     y = y.reshape(geo.N, geo.K, geo.OW)
     return y[0] if unbatched else y
-
-
-def _check_grad_output_1d(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
-    _check_rank("grad_output", dy, "(N, K, OL)", 3)
-    expected = (geo.N, geo.K, geo.OW)
-    if dy.shape != expected:
-        raise ValueError(f"grad_output has shape {dy.shape}, but {given} gives the output "
-                         f"shape (N, K, OL) = {expected}")
 
 
 def conv1d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dilation=1,
@@ -123,7 +114,8 @@ def conv1d_grad_input(grad_output, weight, input_shape, stride=1, padding=0, dil
     _check_rank("weight", w, "(K, C/groups, R)", 3)
     input_shape = _shape("input_shape", input_shape, 3)
     geo = conv1d_geometry(input_shape, w.shape, stride, padding, dilation, groups)
-    _check_grad_output_1d(dy, geo, f"input_shape {input_shape} with weight {w.shape}")
+    _check_grad_output(dy, geo, f"input_shape {input_shape} with weight {w.shape}",
+                       "(N, K, OL)", (geo.N, geo.K, geo.OW))
     dtype = _result_dtype(dy, w)
     dx = plan.plan_for(geo, dtype)._run(
         "grad_input", dy[:, :, None].astype(dtype, copy=False),
@@ -157,7 +149,8 @@ def conv1d_grad_weight(input, grad_output, weight_shape, stride=1, padding=0, di
     _check_rank("input", x, "(N, C, L)", 3)
     weight_shape = _shape("weight_shape", weight_shape, 3)
     geo = conv1d_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
-    _check_grad_output_1d(dy, geo, f"input {x.shape} with weight_shape {weight_shape}")
+    _check_grad_output(dy, geo, f"input {x.shape} with weight_shape {weight_shape}",
+                       "(N, K, OL)", (geo.N, geo.K, geo.OW))
     dtype = _result_dtype(x, dy)
     dw = plan.plan_for(geo, dtype)._run(
         "grad_weight", x[:, :, None].astype(dtype, copy=False),
@@ -210,7 +203,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     _check_rank("weight", w, "(C_in, C_out/groups, R, S)")
     geo = conv_transpose2d_geometry(x.shape, w.shape, stride, padding, output_padding, groups,
                                     dilation)
-    _bias(b, geo.C, "C_out")
+    _check_bias(b, geo.C, "C_out")
     dtype = _result_dtype(x, w, b)
     y = plan.plan_for(geo, dtype)._run("grad_input", _grown(x.astype(dtype, copy=False), geo),
                                        w.astype(dtype, copy=False))
@@ -245,7 +238,8 @@ def conv_transpose2d_grad_input(grad_output, weight, input_shape, stride=1, padd
     input_shape = _shape4("input_shape", input_shape)
     geo = conv_transpose2d_geometry(input_shape, w.shape, stride, padding, output_padding,
                                     groups, dilation)
-    _check_grad_output_t(dy, geo, f"input_shape {input_shape} with weight {w.shape}")
+    _check_grad_output(dy, geo, f"input_shape {input_shape} with weight {w.shape}",
+                       "(N, C_out, OH, OW)", (geo.N, geo.C, geo.H, geo.W))
     dtype = _result_dtype(dy, w)
     dx = plan.plan_for(geo, dtype)._run("forward", dy.astype(dtype, copy=False),
                                         w.astype(dtype, copy=False), None)
@@ -279,18 +273,11 @@ def conv_transpose2d_grad_weight(input, grad_output, weight_shape, stride=1, pad
     weight_shape = _shape4("weight_shape", weight_shape)
     geo = conv_transpose2d_geometry(x.shape, weight_shape, stride, padding, output_padding,
                                     groups, dilation)
-    _check_grad_output_t(dy, geo, f"input {x.shape} with weight_shape {weight_shape}")
+    _check_grad_output(dy, geo, f"input {x.shape} with weight_shape {weight_shape}",
+                       "(N, C_out, OH, OW)", (geo.N, geo.C, geo.H, geo.W))
     dtype = _result_dtype(x, dy)
     return plan.plan_for(geo, dtype)._run("grad_weight", dy.astype(dtype, copy=False),
                                           _grown(x.astype(dtype, copy=False), geo))
-
-
-def _check_grad_output_t(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
-    _check_rank("grad_output", dy, "(N, C_out, OH, OW)")
-    expected = (geo.N, geo.C, geo.H, geo.W)
-    if dy.shape != expected:
-        raise ValueError(f"grad_output has shape {dy.shape}, but {given} gives the output "
-                         f"shape (N, C_out, OH, OW) = {expected}")
 
 
 # ---- linear, relu, pools ---------------------------------------------------------------
@@ -321,7 +308,7 @@ def linear(input, weight, bias=None):
     if x.ndim < 1 or x.shape[-1] != Q:
         raise ValueError(f"input must have in_features = {Q} elements on its last axis "
                          f"(weight shape {w.shape}), got shape {x.shape}")
-    _bias(b, M, "out_features")
+    _check_bias(b, M, "out_features")
     dtype = _result_dtype(x, w, b)
     x2 = x.reshape(int(np.prod(x.shape[:-1])), Q).astype(dtype, copy=False)
     if x2.shape[0] == 0 or Q == 0:

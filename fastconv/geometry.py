@@ -190,13 +190,18 @@ def _check_geometry(geo) -> ConvGeometry:
     return geo
 
 
-def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str) -> None:
-    _check_rank("grad_output", dy, "(N, K, OH, OW)")
-    expected = (geo.N, geo.K, geo.OH, geo.OW)
+def _check_grad_output(dy: np.ndarray, geo: ConvGeometry, given: str,
+                       layout: str = "(N, K, OH, OW)", expected: tuple | None = None) -> None:
+    """ValueError unless the deltas ``dy`` have the output shape that ``given`` (the other
+    arguments, for the message) gives: ``expected`` in ``layout``, by default the conv2d
+    output of ``geo`` (a 1-D or transposed convolution passes its own)."""
+    if expected is None:
+        expected = (geo.N, geo.K, geo.OH, geo.OW)
+    _check_rank("grad_output", dy, layout, len(expected))
     if dy.shape != expected:
         raise ValueError(
             f"grad_output has shape {dy.shape}, but {given} gives the output shape "
-            f"(N, K, OH, OW) = {expected}"
+            f"{layout} = {expected}"
         )
 
 

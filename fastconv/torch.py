@@ -61,6 +61,7 @@ from . import conv as _conv
 from . import layouts as _layouts
 from . import plan as _plan
 from . import pool as _pool
+from ._args import _check_bias
 
 __all__ = ["Conv2d", "Sequential", "conv2d", "conv2d_relu_max_pool2d", "convert",
            "fused_ok", "fused_runs"]
@@ -237,8 +238,7 @@ class _Conv2d(torch.autograd.Function):
             else:
                 _workspaces.give(key, ws)
         else:  # nothing of the forward pass to keep: the plan's NCHW forward pass
-            if b is not None and b.shape != (geo.K,):
-                raise ValueError(f"bias must have shape (K,) = ({geo.K},), got {b.shape}")
+            _check_bias(b, geo.K)  # torch's message, before the plan's own check
             y = _plan.plan_for(geo, x.dtype).forward(x, w, b)
         # The input for dW if its NCHW form is what dW reads; and whenever it requires
         # grad, so that a second backward through dW reaches the error it must raise.
