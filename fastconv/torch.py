@@ -112,6 +112,12 @@ def _tensor(a):
     return None if a is None else torch.from_numpy(a)
 
 
+def _differentiable(input, weight, bias) -> bool:
+    """Whether autograd records this call: grad mode on and a tensor requiring grad."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution by fastconv, like ``torch.nn.functional.conv2d``, differentiable.
 
@@ -144,8 +150,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _differentiable(input, weight, bias):
         y = _Conv2d.apply(input, weight, bias, stride, padding, dilation, groups)
     else:  # nothing to differentiate: the functional API, which keeps nothing
         y = _tensor(_conv.conv2d(_np(input), _np(weight), _np(bias), stride, padding,
@@ -204,6 +209,16 @@ class _Workspaces:
 _workspaces = _Workspaces()
 
 
+def _keep(ctx, a: np.ndarray, key, ws: _layouts.Workspace):
+    """A tensor over ``a``, an array of workspace ``ws``, for ``ctx.save_for_backward``:
+    ``ws`` is this node's (``ctx.ws``; ``ctx.owns.alive`` while it is) until autograd
+    frees the tensor, which hands ``ws`` back to the pool under ``key``."""
+    view = a.view()
+    ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
+    ctx.owns.atexit = False
+    return torch.from_numpy(view)
+
+
 class _Conv2d(torch.autograd.Function):
     """The autograd node of :func:`conv2d`.  Forward keeps what its backward reads:
 
@@ -231,10 +246,7 @@ class _Conv2d(torch.autograd.Function):
             if isinstance(saved, np.ndarray) and saved is not x:
                 # The packed input lives in ws: ws is this node's until xp is freed (the
                 # tensor holds the view), which hands ws back.
-                view = saved.view()
-                xp = torch.from_numpy(view)
-                ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
-                ctx.owns.atexit = False
+                xp = _keep(ctx, saved, key, ws)
             else:
                 _workspaces.give(key, ws)
         else:  # nothing of the forward pass to keep: the plan's NCHW forward pass
@@ -272,11 +284,19 @@ class _Conv2d(torch.autograd.Function):
                 dx = p.grad_input(dy, w)
             if need_db:
                 db = p.grad_bias(dy)
-        grads = [_tensor(dx) if need_dx else None, _tensor(dw) if need_dw else None,
-                 _tensor(db) if need_db else None]
-        if torch.is_grad_enabled():  # create_graph=True: make a backward through these fail
-            grads = _no_double_backward(grads, (grad_output, *ctx.saved_tensors))
-        return (*grads, None, None, None, None)
+        return _gradients(ctx, grad_output, dx, dw, db)
+
+
+def _gradients(ctx, grad_output, dx, dw, db) -> tuple:
+    """What an autograd node's ``backward`` returns for ``(input, weight, bias, stride,
+    padding, dilation, groups)``: the gradients autograd asked for as tensors, the others
+    None; made to fail a backward pass through them (:func:`_no_double_backward`) when
+    they are computed with ``create_graph=True``."""
+    grads = [_tensor(g) if need else None
+             for g, need in zip((dx, dw, db), ctx.needs_input_grad[:3], strict=True)]
+    if torch.is_grad_enabled():
+        grads = _no_double_backward(grads, (grad_output, *ctx.saved_tensors))
+    return (*grads, None, None, None, None)
 
 
 def _no_double_backward(grads: list, sources) -> list:
@@ -364,8 +384,7 @@ def conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilati
                          f"convolution output has an even, non-empty size that fastconv's "
                          f"parallel kernels write (fastconv.conv.pool_order_ok); got input "
                          f"{tuple(input.shape)}, output {geo.OH}x{geo.OW}")
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _differentiable(input, weight, bias):
         y = _Conv2dReLUMaxPool2d.apply(input, weight, bias, stride, padding, dilation,
                                        groups)
     else:  # nothing to differentiate: keep nothing
@@ -433,10 +452,7 @@ class _Conv2dReLUMaxPool2d(torch.autograd.Function):
                 ctx.px, arr = saved, saved.xf
             else:
                 arr = saved
-            view = arr.view()
-            kept = torch.from_numpy(view)
-            ctx.ws, ctx.owns = ws, weakref.finalize(view, _workspaces.give, key, ws)
-            ctx.owns.atexit = False
+            kept = _keep(ctx, arr, key, ws)
         # The input too whenever it requires grad, so that a second backward through dW
         # reaches the error it must raise.
         ctx.save_for_backward(weight, kept, input if ctx.needs_input_grad[0] else None)
@@ -468,11 +484,7 @@ class _Conv2dReLUMaxPool2d(torch.autograd.Function):
             dx, dw, db = _conv.backward_input(kept.detach().numpy(), geo, w,
                                               _layouts.from_pool_order(dy4, geo.OH, geo.OW),
                                               need_dx, dsum)
-        grads = [_tensor(dx) if need_dx else None, _tensor(dw) if need_dw else None,
-                 _tensor(db) if need_db else None]
-        if torch.is_grad_enabled():  # create_graph=True: make a backward through these fail
-            grads = _no_double_backward(grads, (grad_output, *ctx.saved_tensors))
-        return (*grads, None, None, None, None)
+        return _gradients(ctx, grad_output, dx, dw, db)
 
 
 def _no_hooks(*modules) -> bool:
