@@ -220,20 +220,28 @@ def _ratio(slower, faster) -> float:
     return statistics.median(a / b for a, b in zip(slower, faster, strict=True))
 
 
+def _in_turn(steps, reps: int, calls: int) -> list[list[float]]:
+    """Seconds per call of each of ``steps`` (functions without arguments), timed in turn:
+    each called once first (JIT compilation, plans, thread pools), then ``reps`` rounds of
+    ``calls`` calls of each; one list of per-round times per step."""
+    for step in steps:
+        step()
+    times = [[] for _ in steps]
+    for _ in range(reps):
+        for step, t in zip(steps, times, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            t.append((time.perf_counter() - t0) / calls)
+    return times
+
+
 def baseline_steps(reps: int, calls: int = 10) -> None:
     """Time a training step of this fastconv and of the baseline in turn, ``reps`` rounds
     of ``calls`` steps, and print their medians and the ratio."""
     steps = {"fastconv": cases.fastconv_training(),
              "baseline": cases.fastconv_training(package=cases.baseline)}
-    times = {k: [] for k in steps}
-    for step in steps.values():
-        step()
-    for _ in range(reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                step()
-            times[name].append((time.perf_counter() - t0) / calls)
+    times = dict(zip(steps, _in_turn(list(steps.values()), reps, calls), strict=True))
     print("| | fastconv | baseline | fastconv vs baseline |")
     print("|---|---|---|---|")
     print(f"| MNIST two-conv training step, batch 64 (ms) | "
@@ -256,15 +264,7 @@ def bridge_steps(reps: int, calls: int = 10) -> float:
     print("|---|---|---|---|")
     ratios = {}
     for what, steps in rows.items():
-        times = ([], [])
-        for step in steps:  # warm up: JIT compilation, plans, thread pools
-            step()
-        for _ in range(reps):
-            for step, t in zip(steps, times, strict=True):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    step()
-                t.append((time.perf_counter() - t0) / calls)
+        times = _in_turn(steps, reps, calls)
         ratios[what] = _ratio(*times)
         print(f"| {what} | {statistics.median(times[0]) * 1e3:.2f} | "
               f"{statistics.median(times[1]) * 1e3:.2f} | {ratios[what]:.2f}x |", flush=True)
