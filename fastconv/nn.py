@@ -1271,7 +1271,7 @@ class CrossEntropyLoss(Module):
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
 
-#: The earlier name of :class:`CrossEntropyLoss`, the same class.
+#: Another name of :class:`CrossEntropyLoss` (the same class), kept for existing code.
 SoftmaxCrossEntropy = CrossEntropyLoss
 
 
