@@ -15,6 +15,8 @@ import numpy as np
 
 
 def _is_int(v) -> bool:
+    if type(v) is int:  # the common case, without the slower ABC check
+        return True
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
@@ -90,6 +92,9 @@ def _shape(name: str, shape, n: int) -> tuple[int, ...]:
     ``weight_shape``: a sequence of ints >= 0 (a tuple, a list, ``torch.Size``, a 1-D
     integer array).  An array of another rank is refused by its shape and dtype (it is
     what a call in another argument order hands in), never printed whole."""
+    if type(shape) is tuple and len(shape) == n and all(
+            type(d) is int and d >= 0 for d in shape):  # the common case, checked fast
+        return shape
     if getattr(shape, "ndim", 1) != 1:
         raise TypeError(f"{name} must be a shape, a sequence of {n} ints, got "
                         f"{_describe(shape)}")
@@ -98,12 +103,17 @@ def _shape(name: str, shape, n: int) -> tuple[int, ...]:
     except TypeError:
         raise TypeError(f"{name} must be a sequence of {n} ints, got {_describe(shape)}"
                         ) from None
-    shown = _describe(shape if hasattr(shape, "dtype") else dims)
     if len(dims) != n or not all(_is_int(d) for d in dims):
-        raise ValueError(f"{name} must be {n} ints, got {shown}")
+        raise ValueError(f"{name} must be {n} ints, got {_shown(shape, dims)}")
     if min(dims, default=0) < 0:
-        raise ValueError(f"{name} must not have negative sizes, got {shown}")
+        raise ValueError(f"{name} must not have negative sizes, got {_shown(shape, dims)}")
     return tuple(int(d) for d in dims)
+
+
+def _shown(shape, dims: tuple) -> str:
+    """How :func:`_shape`'s messages show a refused shape: an array by its shape and
+    dtype, anything else as the tuple of its items."""
+    return _describe(shape if hasattr(shape, "dtype") else dims)
 
 
 def _shape4(name: str, shape) -> tuple[int, int, int, int]:

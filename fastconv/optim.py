@@ -57,6 +57,7 @@ class Optimizer:
         self.param_groups: list[dict] = []
         self.params: list[Parameter] = []
         self.step_count = 0
+        self._checked: dict[int, tuple] = {}  # group index -> (its values, checked)
         if all(isinstance(g, Mapping) for g in items):
             for i, group in enumerate(items):
                 self._add_group(group, f"params[{i}]")
@@ -127,10 +128,22 @@ class Optimizer:
         hyperparameters checked before anything is updated."""
         out, i = [], 0
         for g, group in enumerate(self.param_groups):
-            hyper = self._check_group(group, f"param_groups[{g}]")
-            out.append((hyper, list(enumerate(group["params"], i))))
+            out.append((self._hyperparameters(g, group), list(enumerate(group["params"], i))))
             i += len(group["params"])
         return out
+
+    def _hyperparameters(self, g: int, group: dict) -> tuple:
+        """:meth:`_check_group` of group ``g``, run again only when one of its values
+        changed: a step whose groups did not change checks nothing again.  Values that can
+        change in place (lists, arrays) are checked at every step."""
+        key = tuple((type(group[k]), group[k]) for k in self.defaults)
+        held = self._checked.get(g)
+        if held is not None and held[0] == key:
+            return held[1]
+        hyper = self._check_group(group, f"param_groups[{g}]")
+        if all(_immutable(v) for _, v in key):
+            self._checked[g] = (key, hyper)
+        return hyper
 
     def _grads(self, groups) -> list:
         """``(hyperparameters, [(i, data, grad)])`` of each group for its parameters that
@@ -260,6 +273,14 @@ class Optimizer:
 
     def _load_arrays(self, checked: dict) -> None:
         """Take the arrays of a checked state."""
+
+
+def _immutable(value) -> bool:
+    """Whether ``value`` is a number or a tuple of numbers: a hyperparameter that cannot
+    change without being assigned again."""
+    if isinstance(value, tuple):
+        return all(_immutable(v) for v in value)
+    return isinstance(value, (int, float, np.generic))
 
 
 class SGD(Optimizer):

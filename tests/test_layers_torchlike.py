@@ -342,6 +342,17 @@ def test_param_group_rules():
     with pytest.raises(TypeError, match=re.escape("param_groups[0]['nesterov'] must be True")):
         opt.step()
     assert all((p.data == b).all() for p, b in zip(params, before, strict=True))
+    # ... also after steps that ran with valid values, and after a change in place
+    opt.param_groups[0]["nesterov"] = False
+    opt.step()
+    opt.param_groups[0]["momentum"] = -0.5
+    with pytest.raises(ValueError, match=re.escape("param_groups[0]['momentum'] must be >= 0")):
+        opt.step()
+    adam = optim.Adam([{"params": params, "betas": [0.9, 0.999]}])
+    adam.step()
+    adam.param_groups[0]["betas"][1] = 1.0
+    with pytest.raises(ValueError, match=re.escape("param_groups[0]['betas'][1] must lie in")):
+        adam.step()
     # named_parameters() is taken as torch takes it
     named = optim.SGD(model.named_parameters(), lr=0.1)
     assert named.params == params and named.param_groups[0]["param_names"][0] == "0.weight"
