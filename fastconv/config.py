@@ -47,6 +47,11 @@ DEPTHWISE_GROUPS_PER_THREAD = 2
 #: count.
 DEPTHWISE_DW_TASKS = 32
 
+#: Grouped layers run the grouped kernels (output pixels as the vector lanes) unless their
+#: groups have at least this many input and output channels, which fill the channel
+#: tile's vectors.
+GROUPED_MAX_CG = 32
+
 #: Problems of at most this many multiply-adds per pass run the serial direct kernels
 #: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
 #: more than the arithmetic.

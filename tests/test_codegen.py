@@ -14,6 +14,7 @@ from fastconv import _jit
 from fastconv import kernels as K
 from fastconv.algorithms import channel_tile as T
 from fastconv.algorithms import depthwise as DW
+from fastconv.algorithms import grouped as GR
 from fastconv.algorithms import nchw_delta_dw as NC
 from fastconv.algorithms import pixel as P
 
@@ -86,6 +87,34 @@ def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
     x = np.zeros((2, 1 * 20 * 20), np.float32)
     dy = np.zeros((2, P.DK, 16, 16), np.float32)
     f(x, dy, np.zeros((16, P.DT), np.int64), np.zeros((1, 1, 1, P.DK, P.DT), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    assert len(PACKED_FMA.findall(asm)) >= P.DK * P.DT  # the 4 x 5 tile of pixel vectors
+    assert "vgather" not in asm
+
+
+def test_grouped_forward_kernel_keeps_its_tile_in_registers():
+    f = _fresh(GR.grouped_pixel_tiles)
+    x = np.zeros((1, 2 * 2 * 20 * 20), np.float32)
+    y = np.zeros((1, 2 * GR.KT, 16, 16), np.float32)
+    toff = np.arange(16)[:, None] * 20 + np.arange(2 * 9)
+    f(x, toff, 2 * 20 * 20, np.zeros((2, 1, 18, GR.KT), np.float32),
+      np.zeros(2 * GR.KT, np.float32), y)
+    asm = f.inspect_asm(f.signatures[0])
+    # KT channels of one group x two PX-pixel vectors: 2*KT packed FMAs a step, the
+    # accumulators in registers, the inputs loaded as whole vectors.
+    loop = _fma_loop(asm)
+    assert len(PACKED_FMA.findall(loop)) >= 2 * GR.KT
+    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+    assert "vgather" not in asm and "vscatter" not in asm
+    assert PACKED_ADD.search(asm)  # the bias added and the rows stored as vectors
+
+
+def test_grouped_dw_kernel_uses_packed_fma_without_gathers():
+    f = _fresh(GR.grouped_dw_pixels)
+    x = np.zeros((2, 2 * 20 * 20), np.float32)
+    dy = np.zeros((2, 2 * P.DK, 16, 16), np.float32)
+    f(x, dy, np.zeros((16, P.DT), np.int64), 20 * 20,
+      np.zeros((1, 2, 1, 1, P.DK, P.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     assert len(PACKED_FMA.findall(asm)) >= P.DK * P.DT  # the 4 x 5 tile of pixel vectors
     assert "vgather" not in asm

@@ -16,6 +16,7 @@ from conftest import random_problem, reference_passes, winograd_enabled
 TILE, PIXEL, WINO, NCHW, SMALL, DW = ("direct-channel-tile", "pixel", "winograd-f2x2-5x5",
                                       "nchw-delta-dw", "serial-direct", "depthwise")
 PW = "pointwise-dw"
+GR = "grouped"
 WINO3 = "winograd-f4x4-3x3"
 
 
@@ -39,6 +40,10 @@ WINO3 = "winograd-f4x4-3x3"
     ((1, 16, 8, 8), (16, 1, 3, 3), dict(padding=1, groups=16), np.float32,
      (SMALL, SMALL, SMALL)),
     ((2, 16, 9, 9), (8, 4, 3, 3), dict(stride=2, groups=4), np.float64, (SMALL, SMALL, SMALL)),
+    # grouped, few channels per group: dX at stride 2 goes on to the channel tile
+    ((8, 64, 28, 28), (64, 4, 3, 3), dict(padding=1, groups=16), np.float32, (GR, GR, GR)),
+    ((8, 64, 56, 56), (64, 8, 3, 3), dict(stride=2, padding=1, groups=8), np.float64,
+     (GR, TILE, GR)),
 ])
 def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,
                                                                want):
@@ -50,7 +55,7 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 
 def test_the_order_is_the_policy():
-    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PW, PIXEL, DW,
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PW, PIXEL, DW, GR,
                                                        NCHW, TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
@@ -93,6 +98,8 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (2, 32, 9, 9, 12, 3, 3, dict(padding=1)),
     (2, 16, 9, 9, 12, 3, 3, dict(padding=1, groups=4)),
     (4, 32, 16, 16, 32, 3, 3, dict(padding=1, groups=4)),  # grouped, beyond the serial kernels
+    (2, 12, 7, 20, 18, 3, 3, dict(padding=(1, 0), groups=6)),  # Kg = 3: a part block
+    (2, 8, 9, 40, 12, 3, 2, dict(stride=(1, 2), dilation=(2, 1), padding=(2, 1), groups=2)),
     (2, 4, 7, 9, 3, 4, 2, dict(stride=(2, 1), padding=(2, 0), dilation=(1, 3))),
     # depthwise: channels off the 16-lane vectors, multiplier 2, strides 1-3, dilation 2,
     # asymmetric padding ('same' with an even kernel), batch 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 from . import (
     channel_tile,
     depthwise,
+    grouped,
     nchw_delta_dw,
     pixel,
     pointwise,
@@ -40,8 +41,8 @@ from . import (
 )
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, nchw_delta_dw,
-              channel_tile)
+ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped,
+              nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 

@@ -1,0 +1,339 @@
+"""Grouped convolution with few channels per group: output pixels as the vector lanes,
+each group's few channels as the rows of the register tile.
+
+Legend: ``x`` (N, C, H, W) input, ``w`` (K, Cg, R, S) weights, ``b`` (K,) bias, ``dy``
+(N, K, OH, OW) deltas, ``dx`` and ``dw`` their gradients; ``G`` groups of ``Cg = C/G``
+input and ``Kg = K/G`` output channels, output channel ``k`` in group ``g = k // Kg``;
+strides ``sh, sw``, dilations ``dlh, dlw``, pads ``pt, pb, pl, pr``.
+
+Why an algorithm of its own
+---------------------------
+The channel tile vectorises over output channels (32 per tile) and steps over input
+channels in blocks of 16, within one group: a group of 4 input and 4 output channels
+fills 4 of its 32 output lanes and 4 of 16 input steps, so 31 of 32 multiply-adds are
+padding (it ran ResNeXt's 32-group 3x3 layer at 0.04-0.2x PyTorch).  Here the lanes are
+output *pixels*, which every group has plenty of, and a tile holds ``KT`` output
+channels of one group times two vectors of ``PX`` pixels: each step loads two input
+vectors (one tap of one input channel of the group) and multiplies them by ``KT``
+broadcast weights.  Nothing is padded except the last channel block of a group whose
+``Kg`` is not a multiple of ``KT``.
+
+The math
+--------
+The input is laid out as :func:`fastconv.layouts._phase_planes` lays it out: zero-padded
+planes, each plane's columns split into ``sw`` phases of width ``Wq`` (plane ``c*sw + q``
+holds padded columns ``q, q + sw, ...``), so that for every tap consecutive output pixels
+of a row read consecutive inputs.  Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads,
+for output pixel ``(i, j)``::
+
+    xq[n, (g*Cg + c)*sw + (s*dlw) % sw, i*sh + r*dlh, j + (s*dlw)//sw]
+      = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sw*Hp*Wq
+
+with ``xf`` each image's planes flattened.  Then::
+
+    y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
+    dw[k, t]    = sum_{n,i,j} dy[n,k,i,j] * xf[n, g*gstep + toff[i, t] + j]
+
+**dX** at stride 1 is a grouped convolution of its own (see "dX, derived once" in
+:mod:`fastconv.geometry`): the deltas, padded by ``dlh*(R-1) - pt`` rows above and
+``dlh*(R-1) - pb`` below (columns likewise), correlated with each group's filters
+transposed (``Kg`` inputs to ``Cg`` outputs) and rotated by 180 degrees::
+
+    dx[n, g*Cg + c, h, v] = sum_{kg<Kg, r, s} dyp[n, g*Kg + kg, h + r*dlh, v + s*dlw]
+                                              * w[g*Kg + kg, c, R-1-r, S-1-s]
+
+so it runs the forward kernel.  Other strides, and pads wider than the dilated filter
+(negative pads above), are left to the next algorithm.
+
+Non-finite values: the forward pass multiplies the zero padding as the reference does;
+dW zeroes both operands of the lanes a row's shifted last vector shares with the previous
+one (selects, never ``inf * 0``); dX with an inf or NaN weight hands over to the next
+algorithm (the channel tile's exact path), since the weight times the deltas' zero
+border would make NaNs that no real delta touches.
+
+Parallelism: forward tasks are (image, output row, group, channel block), each writing
+its own outputs; dW tasks are (batch chunk, group, channel block, tap block), each
+writing its own partial sums, which are added in a fixed order, so results do not depend
+on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .. import config
+from .._jit import parallel_kernel, stack_tile
+from ..geometry import ConvGeometry
+from ..kernels import _chunk_task
+from ..layouts import _batch_chunks, _phase_planes, _sum_chunks
+from .pixel import (
+    DK,
+    DT,
+    KP,
+    PX,
+    _dw_pixel_inputs,
+    _dw_pixel_step,
+    _dw_pixel_sums,
+    _dw_tap_offsets,
+    _pixel_row,
+)
+
+NAME = "grouped"
+
+#: Output channels per forward tile (rows ``kk`` and ``KP + kk`` of the pixel tile).
+KT = 4
+
+
+def why_not(geo, dtype, pass_):
+    if geo.G == 1:
+        return "it needs groups > 1"
+    if pass_ == "grad_input":
+        if (geo.sh, geo.sw) != (1, 1):
+            return "its dX runs stride 1 only"
+        if max(geo.pt, geo.pb) > geo.dlh * (geo.R - 1) or max(geo.pl, geo.pr) > geo.dlw * (
+                geo.S - 1):
+            return "its dX needs pads no wider than the dilated filter"
+        if geo.W < PX:
+            return f"its dX needs input rows of at least {PX} pixels"
+    elif geo.OW < PX:
+        return f"it needs output rows of at least {PX} pixels"
+    return None
+
+
+def slower(geo, dtype, pass_):
+    if geo.Cg >= config.GROUPED_MAX_CG and geo.Kg >= config.GROUPED_MAX_CG:
+        return (f"groups of at least {config.GROUPED_MAX_CG} input and output channels fill "
+                "the channel tile's vectors (config.GROUPED_MAX_CG)")
+    return None
+
+
+# ---- layouts ---------------------------------------------------------------------------
+
+
+def _input(x: np.ndarray, geo: ConvGeometry):
+    """``x`` as the kernels read it: ``(xf (N, L), toff (OH, Cg*R*S) int64, gstep)``,
+    the taps in ``(c, r, s)`` order (see the module docstring)."""
+    xq = _phase_planes(x, geo.pads, geo.sw)
+    Hp, Wq = xq.shape[2:]
+    sw, dlw = geo.sw, geo.dlw
+    c, rs = np.divmod(np.arange(geo.Cg * geo.R * geo.S), geo.R * geo.S)
+    r, s = np.divmod(rs, geo.S)
+    toff = ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
+    rows = np.arange(geo.OH)[:, None] * (geo.sh * Wq)
+    return xq.reshape(geo.N, -1), rows + toff, geo.Cg * sw * Hp * Wq
+
+
+def prepare(geo, w, pass_):
+    """The weights as the forward kernel reads them (:func:`_blocked`): for dX, those of
+    the transposed, rotated filters."""
+    if pass_ == "forward":
+        return _blocked(w.reshape(geo.G, geo.Kg, geo.Cg * geo.R * geo.S))
+    return _blocked(_dx_filters(geo, w))
+
+
+def _blocked(w: np.ndarray) -> np.ndarray:
+    """Each group's filters, ``w`` (G, Kg, T) with ``T`` taps, as the forward kernel
+    reads them, ``(G, KTn, T, KT)``: the output channels in blocks of ``KT``, zero past
+    ``Kg``."""
+    G, Kg, T = w.shape
+    KTn = -(-Kg // KT)
+    wp = np.zeros((G, KTn * KT, T), w.dtype)
+    wp[:, :Kg] = w
+    return np.ascontiguousarray(wp.reshape(G, KTn, KT, T).transpose(0, 1, 3, 2))
+
+
+def _dx_filters(geo: ConvGeometry, w: np.ndarray) -> np.ndarray:
+    """dX's filters ``(G, Cg, Kg*R*S)``: group ``g``'s output ``c`` reads delta channel
+    ``kg`` at tap ``(r, s)`` with ``w[g*Kg + kg, c, R-1-r, S-1-s]``."""
+    G, Kg, Cg, R, S = geo.G, geo.Kg, geo.Cg, geo.R, geo.S
+    wr = w.reshape(G, Kg, Cg, R, S)[:, :, :, ::-1, ::-1]
+    return np.ascontiguousarray(wr.transpose(0, 2, 1, 3, 4)).reshape(G, Cg, Kg * R * S)
+
+
+def _dx_geometry(geo: ConvGeometry) -> ConvGeometry:
+    """The stride-1 forward convolution that computes dX (see the module docstring)."""
+    eh, ew = geo.dlh * (geo.R - 1), geo.dlw * (geo.S - 1)
+    return ConvGeometry(geo.N, geo.K, geo.OH, geo.OW, geo.C, geo.R, geo.S, geo.G, 1, 1,
+                        geo.dlh, geo.dlw, eh - geo.pt, eh - geo.pb, ew - geo.pl, ew - geo.pr,
+                        geo.H, geo.W)
+
+
+# ---- the passes ------------------------------------------------------------------------
+
+
+def forward(geo, x, wp, b):
+    return _forward(geo, x, wp, b)
+
+
+def grad_input(geo, dy, wp):
+    if not np.isfinite(wp).all():
+        return None  # inf * the deltas' zero border would be NaN: the channel tile's path
+    return _forward(_dx_geometry(geo), dy, wp, None)
+
+
+def _forward(geo, x, wp, b):
+    xf, toff, gstep = _input(x, geo)
+    bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
+    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
+    grouped_pixel_tiles(xf, toff, gstep, wp, bias, y)
+    return y
+
+
+def grad_weight(geo, x, dy):
+    xf, toff, gstep = _input(x, geo)
+    G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
+    TTn, KTn = -(-T // DT), -(-Kg // DK)
+    tt = np.zeros((geo.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
+    tt[:, :T] = toff
+    dy = np.ascontiguousarray(dy)
+    P = _batch_chunks(geo.N, geo.K * geo.OH * geo.OW * dy.dtype.itemsize,
+                      config.DW_PIXEL_CHUNK_BYTES)
+    part = np.empty((P, G, KTn, TTn, DK, DT), dy.dtype)
+    grouped_dw_pixels(xf, dy, tt, gstep, part)
+    dw = _sum_chunks(part).transpose(0, 1, 3, 2, 4).reshape(G, KTn * DK, TTn * DT)
+    return np.ascontiguousarray(dw[:, :Kg, :T]).reshape(geo.K, geo.Cg, geo.R, geo.S)
+
+
+# ---- kernels ---------------------------------------------------------------------------
+
+
+@parallel_kernel
+def grouped_pixel_tiles(x, toff, gstep, w, b, y):
+    """Forward pass of a grouped convolution, vectorised over output pixels.
+
+    ``y[n, k, i, j] = b[k] + sum_t x[n, g*gstep + toff[i, t] + j] * w[g, kb, t, kk]``,
+    ``k = g*Kg + kb*KT + kk``, over the taps ``t = (c, r, s)`` of group ``g``:
+
+    x : (N, L)                 each image's input planes, flattened (:func:`_input`).
+    toff : (OH, T) int64       where output row ``i`` reads tap ``t`` in group 0's planes.
+    gstep : int                from one group's planes to the next, in ``x[n]``.
+    w : (G, KTn, T, KT)        weights (:func:`_blocked`), zero past ``Kg``.
+    b : (K,)                   bias.
+    y : (N, K, OH, OW)         NCHW output, C-contiguous, ``OW >= PX``.
+
+    The tile, the row covering and the stores are those of
+    :func:`fastconv.algorithms.pixel.conv_pixel_tiles` with ``KT`` channels of one group
+    in place of ``KP`` channels: each step loads two vectors of ``PX`` inputs and makes
+    ``2*KT`` FMAs with ``KT`` broadcast weights.  Parallel over (n, i, g, channel block):
+    each task owns its outputs.
+    """
+    N, K, OH, OW = y.shape
+    G, KTn, T = w.shape[:3]
+    Kg = K // G
+    yf = y.reshape(y.size)
+    ustep = np.uint64(OH * OW)  # from one channel's output plane to the next
+    for task in prange(N * OH * G * KTn):
+        kt = task % KTn
+        rest = task // KTn
+        g = rest % G
+        rest = rest // G
+        i = rest % OH
+        n = rest // OH
+        k0 = g * Kg + kt * KT
+        kn = min(KT, Kg - kt * KT)
+        xn = x[n]
+        wk = w[g, kt]
+        ti = toff[i]
+        ug = np.uint64(g * gstep)
+        urow = np.uint64(((n * K + k0) * OH + i) * OW)  # y[n, k0, i, 0] in yf
+        acc = stack_tile(16, PX, y.dtype)  # rows kk: the first vector, KP + kk: the second
+        for jt in range((OW + 2 * PX - 1) // (2 * PX)):
+            ua = np.uint64(min(jt * 2 * PX, OW - PX))
+            ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
+            for kk in range(KT):
+                for p in range(PX):
+                    acc[kk, p] = 0
+                    acc[KP + kk, p] = 0
+            for t in range(T):
+                oa = ug + ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
+                ob = oa + ud
+                wv = wk[t]
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                for p in range(PX):
+                    up = np.uint64(p)
+                    xa = xn[oa + up]
+                    xb = xn[ob + up]
+                    acc[0, p] += w0 * xa
+                    acc[1, p] += w1 * xa
+                    acc[2, p] += w2 * xa
+                    acc[3, p] += w3 * xa
+                    acc[KP + 0, p] += w0 * xb
+                    acc[KP + 1, p] += w1 * xb
+                    acc[KP + 2, p] += w2 * xb
+                    acc[KP + 3, p] += w3 * xb
+            npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
+            ya = urow + ua
+            _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
+            _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
+            _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
+            _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
+
+
+@parallel_kernel
+def grouped_dw_pixels(x, dy, toff, gstep, part):
+    """dW of a grouped convolution, vectorised over output pixels.
+
+    ``part[p, g, kb, tb, a, c] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + DK*kb + a, i, j]
+    * x[n, g*gstep + toff[i, DT*tb + c] + j]``; dW is ``part.sum(axis=0)``.
+
+    x : (N, L)                  as for :func:`grouped_pixel_tiles`.
+    dy : (N, K, OH, OW)         NCHW deltas, C-contiguous, ``OW >= PX``.
+    toff : (OH, TTn*DT) int64   the taps of group 0, padding taps reading offset 0.
+    gstep : int
+    part : (P, G, KTn, TTn, DK, DT)
+
+    The tile and the row covering are those of
+    :func:`fastconv.algorithms.pixel.conv_dw_pixels` (DK channels x DT taps, lanes summed
+    at the end), within one group; channels past the group's last repeat it, and the
+    wrapper drops them.  Parallel over (chunk, group, channel block, tap block).
+    """
+    N, K, OH, OW = dy.shape
+    P, G, KTn, TTn = part.shape[:4]
+    Kg = K // G
+    NT = G * KTn * TTn
+    JT = (OW + PX - 1) // PX
+    for task in prange(P * NT):
+        p, n0, n1, t = _chunk_task(task, NT, N, P)
+        tt = t % TTn
+        rest = t // TTn
+        kt = rest % KTn
+        g = rest // KTn
+        last = g * Kg + Kg - 1
+        k0 = min(g * Kg + kt * DK + 0, last)
+        k1 = min(g * Kg + kt * DK + 1, last)
+        k2 = min(g * Kg + kt * DK + 2, last)
+        k3 = min(g * Kg + kt * DK + 3, last)
+        ug = np.uint64(g * gstep)
+        zero = x.dtype.type(0)
+        acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
+        for a in range(DK * DT):
+            for q in range(PX):
+                acc[a, q] = 0
+        for n in range(n0, n1):
+            xn = x[n]
+            for i in range(OH):
+                d0 = dy[n, k0, i]
+                d1 = dy[n, k1, i]
+                d2 = dy[n, k2, i]
+                d3 = dy[n, k3, i]
+                o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
+                for jt in range(JT):
+                    j0 = min(jt * PX, OW - PX)
+                    lo = jt * PX - j0  # lanes below lo were counted by the previous vector
+                    uj = ug + np.uint64(j0)
+                    ud = np.uint64(j0)
+                    for q in range(PX):
+                        uq = np.uint64(q)
+                        keep = q >= lo
+                        e0 = d0[ud + uq] if keep else zero
+                        e1 = d1[ud + uq] if keep else zero
+                        e2 = d2[ud + uq] if keep else zero
+                        e3 = d3[ud + uq] if keep else zero
+                        a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, uj + uq, o0, o1, o2, o3,
+                                                              o4, keep, zero)
+                        _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
+        _dw_pixel_sums(acc, part[p, g, kt, tt], zero)
