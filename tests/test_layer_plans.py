@@ -18,7 +18,8 @@ CASES = [  # (N, C, H, W, K, kernel, conv args): one per saved kind and algorith
     (2, 24, 8, 8, 16, 1, {}),  # 1x1: pixel in all three passes
     (2, 32, 14, 14, 32, 5, dict(padding=2)),  # Winograd: packed
     (2, 32, 8, 8, 12, 3, dict(padding=1)),  # NCHW-delta dW: the input itself
-    (8, 32, 12, 12, 32, 3, dict(padding=1, groups=4)),  # channel tile: packed
+    (2, 64, 10, 10, 64, 3, dict(padding=1, groups=2)),  # channel tile: packed
+    (8, 32, 12, 12, 32, 3, dict(padding=1, groups=4)),  # grouped, wide rows
     (4, 32, 6, 20, 48, 3, dict(padding=1, groups=8)),  # grouped: the input itself
     (4, 16, 5, 40, 16, 3, dict(stride=2, padding=1, groups=4)),  # grouped, dX the tile's
     (4, 16, 23, 21, 24, 3, dict(stride=2, padding=1)),  # channel tile, strided, odd output

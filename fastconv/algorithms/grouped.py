@@ -29,7 +29,10 @@ for output pixel ``(i, j)``::
     xq[n, (g*Cg + c)*sw + (s*dlw) % sw, i*sh + r*dlh, j + (s*dlw)//sw]
       = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sw*Hp*Wq
 
-with ``xf`` each image's planes flattened.  Then::
+with ``xf`` each image's planes flattened.  Rows shorter than a vector are joined at
+stride 1 down the rows (:func:`_input`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one
+wide row, whose columns from ``OW`` on in each ``Wq`` are computed and dropped (as the
+depthwise kernels' wide rows are).  Then::
 
     y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
     dw[k, t]    = sum_{n,i,j} dy[n,k,i,j] * xf[n, g*gstep + toff[i, t] + j]
@@ -47,9 +50,11 @@ so it runs the forward kernel.  Other strides, and pads wider than the dilated f
 
 Non-finite values: the forward pass multiplies the zero padding as the reference does;
 dW zeroes both operands of the lanes a row's shifted last vector shares with the previous
-one (selects, never ``inf * 0``); dX with an inf or NaN weight hands over to the next
-algorithm (the channel tile's exact path), since the weight times the deltas' zero
-border would make NaNs that no real delta touches.
+one (selects, never ``inf * 0``), and on wide rows, whose dropped columns multiply input
+pixels by zero deltas, hands an input holding an inf or NaN to the next algorithm; dX
+with an inf or NaN weight hands over to the next algorithm (the channel tile's exact
+path), since the weight times the deltas' zero border would make NaNs that no real delta
+touches.
 
 Parallelism: forward tasks are (image, output row, group, channel block), each writing
 its own outputs; dW tasks are (batch chunk, group, channel block, tap block), each
@@ -58,6 +63,8 @@ on the thread count.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import prange
@@ -94,10 +101,11 @@ def why_not(geo, dtype, pass_):
         if max(geo.pt, geo.pb) > geo.dlh * (geo.R - 1) or max(geo.pl, geo.pr) > geo.dlw * (
                 geo.S - 1):
             return "its dX needs pads no wider than the dilated filter"
-        if geo.W < PX:
-            return f"its dX needs input rows of at least {PX} pixels"
-    elif geo.OW < PX:
-        return f"it needs output rows of at least {PX} pixels"
+        if not _rows_ok(_dx_geometry(geo)):
+            return f"its dX needs at least {PX} input pixels"
+    elif not _rows_ok(geo):
+        return (f"it needs output rows of at least {PX} pixels, or {PX} pixels in all at "
+                "stride 1 down the rows")
     return None
 
 
@@ -111,17 +119,51 @@ def slower(geo, dtype, pass_):
 # ---- layouts ---------------------------------------------------------------------------
 
 
-def _input(x: np.ndarray, geo: ConvGeometry):
-    """``x`` as the kernels read it: ``(xf (N, L), toff (OH, Cg*R*S) int64, gstep)``,
-    the taps in ``(c, r, s)`` order (see the module docstring)."""
-    xq = _phase_planes(x, geo.pads, geo.sw)
+class _Rows(NamedTuple):
+    """The input as the kernels read it (:func:`_input`): each image's planes flattened,
+    ``xf`` (N, L); the ``OH x OW`` rows of output pixels the kernels run over, with where
+    each row reads each tap of group 0, ``toff`` (OH, Cg*R*S) int64 (pixel ``j`` of row
+    ``i`` reads ``xf[n, g*gstep + toff[i, t] + j]`` in group ``g``); and ``Wq`` if the
+    output's rows are joined into one wide row of ``Wq``-pixel rows (0 if not)."""
+
+    xf: np.ndarray
+    toff: np.ndarray
+    gstep: int
+    OH: int
+    OW: int
+    Wq: int
+
+
+def _wide(geo: ConvGeometry) -> bool:
+    """Whether the kernels run the output as one wide row: rows shorter than a vector,
+    at stride 1 down the rows."""
+    return geo.OW < PX and geo.sh == 1
+
+
+def _rows_ok(geo: ConvGeometry) -> bool:
+    """Whether the kernels' rows hold at least one vector of pixels."""
+    Wq = -(-(geo.W + geo.pl + geo.pr) // geo.sw)
+    return geo.OW >= PX or (geo.sh == 1 and geo.OH * Wq >= PX)
+
+
+def _input(x: np.ndarray, geo: ConvGeometry) -> _Rows:
+    """``x`` as the kernels read it, the taps in ``(c, r, s)`` order (see the module
+    docstring).  Rows shorter than a vector are joined (:func:`_wide`): output pixel
+    ``(i, j)`` is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW`` on
+    of each output row computed and dropped; a zero row below each plane keeps the last
+    plane's reads of those columns inside the array."""
+    wide = _wide(geo)
+    xq = _phase_planes(x, (geo.pt, geo.pb + wide, geo.pl, geo.pr), geo.sw)
     Hp, Wq = xq.shape[2:]
     sw, dlw = geo.sw, geo.dlw
     c, rs = np.divmod(np.arange(geo.Cg * geo.R * geo.S), geo.R * geo.S)
     r, s = np.divmod(rs, geo.S)
     toff = ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
+    xf, gstep = xq.reshape(geo.N, -1), geo.Cg * sw * Hp * Wq
+    if wide:
+        return _Rows(xf, toff[None], gstep, 1, geo.OH * Wq, Wq)
     rows = np.arange(geo.OH)[:, None] * (geo.sh * Wq)
-    return xq.reshape(geo.N, -1), rows + toff, geo.Cg * sw * Hp * Wq
+    return _Rows(xf, rows + toff, gstep, geo.OH, geo.OW, 0)
 
 
 def prepare(geo, w, pass_):
@@ -173,24 +215,34 @@ def grad_input(geo, dy, wp):
 
 
 def _forward(geo, x, wp, b):
-    xf, toff, gstep = _input(x, geo)
+    px = _input(x, geo)
     bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
-    y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
-    grouped_pixel_tiles(xf, toff, gstep, wp, bias, y)
+    y = np.empty((geo.N, geo.K, px.OH, px.OW), x.dtype)
+    grouped_pixel_tiles(px.xf, px.toff, px.gstep, wp, bias, y)
+    if px.Wq:  # the wide rows' first OW columns
+        y = np.ascontiguousarray(y.reshape(geo.N, geo.K, geo.OH, px.Wq)[..., :geo.OW])
     return y
 
 
 def grad_weight(geo, x, dy):
-    xf, toff, gstep = _input(x, geo)
+    px = _input(x, geo)
+    if px.Wq:
+        # Deltas in the wide rows, zero in the dropped columns, which read input pixels:
+        # an inf or NaN there times such a zero would be a NaN no real product makes.
+        if not np.isfinite(px.xf).all():
+            return None  # the next algorithm runs the real columns only
+        dyw = np.zeros((geo.N, geo.K, geo.OH, px.Wq), dy.dtype)
+        dyw[..., :geo.OW] = dy
+        dy = dyw.reshape(geo.N, geo.K, 1, px.OW)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
     TTn, KTn = -(-T // DT), -(-Kg // DK)
-    tt = np.zeros((geo.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
-    tt[:, :T] = toff
+    tt = np.zeros((px.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
+    tt[:, :T] = px.toff
     dy = np.ascontiguousarray(dy)
-    P = _batch_chunks(geo.N, geo.K * geo.OH * geo.OW * dy.dtype.itemsize,
+    P = _batch_chunks(geo.N, geo.K * px.OH * px.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     part = np.empty((P, G, KTn, TTn, DK, DT), dy.dtype)
-    grouped_dw_pixels(xf, dy, tt, gstep, part)
+    grouped_dw_pixels(px.xf, dy, tt, px.gstep, part)
     dw = _sum_chunks(part).transpose(0, 1, 3, 2, 4).reshape(G, KTn * DK, TTn * DT)
     return np.ascontiguousarray(dw[:, :Kg, :T]).reshape(geo.K, geo.Cg, geo.R, geo.S)
 
