@@ -21,7 +21,7 @@ CASES = [  # (N, C, H, W, K, kernel, conv args): one per saved kind and algorith
     (2, 64, 10, 10, 64, 3, dict(padding=1, groups=2)),  # channel tile: packed
     (8, 32, 12, 12, 32, 3, dict(padding=1, groups=4)),  # grouped, wide rows
     (4, 32, 6, 20, 48, 3, dict(padding=1, groups=8)),  # grouped: the input itself
-    (4, 16, 5, 40, 16, 3, dict(stride=2, padding=1, groups=4)),  # grouped, dX the tile's
+    (4, 16, 5, 40, 16, 3, dict(stride=2, padding=1, groups=4)),  # grouped, strided dX by phases
     (4, 16, 23, 21, 24, 3, dict(stride=2, padding=1)),  # channel tile, strided, odd output
     (2, 8, 11, 9, 6, 3, dict(stride=2, padding=1)),  # serial: the input itself
     (8, 32, 28, 28, 32, 3, dict(padding=1, groups=32)),  # depthwise: the input itself

@@ -37,16 +37,17 @@ depthwise kernels' wide rows are).  Then::
     y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
     dw[k, t]    = sum_{n,i,j} dy[n,k,i,j] * xf[n, g*gstep + toff[i, t] + j]
 
-**dX** at stride 1 is a grouped convolution of its own (see "dX, derived once" in
-:mod:`fastconv.geometry`): the deltas, padded by ``dlh*(R-1) - pt`` rows above and
-``dlh*(R-1) - pb`` below (columns likewise), correlated with each group's filters
-transposed (``Kg`` inputs to ``Cg`` outputs) and rotated by 180 degrees::
+**dX** is, for each stride phase of dx (see "dX, derived once" in
+:mod:`fastconv.geometry`), a stride-1 grouped convolution of its own: the deltas, cropped
+or zero-padded to the rows and columns the phase reads, correlated with the phase's taps
+of each group's filters, transposed (``Kg`` inputs to ``Cg`` outputs) and rotated::
 
-    dx[n, g*Cg + c, h, v] = sum_{kg<Kg, r, s} dyp[n, g*Kg + kg, h + r*dlh, v + s*dlw]
-                                              * w[g*Kg + kg, c, R-1-r, S-1-s]
+    dx[n, g*Cg + c, a + sh*u, b + sw*v] = sum_{kg<Kg, i, j} dyp[n, g*Kg + kg, u + i*Dr,
+                                              v + j*Ds] * w[g*Kg + kg, c, taps_r[i], taps_s[j]]
 
-so it runs the forward kernel.  Other strides, and pads wider than the dilated filter
-(negative pads above), are left to the next algorithm.
+(``Dr``, ``Ds`` the delta rows and columns between the phase's taps), so it runs the
+forward kernel and never multiplies the zeros a strided dX would insert.  At stride 1 the
+one phase is the whole of dx.
 
 Non-finite values: the forward pass multiplies the zero padding as the reference does;
 dW zeroes both operands of the lanes a row's shifted last vector shares with the previous
@@ -64,6 +65,7 @@ on the thread count.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -71,7 +73,7 @@ from numba import prange
 
 from .. import config
 from .._jit import parallel_kernel, stack_tile
-from ..geometry import ConvGeometry
+from ..geometry import ConvGeometry, _dx_phases
 from ..kernels import _chunk_task
 from ..layouts import _batch_chunks, _phase_planes, _sum_chunks
 from .pixel import (
@@ -96,13 +98,9 @@ def why_not(geo, dtype, pass_):
     if geo.G == 1:
         return "it needs groups > 1"
     if pass_ == "grad_input":
-        if (geo.sh, geo.sw) != (1, 1):
-            return "its dX runs stride 1 only"
-        if max(geo.pt, geo.pb) > geo.dlh * (geo.R - 1) or max(geo.pl, geo.pr) > geo.dlw * (
-                geo.S - 1):
-            return "its dX needs pads no wider than the dilated filter"
-        if not _rows_ok(_dx_geometry(geo)):
-            return f"its dX needs at least {PX} input pixels"
+        if not all(_rows_ok(p.geo) for p in _dx_plan(geo)):
+            return (f"its dX needs at least {PX} pixels in each stride phase of the input, "
+                    f"or rows of {PX}")
     elif not _rows_ok(geo):
         return (f"it needs output rows of at least {PX} pixels, or {PX} pixels in all at "
                 "stride 1 down the rows")
@@ -167,11 +165,11 @@ def _input(x: np.ndarray, geo: ConvGeometry) -> _Rows:
 
 
 def prepare(geo, w, pass_):
-    """The weights as the forward kernel reads them (:func:`_blocked`): for dX, those of
-    the transposed, rotated filters."""
+    """The weights as the forward kernel reads them (:func:`_blocked`); for dX,
+    :class:`_DxWeights`."""
     if pass_ == "forward":
         return _blocked(w.reshape(geo.G, geo.Kg, geo.Cg * geo.R * geo.S))
-    return _blocked(_dx_filters(geo, w))
+    return _dx_weights(geo, w)
 
 
 def _blocked(w: np.ndarray) -> np.ndarray:
@@ -185,20 +183,69 @@ def _blocked(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(G, KTn, KT, T).transpose(0, 1, 3, 2))
 
 
-def _dx_filters(geo: ConvGeometry, w: np.ndarray) -> np.ndarray:
-    """dX's filters ``(G, Cg, Kg*R*S)``: group ``g``'s output ``c`` reads delta channel
-    ``kg`` at tap ``(r, s)`` with ``w[g*Kg + kg, c, R-1-r, S-1-s]``."""
-    G, Kg, Cg, R, S = geo.G, geo.Kg, geo.Cg, geo.R, geo.S
-    wr = w.reshape(G, Kg, Cg, R, S)[:, :, :, ::-1, ::-1]
-    return np.ascontiguousarray(wr.transpose(0, 2, 1, 3, 4)).reshape(G, Cg, Kg * R * S)
+class _DxPhase(NamedTuple):
+    """One (row phase, column phase) of dX (see "dX, derived once" in
+    :mod:`fastconv.geometry`): a stride-1 grouped convolution ``geo`` of the deltas' rows
+    ``rows`` and columns ``cols`` (slices), with the filter taps ``taps_r`` x ``taps_s``
+    (rotated), writing dx's rows ``out0h, out0h + sh, ...`` and columns likewise."""
+
+    geo: ConvGeometry
+    rows: slice
+    cols: slice
+    taps_r: tuple
+    taps_s: tuple
+    out0h: int
+    out0w: int
 
 
-def _dx_geometry(geo: ConvGeometry) -> ConvGeometry:
-    """The stride-1 forward convolution that computes dX (see the module docstring)."""
-    eh, ew = geo.dlh * (geo.R - 1), geo.dlw * (geo.S - 1)
-    return ConvGeometry(geo.N, geo.K, geo.OH, geo.OW, geo.C, geo.R, geo.S, geo.G, 1, 1,
-                        geo.dlh, geo.dlw, eh - geo.pt, eh - geo.pb, ew - geo.pl, ew - geo.pr,
-                        geo.H, geo.W)
+def _axis(start: int, count: int, taps: int, step: int, size: int):
+    """The delta slice and pads of one axis of a phase: output ``u`` reads deltas
+    ``start + u + t*step`` for tap ``t``, of which ``0 .. size-1`` exist."""
+    end = start + count + (taps - 1) * step  # one past the last delta read
+    lo = max(start, 0)
+    hi = max(lo, min(size, end))
+    return slice(lo, hi), lo - start, end - hi
+
+
+@functools.lru_cache(maxsize=64)
+def _dx_plan(geo: ConvGeometry) -> tuple:
+    """dX's phases (:class:`_DxPhase`): one per stride phase of the input that meets a
+    delta; the rows and columns of the others stay zero."""
+    rows = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)[0]
+    cols = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)[0]
+    out = []
+    for a in rows:
+        rs, pt, pb = _axis(a.start, a.count, len(a.taps), a.step, geo.OH)
+        for c in cols:
+            cs, pl, pr = _axis(c.start, c.count, len(c.taps), c.step, geo.OW)
+            pgeo = ConvGeometry(geo.N, geo.K, rs.stop - rs.start, cs.stop - cs.start, geo.C,
+                                len(a.taps), len(c.taps), geo.G, 1, 1, a.step, c.step,
+                                pt, pb, pl, pr, a.count, c.count)
+            out.append(_DxPhase(pgeo, rs, cs, a.taps, c.taps, a.out0, c.out0))
+    return tuple(out)
+
+
+class _DxWeights(NamedTuple):
+    """dX's prepared weights: each phase's filters (:func:`_blocked`), and whether every
+    weight is finite."""
+
+    phases: tuple
+    finite: bool
+
+
+def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> _DxWeights:
+    """Group ``g``'s output ``c`` of a phase reads delta channel ``kg`` at its tap
+    ``(i, j)`` with ``w[g*Kg + kg, c, taps_r[i], taps_s[j]]``: the filters transposed
+    (``Kg`` inputs, ``Cg`` outputs) and rotated (the phase's taps are in rotated order)."""
+    G, Kg, Cg = geo.G, geo.Kg, geo.Cg
+    wg = w.reshape(G, Kg, Cg, geo.R, geo.S)
+    phases = []
+    for p in _dx_plan(geo):
+        sub = wg[:, :, :, list(p.taps_r)][:, :, :, :, list(p.taps_s)]
+        T = Kg * len(p.taps_r) * len(p.taps_s)
+        phases.append(_blocked(np.ascontiguousarray(sub.transpose(0, 2, 1, 3, 4)).reshape(
+            G, Cg, T)))
+    return _DxWeights(tuple(phases), bool(np.isfinite(w).all()))
 
 
 # ---- the passes ------------------------------------------------------------------------
@@ -208,10 +255,18 @@ def forward(geo, x, wp, b):
     return _forward(geo, x, wp, b)
 
 
-def grad_input(geo, dy, wp):
-    if not np.isfinite(wp).all():
+def grad_input(geo, dy, wd):
+    if not wd.finite:
         return None  # inf * the deltas' zero border would be NaN: the channel tile's path
-    return _forward(_dx_geometry(geo), dy, wp, None)
+    phases = _dx_plan(geo)
+    if len(phases) == 1 and phases[0].geo.OH == geo.H and phases[0].geo.OW == geo.W:
+        p = phases[0]  # stride 1: one phase, the whole of dx
+        return _forward(p.geo, dy[:, :, p.rows, p.cols], wd.phases[0], None)
+    dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dy.dtype)
+    for p, wp in zip(phases, wd.phases, strict=True):
+        dx[:, :, p.out0h::geo.sh, p.out0w::geo.sw][:, :, :p.geo.OH, :p.geo.OW] = _forward(
+            p.geo, dy[:, :, p.rows, p.cols], wp, None)
+    return dx
 
 
 def _forward(geo, x, wp, b):
