@@ -66,6 +66,12 @@ DEPTHWISE_SMALL_WORK = 1 << 17
 #: oneDNN's primitive cache does.
 PLAN_CACHE_SIZE = 256
 
+#: The functional API's cached plans keep their prepared weights (blocked, or
+#: Winograd-transformed) with a copy of the weights, up to this many bytes in all, the
+#: least recently used dropped first: a call with the weights of the last call prepares
+#: nothing (MNIST conv2 at batch 1: the filter transform took longer than the pass).
+PLAN_CACHE_WEIGHT_BYTES = 64 * 1024 * 1024
+
 _winograd = True
 
 

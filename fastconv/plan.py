@@ -12,8 +12,11 @@ and calls the algorithm.
 'winograd-f2x2-5x5'
 
 The functional API (:func:`fastconv.conv2d` and its gradients) gets its plans from a cache
-of the last ``config.PLAN_CACHE_SIZE`` argument sets, and the training path asks the plan
-of its geometry (:func:`plan_for`) which algorithm to run, so both choose alike.
+of the last ``config.PLAN_CACHE_SIZE`` argument sets, whose prepared weights are kept up to
+``config.PLAN_CACHE_WEIGHT_BYTES`` in all (calls with unchanged weights, an inference
+loop, prepare them once), and the training path asks the plan of its geometry
+(:func:`plan_for`, keeping no weights: a layer's change every step) which algorithm to
+run, so both choose alike.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ class ConvPlan:
         self.geometry = geo
         self.dtype = np.dtype(dtype)
         # (algorithm name, pass) -> (a copy of the weights, their prepared form); see
-        # _weights.  The functional API's cached plans keep none (keep_weights=False).
+        # _weights.  The training path's plans keep none (keep_weights=False); the
+        # functional API's share a byte budget (_budget, a _KeptWeights).
         self._kept = {} if keep_weights else None
+        self._budget = None
         self._run_order = {p: _order(geo, self.dtype, p, _forced(algorithm, p))
                            for p in algorithms.PASSES}
         self.algorithms = {p: order[0].NAME for p, order in self._run_order.items()}
@@ -155,9 +160,13 @@ class ConvPlan:
         key = (algorithm.NAME, pass_)
         kept = self._kept.get(key)
         if kept is not None and _same_bits(kept[0], w):
+            if self._budget is not None:
+                self._budget.used(self, key)
             return kept[1]
         prepared = prepare(self.geometry, w, pass_)
         self._kept[key] = (w.copy(), prepared)
+        if self._budget is not None:
+            self._budget.add(self, key, w.nbytes + _nbytes(prepared))
         return prepared
 
     def _array(self, name: str, a, shape) -> np.ndarray:
@@ -179,6 +188,51 @@ class ConvPlan:
         _checks.array("out", out, shape, self.dtype, writeable=True)
         np.copyto(out, result)
         return out
+
+
+def _nbytes(prepared) -> int:
+    """The bytes of an algorithm's prepared weights: an array, or a tuple of them (and of
+    other values)."""
+    if isinstance(prepared, np.ndarray):
+        return prepared.nbytes
+    if isinstance(prepared, tuple):
+        return sum(_nbytes(p) for p in prepared)
+    return 0
+
+
+class _KeptWeights:
+    """The prepared weights the functional API's cached plans keep, least recently used
+    dropped once they pass ``config.PLAN_CACHE_WEIGHT_BYTES`` in all (a copy of the
+    weights and their prepared form per plan and pass)."""
+
+    def __init__(self):
+        self._lru: collections.OrderedDict = collections.OrderedDict()
+        self.nbytes = 0
+
+    def used(self, plan: ConvPlan, key) -> None:
+        self._lru.move_to_end((id(plan), key))
+
+    def add(self, plan: ConvPlan, key, nbytes: int) -> None:
+        entry = (id(plan), key)
+        if entry in self._lru:
+            self.nbytes -= self._lru.pop(entry)[1]
+        self._lru[entry] = (plan, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > config.PLAN_CACHE_WEIGHT_BYTES and self._lru:
+            (_, old_key), (old_plan, n) = self._lru.popitem(last=False)
+            old_plan._kept.pop(old_key, None)
+            self.nbytes -= n
+
+    def drop(self, plan: ConvPlan) -> None:
+        """Forget what ``plan`` keeps (it left the plan cache)."""
+        for key in list(plan._kept or ()):
+            self.nbytes -= self._lru.pop((id(plan), key))[1]
+        if plan._kept:
+            plan._kept.clear()
+
+    def clear(self) -> None:
+        self._lru.clear()
+        self.nbytes = 0
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -279,6 +333,7 @@ class PlanCacheInfo(NamedTuple):
 
 _cache: collections.OrderedDict = collections.OrderedDict()
 _stats = [0, 0]  # hits, misses
+_kept_weights = _KeptWeights()
 
 
 def _freeze(value):
@@ -311,8 +366,9 @@ def cached(input_shape, weight_shape, stride, padding, dilation, groups, dtype) 
         _stats[0] += 1
         return plan
     _stats[1] += 1
-    return _keep(key, conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups,
-                                  dtype, keep_weights=False))
+    made = conv2d_plan(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    made._budget = _kept_weights
+    return _keep(key, made)
 
 
 def plan_for(geo: ConvGeometry, dtype) -> ConvPlan:
@@ -350,13 +406,16 @@ def _keep(key, plan: ConvPlan) -> ConvPlan:
     """``plan``, cached under ``key``; the least recently used dropped past the bound."""
     _cache[key] = plan
     while len(_cache) > config.PLAN_CACHE_SIZE:
-        _cache.popitem(last=False)
+        _, dropped = _cache.popitem(last=False)
+        if dropped._budget is not None:
+            dropped._budget.drop(dropped)
     return plan
 
 
 def clear_plan_cache() -> None:
     """Forget every cached plan (after changing :mod:`fastconv.config`)."""
     _cache.clear()
+    _kept_weights.clear()
     _stats[:] = [0, 0]
 
 

@@ -239,20 +239,41 @@ def test_a_plan_prepares_weights_once_and_again_when_they_change(
     np.testing.assert_array_equal(y, expected[0])
 
 
-def test_the_functional_api_and_unkept_plans_keep_no_weights(rng, monkeypatch):
+def test_the_functional_api_keeps_weights_within_its_budget(rng, monkeypatch):
     prepared = []
     real = algorithms.BY_NAME[TILE].prepare
     monkeypatch.setattr(algorithms.BY_NAME[TILE], "prepare", lambda geo, w, pass_: (
-        prepared.append(pass_), real(geo, w, pass_))[1])
+        prepared.append((geo.C, pass_)), real(geo, w, pass_))[1])
+    fc.clear_plan_cache()
     x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
     w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
     p = fc.conv2d_plan(x.shape, w.shape, padding=1, algorithm=TILE, keep_weights=False)
     with winograd_enabled(False):
-        for _ in range(2):
-            fc.conv2d(x, w, padding=1)
+        want = p.forward(x, w)
+        for _ in range(3):  # the functional API prepares once, an unkept plan every call
+            np.testing.assert_array_equal(fc.conv2d(x, w, padding=1), want)
             p.forward(x, w)
-    assert prepared == ["forward"] * 4
-    assert all(q._kept is None for q in plan_mod._cache.values())
+        assert prepared == [(16, "forward")] * 5
+        w[0, 0, 0, 0] += 1  # changed in place: prepared again
+        np.testing.assert_array_equal(fc.conv2d(x, w, padding=1), p.forward(x, w))
+        assert prepared[5:] == [(16, "forward")] * 2
+        # Past the budget, the least recently used plan's weights are dropped.
+        kept = plan_mod._kept_weights.nbytes
+        assert kept > 0
+        monkeypatch.setattr(config, "PLAN_CACHE_WEIGHT_BYTES", kept + 1)
+        fc.conv2d(x, w, padding=2)  # another plan, whose weights take as many bytes
+        del prepared[:]
+        fc.conv2d(x, w, padding=2)  # kept
+        fc.conv2d(x, w, padding=1)  # dropped: prepared again
+        assert prepared == [(16, "forward")]
+        assert plan_mod._kept_weights.nbytes <= kept + 1
+        # A plan that leaves the cache takes its weights along.
+        monkeypatch.setattr(config, "PLAN_CACHE_SIZE", 1)
+        fc.conv2d(x, w[:8], padding=1)  # another plan, made without weights kept yet
+        assert plan_mod._kept_weights.nbytes < kept
+    fc.clear_plan_cache()
+    assert plan_mod._kept_weights.nbytes == 0
+    assert all(q._kept is None for q in [p])
 
 
 def test_a_kept_plan_with_non_finite_weights_still_hands_over_to_the_direct_kernel(rng):
