@@ -215,6 +215,31 @@ def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
     return out.reshape(N, C * sw, Hp, Wq)
 
 
+def _phase_grid(a: np.ndarray, pads, sh: int, sw: int, extra_rows: int = 0) -> np.ndarray:
+    """NCHW ``a`` (any strides) zero-padded by ``pads`` (top, bottom, left, right), each
+    plane split into ``sh x sw`` phase planes: ``(N, C, sh, sw, Hq + extra_rows, Wq)``
+    with ``Hq = ceil(Hp/sh)``, ``Wq = ceil(Wp/sw)``, phase ``(p, q)`` holding the padded
+    rows ``p, p + sh, ...`` at the columns ``q, q + sw, ...``, and ``extra_rows`` zero
+    rows under each.  At any stride, consecutive output rows and columns of a tap then
+    read consecutive rows and columns of one phase plane."""
+    N, C, H, W = a.shape
+    pt, pb, pl, pr = pads
+    Hq, Wq = -(-(H + pt + pb) // sh), -(-(W + pl + pr) // sw)
+    out = np.zeros((N, C, sh, sw, Hq + extra_rows, Wq), a.dtype)
+    for p in range(sh):
+        v0 = max(0, -(-(pt - p) // sh))  # first phase row that holds an input row,
+        i0 = v0 * sh + p - pt            # this one
+        if i0 >= H:
+            continue
+        for q in range(sw):
+            u0 = max(0, -(-(pl - q) // sw))
+            j0 = u0 * sw + q - pl
+            if j0 < W:
+                block = a[:, :, i0::sh, j0::sw]
+                out[:, :, p, q, v0:v0 + block.shape[2], u0:u0 + block.shape[3]] = block
+    return out
+
+
 class PixelInput(NamedTuple):
     """The input as the pixel kernels read it (:func:`_pixel_input`): each image's planes
     flattened, ``xf`` (N, L); the kernels' taps, ``taps`` (C*R*S,), the index of filter

@@ -20,18 +20,18 @@ broadcast weights.  Nothing is padded except the last channel block of a group w
 
 The math
 --------
-The input is laid out as :func:`fastconv.layouts._phase_planes` lays it out: zero-padded
-planes, each plane's columns split into ``sw`` phases of width ``Wq`` (plane ``c*sw + q``
-holds padded columns ``q, q + sw, ...``), so that for every tap consecutive output pixels
-of a row read consecutive inputs.  Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads,
-for output pixel ``(i, j)``::
+The input is laid out as :func:`fastconv.layouts._phase_grid` lays it out: zero-padded
+planes, each split into ``sh x sw`` phase planes of ``Hq x Wq`` (phase ``(p, q)`` holding
+the padded rows ``p, p + sh, ...`` at the columns ``q, q + sw, ...``), so that for every
+tap consecutive output pixels of a row, and consecutive rows, read consecutive inputs.
+Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads, for output pixel ``(i, j)``::
 
-    xq[n, (g*Cg + c)*sw + (s*dlw) % sw, i*sh + r*dlh, j + (s*dlw)//sw]
-      = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sw*Hp*Wq
+    xq[n, g*Cg + c, (r*dlh) % sh, (s*dlw) % sw, i + (r*dlh)//sh, j + (s*dlw)//sw]
+      = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sh*sw*Hq*Wq
 
-with ``xf`` each image's planes flattened.  Rows shorter than a vector are joined at
-stride 1 down the rows (:func:`_input`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one
-wide row, whose columns from ``OW`` on in each ``Wq`` are computed and dropped (as the
+with ``xf`` each image's planes flattened.  Rows shorter than a vector are joined
+(:func:`_input`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one wide row, whose columns
+from ``OW`` on in each ``Wq`` are computed and dropped (as the
 depthwise kernels' wide rows are).  Then::
 
     y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
@@ -75,7 +75,7 @@ from .. import config
 from .._jit import parallel_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
 from ..kernels import _chunk_task
-from ..layouts import _batch_chunks, _phase_planes, _sum_chunks
+from ..layouts import _batch_chunks, _phase_grid, _sum_chunks
 from .pixel import (
     DK,
     DT,
@@ -102,8 +102,7 @@ def why_not(geo, dtype, pass_):
             return (f"its dX needs at least {PX} pixels in each stride phase of the input, "
                     f"or rows of {PX}")
     elif not _rows_ok(geo):
-        return (f"it needs output rows of at least {PX} pixels, or {PX} pixels in all at "
-                "stride 1 down the rows")
+        return f"it needs output rows of at least {PX} pixels, or {PX} pixels in all"
     return None
 
 
@@ -133,35 +132,33 @@ class _Rows(NamedTuple):
 
 
 def _wide(geo: ConvGeometry) -> bool:
-    """Whether the kernels run the output as one wide row: rows shorter than a vector,
-    at stride 1 down the rows."""
-    return geo.OW < PX and geo.sh == 1
+    """Whether the kernels run the output as one wide row: rows shorter than a vector."""
+    return geo.OW < PX
 
 
 def _rows_ok(geo: ConvGeometry) -> bool:
     """Whether the kernels' rows hold at least one vector of pixels."""
-    Wq = -(-(geo.W + geo.pl + geo.pr) // geo.sw)
-    return geo.OW >= PX or (geo.sh == 1 and geo.OH * Wq >= PX)
+    return geo.OW >= PX or geo.OH * -(-(geo.W + geo.pl + geo.pr) // geo.sw) >= PX
 
 
 def _input(x: np.ndarray, geo: ConvGeometry) -> _Rows:
     """``x`` as the kernels read it, the taps in ``(c, r, s)`` order (see the module
     docstring).  Rows shorter than a vector are joined (:func:`_wide`): output pixel
     ``(i, j)`` is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW`` on
-    of each output row computed and dropped; a zero row below each plane keeps the last
-    plane's reads of those columns inside the array."""
+    of each output row computed and dropped; a zero row below each phase plane keeps the
+    last plane's reads of those columns inside the array."""
     wide = _wide(geo)
-    xq = _phase_planes(x, (geo.pt, geo.pb + wide, geo.pl, geo.pr), geo.sw)
-    Hp, Wq = xq.shape[2:]
-    sw, dlw = geo.sw, geo.dlw
+    sh, sw, dlh, dlw = geo.sh, geo.sw, geo.dlh, geo.dlw
+    xq = _phase_grid(x, geo.pads, sh, sw, int(wide))
+    Hq, Wq = xq.shape[4:]
     c, rs = np.divmod(np.arange(geo.Cg * geo.R * geo.S), geo.R * geo.S)
     r, s = np.divmod(rs, geo.S)
-    toff = ((c * sw + s * dlw % sw) * Hp + r * geo.dlh) * Wq + s * dlw // sw
-    xf, gstep = xq.reshape(geo.N, -1), geo.Cg * sw * Hp * Wq
+    rh, sv = r * dlh, s * dlw
+    toff = (((c * sh + rh % sh) * sw + sv % sw) * Hq + rh // sh) * Wq + sv // sw
+    xf, gstep = xq.reshape(geo.N, -1), geo.Cg * sh * sw * Hq * Wq
     if wide:
         return _Rows(xf, toff[None], gstep, 1, geo.OH * Wq, Wq)
-    rows = np.arange(geo.OH)[:, None] * (geo.sh * Wq)
-    return _Rows(xf, rows + toff, gstep, geo.OH, geo.OW, 0)
+    return _Rows(xf, np.arange(geo.OH)[:, None] * Wq + toff, gstep, geo.OH, geo.OW, 0)
 
 
 def prepare(geo, w, pass_):
