@@ -84,6 +84,25 @@ def test_grouped_matches_the_reference(shape, conv, dtype, rng):
     _check(*shape, conv, dtype, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, conv", [
+    ((2, 3, 40, 36, 16, 7, 7), dict(stride=2, padding=3)),  # a stem
+    ((2, 3, 12, 20, 32, 3, 3), dict(padding=1)),  # an image network's input layer
+    ((1, 4, 9, 35, 5, 3, 2), dict(stride=(1, 3), padding=(0, 1), dilation=2)),
+])
+def test_dx_of_few_input_channels_in_one_group_matches_the_reference(shape, conv, dtype,
+                                                                      rng):
+    N, C, H, W, K, R, S = shape
+    conv = dict(dict(stride=1, padding=0, dilation=1), **conv, groups=1)
+    x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)[1]
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype,
+                          algorithm={"grad_input": GR})
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(plan.grad_input(dy, w), want, rtol=tol,
+                               atol=tol * max(1.0, float(np.abs(want).max())))
+
+
 @given(N=st.integers(1, 3), G=st.integers(2, 5), Cg=st.integers(1, 6), Kg=st.integers(1, 9),
        H=st.integers(1, 9), W=st.integers(1, 40), R=st.integers(1, 4), S=st.integers(1, 4),
        sh=st.integers(1, 2), sw=st.integers(1, 2), dlh=st.integers(1, 2),
@@ -284,5 +303,8 @@ def test_grouped_layers_are_planned_on_it():
                                   groups=16).algorithms.values()) == {GR}
     with pytest.raises(ValueError, match="groups > 1"):
         fc.conv2d_plan((2, 8, 20, 20), (8, 8, 3, 3), padding=1, algorithm=GR)
+    # dX of few input channels, one group (a stem's): its stride phases as grouped layers
+    stem = fc.conv2d_plan((2, 3, 224, 224), (64, 3, 7, 7), 2, 3).algorithms
+    assert stem["grad_input"] == GR
     with pytest.raises(ValueError, match="at least 16 pixels"):
         fc.conv2d_plan((2, 8, 3, 3), (8, 2, 1, 1), groups=4, algorithm=GR)

@@ -31,7 +31,9 @@ WINO3 = "winograd-f4x4-3x3"
     ((8, 64, 14, 14), (64, 32, 3, 3), dict(padding=1, groups=2), np.float32,
      (TILE, TILE, TILE)),
     ((8, 3, 64, 64), (32, 3, 3, 3), dict(stride=2, padding=1), np.float32,
-     (PIXEL, TILE, PIXEL)),
+     (PIXEL, GR, PIXEL)),
+    # dX of few input channels: the grouped kernels (one group), before Winograd
+    ((8, 3, 32, 32), (32, 3, 3, 3), dict(padding=1), np.float32, (PIXEL, GR, PIXEL)),
     ((1, 3, 8, 8), (8, 3, 3, 3), dict(padding=1), np.float32, (SMALL, SMALL, SMALL)),
     ((16, 128, 28, 28), (128, 1, 3, 3), dict(padding=1, groups=128), np.float32, (DW, DW, DW)),
     ((8, 32, 56, 56), (64, 1, 5, 5), dict(stride=2, padding=2, groups=32), np.float64,

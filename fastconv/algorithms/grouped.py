@@ -95,8 +95,9 @@ KT = 4
 
 
 def why_not(geo, dtype, pass_):
-    if geo.G == 1:
-        return "it needs groups > 1"
+    if geo.G == 1 and not (pass_ == "grad_input" and geo.C <= config.PIXEL_MAX_C):
+        return (f"it needs groups > 1 (or, for dX, at most {config.PIXEL_MAX_C} input "
+                "channels)")
     if pass_ == "grad_input":
         if not all(_rows_ok(p.geo) for p in _dx_plan(geo)):
             return (f"its dX needs at least {PX} pixels in each stride phase of the input, "

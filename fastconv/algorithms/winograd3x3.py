@@ -90,7 +90,7 @@ def why_not(geo, dtype, pass_):
 
 
 def slower(geo, dtype, pass_):
-    reason = _w5.one_channel_rule(geo, pass_)
+    reason = _w5.few_channel_rule(geo, pass_)
     if reason is not None:
         return reason
     tiles = geo.N * -(-geo.OH // 4) * -(-geo.OW // 4)
