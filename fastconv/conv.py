@@ -136,13 +136,17 @@ def _forward_packed(xp: np.ndarray, w: np.ndarray, b, geo: ConvGeometry,
 
 def pool_order_ok(geo: ConvGeometry) -> bool:
     """Whether ``conv2d_saving(..., pool_order=True)`` can run this layer: an even output
-    size, a problem too large for the serial kernels (which write NCHW), and for the pixel
-    path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX`` pixels."""
+    size, a problem too large for the serial kernels (which write NCHW), for the pixel
+    path (:func:`_pixel_ok`) stride 1 and planes of at least ``PX`` pixels, and otherwise
+    a forward algorithm that writes pool order (Winograd, the channel tile): a layer whose
+    forward pass reads and writes NCHW (depthwise, grouped) runs it, then the pool."""
     if geo.OH % 2 or geo.OW % 2 or geo.N == 0 or small.slower(geo, None, "forward") is None:
         return False
     if _pixel_ok(geo):
         return (geo.sh, geo.sw) == (1, 1) and geo.OH * geo.OW >= 4 * PX
-    return True
+    # Whether an algorithm reads NCHW or the packed layouts does not depend on the dtype.
+    forward = plan.plan_for(geo, np.float32).algorithms["forward"]
+    return hasattr(algorithms.BY_NAME[forward], "packed_forward")
 
 
 # --------------------------------------------------------------------------------------

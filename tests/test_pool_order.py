@@ -19,7 +19,7 @@ CASES = [
     ((3, 32, 14, 14), (64, 32, 5, 5), dict(padding=2)),  # conv2 of two_conv
     ((2, 8, 9, 13), (33, 8, 2, 4), dict()),
     ((2, 6, 17, 18), (6, 6, 3, 3), dict(stride=2, padding=1, dilation=2)),
-    ((2, 8, 12, 12), (12, 4, 3, 3), dict(padding=1, groups=2)),
+    ((2, 64, 8, 8), (64, 32, 3, 3), dict(padding=1, groups=2)),  # groups the tile runs
 ]
 
 
@@ -83,6 +83,8 @@ def test_pool_order_pixel_backward_matches_the_functional_gradients(xs, ws, kw, 
     ((2, 1, 40, 40), (4, 1, 3, 3), dict(stride=2, padding=1)),  # pixel path, strided
     ((2, 1, 6, 6), (4, 1, 3, 3), dict(padding=1)),  # planes of 9 pixels, under a vector
     ((0, 8, 6, 6), (4, 8, 3, 3), dict(padding=1)),  # no batch
+    ((2, 8, 12, 12), (12, 4, 3, 3), dict(padding=1, groups=2)),  # grouped: NCHW forward
+    ((2, 32, 12, 12), (32, 1, 3, 3), dict(padding=1, groups=32)),  # depthwise likewise
 ])
 def test_pool_order_refuses_what_it_cannot_lay_out(xs, ws, kw):
     x, w = np.zeros(xs, np.float32), np.zeros(ws, np.float32)

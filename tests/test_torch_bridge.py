@@ -559,15 +559,15 @@ def test_two_conv_network_trains_as_with_torchs_convolutions():
 
 # (N, C, H, W, K, R, S, conv) whose convolution output fastconv writes in pool order (with
 # the parallel_paths fixture), one for each kept form: the pixel path's PixelInput (few
-# channels), the packed input (channel tile, grouped), and the NCHW input (NCHW-delta dW,
-# depthwise), and a strided one.
+# channels), the packed input (channel tile; grouped, on planes too small for the grouped
+# kernels, whose NCHW forward pass is not fused), and the NCHW input (NCHW-delta dW), and
+# a strided one.
 FUSED = [
     (2, 1, 8, 8, 3, 3, 3, dict(padding=1)),
     (2, 3, 12, 10, 4, 3, 3, dict(padding=1)),
     (2, 6, 8, 8, 4, 3, 3, dict(padding=1)),
-    (2, 4, 8, 8, 6, 3, 3, dict(padding=1, groups=2)),
+    (2, 4, 2, 2, 6, 3, 3, dict(padding=1, groups=2)),
     (2, 16, 6, 8, 8, 3, 3, dict(padding=1)),
-    (2, 4, 8, 8, 4, 3, 3, dict(padding=1, groups=4)),
     (2, 8, 11, 11, 8, 3, 3, dict(stride=2, padding=1)),
 ]
 

@@ -81,8 +81,7 @@ from .pixel import (
     DT,
     KP,
     PX,
-    _dw_pixel_inputs,
-    _dw_pixel_step,
+    _dw_pixel_row,
     _dw_pixel_sums,
     _dw_tap_offsets,
     _pixel_row,
@@ -426,19 +425,5 @@ def grouped_dw_pixels(x, dy, toff, gstep, part):
                 d2 = dy[n, k2, i]
                 d3 = dy[n, k3, i]
                 o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-                for jt in range(JT):
-                    j0 = min(jt * PX, OW - PX)
-                    lo = jt * PX - j0  # lanes below lo were counted by the previous vector
-                    uj = ug + np.uint64(j0)
-                    ud = np.uint64(j0)
-                    for q in range(PX):
-                        uq = np.uint64(q)
-                        keep = q >= lo
-                        e0 = d0[ud + uq] if keep else zero
-                        e1 = d1[ud + uq] if keep else zero
-                        e2 = d2[ud + uq] if keep else zero
-                        e3 = d3[ud + uq] if keep else zero
-                        a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, uj + uq, o0, o1, o2, o3,
-                                                              o4, keep, zero)
-                        _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
+                _dw_pixel_row(acc, xn, ug, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero)
         _dw_pixel_sums(acc, part[p, g, kt, tt], zero)

@@ -317,22 +317,32 @@ def conv_dw_pixels(x, dy, toff, part):
                 d2 = dy[n, k2, i]
                 d3 = dy[n, k3, i]
                 o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-                for jt in range(JT):
-                    j0 = min(jt * PX, OW - PX)
-                    lo = jt * PX - j0  # lanes below lo were counted by the previous vector
-                    uj = np.uint64(j0)
-                    for q in range(PX):
-                        # unsigned indices: no negative-index wraparound to check
-                        uq = np.uint64(q)
-                        keep = q >= lo
-                        e0 = d0[uj + uq] if keep else zero
-                        e1 = d1[uj + uq] if keep else zero
-                        e2 = d2[uj + uq] if keep else zero
-                        e3 = d3[uj + uq] if keep else zero
-                        a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, uj + uq, o0, o1, o2, o3,
-                                                              o4, keep, zero)
-                        _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
+                _dw_pixel_row(acc, xn, np.uint64(0), d0, d1, d2, d3, o0, o1, o2, o3, o4,
+                              JT, OW, zero)
         _dw_pixel_sums(acc, part[p, kt, tt], zero)
+
+
+@numba.njit(inline="always")
+def _dw_pixel_row(acc, xn, ux, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero):
+    """One output row of the pixel dW tile: the rows ``d0 .. d3`` of ``OW`` deltas times
+    the DT input rows at ``xn[ux + o + j]``, covered by ``JT`` vectors of ``PX`` pixels,
+    the last shifted left to end at ``OW`` with the lanes it shares with the previous one
+    zeroed in both operands."""
+    for jt in range(JT):
+        j0 = min(jt * PX, OW - PX)
+        lo = jt * PX - j0  # lanes below lo were counted by the previous vector
+        uj = np.uint64(j0)
+        for q in range(PX):
+            # unsigned indices: no negative-index wraparound to check
+            uq = np.uint64(q)
+            keep = q >= lo
+            e0 = d0[uj + uq] if keep else zero
+            e1 = d1[uj + uq] if keep else zero
+            e2 = d2[uj + uq] if keep else zero
+            e3 = d3[uj + uq] if keep else zero
+            a0, a1, a2, a3, a4 = _dw_pixel_inputs(xn, ux + uj + uq, o0, o1, o2, o3, o4,
+                                                  keep, zero)
+            _dw_pixel_step(acc, q, e0, e1, e2, e3, a0, a1, a2, a3, a4)
 
 
 @numba.njit(inline="always")
