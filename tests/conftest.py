@@ -36,6 +36,25 @@ def central_differences(f, arrays: dict, which: str, g, eps: float = 1e-6) -> np
     return grad
 
 
+def check_plan_against_torch(plan, rng, tol=1e-4, atol=1e-4) -> None:
+    """A plan's three passes on random float32 arrays of its shapes against
+    ``torch.nn.functional.conv2d`` and autograd (skipped without torch)."""
+    torch = pytest.importorskip("torch")
+    g = plan.geometry
+    x = rng.standard_normal((g.N, g.C, g.H, g.W)).astype(np.float32)
+    w = rng.standard_normal((g.K, g.Cg, g.R, g.S)).astype(np.float32)
+    b = rng.standard_normal(g.K).astype(np.float32)
+    assert (g.pt, g.pl) == (g.pb, g.pr), "torch pads symmetrically"
+    tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, (g.sh, g.sw), (g.pt, g.pl), (g.dlh, g.dlw),
+                                    g.G)
+    dy = rng.standard_normal(ty.shape).astype(np.float32)
+    ty.backward(torch.from_numpy(dy))
+    for got, want in [(plan.forward(x, w, b), ty.detach()), (plan.grad_input(dy, w), tx.grad),
+                      (plan.grad_weight(x, dy), tw.grad)]:
+        np.testing.assert_allclose(got, want.numpy(), rtol=tol, atol=atol)
+
+
 def kink_margin(layers, x) -> float:
     """The smallest distance of any ReLU input from 0, or of any 2x2 max-pool window's top
     two values from each other, as ``x`` runs through ``layers`` (fastconv.nn modules): a

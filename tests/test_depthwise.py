@@ -18,7 +18,7 @@ from fastconv import reference as ref
 from fastconv.geometry import ConvGeometry
 from fastconv.plan import ConvPlan
 
-from conftest import normalised, random_problem, reference_passes
+from conftest import check_plan_against_torch, normalised, random_problem, reference_passes
 
 DW = "depthwise"
 
@@ -109,20 +109,10 @@ def test_depthwise_matches_the_reference_on_generated_shapes(N, C, H, W, M, R, S
 
 
 def test_depthwise_matches_torch(rng):
-    torch = pytest.importorskip("torch")
     for N, C, H, M, R, stride, padding in [(4, 32, 28, 1, 3, 1, 1), (2, 24, 15, 2, 5, 2, 2),
                                            (1, 70, 14, 1, 3, 2, 1)]:
-        x = rng.standard_normal((N, C, H, H)).astype(np.float32)
-        w = rng.standard_normal((C * M, 1, R, R)).astype(np.float32)
-        b = rng.standard_normal(C * M).astype(np.float32)
-        plan = fc.conv2d_plan(x.shape, w.shape, stride, padding, groups=C, algorithm=DW)
-        tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
-        ty = torch.nn.functional.conv2d(tx, tw, tb, stride, padding, 1, C)
-        dy = rng.standard_normal(ty.shape).astype(np.float32)
-        ty.backward(torch.from_numpy(dy))
-        for got, want in [(plan.forward(x, w, b), ty.detach()),
-                          (plan.grad_input(dy, w), tx.grad), (plan.grad_weight(x, dy), tw.grad)]:
-            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+        check_plan_against_torch(fc.conv2d_plan((N, C, H, H), (C * M, 1, R, R), stride,
+                                                padding, groups=C, algorithm=DW), rng)
 
 
 def test_depthwise_gradients_match_finite_differences(rng):

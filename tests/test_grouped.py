@@ -19,7 +19,13 @@ from fastconv.algorithms import grouped
 from fastconv.geometry import ConvGeometry
 from fastconv.plan import ConvPlan
 
-from conftest import central_differences, normalised, random_problem, reference_passes
+from conftest import (
+    central_differences,
+    check_plan_against_torch,
+    normalised,
+    random_problem,
+    reference_passes,
+)
 
 GR = "grouped"
 TILE = "direct-channel-tile"
@@ -141,23 +147,14 @@ def test_grouped_matches_the_reference_on_generated_shapes(N, G, Cg, Kg, H, W, R
 
 
 def test_grouped_matches_torch(rng):
-    torch = pytest.importorskip("torch")
     for N, C, H, K, G, R, stride, padding in [(4, 64, 28, 64, 16, 3, 1, 1),
                                                (2, 32, 20, 48, 8, 5, 1, 2),
                                                (2, 24, 40, 24, 3, 3, 2, 1)]:
-        x = rng.standard_normal((N, C, H, H)).astype(np.float32)
-        w = rng.standard_normal((K, C // G, R, R)).astype(np.float32)
-        b = rng.standard_normal(K).astype(np.float32)
-        geo = fc.conv_geometry(x.shape, w.shape, stride, padding, groups=G)
-        plan = fc.conv2d_plan(x.shape, w.shape, stride, padding, groups=G,
-                              algorithm=_forced(geo, np.float32))
-        tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
-        ty = torch.nn.functional.conv2d(tx, tw, tb, stride, padding, 1, G)
-        dy = rng.standard_normal(ty.shape).astype(np.float32)
-        ty.backward(torch.from_numpy(dy))
-        for got, want in [(plan.forward(x, w, b), ty.detach()),
-                          (plan.grad_input(dy, w), tx.grad), (plan.grad_weight(x, dy), tw.grad)]:
-            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-4)
+        geo = fc.conv_geometry((N, C, H, H), (K, C // G, R, R), stride, padding, groups=G)
+        check_plan_against_torch(fc.conv2d_plan((N, C, H, H), (K, C // G, R, R), stride,
+                                                padding, groups=G,
+                                                algorithm=_forced(geo, np.float32)),
+                                 rng, atol=2e-4)
 
 
 def test_grouped_gradients_match_finite_differences(rng):
