@@ -55,6 +55,40 @@ def check_plan_against_torch(plan, rng, tol=1e-4, atol=1e-4) -> None:
         np.testing.assert_allclose(got, want.numpy(), rtol=tol, atol=atol)
 
 
+def check_non_finite_reach(plan, x, w, dy, bad, inputs, delta) -> None:
+    """An inf or NaN reaches exactly the results it touches, and the others equal the
+    reference without it, in float64 positive data (no inf - inf): ``bad`` put at each
+    index of ``inputs`` of ``x`` in turn (forward, dW: the taps that read it for some
+    output), then at index ``delta`` of ``dy`` (dX: the inputs its taps read; dW: every
+    tap of its channel, the padding's zeros being multiplied as in the reference)."""
+    g = plan.geometry
+    n = dict(stride=(g.sh, g.sw), pads=g.pads, dilation=(g.dlh, g.dlw), groups=g.G)
+    for index in inputs:
+        xb = x.copy()
+        xb[index] = bad
+        where = ~np.isfinite(xb)
+        touched = ref.conv2d_forward(where * 1.0, np.ones_like(w), **n) > 0
+        assert np.array_equal(~np.isfinite(plan.forward(xb, w)), touched)
+        taps = ref.conv2d_grad_weight(where * 1.0, np.ones_like(dy), w.shape, **n) > 0
+        got = plan.grad_weight(xb, dy)
+        assert np.array_equal(~np.isfinite(got), taps)
+        want = ref.conv2d_grad_weight(np.where(where, 0.0, x), dy, w.shape, **n)
+        np.testing.assert_allclose(got[~taps], want[~taps], rtol=1e-12)
+    dyb = dy.copy()
+    dyb[delta] = bad
+    where = ~np.isfinite(dyb)
+    dy0 = np.where(where, 0.0, dy)
+    channel = np.arange(g.K)[:, None, None, None] == delta[1]
+    for got, touched, want in [
+            (plan.grad_input(dyb, w), ref.conv2d_grad_input(where * 1.0, np.ones_like(w),
+                                                            x.shape, **n) > 0,
+             ref.conv2d_grad_input(dy0, w, x.shape, **n)),
+            (plan.grad_weight(x, dyb), channel + np.zeros(w.shape, bool),
+             ref.conv2d_grad_weight(x, dy0, w.shape, **n))]:
+        assert np.array_equal(~np.isfinite(got), touched)
+        np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+
+
 def kink_margin(layers, x) -> float:
     """The smallest distance of any ReLU input from 0, or of any 2x2 max-pool window's top
     two values from each other, as ``x`` runs through ``layers`` (fastconv.nn modules): a

@@ -18,7 +18,12 @@ from fastconv import reference as ref
 from fastconv.geometry import ConvGeometry
 from fastconv.plan import ConvPlan
 
-from conftest import check_plan_against_torch, normalised, random_problem, reference_passes
+from conftest import (
+    check_non_finite_reach,
+    check_plan_against_torch,
+    random_problem,
+    reference_passes,
+)
 
 DW = "depthwise"
 
@@ -142,13 +147,6 @@ def test_depthwise_empty_batch():
     assert dw.shape == (10, 1, 3, 3) and not dw.any()
 
 
-def _touched(shape_x, conv, C, M, R, S, where):
-    """Which outputs (forward) read the input pixels marked in ``where``: the reference run
-    on 0/1 indicators."""
-    n = normalised(shape_x, (C * M, 1, R, S), **dict(conv, groups=C))
-    return ref.conv2d_forward(where.astype(float), np.ones((C * M, 1, R, S)), **n) > 0
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2), dict(padding=(0, 2)),
                                   dict(stride=(1, 3), dilation=2, padding=2)])
@@ -160,36 +158,9 @@ def test_a_non_finite_value_reaches_exactly_the_outputs_it_touches(bad, conv, rn
     w, dy = np.abs(w) + 0.5, np.abs(dy) + 0.5
     plan = fc.conv2d_plan(x.shape, w.shape, **conv, groups=C, dtype=np.float64, algorithm=DW)
     # An input pixel at a row end: the wide rows' extra columns read it too.
-    for h, v in [(4, 0), (3, W - 1), (0, 5)]:
-        xb = x.copy()
-        xb[1, 6, h, v] = bad
-        where = np.zeros(x.shape, bool)
-        where[1, 6, h, v] = True
-        touched = _touched(x.shape, conv, C, M, R, S, where)
-        assert np.array_equal(~np.isfinite(plan.forward(xb, w)), touched)
-        # dW: the taps that read it for some output (the reference would also multiply it
-        # by the zeros it inserts between strided deltas).
-        n = normalised(x.shape, w.shape, **dict(conv, groups=C))
-        taps = ref.conv2d_grad_weight(where.astype(float), np.ones_like(dy), w.shape, **n) > 0
-        got = plan.grad_weight(xb, dy)
-        assert np.array_equal(~np.isfinite(got), taps)
-        want = ref.conv2d_grad_weight(np.where(where, 0.0, x), dy, w.shape, **n)
-        np.testing.assert_allclose(got[~taps], want[~taps], rtol=1e-12)
-    # A delta: the inputs its taps read (dX), every tap of its channel (dW: the padding's
-    # zeros are multiplied, as in the reference).
-    dyb = dy.copy()
-    dyb[0, 13, 1, dy.shape[3] - 1] = bad
-    where = ~np.isfinite(dyb)
-    n = normalised(x.shape, w.shape, **dict(conv, groups=C))
-    dy0 = np.where(where, 0.0, dy)
-    for got, touched, want in [
-            (plan.grad_input(dyb, w), ref.conv2d_grad_input(where * 1.0, np.ones_like(w),
-                                                            x.shape, **n) > 0,
-             ref.conv2d_grad_input(dy0, w, x.shape, **n)),
-            (plan.grad_weight(x, dyb), np.arange(C * M)[:, None, None, None] == 13
-             + np.zeros(w.shape, bool), ref.conv2d_grad_weight(x, dy0, w.shape, **n))]:
-        assert np.array_equal(~np.isfinite(got), touched)
-        np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+    check_non_finite_reach(plan, x, w, dy, bad, [(1, 6, h, v) for h, v in [(4, 0), (3, W - 1),
+                                                                          (0, 5)]],
+                           (0, 13, 1, dy.shape[3] - 1))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -21,8 +21,8 @@ from fastconv.plan import ConvPlan
 
 from conftest import (
     central_differences,
+    check_non_finite_reach,
     check_plan_against_torch,
-    normalised,
     random_problem,
     reference_passes,
 )
@@ -201,33 +201,11 @@ def test_a_non_finite_value_reaches_exactly_the_outputs_it_touches(bad, conv, H,
     forced = _forced(geo, np.float64)
     assert set(forced) == set(algorithms.PASSES)
     plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=forced)
-    n = normalised(x.shape, w.shape, **conv)
     # Input pixels at a row's ends and in the columns a row's last, shifted vector repeats.
-    for h, v in [(4, 0), (3, W - 1), (0, W - 6), (H - 1, W - 2)]:
-        xb = x.copy()
-        xb[1, 5, h, v] = bad
-        where = ~np.isfinite(xb)
-        touched = ref.conv2d_forward(where * 1.0, np.ones_like(w), **n) > 0
-        assert np.array_equal(~np.isfinite(plan.forward(xb, w)), touched)
-        taps = ref.conv2d_grad_weight(where * 1.0, np.ones_like(dy), w.shape, **n) > 0
-        got = plan.grad_weight(xb, dy)
-        assert np.array_equal(~np.isfinite(got), taps)
-        want = ref.conv2d_grad_weight(np.where(where, 0.0, x), dy, w.shape, **n)
-        np.testing.assert_allclose(got[~taps], want[~taps], rtol=1e-12)
-    # A delta: the inputs its taps read (dX), every tap of its channel (dW: the padding's
-    # zeros are multiplied, as in the reference).
-    dyb = dy.copy()
-    dyb[0, 7, 1, dy.shape[3] - 3] = bad
-    where = ~np.isfinite(dyb)
-    dy0 = np.where(where, 0.0, dy)
-    for got, touched, want in [
-            (plan.grad_input(dyb, w), ref.conv2d_grad_input(where * 1.0, np.ones_like(w),
-                                                            x.shape, **n) > 0,
-             ref.conv2d_grad_input(dy0, w, x.shape, **n)),
-            (plan.grad_weight(x, dyb), np.arange(K)[:, None, None, None] == 7
-             + np.zeros(w.shape, bool), ref.conv2d_grad_weight(x, dy0, w.shape, **n))]:
-        assert np.array_equal(~np.isfinite(got), touched)
-        np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+    check_non_finite_reach(plan, x, w, dy, bad,
+                           [(1, 5, h, v) for h, v in [(4, 0), (3, W - 1), (0, W - 6),
+                                                      (H - 1, W - 2)]],
+                           (0, 7, 1, dy.shape[3] - 3))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
