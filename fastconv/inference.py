@@ -237,8 +237,11 @@ def read_images(paths, invert: bool = False):
         if not p.is_file():
             raise ImageError(f"{p}: not a file; give image files (PNG, JPEG, ...) or IDX files")
         with open(p, "rb") as f:
-            head = f.read(2)
-        if head in (b"\x1f\x8b", b"\x00\x00"):  # gzip or an IDX magic number
+            head = f.read(4)
+        # gzip, or an IDX magic number (0x0000TTNN: an IDX type code TT); ICO and TGA files
+        # also start with two zero bytes
+        if head[:2] == b"\x1f\x8b" or (head[:2] == b"\x00\x00" and len(head) > 2
+                                       and head[2] in data._IDX_TYPES):
             a = _idx_images(p)
             arrays.append(a)
             sources += [(str(p), i) for i in range(len(a))]

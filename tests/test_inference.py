@@ -197,6 +197,10 @@ def test_read_images_prepares_them_as_the_training_data(tmp_path):
     # Grayscale() and Resize((28, 28)) on a PIL image)
     expected = Image.fromarray(big).convert("L").resize((28, 28), Image.Resampling.BILINEAR)
     np.testing.assert_array_equal(images[4], np.asarray(expected))
+    # an icon starts with two zero bytes, as IDX files do: it is still an image
+    Image.fromarray(gray).save(tmp_path / "icon.ico", sizes=[(28, 28)])
+    icon, _ = inference.read_images([tmp_path / "icon.ico"])
+    np.testing.assert_array_equal(icon[0], gray)
     inverted, _ = inference.read_images(paths[:1], invert=True)
     np.testing.assert_array_equal(inverted[0], 255 - gray)
 
