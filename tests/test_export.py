@@ -10,8 +10,13 @@ from test_inference import cli, needs_fashion, no_temp_files, untrained
 
 from fastconv import inference, models, nn
 
-torch = pytest.importorskip("torch", reason="needs PyTorch (the torch extra)")
-import fastconv.torch as fct  # noqa: E402
+try:
+    import torch
+
+    import fastconv.torch as fct
+except ImportError:
+    torch = fct = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch (the torch extra)")
 
 
 def _logits(net, images: np.ndarray) -> np.ndarray:
@@ -20,6 +25,7 @@ def _logits(net, images: np.ndarray) -> np.ndarray:
         return net.eval()(x).numpy()
 
 
+@needs_torch
 @needs_fashion
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
 def test_export_pt_loads_into_the_torch_twins_and_predicts_the_same(
@@ -51,10 +57,9 @@ def test_export_pt_loads_into_the_torch_twins_and_predicts_the_same(
 
 @needs_fashion
 def test_export_safetensors_holds_the_same_arrays(capsys, tmp_path, fashion_ck, fashion_test):
-    safetensors = pytest.importorskip("safetensors", reason="needs safetensors")
+    pytest.importorskip("safetensors", reason="needs safetensors (the safetensors extra)")
     from safetensors import safe_open
     from safetensors.numpy import load_file
-    from safetensors.torch import load_file as load_torch
 
     out = tmp_path / "model.safetensors"
     out.write_bytes(b"an older file, replaced whole")
@@ -70,12 +75,16 @@ def test_export_safetensors_holds_the_same_arrays(capsys, tmp_path, fashion_ck, 
     with safe_open(out, "np") as f:
         assert f.metadata() == {"format": "pt", "fastconv_model": "two-conv",
                                 "dataset": "fashion-mnist", "epoch": "1"}
-    net = fct.twin("two-conv")
-    net.load_state_dict(load_torch(out))
-    images = fashion_test[0][:100]
-    np.testing.assert_allclose(_logits(net, images),
-                               model(inference.train.normalise(images)), rtol=1e-4, atol=1e-4)
-    assert safetensors is not None and no_temp_files(tmp_path)
+    assert no_temp_files(tmp_path)
+    if torch is not None:  # and PyTorch's loader, into the twin
+        from safetensors.torch import load_file as load_torch
+
+        net = fct.twin("two-conv")
+        net.load_state_dict(load_torch(out))
+        images = fashion_test[0][:100]
+        np.testing.assert_allclose(_logits(net, images),
+                                   model(inference.train.normalise(images)), rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_export_errors(capsys, tmp_path, monkeypatch):
@@ -105,6 +114,7 @@ def test_export_errors(capsys, tmp_path, monkeypatch):
 # ---- the twin ------------------------------------------------------------------------
 
 
+@needs_torch
 @pytest.mark.parametrize("name", ["two-conv", "tiny", "seed"])
 def test_twin_of_a_preset_is_plain_torch_with_fastconvs_keys(name):
     net = fct.twin(name)
@@ -119,6 +129,7 @@ def test_twin_of_a_preset_is_plain_torch_with_fastconvs_keys(name):
         k: v.shape for k, v in ours.items()}
 
 
+@needs_torch
 def test_twin_follows_torchs_random_state():
     torch.manual_seed(3)
     a = fct.twin("two-conv").state_dict()
@@ -131,6 +142,7 @@ def test_twin_follows_torchs_random_state():
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_twin_of_a_model_copies_its_weights_and_computes_the_same(dtype):
     """Every layer twin knows, with non-default arguments."""
@@ -157,6 +169,7 @@ def test_twin_of_a_model_copies_its_weights_and_computes_the_same(dtype):
                                    atol=tol)
 
 
+@needs_torch
 def test_twin_refuses_what_it_cannot_copy():
     with pytest.raises(ValueError, match=r"unknown model 'resnet'; choose one of \['tiny', "
                                          r"'two-conv'\]"):

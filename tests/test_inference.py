@@ -56,6 +56,7 @@ def no_temp_files(folder: Path) -> bool:
 @needs_fashion
 def test_evaluate_prints_and_writes_per_class_results(capsys, tmp_path, fashion_ck,
                                                       fashion_test):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the train extra)")
     m, png = tmp_path / "m.json", tmp_path / "cm.png"
     code, out, err = cli(capsys, "evaluate", "--checkpoint", fashion_ck, "--data-dir", REAL,
                          "--no-download", "--limit", 1000, "--metrics-json", m, "--plot", png)
