@@ -357,11 +357,10 @@ def fastconv_training(batch: int = 64, seed: int = 0, package=fc):
 
 
 def torch_model():
-    tnn = torch.nn
-    return tnn.Sequential(
-        tnn.Conv2d(1, 32, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Conv2d(32, 64, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Flatten(), tnn.Linear(3136, 128), tnn.ReLU(), tnn.Linear(128, 10))
+    """The two-conv network in plain PyTorch, initialised by torch's random state."""
+    import fastconv.torch
+
+    return fastconv.torch.twin("two-conv")
 
 
 def torch_training(batch: int = 64, seed: int = 0, convert: bool = False):

@@ -1,4 +1,4 @@
-"""The ``fastconv`` command: ``fastconv train`` and ``fastconv evaluate``.
+"""The ``fastconv`` command: ``train``, ``evaluate``, ``predict`` and ``export``.
 
 Errors go to stderr, with exit code 2 for bad arguments and 1 for failures (missing or
 corrupt data, a diverged run); never a traceback.  Each is one line, except data that
@@ -9,7 +9,9 @@ download failed and what to do.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -57,7 +59,7 @@ def _model(text):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastconv", description="Train and evaluate CNNs with fastconv.")
+    p = _Parser(prog="fastconv", description="Train, evaluate and use CNNs with fastconv.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a model on MNIST or Fashion-MNIST",
                        description="Train a model; one line per epoch, a progress bar on a "
@@ -86,14 +88,180 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="PATH", help="PNG of loss/accuracy and conv1 filters")
     t.add_argument("--no-download", action="store_true", help="never use the network")
     t.add_argument("--quiet", action="store_true", help="no progress bar, no epoch lines")
-    e = sub.add_parser("evaluate", help="evaluate a saved checkpoint on a test set")
-    e.add_argument("--model", required=True, metavar="PATH", help="checkpoint from --save")
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_export(sub)
+    return p
+
+
+class _CheckpointOption(argparse.Action):
+    """``--checkpoint PATH``, which ``evaluate`` also takes under its old name ``--model``:
+    that one works, with one deprecation warning on stderr."""
+
+    warned = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--model" and not self.warned:
+            self.warned = True
+            print(f"{parser.prog}: warning: option '--model' is deprecated; use "
+                  "'--checkpoint' ('fastconv train --model' names the architecture)",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+_CHECKPOINT_HELP = "a checkpoint (.npz) written by 'fastconv train --save'"
+_top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer in [1, 10] (the classes)")
+
+
+def _export_path(text):
+    """An argparse type: a path whose suffix names an export format."""
+    from .inference import EXPORT_FORMATS  # lazily: --help stays instant
+
+    if Path(text).suffix.lower() not in EXPORT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"expected a file name ending in {', '.join(EXPORT_FORMATS)} (the format), got "
+            f"{text!r}")
+    return text
+
+
+def _add_evaluate(sub) -> None:
+    e = sub.add_parser(
+        "evaluate", help="evaluate a checkpoint on a test set, per class",
+        description="Evaluate a checkpoint on the test set of its dataset: loss, accuracy, "
+        "accuracy per class and the confusion matrix (rows: true class, columns: "
+        "predicted class).  The test files are found as 'fastconv train' finds its data.")
+    e.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   metavar="PATH", action=_CheckpointOption,
+                   help=f"{_CHECKPOINT_HELP} (--model is its deprecated old name)")
     e.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
                    help="default: the dataset it was trained on")
-    e.add_argument("--data-dir")
+    e.add_argument("--data-dir", metavar="DIR",
+                   help="folder with the IDX test files (or a <dataset> subfolder)")
+    e.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="evaluate the first N test images only")
+    e.add_argument("--metrics-json", metavar="PATH",
+                   help="write the results as JSON: loss, accuracy, per-class accuracy, "
+                   "confusion matrix, number of images, dataset, checkpoint")
+    e.add_argument("--plot", metavar="PATH",
+                   help="PNG of the confusion matrix (needs matplotlib: the train extra)")
     e.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
-    e.add_argument("--no-download", action="store_true")
-    return p
+    e.add_argument("--no-download", action="store_true", help="never use the network")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="classify images with a checkpoint",
+        description="Classify images: print each one's most probable class (with the "
+        "dataset's class names) and its probability.  Image files (PNG, JPEG, ...; needs "
+        "Pillow: pip install 'fastconv[images]') are turned grayscale and resized to "
+        "28x28 without keeping the aspect ratio, as torchvision's Grayscale() and "
+        "Resize((28, 28)) do; IDX files (.gz too) must hold uint8 28x28 images.  MNIST "
+        "and Fashion-MNIST images are light on a black background: use --invert for dark "
+        "ink on white paper.")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="an image file, or an IDX file of images (each of its images in turn)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", action=_CheckpointOption,
+                   help=_CHECKPOINT_HELP)
+    p.add_argument("--top-k", type=_top_k, default=1, metavar="K",
+                   help="print the K most probable classes per image (default 1)")
+    p.add_argument("--invert", action="store_true",
+                   help="invert the pixels (255 - p) first: for dark objects on a light "
+                   "background")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list instead: one object per image with its file, "
+                   "index in an IDX file (or null), class, name, probability and top_k")
+    p.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
+
+
+def _add_export(sub) -> None:
+    x = sub.add_parser(
+        "export", help="write a checkpoint's weights for PyTorch or as safetensors",
+        description="Write the network's state_dict (PyTorch's keys) in the format the file "
+        "name says: .pt or .pth, torch.save of the tensors (needs PyTorch: pip install "
+        "'fastconv[torch]'), or .safetensors (needs safetensors: pip install "
+        "'fastconv[safetensors]').  fastconv.torch.twin(MODEL) is the plain PyTorch "
+        "network that loads it.")
+    x.add_argument("--checkpoint", required=True, metavar="PATH", action=_CheckpointOption,
+                   help=_CHECKPOINT_HELP)
+    x.add_argument("--to", required=True, metavar="PATH", type=_export_path,
+                   help="the file to write (atomically): model.pt, model.pth or "
+                   "model.safetensors")
+
+
+def _evaluate(args) -> None:
+    """``fastconv evaluate``: print the results, and write the JSON and the plot asked for."""
+    from . import data, inference, train
+
+    if args.plot is not None:
+        train._require_matplotlib()
+    model, ck = inference.load_model(args.checkpoint)
+    name = args.dataset or ck["config"].dataset
+    images, labels = data.load_dataset(name, args.data_dir, download=not args.no_download,
+                                       split="test")
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+    result = inference.evaluate(model, images, labels)
+    names = data.CLASS_NAMES[name]
+    headline = (f"{name} test: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
+                f"({result['n_images']} images)")
+    print(headline)
+    print()
+    print(inference.format_evaluation(result, names))
+    metrics = {"checkpoint": str(args.checkpoint), "model": ck["config"].model,
+               "epoch": ck["epoch"], "dataset": name, "split": "test", "limit": args.limit,
+               **result, "class_names": list(names)}
+    if args.metrics_json is not None:
+        text = json.dumps(metrics, indent=2)
+        train._atomic_write(Path(args.metrics_json), lambda f: f.write(text.encode()))
+    if args.plot is not None:
+        inference.write_confusion_plot(args.plot, result, names,
+                                       f"{Path(args.checkpoint).name}: {headline}")
+
+
+def _predict(args) -> None:
+    """``fastconv predict``: one line (or JSON object) per image."""
+    from . import data, inference
+
+    images, sources = inference.read_images(args.images, invert=args.invert)
+    model, ck = inference.load_model(args.checkpoint)
+    names = data.CLASS_NAMES[ck["config"].dataset]
+    probs = inference.predict(model, images)
+    top = inference.top_k(probs, args.top_k)
+    light = int(inference.light_background(images).sum())
+    if light and not args.invert:
+        print(f"fastconv: note: {light} of {len(images)} images look dark on a light "
+              "background; the network was trained on light objects on black: --invert "
+              "turns them around", file=sys.stderr)
+    if args.json:
+        rows = []
+        for (file, index), p, t in zip(sources, probs, top, strict=True):
+            best = [{"class": int(c), "name": names[c], "probability": float(p[c])}
+                    for c in t]
+            rows.append({"file": file, "index": index, **best[0], "top_k": best})
+        print(json.dumps(rows, indent=2))
+        return
+    for (file, index), p, t in zip(sources, probs, top, strict=True):
+        where = file if index is None else f"{file}[{index}]"
+        print(f"{where}: " + ", ".join(f"{inference._label(names, c)} ({p[c]:.4f})"
+                                       for c in t))
+
+
+def _export(args) -> None:
+    """``fastconv export``: the state_dict in the format of ``--to``'s suffix."""
+    from . import inference
+
+    model, ck = inference.load_model(args.checkpoint)
+    cfg = ck["config"]
+    kind = inference.export(model, args.to, metadata={
+        "format": "pt", "fastconv_model": cfg.model, "dataset": cfg.dataset,
+        "epoch": str(ck["epoch"])})
+    state = model.state_dict()
+    print(f"wrote {args.to}: the {cfg.model} network's state_dict ({len(state)} tensors, "
+          f"{sum(a.size for a in state.values()):,} parameters)")
+    load = (f"torch.load({str(args.to)!r})" if kind == "torch"
+            else f"safetensors.torch.load_file({str(args.to)!r})")
+    print(f"load it in PyTorch: net = fastconv.torch.twin({cfg.model!r}); "
+          f"net.load_state_dict({load})")
 
 
 def _one_line(e: BaseException) -> str:
@@ -105,7 +273,7 @@ def main(argv=None) -> int:
     from . import conv, data, train  # after parsing: --help stays instant
 
     try:
-        if args.threads is not None:
+        if getattr(args, "threads", None) is not None:
             conv.set_num_threads(args.threads)
         if args.command == "train":
             given = {k: getattr(args, k) for k in (
@@ -120,16 +288,12 @@ def main(argv=None) -> int:
                         save=args.save, resume=args.resume, metrics_json=args.metrics_json,
                         plot=args.plot, quiet=args.quiet,
                         log=(lambda *a: None) if args.quiet else print)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        elif args.command == "predict":
+            _predict(args)
         else:
-            ck = train.load_checkpoint(args.model)
-            cfg = ck["config"]
-            model, _ = train.build(cfg)
-            model.load_state_dict(ck["model"])
-            name = args.dataset or cfg.dataset
-            xte, yte = data.load_dataset(name, args.data_dir, download=not args.no_download,
-                                         split="test")
-            loss, acc = train.evaluate(model, xte, yte.astype("int64"))
-            print(f"{name} test: loss {loss:.4f}, accuracy {acc:.4f} ({len(xte)} images)")
+            _export(args)
     except KeyboardInterrupt:
         print("fastconv: interrupted", file=sys.stderr)
         return 130

@@ -30,10 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "NUM_CLASSES", "DatasetNotFoundError", "IDXError", "load_dataset",
-           "read_idx"]
+__all__ = ["CLASS_NAMES", "DATASETS", "NUM_CLASSES", "DatasetNotFoundError", "IDXError",
+           "load_dataset", "read_idx"]
 
 NUM_CLASSES = 10  # both datasets: digits 0-9, or ten kinds of clothing
+
+#: Each dataset's class names, by label: MNIST's digits and Fashion-MNIST's ten kinds of
+#: clothing (the names its authors and torchvision use).
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
 
 
 class IDXError(ValueError):

@@ -64,7 +64,7 @@ from . import pool as _pool
 from ._args import _check_bias
 
 __all__ = ["Conv2d", "Sequential", "conv2d", "conv2d_relu_max_pool2d", "convert",
-           "fused_ok", "fused_runs"]
+           "fused_ok", "fused_runs", "twin"]
 
 #: The dtypes fastconv computes in.
 DTYPES = (torch.float32, torch.float64)
@@ -639,3 +639,78 @@ def fused_runs(model) -> list[str]:
                 else:
                     i += 1
     return runs
+
+
+def twin(model):
+    """The plain PyTorch twin of a fastconv network: the same layers as ``torch.nn``
+    modules, with the same ``state_dict`` keys.
+
+    >>> import fastconv.torch as fct
+    >>> net = fct.twin("two-conv")       # then net.load_state_dict(torch.load("model.pt"))
+    >>> [type(m).__name__ for m in net][:3], tuple(net[0].weight.shape)
+    (['Conv2d', 'ReLU', 'MaxPool2d'], (32, 1, 5, 5))
+
+    ``fastconv export`` writes a checkpoint's ``state_dict`` that it loads; so does a
+    :func:`convert`-ed twin, whose convolutions run fastconv.
+
+    Parameters
+    ----------
+    model : str or fastconv.nn.Module
+        A preset's name (``fastconv.models.MODELS``: ``'two-conv'``, ``'tiny'``): the twin
+        gets PyTorch's own initial weights (from torch's random state, as
+        ``torch.manual_seed`` sets it).  Or a fastconv network of ``Sequential``,
+        ``Conv2d``, ``Linear``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``, ``Flatten``,
+        ``Dropout`` and ``BatchNorm2d`` layers: the twin gets a copy of its parameters
+        and buffers, in their dtype, and its training or eval mode.
+
+    Returns
+    -------
+    torch.nn.Module
+        A ``torch.nn.Sequential`` of plain ``torch.nn`` modules on the CPU.
+    """
+    from . import models, nn
+
+    if isinstance(model, str):
+        name = models.model_name(model)
+        if name not in models.MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(models.MODELS)}")
+        return _twin_layer(models.MODELS[name](seed=0), "model")
+    if not isinstance(model, nn.Module):
+        raise TypeError("model must be a preset's name or a fastconv.nn.Module, got "
+                        f"{type(model).__name__}")
+    net = _twin_layer(model, "model")
+    dtypes = {a.dtype for _, a, what in model._state() if what == "parameter"}
+    if dtypes == {np.dtype(np.float64)}:
+        net = net.double()
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                         model.state_dict().items()})
+    return net.train(model.training)
+
+
+def _twin_layer(layer, where: str):
+    """The ``torch.nn`` module of one fastconv layer (its children too), freshly made."""
+    from . import nn
+
+    tnn = torch.nn
+    if isinstance(layer, nn.Sequential):
+        return tnn.Sequential(*(_twin_layer(child, f"{where}[{i}]")
+                                for i, child in enumerate(layer)))
+    if isinstance(layer, nn.Conv2d):
+        return tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                          **layer.conv, bias="bias" in layer.params)
+    if isinstance(layer, nn.Linear):
+        return tnn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+    if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+        cls = tnn.MaxPool2d if isinstance(layer, nn.MaxPool2d) else tnn.AvgPool2d
+        return cls(**layer.args)
+    if isinstance(layer, nn.BatchNorm2d):
+        return tnn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                               layer.track_running_stats)
+    if isinstance(layer, nn.Dropout):
+        return tnn.Dropout(layer.p)
+    for ours, theirs in ((nn.ReLU, tnn.ReLU), (nn.Flatten, tnn.Flatten)):
+        if isinstance(layer, ours):
+            return theirs()
+    raise TypeError(f"{where} is a {type(layer).__name__}, which has no torch twin here; "
+                    "twin knows Sequential, Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, "
+                    "Flatten, Dropout and BatchNorm2d")

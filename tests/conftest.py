@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,34 @@ def parallel_paths(monkeypatch):
     plan.clear_plan_cache()
     yield
     plan.clear_plan_cache()
+
+
+# ---- real Fashion-MNIST: a briefly trained checkpoint and the test set -----------------
+
+REAL_DATA = Path(os.environ.get("FASTCONV_DATA", "../shared/data"))
+
+
+@pytest.fixture(scope="session")
+def fashion_ck(tmp_path_factory):
+    """A checkpoint of the two-conv network after one epoch on the first 6,000 real
+    Fashion-MNIST training images ($FASTCONV_DATA); skips the test without them."""
+    from fastconv import train
+
+    if not (REAL_DATA / "fashion-mnist").is_dir():
+        pytest.skip("needs the real Fashion-MNIST in $FASTCONV_DATA")
+    path = tmp_path_factory.mktemp("ck") / "fashion.npz"
+    train.train(train.TrainConfig(dataset="fashion-mnist", limit=6000), data_dir=REAL_DATA,
+                download=False, save=path, quiet=True, log=lambda *a: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    """The real Fashion-MNIST test images (10000, 28, 28) and labels (10000,), uint8."""
+    from fastconv import data
+
+    folder = REAL_DATA / "fashion-mnist"
+    if not folder.is_dir():
+        pytest.skip("needs the real Fashion-MNIST in $FASTCONV_DATA")
+    return (data.read_idx(folder / "t10k-images-idx3-ubyte.gz"),
+            data.read_idx(folder / "t10k-labels-idx1-ubyte.gz"))

@@ -344,7 +344,7 @@ def test_bad_checkpoint_entries_are_one_line(sgd_ck, toy, tmp_path, what, change
         train.load_checkpoint(bad)
     assert str(e.value).startswith(f"{bad}: not a valid fastconv checkpoint: ")
     assert message in str(e.value) and "\n" not in str(e.value)
-    for args in (["train", "--resume", bad], ["evaluate", "--model", bad]):
+    for args in (["train", "--resume", bad], ["evaluate", "--checkpoint", bad]):
         code, _, err = cli_run(*args, "--data-dir", toy, "--no-download")
         assert_one_line_error(code, err, message)
 
@@ -381,7 +381,7 @@ def test_bad_checkpoint_entries_are_one_line(sgd_ck, toy, tmp_path, what, change
 ])
 def test_bad_checkpoint_json_is_one_line(sgd_ck, toy, tmp_path, key, edit, message):
     bad = json_edited(sgd_ck, tmp_path / "bad.npz", key, edit)
-    for args in (["train", "--resume", bad], ["evaluate", "--model", bad]):
+    for args in (["train", "--resume", bad], ["evaluate", "--checkpoint", bad]):
         code, _, err = cli_run(*args, "--data-dir", toy, "--no-download")
         assert_one_line_error(code, err, f"{bad}: not a valid fastconv checkpoint: ", message)
 
@@ -453,7 +453,7 @@ def test_unreadable_files_are_one_line(sgd_ck, toy, tmp_path):
     write_npz(pickled, {**read_npz(sgd_ck), "notes": np.array([{"a": 1}], dtype=object)})
     paths.append(pickled)
     for path in paths:
-        code, _, err = cli_run("evaluate", "--model", path, "--data-dir", toy, "--no-download")
+        code, _, err = cli_run("evaluate", "--checkpoint", path, "--data-dir", toy, "--no-download")
         assert_one_line_error(code, err, f"{path}: not a readable fastconv checkpoint (")
 
 

@@ -76,7 +76,7 @@ def test_train_writes_metrics_checkpoint_and_plot(toy, tmp_path):
                                          "test_accuracy", "seconds", "samples_per_second"}
     assert metrics["test_accuracy"] > 0.5  # the toy task is easy
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ev = run("evaluate", "--model", ck, "--data-dir", toy, "--no-download")
+    ev = run("evaluate", "--checkpoint", ck, "--data-dir", toy, "--no-download")
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy {metrics['test_accuracy']:.4f}" in ev.stdout
     # the checkpoint is plain arrays: loadable without pickle
@@ -147,9 +147,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
     (["train", "--schedule", "step"], 2, "argument --schedule: invalid choice: 'step'"),
     (["train", "--threads", "1000"], 2, "argument --threads: expected an integer in [1, "),
     (["train", "--threads", "0"], 2, "argument --threads: expected an integer in [1, "),
-    (["evaluate", "--model", "m.npz", "--threads", "1000"], 2,
+    (["evaluate", "--checkpoint", "m.npz", "--threads", "1000"], 2,
      "argument --threads: expected an integer in [1, "),
-    (["evaluate", "--model", "/nonexistent.npz"], 1, "not a readable fastconv checkpoint"),
+    (["evaluate", "--checkpoint", "/nonexistent.npz"], 1, "not a readable fastconv checkpoint"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["train", "--model", "resnet"], 2, "argument --model: invalid choice: 'resnet'"),
 ])
@@ -192,7 +192,7 @@ def test_an_empty_test_set_is_one_line_for_train_and_evaluate(toy, tmp_path):
     assert r.stderr == "fastconv: error: mnist: the test set has no images\n"
     ck = tmp_path / "ck.npz"
     assert run("train", *_common(toy), "--save", ck, "--quiet", "--limit", 32).returncode == 0
-    r = run("evaluate", "--model", ck, "--data-dir", empty, "--no-download")
+    r = run("evaluate", "--checkpoint", ck, "--data-dir", empty, "--no-download")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr == ("fastconv: error: there are no images to evaluate (the test set is "
                         "empty)\n")
@@ -257,7 +257,7 @@ def test_corrupt_checkpoint_is_one_line(toy, tmp_path):
     ck = tmp_path / "ck.npz"
     assert run("train", *_common(toy), "--save", ck, "--quiet").returncode == 0
     ck.write_bytes(ck.read_bytes()[:3000])
-    for args in (["evaluate", "--model", ck], ["train", "--resume", ck]):
+    for args in (["evaluate", "--checkpoint", ck], ["train", "--resume", ck]):
         r = run(*args, "--data-dir", toy, "--no-download")
         assert r.returncode == 1 and "not a readable fastconv checkpoint" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -290,7 +290,7 @@ def test_evaluate_needs_only_the_test_files(toy, tmp_path):
     only_test.mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (only_test / name).write_bytes((toy / name).read_bytes())
-    r = run("evaluate", "--model", ck, "--data-dir", only_test, "--no-download")
+    r = run("evaluate", "--checkpoint", ck, "--data-dir", only_test, "--no-download")
     assert r.returncode == 0 and "mnist test: loss" in r.stdout, r.stderr
 
 
