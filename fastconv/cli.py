@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print("fastconv: interrupted", file=sys.stderr)
         return 130
     except data.DatasetNotFoundError as e:  # where it looked and what to do: its lines
-        print(f"fastconv: error: {e}", file=sys.stderr)
+        print(f"fastconv: error: {e.cli_message}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)

@@ -171,7 +171,8 @@ def test_data_not_found_is_a_few_lines(tmp_path):
     assert lines[1:4] == ["Looked in:", f"  {tmp_path / 'none' / 'mnist'}",
                           f"  {tmp_path / 'none'}"]
     assert "  /nonexistent/mnist" in lines  # $FASTCONV_DATA, as run() sets it
-    assert "Downloading was turned off (--no-download, or download=False)." in lines
+    assert "Downloading was turned off (--no-download)." in lines
+    assert "data_dir=" not in r.stderr  # the command's options, not the Python arguments
     assert lines[-2].startswith("  --data-dir DIR") and lines[-1].startswith(
         "  export FASTCONV_DATA=DIR")
 
