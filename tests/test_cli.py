@@ -53,7 +53,7 @@ def _common(toy):
 
 def _no_timing(metrics):
     drop = {"seconds", "samples_per_second", "train_samples_per_second",
-            "first_step_seconds"}
+            "first_step_seconds", "warm_up_seconds", "compile_seconds", "kernels_compiled"}
     return {k: ([{kk: vv for kk, vv in e.items() if kk not in drop} for e in v]
                 if k == "epochs" else v) for k, v in metrics.items() if k not in drop}
 
