@@ -491,11 +491,13 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
           log=print) -> dict:
     """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``).
 
-    ``log_jsonl`` (a path) gets one JSON object per line for each epoch as it ends
-    (:func:`_epoch_line`), flushed at once, so a killed run leaves the history of the
-    epochs it finished.  A new run starts the file afresh; with ``resume`` the lines of
-    the epochs it trains are appended.  ``quiet`` turns off the progress bar and the notice
-    on stderr while kernels compile; ``log`` prints the other lines.
+    ``log_jsonl`` (a path) gets one JSON object per line for each epoch as it ends, flushed
+    at once, so a killed run leaves the history of the epochs it finished: ``epoch``,
+    ``epochs`` (the total), ``train_loss``, ``train_accuracy``, ``test_loss``,
+    ``test_accuracy``, ``seconds``, ``samples_per_second``, ``lr`` (of the epoch's last
+    step) and ``time`` (UTC, ISO 8601).  A new run starts the file afresh; with ``resume``
+    the lines of the epochs it trains are appended.  ``quiet`` turns off the progress bar
+    and the notice on stderr while kernels compile; ``log`` prints the other lines.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -546,7 +548,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
         t_warm = time.perf_counter()
         with _compiling.notice(quiet) as compiled:
             conv_algorithms = _warm_up(cfg, _batch_sizes(len(xtr), cfg.batch_size),
-                                  _batch_sizes(len(xte), EVAL_BATCH_SIZE))
+                                       _batch_sizes(len(xte), EVAL_BATCH_SIZE))
         warm_up = {"warm_up_seconds": time.perf_counter() - t_warm,
                    "compile_seconds": compiled.seconds, "kernels_compiled": compiled.compiled}
         if compiled.compiled:
@@ -691,6 +693,8 @@ def _preset_names(names) -> list[str]:
             raise ValueError(f"unknown model {name!r} in presets; choose from "
                              f"{sorted(models.MODELS)}")
         out.append(name)
+    if not out:
+        raise ValueError("presets is empty: name at least one model, or pass None for all")
     return list(dict.fromkeys(out))
 
 
@@ -747,8 +751,8 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 def _warm_up(cfg: TrainConfig, train_sizes, eval_sizes) -> dict:
     """Compile (or load from the cache) every kernel of ``cfg``'s training steps on batches
     of ``train_sizes`` images and of its evaluation on ``eval_sizes``, outside the timed
-    steps: the plans, and so the kernels, depend on the batch size.  It trains a copy of
-    the model, so the run's own model and optimizer are untouched.
+    steps: the plans, and so the kernels, depend on the batch size.  It trains a model and
+    optimizer of its own, built from ``cfg``: the run's are untouched.
 
     Returns the algorithms of each Conv2d layer's plan in a step on the first of
     ``train_sizes``, by the layer's index: ``{'0': {'forward': ..., ...}, ...}``.
@@ -763,7 +767,7 @@ def _warm_up(cfg: TrainConfig, train_sizes, eval_sizes) -> dict:
         opt.step()
         if not conv_algorithms:
             conv_algorithms = {str(i): layer.algorithms for i, layer in enumerate(model)
-                          if isinstance(layer, nn.Conv2d)}
+                               if isinstance(layer, nn.Conv2d)}
     for n in eval_sizes:
         evaluate(model, np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.int64), batch_size=n)
     return conv_algorithms

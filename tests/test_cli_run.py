@@ -265,6 +265,7 @@ def test_precompile_command(tmp_path):
     ("tiny", TypeError, "presets must be a list of model names"),
     ([3], TypeError, "presets must hold model names"),
     (["resnet"], ValueError, "unknown model 'resnet' in presets"),
+    ([], ValueError, "presets is empty"),
 ])
 def test_precompile_refuses_bad_presets(presets, exc, message):
     with pytest.raises(exc, match=message):
