@@ -1,13 +1,15 @@
 """Start-up times (target 5 of the performance issue), each in a new process.
 
-    python bench/startup.py [--data-dir DIR]
+    python bench/startup.py [--data-dir DIR] [--precompile]
 
 * **warm cache**: a new process imports fastconv and finishes its first ``conv2d`` (the
   JIT cache already holds the kernels);
 * **first batch**: ``fastconv train`` from process start to the end of its first training
   step (its ``first_step_seconds`` metric), warm cache;
 * **cold cache**: the same two, with ``NUMBA_CACHE_DIR`` pointing at an empty directory,
-  so every kernel they use is compiled.
+  so every kernel they use is compiled;
+* **precompile** (``--precompile``): ``fastconv precompile`` with a cold cache, then again
+  with the cache it filled.
 """
 
 from __future__ import annotations
@@ -43,10 +45,19 @@ def _first_batch(env, data_dir) -> tuple[float, float]:
         return json.loads(m.read_text())["first_step_seconds"], time.perf_counter() - t0
 
 
+def _precompile(env) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fastconv", "precompile", "--quiet"], env=env,
+                   check=True)
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("FASTCONV_DATA"))
+    p.add_argument("--precompile", action="store_true",
+                   help="also time 'fastconv precompile', cold and warm (a minute or more)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
@@ -61,6 +72,11 @@ def main(argv=None):
             print(f"fastconv train, first training step done after: cold cache "
                   f"{cold_step:.1f} s (whole 1-batch run {cold_run:.1f} s), warm cache "
                   f"{warm_step:.2f} s")
+    if a.precompile:
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            cold, warm = (_precompile(env) for _ in range(2))
+            print(f"fastconv precompile: cold cache {cold:.1f} s, warm cache {warm:.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The ``fastconv`` command: ``train``, ``evaluate``, ``predict`` and ``export``.
+"""The ``fastconv`` command: ``train``, ``evaluate``, ``predict``, ``export`` and
+``precompile`` (``fastconv --help`` lists them).
 
 Errors go to stderr, with exit code 2 for bad arguments and 1 for failures (missing or
 corrupt data, a diverged run); never a traceback.  Each is one line, except data that
@@ -59,38 +60,20 @@ def _model(text):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastconv", description="Train, evaluate and use CNNs with fastconv.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train a model on MNIST or Fashion-MNIST",
-                       description="Train a model; one line per epoch, a progress bar on a "
-                       "terminal.  Datasets are found in --data-dir, $FASTCONV_DATA/<name>, "
-                       "~/.cache/fastconv/<name>, /usr/share/datasets, or downloaded.")
-    # Settings default to None so that --resume can tell given flags from defaults.
-    t.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="default: mnist")
-    t.add_argument("--data-dir", help="folder with the IDX files (or a <dataset> subfolder)")
-    t.add_argument("--model", type=_model, choices=["two-conv", "tiny"],
-                   help="default: two-conv ('seed' is read as 'tiny', its old name)")
-    t.add_argument("--epochs", type=_positive_int,
-                   help="total epochs (default 1; with --resume, the saved total)")
-    t.add_argument("--batch-size", type=_positive_int, help="default: 64")
-    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default 0.05)")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], help="default: sgd")
-    t.add_argument("--momentum", type=_fraction, help="SGD momentum (default 0.9)")
-    t.add_argument("--schedule", choices=["cosine", "constant"],
-                   help="learning rate: annealed to 0 over --epochs along a half cosine "
-                   "(default), or constant")
-    t.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
-    t.add_argument("--seed", type=_seed, help="default: 0")
-    t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
-    t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
-    t.add_argument("--save", metavar="PATH", help="checkpoint (.npz) after every epoch")
-    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
-    t.add_argument("--plot", metavar="PATH", help="PNG of loss/accuracy and conv1 filters")
-    t.add_argument("--no-download", action="store_true", help="never use the network")
-    t.add_argument("--quiet", action="store_true", help="no progress bar, no epoch lines")
+    from . import __version__
+
+    p = _Parser(prog="fastconv", description="Train small CNNs on MNIST and Fashion-MNIST "
+                "with fastconv's CPU convolution kernels, and use what they learned.")
+    p.add_argument("--version", action="version", version=f"fastconv {__version__}",
+                   help="print fastconv's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                           title="commands", metavar="COMMAND",
+                           help="'fastconv COMMAND --help' describes its options")
+    _train_parser(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     _add_export(sub)
+    _precompile_parser(sub)
     return p
 
 
@@ -264,30 +247,96 @@ def _export(args) -> None:
           f"net.load_state_dict({load})")
 
 
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model on MNIST or Fashion-MNIST",
+                       description="Train a model: one line per epoch, a progress bar on a "
+                       "terminal.  Datasets are found in --data-dir, $FASTCONV_DATA/<name>, "
+                       "~/.cache/fastconv/<name>, /usr/share/datasets, or downloaded.  The "
+                       "first run on a machine compiles the kernels (tens of seconds; "
+                       "'fastconv precompile' does it ahead of time).")
+    # Settings default to None so that --resume can tell given flags from defaults.
+    t.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+                   help="the dataset to train and test on (default: mnist)")
+    t.add_argument("--data-dir", metavar="DIR",
+                   help="a folder with the dataset's IDX files, or with a <dataset> "
+                   "subfolder holding them (default: searched, see above)")
+    t.add_argument("--model", type=_model, choices=["two-conv", "tiny"],
+                   help="the network (default: two-conv; 'seed' is read as 'tiny', its old "
+                   "name)")
+    t.add_argument("--epochs", type=_positive_int, metavar="E",
+                   help="total epochs (default 1; with --resume, the saved total)")
+    t.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help="images per training step (default: 64)")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 0.05)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"],
+                   help="the optimizer, with PyTorch's update rule (default: sgd)")
+    t.add_argument("--momentum", type=_fraction, metavar="M", help="SGD's momentum (default: 0.9)")
+    t.add_argument("--schedule", choices=["cosine", "constant"],
+                   help="learning rate: annealed to 0 over --epochs along a half cosine "
+                   "(default), or constant")
+    t.add_argument("--threads", type=_threads, metavar="T",
+                   help="threads of the kernels (default: all cores)")
+    t.add_argument("--seed", type=_seed, metavar="S",
+                   help="seed of the initial weights and the shuffling (default: 0)")
+    t.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="train on the first N training images only (default: all)")
+    t.add_argument("--metrics-json", metavar="PATH",
+                   help="write the run's results as JSON at the end: each epoch's loss, "
+                   "accuracy and speed, every setting, the versions of fastconv, NumPy, "
+                   "Numba and Python, the CPU, each conv layer's algorithms, and the "
+                   "compile time")
+    t.add_argument("--log-jsonl", metavar="PATH",
+                   help="write one JSON object per line for each epoch as it ends, flushed "
+                   "at once (a killed run keeps the lines of its finished epochs): epoch, "
+                   "epochs (the total), train_loss, train_accuracy, test_loss, "
+                   "test_accuracy, seconds, samples_per_second, lr (of the epoch's last "
+                   "step) and time (UTC).  A new run starts the file afresh; with --resume "
+                   "the lines of the epochs it trains are appended")
+    t.add_argument("--save", metavar="PATH",
+                   help="write a checkpoint (.npz) after every epoch")
+    t.add_argument("--resume", metavar="PATH",
+                   help="continue the run of a checkpoint from --save (only --epochs may "
+                   "change)")
+    t.add_argument("--plot", metavar="PATH",
+                   help="write a PNG of the loss and accuracy curves and the conv1 filters")
+    t.add_argument("--no-download", action="store_true",
+                   help="never use the network: fail if the dataset is not on disk")
+    t.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors: no progress bar, no notice while "
+                   "kernels compile, no epoch lines")
+
+
+def _precompile_parser(sub) -> None:
+    c = sub.add_parser("precompile", help="compile the kernels ahead of the first run",
+                       description="Compile every kernel that 'fastconv train' and "
+                       "'fastconv evaluate' run (training steps and evaluation, for every "
+                       "batch size), for every model preset, into Numba's cache, and print "
+                       "what was compiled and how long it took.  Later runs load the "
+                       "kernels instead of compiling them for tens of seconds: run it when "
+                       "building a Docker image, or once per machine type of a cluster "
+                       "(the compiled code is specific to the CPU).")
+    c.add_argument("--model", type=_model, choices=["two-conv", "tiny"], action="append",
+                   help="compile for this model only (repeat it for several; default: "
+                   "every model)")
+    c.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors")
+
+
 def _one_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from . import conv, data, train  # after parsing: --help stays instant
+    from . import conv, data  # after parsing: --help stays instant
 
     try:
         if getattr(args, "threads", None) is not None:
             conv.set_num_threads(args.threads)
         if args.command == "train":
-            given = {k: getattr(args, k) for k in (
-                "dataset", "model", "epochs", "batch_size", "lr", "optimizer", "momentum",
-                "schedule", "seed", "limit") if getattr(args, k) is not None}
-            if args.resume is not None:
-                ck = train.load_checkpoint(args.resume)
-                cfg = train.resume_config(ck["config"], ck["epoch"], given)
-            else:
-                cfg = train.TrainConfig(**given)
-            train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
-                        save=args.save, resume=args.resume, metrics_json=args.metrics_json,
-                        plot=args.plot, quiet=args.quiet,
-                        log=(lambda *a: None) if args.quiet else print)
+            _train(args)
+        elif args.command == "precompile":
+            _precompile(args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "predict":
@@ -298,12 +347,37 @@ def main(argv=None) -> int:
         print("fastconv: interrupted", file=sys.stderr)
         return 130
     except data.DatasetNotFoundError as e:  # where it looked and what to do: its lines
-        print(f"fastconv: error: {e}", file=sys.stderr)
+        print(f"fastconv: error: {e.cli_message}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _train(args) -> None:
+    """``fastconv train``: the run its flags describe, or the one ``--resume`` continues."""
+    from . import train
+
+    given = {k: getattr(args, k) for k in (
+        "dataset", "model", "epochs", "batch_size", "lr", "optimizer", "momentum",
+        "schedule", "seed", "limit") if getattr(args, k) is not None}
+    if args.resume is not None:
+        ck = train.load_checkpoint(args.resume)
+        cfg = train.resume_config(ck["config"], ck["epoch"], given)
+    else:
+        cfg = train.TrainConfig(**given)
+    train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
+                save=args.save, resume=args.resume, metrics_json=args.metrics_json,
+                log_jsonl=args.log_jsonl, plot=args.plot, quiet=args.quiet,
+                log=(lambda *a: None) if args.quiet else print)
+
+
+def _precompile(args) -> None:
+    """``fastconv precompile``: :func:`fastconv.train.precompile`."""
+    from . import train
+
+    train.precompile(args.model, log=(lambda *a: None) if args.quiet else print)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,17 @@ class IDXError(ValueError):
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are neither on disk nor downloadable.  Its message has several
-    lines (where it looked, why the download failed, what to do), which ``fastconv``
-    prints as they are."""
+    """The dataset's files are neither on disk nor downloadable.
+
+    Its message has several lines (where it looked, why the download failed, what to do)
+    and names the Python arguments (``data_dir=``, ``download=False``).
+    :attr:`cli_message` says the same with the ``fastconv`` command's options
+    (``--data-dir``, ``--no-download``); the command prints it as it is.
+    """
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = message if cli_message is None else cli_message
 
 
 # IDX type codes -> big-endian numpy dtypes.
@@ -276,7 +284,8 @@ def load_dataset(name: str, data_dir=None, download: bool = True, timeout: float
     if paths is None or not all(paths):
         missing = [f.stem for f in files] if paths is None else [
             f.stem for f, p in zip(files, paths, strict=True) if p is None]
-        raise DatasetNotFoundError(_not_found(ds, missing, dirs, download, errors))
+        raise DatasetNotFoundError(_not_found(ds, missing, dirs, download, errors, False),
+                                   _not_found(ds, missing, dirs, download, errors, True))
     arrays = [read_idx(p) for p in paths]
     for a, f, p in zip(arrays, files, paths, strict=True):
         if a.ndim != len(f.shape) or a.shape[1:] != f.shape[1:] or a.dtype != np.uint8:
@@ -316,18 +325,22 @@ def _download_line(errors: list) -> str:
     return f"Download failed: {why} ({tries}, from {', '.join(hosts)})."
 
 
-def _not_found(ds: _Dataset, missing: list, dirs: list, download: bool, errors: list) -> str:
+def _not_found(ds: _Dataset, missing: list, dirs: list, download: bool, errors: list,
+               cli: bool) -> str:
     """The message of :class:`DatasetNotFoundError`: what is missing, where it looked (each
-    folder once), why the download failed, and the ways out."""
+    folder once), why the download failed, and the ways out, named as the ``fastconv``
+    command's options (``cli``) or as the Python arguments."""
     lines = [f"{ds.name}: could not find {', '.join(missing)} (each .gz or raw IDX) in one "
              "folder.", "Looked in:", *(f"  {d}" for d in dict.fromkeys(dirs))]
     if errors:
         lines.append(_download_line(errors))
     elif not download:
-        lines.append("Downloading was turned off (--no-download, or download=False).")
+        off = "--no-download" if cli else "download=False"
+        lines.append(f"Downloading was turned off ({off}).")
     lines += ["Point fastconv at a folder that holds the files (or a "
               f"'{ds.name}' subfolder with them):",
-              "  --data-dir DIR           (Python: load_dataset(..., data_dir=DIR))",
+              "  --data-dir DIR" if cli else
+              "  data_dir=DIR             (an argument of load_dataset and train)",
               f"  export FASTCONV_DATA=DIR (the files in DIR/{ds.name})"]
     if ds.name == "fashion-mnist":
         lines.append("On Debian, the package dataset-fashion-mnist installs them where "

@@ -3,13 +3,19 @@
 :func:`train` runs the loop:
 
 * it shuffles every epoch from the seed and normalises pixels to [0, 1];
-* it shows a tqdm bar when stderr is a terminal and prints one line per epoch;
+* it compiles (or loads from Numba's cache) every kernel the run uses before the first
+  step, saying so on stderr while it compiles (a cold cache takes tens of seconds);
+* it shows a tqdm bar when stderr is a terminal and prints one line per epoch, and can
+  append each epoch's results to a JSON-lines log as they happen;
 * it writes atomic ``.npz`` checkpoints that hold the weights, the optimizer state, the
   epoch, the RNG state and the history.  ``resume`` continues a killed run from its last
   checkpoint.
 
 A NaN or inf loss stops the run with :class:`TrainingDiverged`, and the last good
 checkpoint is kept.
+
+:func:`precompile` compiles every kernel that training and evaluation run, for every model
+preset, into Numba's cache (``fastconv precompile``, for Docker images and clusters).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -27,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _args, _state, conv, data, models, nn, optim
+from . import _args, _compiling, _jit, _state, algorithms, conv, data, models, nn, optim, pool
 
-__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "load_checkpoint", "save_checkpoint",
-           "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "cpu_model", "evaluate", "load_checkpoint",
+           "precompile", "save_checkpoint", "train"]
+
+#: The batch size :func:`evaluate` runs by default (and ``fastconv train`` evaluates with).
+EVAL_BATCH_SIZE = 500
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,7 +113,8 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / np.float32(255.0))[:, None]
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500):
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = EVAL_BATCH_SIZE):
     """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images, in batches of
     ``batch_size`` (an int >= 1).  No images is a ValueError: their mean is undefined."""
     _args._int("batch_size", batch_size, 1)
@@ -462,20 +473,38 @@ def _blas_single_thread():
 
 
 def _progress(total, desc, quiet):
+    """A tqdm bar over ``total`` images (None without tqdm), shown on a terminal.  Its one
+    throughput figure is the postfix the loop sets (images per second of step time, as in
+    the epoch line), not tqdm's own rate."""
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} images "
+                           "[{elapsed}<{remaining}{postfix}]",
                 disable=quiet or not sys.stderr.isatty())
 
 
 def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=None,
-          resume=None, metrics_json=None, plot=None, quiet=False, log=print) -> dict:
-    """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``)."""
+          resume=None, metrics_json=None, log_jsonl=None, plot=None, quiet=False,
+          log=print) -> dict:
+    """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``).
+
+    ``log_jsonl`` (a path) gets one JSON object per line for each epoch as it ends, flushed
+    at once, so a killed run leaves the history of the epochs it finished: ``epoch``,
+    ``epochs`` (the total), ``train_loss``, ``train_accuracy``, ``test_loss``,
+    ``test_accuracy``, ``seconds``, ``samples_per_second``, ``lr`` (of the epoch's last
+    step) and ``time`` (UTC, ISO 8601).  A new run starts the file afresh; with ``resume``
+    the lines of the epochs it trains are appended.  ``quiet`` turns off the progress bar
+    and the notice on stderr while kernels compile; ``log`` prints the other lines.
+    """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    for name, path in (("metrics_json", metrics_json), ("log_jsonl", log_jsonl)):
+        if path is not None:
+            data._path_arg(name, path)
     if threads is not None:
         conv.set_num_threads(threads)
     if plot is not None:
@@ -513,8 +542,18 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                          f"make {start_epoch * steps_per_epoch}")
 
     # The loop checks the loss itself (TrainingDiverged): no NumPy float warnings on the way.
-    with _blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        _warm_up(model, loss_fn, xtr, ytr)
+    with (_blas_single_thread(),
+          np.errstate(over="ignore", invalid="ignore", divide="ignore"),
+          _jsonl(log_jsonl, append=ck is not None) as jsonl):
+        t_warm = time.perf_counter()
+        with _compiling.notice(quiet) as compiled:
+            conv_algorithms = _warm_up(cfg, _batch_sizes(len(xtr), cfg.batch_size),
+                                       _batch_sizes(len(xte), EVAL_BATCH_SIZE))
+        warm_up = {"warm_up_seconds": time.perf_counter() - t_warm,
+                   "compile_seconds": compiled.seconds, "kernels_compiled": compiled.compiled}
+        if compiled.compiled:
+            log(f"compiled {compiled.compiled} kernels in {compiled.seconds:.1f} s (kept in "
+                "Numba's cache for later runs)")
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             order = rng.permutation(len(xtr))
@@ -545,7 +584,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                 curve.append((epoch + seen / len(xtr), loss))
                 if bar is not None:
                     bar.update(len(idx))
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{seen / busy:.0f}")
+                    bar.set_postfix_str(f"loss {loss:.4f}, {seen / busy:.0f} images/s")
             if bar is not None:
                 bar.close()
             test_loss, test_acc = evaluate(model, xte, yte)
@@ -561,13 +600,16 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                    "samples_per_second": seen / busy, "train_seconds": busy,
                    "train_samples": seen}
             history.append(row)
+            if jsonl is not None:
+                _write_line(jsonl, _epoch_line(row, cfg, opt.lr))
             log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc "
                 f"{row['train_accuracy']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                 f"{row['seconds']:.1f} s, {row['samples_per_second']:.0f} samples/s")
             if save is not None:
                 save_checkpoint(save, cfg, model, opt, epoch + 1, rng, history)
 
-    metrics = _metrics(cfg, history, step_samples, step_seconds, first_step)
+    metrics = _metrics(cfg, history, step_samples, step_seconds, first_step, warm_up,
+                       conv_algorithms)
     if metrics_json is not None:
         _atomic_write(Path(metrics_json),
                       lambda f: f.write(json.dumps(metrics, indent=2).encode()))
@@ -576,20 +618,159 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     return metrics
 
 
+#: The batch sizes :func:`precompile` plans for: each group of them that runs the same
+#: algorithms gets one batch.  The plans' choices change at thresholds of work or tiles
+#: well below this (``fastconv.config``), so larger batches run what 1024 runs.
+PRECOMPILE_MAX_BATCH = 1024
+
+
+def precompile(presets=None, *, log=print) -> dict:
+    """Compile every kernel that training and evaluation run into Numba's cache.
+
+    For each model preset, in float32 as ``fastconv train`` and ``fastconv evaluate``
+    run it: training steps (forward, backward, an SGD and an Adam step) and evaluation's
+    forward pass, each at one batch size of every group of batch sizes (1 to
+    :data:`PRECOMPILE_MAX_BATCH`) whose convolutions run the same algorithms.  Kernels
+    already in the cache are loaded, not compiled: a second call is quick.  The thread
+    count is not compiled in, so any ``--threads`` uses the same kernels.
+
+    Parameters
+    ----------
+    presets : None or list of str
+        Model presets (names of :data:`fastconv.models.MODELS`, or their old names);
+        None for all of them.
+    log : callable
+        Prints a line per model and one for the total.
+
+    Returns
+    -------
+    dict
+        ``{model: {'train_batch_sizes', 'eval_batch_sizes', 'compiled', 'loaded',
+        'seconds'}}``: the batch sizes it ran, how many kernels it compiled and loaded from
+        the cache, and the seconds it took.
+
+    Raises
+    ------
+    RuntimeError
+        If Numba's cache is off (``FASTCONV_NO_CACHE=1``): nothing compiled would be kept.
+    """
+    names = list(models.MODELS) if presets is None else _preset_names(presets)
+    if not _jit.CACHE:
+        raise RuntimeError("the JIT cache is off (FASTCONV_NO_CACHE=1): kernels compiled "
+                           "now would not be kept for later runs")
+    report, t_all = {}, time.perf_counter()
+    with _blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for name in names:
+            cfg = TrainConfig(model=name)
+            train_sizes, eval_sizes = _plan_groups(cfg)
+            t0, before = time.perf_counter(), _compiling.signatures()
+            with _compiling.CompileWatch() as watch:
+                for optimizer in ("sgd", "adam"):
+                    _warm_up(dataclasses.replace(cfg, optimizer=optimizer), train_sizes,
+                             eval_sizes if optimizer == "sgd" else [])
+            seconds = time.perf_counter() - t0
+            loaded = len(_compiling.signatures() - before - watch.functions)
+            report[name] = {"train_batch_sizes": train_sizes, "eval_batch_sizes": eval_sizes,
+                            "compiled": watch.compiled, "loaded": loaded, "seconds": seconds}
+            log(f"{name}: {watch.compiled} kernels compiled, {loaded} loaded from the cache, "
+                f"in {seconds:.1f} s (training steps at batch sizes "
+                f"{_sizes(train_sizes)}; evaluation at {_sizes(eval_sizes)})")
+    dirs = _compiling.cache_dirs()
+    log(f"precompiled {', '.join(names)} in {time.perf_counter() - t_all:.1f} s; the "
+        f"kernels are cached in {' and '.join(dirs) if dirs else 'no folder'}")
+    return report
+
+
+def _preset_names(names) -> list[str]:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"presets must be a list of model names or None, got {names!r}")
+    out = []
+    for name in names:
+        name = models.model_name(name)
+        if not isinstance(name, str):
+            raise TypeError(f"presets must hold model names (str), got {name!r}")
+        if name not in models.MODELS:
+            raise ValueError(f"unknown model {name!r} in presets; choose from "
+                             f"{sorted(models.MODELS)}")
+        out.append(name)
+    if not out:
+        raise ValueError("presets is empty: name at least one model, or pass None for all")
+    return list(dict.fromkeys(out))
+
+
+def _sizes(sizes) -> str:
+    return ", ".join(map(str, sizes))
+
+
+def _plan_groups(cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The smallest batch size of each group of sizes (1 to :data:`PRECOMPILE_MAX_BATCH`)
+    whose training steps, and of each whose evaluation, run the same algorithms in every
+    Conv2d of ``cfg``'s model, as their plans would choose them (no kernel runs)."""
+    model = models.MODELS[cfg.model]()
+    seen_train, seen_eval = {}, {}
+    for n in range(1, PRECOMPILE_MAX_BATCH + 1):
+        train_key, eval_key = [], []
+        for geo in _conv_geometries(model, (n, 1, 28, 28)):
+            pool_order = conv.pool_order_ok(geo)  # the layout the pool after it reads
+            passes = tuple(algorithms.choices(geo, np.float32, p)[0].NAME
+                           for p in algorithms.PASSES)
+            train_key.append((pool_order, passes))
+            eval_key.append((pool_order, passes[0]))
+        seen_train.setdefault(tuple(train_key), n)
+        seen_eval.setdefault(tuple(eval_key), n)
+    return sorted(seen_train.values()), sorted(seen_eval.values())
+
+
+def _conv_geometries(model, shape) -> list:
+    """The geometry of each Conv2d of a Sequential of convolutions, pools and
+    shape-keeping layers, for an input of ``shape``, up to its Flatten."""
+    geos = []
+    for layer in model:
+        if isinstance(layer, nn.Flatten):
+            break
+        if isinstance(layer, nn.Conv2d):
+            geo = conv.conv_geometry(shape, layer.weight.shape, **layer.conv)
+            geos.append(geo)
+            shape = (geo.N, geo.K, geo.OH, geo.OW)
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            g = pool.pool_geometry(shape, **layer.args)
+            shape = (*shape[:2], g.OH, g.OW)
+    return geos
+
+
 def _diverged(what: str, cfg: TrainConfig, save) -> TrainingDiverged:
     kept = f"; the last good checkpoint is kept in {save}" if save else ""
     return TrainingDiverged(f"{what}; try a smaller --lr (now {cfg.lr}){kept}")
 
 
-def _warm_up(model, loss_fn, xtr, ytr):
-    """Compile (or load) every kernel a step uses, outside the timed steps."""
-    x, y = normalise(xtr[:2]), ytr[:2]
-    loss_fn(model(x), y)
-    model.backward(loss_fn.backward())
-    model.zero_grad()  # the warm-up's gradients are no step's
-    model.eval()
-    model(x)
-    model.train()
+def _batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of the batches ``n`` images are cut into: the full one and the last."""
+    return sorted({min(n, batch_size), n % batch_size} - {0}, reverse=True)
+
+
+def _warm_up(cfg: TrainConfig, train_sizes, eval_sizes) -> dict:
+    """Compile (or load from the cache) every kernel of ``cfg``'s training steps on batches
+    of ``train_sizes`` images and of its evaluation on ``eval_sizes``, outside the timed
+    steps: the plans, and so the kernels, depend on the batch size.  It trains a model and
+    optimizer of its own, built from ``cfg``: the run's are untouched.
+
+    Returns the algorithms of each Conv2d layer's plan in a step on the first of
+    ``train_sizes``, by the layer's index: ``{'0': {'forward': ..., ...}, ...}``.
+    """
+    model, opt = build(cfg)
+    loss_fn = nn.SoftmaxCrossEntropy()
+    conv_algorithms = {}
+    for n in train_sizes:
+        opt.zero_grad()
+        loss_fn(model(normalise(np.zeros((n, 28, 28), np.uint8))), np.zeros(n, np.int64))
+        model.backward(loss_fn.backward())
+        opt.step()
+        if not conv_algorithms:
+            conv_algorithms = {str(i): layer.algorithms for i, layer in enumerate(model)
+                               if isinstance(layer, nn.Conv2d)}
+    for n in eval_sizes:
+        evaluate(model, np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.int64), batch_size=n)
+    return conv_algorithms
 
 
 def _since_process_start() -> float | None:
@@ -604,13 +785,76 @@ def _since_process_start() -> float | None:
         return None
 
 
-def _metrics(cfg, history, samples, seconds, first_step=None) -> dict:
+def cpu_model() -> str:
+    """The CPU's model name, from ``/proc/cpuinfo`` (Linux) or :mod:`platform`; never
+    fails (``'unknown'``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    try:
+        return platform.processor() or platform.machine() or "unknown"
+    except Exception:  # platform shells out on some systems: whatever goes wrong there
+        return "unknown"
+
+
+def _environment() -> dict:
+    """The versions and the machine a run's metrics were measured with."""
+    import numba
+
+    from . import __version__
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return {"fastconv": __version__, "numpy": np.__version__, "numba": numba.__version__,
+            "python": platform.python_version(), "cpu": cpu_model(),
+            "numba_threading_layer": layer}
+
+
+def _jsonl(path, append: bool):
+    """The JSON-lines log open for appending (``append``) or afresh, or a null context."""
+    if path is None:
+        return contextlib.nullcontext()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a" if append else "w", encoding="utf-8")
+
+
+def _epoch_line(row: dict, cfg: TrainConfig, lr: float) -> dict:
+    """An epoch's line of the JSON-lines log: the epoch and the total, its train and test
+    loss and accuracy, its seconds and training images per second, the learning rate of
+    its last step, and the time it ended (UTC, ISO 8601)."""
+    return {"epoch": row["epoch"], "epochs": cfg.epochs,
+            **{k: row[k] for k in ("train_loss", "train_accuracy", "test_loss",
+                                   "test_accuracy", "seconds", "samples_per_second")},
+            "lr": float(lr),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _write_line(f, obj: dict) -> None:
+    f.write(json.dumps(obj) + "\n")
+    f.flush()  # the line is the kernel's now: a killed process keeps it
+
+
+def _metrics(cfg, history, samples, seconds, first_step=None, warm_up=None,
+             conv_algorithms=None) -> dict:
     last = history[-1] if history else {}
     return {
         "first_step_seconds": first_step,
+        **(warm_up or {"warm_up_seconds": None, "compile_seconds": None,
+                       "kernels_compiled": None}),
         "dataset": cfg.dataset, "model": cfg.model, "batch_size": cfg.batch_size,
         "threads": conv.get_num_threads(), "optimizer": cfg.optimizer, "lr": cfg.lr,
         "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg),
+        "environment": _environment(),
+        "conv_algorithms": conv_algorithms or {},
         "epochs": [{k: e[k] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
                                       "test_accuracy", "seconds", "samples_per_second")}
                    for e in history],

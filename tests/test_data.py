@@ -138,9 +138,14 @@ def test_not_found_offline_says_where_it_looked(tmp_path):
     assert lines[1:5] == ["Looked in:", f"  {tmp_path / 'nowhere' / 'mnist'}",
                           f"  {tmp_path / 'nowhere'}",
                           f"  {tmp_path / 'cache' / 'fastconv' / 'mnist'}"]
-    assert lines[5] == "Downloading was turned off (--no-download, or download=False)."
-    assert any(line.startswith("  --data-dir DIR") for line in lines)
-    assert any(line.startswith("  export FASTCONV_DATA=DIR") for line in lines)
+    assert lines[5] == "Downloading was turned off (download=False)."
+    assert lines[-2:] == ["  data_dir=DIR             (an argument of load_dataset and train)",
+                          "  export FASTCONV_DATA=DIR (the files in DIR/mnist)"]
+    assert "--" not in str(e.value)  # the Python arguments, not the command's options
+    cli = e.value.cli_message.splitlines()  # the same, with the options of `fastconv`
+    assert cli[:5] == lines[:5] and cli[5] == "Downloading was turned off (--no-download)."
+    assert cli[-2:] == ["  --data-dir DIR", "  export FASTCONV_DATA=DIR (the files in DIR/mnist)"]
+    assert "data_dir" not in e.value.cli_message and "download=" not in e.value.cli_message
     assert not any("Download failed" in line or "dataset-fashion-mnist" in line
                    for line in lines)  # no download tried; the Debian package is not MNIST's
 
@@ -168,7 +173,7 @@ def test_not_found_message_for_fashion_mnist(tmp_path, monkeypatch):
     assert lines[-4:] == [
         "Point fastconv at a folder that holds the files (or a 'fashion-mnist' subfolder "
         "with them):",
-        "  --data-dir DIR           (Python: load_dataset(..., data_dir=DIR))",
+        "  data_dir=DIR             (an argument of load_dataset and train)",
         "  export FASTCONV_DATA=DIR (the files in DIR/fashion-mnist)",
         "On Debian, the package dataset-fashion-mnist installs them where fastconv looks: "
         "apt-get install dataset-fashion-mnist"]
@@ -185,8 +190,9 @@ def test_the_cli_prints_the_not_found_message_on_its_lines(tmp_path, monkeypatch
     assert code == 1 and "Traceback" not in err
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("fashion-mnist", tmp_path / "d", timeout=2)
-    assert err == f"fastconv: error: {e.value}\n"
+    assert err == f"fastconv: error: {e.value.cli_message}\n"
     assert len(err.splitlines()) == 10  # the first, 1 + 4 places, the download, 3 + 1 ways out
+    assert "  --data-dir DIR" in err.splitlines() and "data_dir=" not in err
 
 
 # ---- downloads from a real HTTP server on 127.0.0.1 ----------------------------------
