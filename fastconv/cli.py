@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["cosine", "constant"],
                    help="learning rate: annealed to 0 over --epochs along a half cosine "
                    "(default), or constant")
-    t.add_argument("--threads", type=_threads, help="kernel threads (default: all cores)")
+    t.add_argument("--threads", type=_threads,
+                   help="kernel threads (per process under mpiexec; default: all cores, or "
+                   "each process's share of them)")
+    t.add_argument("--distributed", choices=["auto", "off"], default="auto",
+                   help="under 'mpiexec -n R' (R > 1), train data-parallel over the R "
+                   "processes, splitting each --batch-size batch (auto, the default), or "
+                   "train alone in each process (off)")
     t.add_argument("--seed", type=_seed, help="default: 0")
     t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
     t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
@@ -102,24 +108,28 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from . import conv, data, train  # after parsing: --help stays instant
+    from . import conv, data, dist, train  # after parsing: --help stays instant
 
+    comm = dist.Communicator()  # one process, unless train runs under mpiexec
     try:
+        if args.command == "train":
+            comm = dist.init(args.distributed)
         if args.threads is not None:
             conv.set_num_threads(args.threads)
         if args.command == "train":
-            given = {k: getattr(args, k) for k in (
-                "dataset", "model", "epochs", "batch_size", "lr", "optimizer", "momentum",
-                "schedule", "seed", "limit") if getattr(args, k) is not None}
-            if args.resume is not None:
-                ck = train.load_checkpoint(args.resume)
-                cfg = train.resume_config(ck["config"], ck["epoch"], given)
-            else:
-                cfg = train.TrainConfig(**given)
-            train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
-                        save=args.save, resume=args.resume, metrics_json=args.metrics_json,
-                        plot=args.plot, quiet=args.quiet,
-                        log=(lambda *a: None) if args.quiet else print)
+            with comm.fail_together():  # under mpiexec, one rank's failure ends every rank
+                given = {k: getattr(args, k) for k in (
+                    "dataset", "model", "epochs", "batch_size", "lr", "optimizer", "momentum",
+                    "schedule", "seed", "limit") if getattr(args, k) is not None}
+                if args.resume is not None:
+                    ck = train.load_checkpoint(args.resume)
+                    cfg = train.resume_config(ck["config"], ck["epoch"], given)
+                else:
+                    cfg = train.TrainConfig(**given)
+                train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
+                            threads=args.threads, save=args.save, resume=args.resume,
+                            metrics_json=args.metrics_json, plot=args.plot, quiet=args.quiet,
+                            log=(lambda *a: None) if args.quiet else print, distributed=comm)
         else:
             ck = train.load_checkpoint(args.model)
             cfg = ck["config"]
@@ -131,13 +141,16 @@ def main(argv=None) -> int:
             loss, acc = train.evaluate(model, xte, yte.astype("int64"))
             print(f"{name} test: loss {loss:.4f}, accuracy {acc:.4f} ({len(xte)} images)")
     except KeyboardInterrupt:
-        print("fastconv: interrupted", file=sys.stderr)
+        if comm.is_root:  # every rank raises it alike: rank 0 says it
+            print("fastconv: interrupted", file=sys.stderr)
         return 130
     except data.DatasetNotFoundError as e:  # where it looked and what to do: its lines
-        print(f"fastconv: error: {e}", file=sys.stderr)
+        if comm.is_root:
+            print(f"fastconv: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
+        if comm.is_root:
+            print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
