@@ -22,4 +22,4 @@ def test_tiny_report(capsys):
     assert two["alone_ms"] > 0 and len(two["buckets"]) == 2
     assert res["compute"][8]["backward_tail_ms"] > 0
     out = capsys.readouterr().out
-    assert "scaling efficiency 2x1 / (2 x 1x1)" in out and "overlapped with backward" in out
+    assert "scaling efficiency 2x1 / (2 x 1x1)" in out and "reduced while backward ran" in out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 import weakref
 
@@ -299,6 +300,11 @@ class GradientSync:
     bucket_mb : float > 0
         The bucket size in MiB (1 by default, as PyTorch DDP's first bucket; the two-conv
         network's 1.8 MB of gradients make two buckets: docs/distributed.md).
+    progress : bool
+        Drive the started allreduces from a helper thread while backward runs (True, the
+        default, where MPI allows calls from several threads one at a time): MPI libraries
+        move a nonblocking collective's data only inside MPI calls, and the kernels make
+        none.  Without it, the hook tests the requests between layers only.
 
     Attributes
     ----------
@@ -307,12 +313,16 @@ class GradientSync:
     timers : dict of str to float
         Seconds summed over steps (reported by bench/dist_report.py): ``copy`` (gradients
         into the buffer), ``mpi`` (starting and testing the allreduces during backward),
-        ``wait`` (blocked after backward until every bucket is reduced), ``in_flight`` (from
-        the first bucket's start to the end of backward: communication that could overlap
-        it), and ``steps``.
+        ``wait`` (blocked after backward until every bucket is reduced: the last bucket's
+        allreduce and any wait for a slower rank), ``in_flight`` (from the first bucket's
+        start to the end of backward), ``bytes`` (of gradients reduced),
+        ``overlapped_bytes`` (of those, the buckets whose allreduce started and finished
+        during backward), and ``steps``.
     """
 
-    def __init__(self, model, comm: Communicator, bucket_mb: float = BUCKET_MB):
+    def __init__(self, model, comm: Communicator, bucket_mb: float = BUCKET_MB,
+                 progress: bool = True):
+        progress = _args._bool("progress", progress)
         bucket_mb = _args._real("bucket_mb", bucket_mb, 0.0)
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
@@ -345,7 +355,14 @@ class GradientSync:
         for layer in getattr(model, "layers", []):
             self._of_layer[id(layer)] = [index[(id(p.module), p.key)]
                                          for p in layer.parameters()]
-        self.timers = dict.fromkeys(("copy", "mpi", "wait", "in_flight", "steps"), 0.0)
+        self.timers = dict.fromkeys(("copy", "mpi", "wait", "in_flight", "steps", "bytes",
+                                     "overlapped_bytes"), 0.0)
+        self._progress = None
+        if progress and comm.distributed:
+            from mpi4py import MPI
+
+            if MPI.Query_thread() >= MPI.THREAD_SERIALIZED:
+                self._progress = _Progress(MPI)
 
     # ---- one step ------------------------------------------------------------------
 
@@ -388,13 +405,12 @@ class GradientSync:
         self._pending = [0] * len(self.buckets)
         for b in self._bucket_of:
             self._pending[b] += 1
-        self._requests, self._next = [], 0
+        self._requests, self._next = _Requests(), 0
         self._first_start = None
         self._stats = None
         if stats is not None:
             self._stats = np.array(stats, np.float64)
-            self._requests.append(self.comm.comm.Iallreduce(MPI.IN_PLACE, self._stats,
-                                                            op=MPI.SUM))
+            self._submit(self.comm.comm.Iallreduce, MPI.IN_PLACE, self._stats, op=MPI.SUM)
         self.model._grad_hook = self._layer_done
 
     def _layer_done(self, layer) -> None:
@@ -408,9 +424,9 @@ class GradientSync:
             self._start_ready()
             self.timers["copy"] += t1 - t0
             self.timers["mpi"] += time.perf_counter() - t1
-        elif self._requests:  # let the started allreduces progress
+        elif self._requests and self._progress is None:  # let the allreduces progress
             t0 = time.perf_counter()
-            self._mpi.Request.Testall(self._requests)
+            _pop_done(self._requests)
             self.timers["mpi"] += time.perf_counter() - t0
 
     def _take(self, i: int) -> None:
@@ -434,22 +450,38 @@ class GradientSync:
             lo, hi = self.buckets[self._next]
             if self._first_start is None:
                 self._first_start = time.perf_counter()
-            self._requests.append(self.comm.comm.Iallreduce(MPI.IN_PLACE, self.flat[lo:hi],
-                                                            op=MPI.SUM))
+            self._submit(self.comm.comm.Iallreduce, MPI.IN_PLACE, self.flat[lo:hi],
+                         op=MPI.SUM)
             self._next += 1
-        if self._requests:
-            MPI.Request.Testall(self._requests)
+        if self._requests and self._progress is None:
+            _pop_done(self._requests)
+
+    def _submit(self, start, *args, **kwargs) -> None:
+        """Start a nonblocking collective; the progress thread (if any) drives it."""
+        if self._progress is None:
+            self._requests.append(start(*args, **kwargs))
+        else:
+            self._progress.submit(start, *args, **kwargs)
 
     def _end(self):
         self.model._grad_hook = None
         t_backward = time.perf_counter()
         if self._first_start is not None:
             self.timers["in_flight"] += t_backward - self._first_start
+            # The buckets whose allreduce finished before backward did (the stats first).
+            done = (self._progress.completed() if self._progress is not None
+                    else _pop_done(self._requests)) - (self._stats is not None)
+            if done > 0:
+                self.timers["overlapped_bytes"] += self.buckets[done - 1][1] * \
+                    self.dtype.itemsize
+        self.timers["bytes"] += self.flat.nbytes
         t0 = time.perf_counter()
         for i in range(len(self.params)):
             self._take(i)
         t1 = time.perf_counter()
         self._start_ready()
+        if self._progress is not None:
+            self._requests = self._progress.take()
         self._mpi.Request.Waitall(self._requests)
         t2 = time.perf_counter()
         self.timers["copy"] += t1 - t0
@@ -463,6 +495,61 @@ class GradientSync:
     def reset_timers(self) -> None:
         for key in self.timers:
             self.timers[key] = 0.0
+
+
+class _Progress:
+    """A daemon thread that tests the started collectives (in order) every ``interval``
+    seconds until they are done, so their data moves while the kernels run
+    (they release the GIL).  Every MPI call of a step goes through one lock: MPI sees one
+    call at a time (``MPI_THREAD_SERIALIZED`` suffices)."""
+
+    def __init__(self, MPI, interval: float = 2e-4):
+        self.MPI, self.interval = MPI, interval
+        self.cv = threading.Condition()
+        self.requests = _Requests()
+        self.thread = threading.Thread(target=self._run, name="fastconv-mpi-progress",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, start, *args, **kwargs) -> None:
+        with self.cv:
+            self.requests.append(start(*args, **kwargs))
+            self.cv.notify()
+
+    def completed(self) -> int:
+        """How many of the requests submitted since the last :meth:`take` have completed."""
+        with self.cv:
+            return self.requests.done
+
+    def take(self) -> list:
+        """The started requests, which the thread no longer touches: the caller waits."""
+        with self.cv:
+            requests, self.requests = self.requests, _Requests()
+        return requests
+
+    def _run(self) -> None:
+        with self.cv:
+            while True:
+                if not self.requests:
+                    self.cv.wait()
+                    continue
+                _pop_done(self.requests)
+                if self.requests:
+                    self.cv.wait(self.interval)
+
+
+class _Requests(list):
+    """Started requests in order, those done popped from the front and counted."""
+
+    done = 0
+
+
+def _pop_done(requests: _Requests) -> int:
+    """Test ``requests`` from the front, popping those complete; how many ever were."""
+    while requests and requests[0].Test():
+        requests.pop(0)
+        requests.done += 1
+    return requests.done
 
 
 _SYNCS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, sync)

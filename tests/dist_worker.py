@@ -7,6 +7,10 @@
         ck<rank>.npz): only rank 0's may appear.
     python dist_worker.py fail DATA_DIR OUT_DIR
         rank 1's third Linear backward raises: the job must end, not hang.
+    python dist_worker.py api
+        each rank's gradient of its half of a batch, averaged by allreduce_gradients and by
+        GradientSync without its progress thread, against the whole batch's gradient that
+        every rank also computes alone; prints "api ok" from rank 0.
 """
 
 import hashlib
@@ -14,11 +18,42 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fastconv import data, dist, nn
 from fastconv import train as T
 
 
-def main(mode, data_dir, out, *rest):
+def api():
+    from fastconv import models
+
+    comm = dist.init("auto")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 1, 28, 28), np.float32), rng.integers(0, 10, 8)
+    model, loss_fn = models.two_conv(seed=0), nn.CrossEntropyLoss()
+    loss_fn(model(x), y)
+    model.backward(loss_fn.backward())
+    whole = [p.grad.copy() for p in model.parameters()]
+    mine = comm.shard(np.arange(8))
+    for average in ("helper", "sync"):
+        model.zero_grad()
+        if average == "helper":
+            loss_fn(model(x[mine]), y[mine])
+            model.backward(loss_fn.backward())
+            dist.allreduce_gradients(model)
+        else:
+            sync = dist.GradientSync(model, comm, bucket_mb=0.01, progress=False)
+            assert sync._progress is None and len(sync.buckets) > 2
+            sync.train_step(model, loss_fn, x[mine], y[mine], 8)
+        for g, p in zip(whole, model.parameters(), strict=True):
+            np.testing.assert_allclose(p.grad, g, rtol=1e-4, atol=1e-6, err_msg=p.name)
+    if comm.is_root:
+        print("api ok")
+
+
+def main(mode, data_dir=None, out=None, *rest):
+    if mode == "api":
+        return api()
     out = Path(out)
     comm = dist.init("auto")
     xtr, _, _, _ = data.load_dataset("mnist", data_dir, download=False)

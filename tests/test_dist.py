@@ -251,6 +251,13 @@ def test_two_ranks_train_as_one_process(toy, tmp_path, limit):
         assert e1["test_loss"] == pytest.approx(e2["test_loss"], rel=1e-4)
 
 
+@needs_mpi
+def test_allreduce_gradients_and_a_sync_without_its_thread_give_the_whole_batch():
+    r = mpirun(2, HERE / "dist_worker.py", "api")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "api ok"
+
+
 def _cli(toy, *more):
     return ["-m", "fastconv", "train", "--dataset", "mnist", "--data-dir", toy,
             "--no-download", "--batch-size", 32, *more]
