@@ -36,8 +36,8 @@ import numpy as np
 
 from . import _args
 
-__all__ = ["Communicator", "GradientSync", "RankFailed", "allreduce_gradients", "init",
-           "launched_by_mpi"]
+__all__ = ["Communicator", "GradientSync", "RankFailed", "all_ranks", "allreduce_gradients",
+           "init", "launched_by_mpi"]
 
 #: Environment variables an MPI launcher sets in the processes it starts, with the number
 #: of processes (or None where the variable does not give it): Open MPI's mpiexec,
@@ -82,9 +82,12 @@ def init(distributed="auto") -> Communicator:
     """
     if isinstance(distributed, Communicator):
         return distributed
-    if not isinstance(distributed, str) or distributed not in ("auto", "off"):
+    if not isinstance(distributed, str):
+        raise TypeError(f"distributed must be 'auto', 'off' or a fastconv.dist.Communicator, "
+                        f"got {_args._describe(distributed)}")
+    if distributed not in ("auto", "off"):
         raise ValueError(f"distributed must be 'auto', 'off' or a fastconv.dist.Communicator, "
-                         f"got {_args._describe(distributed)}")
+                         f"got {distributed!r}")
     size = launched_by_mpi()
     if distributed == "off" or size is None or size == 1:
         return Communicator()
@@ -98,17 +101,12 @@ def init(distributed="auto") -> Communicator:
     return Communicator(MPI.COMM_WORLD)
 
 
-def _mark_all_ranks(exc: BaseException) -> BaseException:
-    """Mark ``exc`` as raised by every rank alike (so no rank aborts the job for it)."""
-    exc.fastconv_all_ranks = True
-    return exc
-
-
 def all_ranks(exc: BaseException) -> BaseException:
     """``exc``, marked as an error every rank raises alike at the same point (a diverged
-    loss that every rank computed from the same reduced numbers): :meth:`Communicator.
-    fail_together` lets it through instead of aborting the job."""
-    return _mark_all_ranks(exc)
+    loss that every rank computed from the same reduced numbers):
+    :meth:`Communicator.fail_together` lets it through instead of aborting the job."""
+    exc.fastconv_all_ranks = True
+    return exc
 
 
 def _one_line(e: BaseException) -> str:
@@ -206,7 +204,7 @@ class Communicator:
         values = self.comm.allgather(value)
         odd = [r for r, v in enumerate(values) if v != values[0]]
         if odd:
-            raise _mark_all_ranks(ValueError(
+            raise all_ranks(ValueError(
                 f"rank {odd[0]} of {self.size} has a different {what} than rank 0 "
                 f"({values[odd[0]]!r} against {values[0]!r}): every rank must read the same"))
 
@@ -262,9 +260,9 @@ class Communicator:
         if not failed:
             return None
         if len(failed) == self.size and len(set(messages)) == 1:
-            return _mark_all_ranks(error)  # the same error on every rank: its own
+            return all_ranks(error)  # the same error on every rank: its own
         others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        return _mark_all_ranks(RankFailed(
+        return all_ranks(RankFailed(
             f"rank {failed[0]} of {self.size} failed{others}: {messages[failed[0]]}"))
 
     def abort(self, error: BaseException) -> None:

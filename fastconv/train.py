@@ -6,7 +6,9 @@
 * it shows a tqdm bar when stderr is a terminal and prints one line per epoch;
 * it writes atomic ``.npz`` checkpoints that hold the weights, the optimizer state, the
   epoch, the RNG state and the history.  ``resume`` continues a killed run from its last
-  checkpoint.
+  checkpoint;
+* under ``mpiexec -n R`` it trains data-parallel over the R processes
+  (:mod:`fastconv.dist`, docs/distributed.md).
 
 A NaN or inf loss stops the run with :class:`TrainingDiverged`, and the last good
 checkpoint is kept.

@@ -178,8 +178,11 @@ def test_bad_gradient_sync_arguments(kwargs, error, message):
 
 
 def test_bad_distributed_setting():
-    with pytest.raises(ValueError, match="distributed must be 'auto', 'off' or a fastconv"):
+    with pytest.raises(ValueError, match="distributed must be 'auto', 'off' or a fastconv.dist"
+                       r".Communicator, got 'on'"):
         dist.init("on")
+    with pytest.raises(TypeError, match="distributed must be .* got True"):
+        dist.init(True)
 
 
 def test_the_backward_hook_sees_each_layer_after_its_gradients():
