@@ -68,7 +68,8 @@ def worker(args) -> None:
     model, opt = T.build(cfg)
     loss_fn = nn.CrossEntropyLoss()
     T._warm_up(model, loss_fn, xtr, ytr)
-    sync = dist.GradientSync(model, comm, bucket_mb=args.bucket_mb) if comm.distributed else None
+    sync = (dist.GradientSync(model, comm, bucket_mb=args.bucket_mb,
+                              progress=not args.no_progress) if comm.distributed else None)
     tail = []  # single process: backward time after the Linear(3136, 128) gradients
     big = model[7]
 
@@ -159,6 +160,8 @@ def run(ranks, threads, args, batch=None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
            "--batch-size", str(batch or args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb)]
+    if args.no_progress:
+        cmd.append("--no-progress")
     if args.tiny:
         cmd.append("--tiny")
     if batch:
@@ -240,6 +243,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bucket-mb", type=float, default=1.0)
+    p.add_argument("--no-progress", action="store_true",
+                   help="GradientSync(progress=False): no progress thread")
     p.add_argument("--compute-batches", default="16,32,64,128",
                    help="batch sizes for the 1-thread compute table ('' for none)")
     p.add_argument("--mpiexec-args", default="", help="extra mpiexec flags, e.g. "
