@@ -275,7 +275,12 @@ def _train_parser(sub) -> None:
                    help="learning rate: annealed to 0 over --epochs along a half cosine "
                    "(default), or constant")
     t.add_argument("--threads", type=_threads, metavar="T",
-                   help="threads of the kernels (default: all cores)")
+                   help="threads of the kernels (per process under mpiexec; default: all "
+                   "cores, or each process's share of them)")
+    t.add_argument("--distributed", choices=["auto", "off"], default="auto",
+                   help="under 'mpiexec -n R' (R > 1), train data-parallel over the R "
+                   "processes, splitting each --batch-size batch (auto, the default), or "
+                   "train alone in each process (off)")
     t.add_argument("--seed", type=_seed, metavar="S",
                    help="seed of the initial weights and the shuffling (default: 0)")
     t.add_argument("--limit", type=_positive_int, metavar="N",
@@ -328,13 +333,17 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from . import conv, data  # after parsing: --help stays instant
+    from . import conv, data, dist  # after parsing: --help stays instant
 
+    comm = dist.Communicator()  # one process, unless train runs under mpiexec
     try:
+        if args.command == "train":
+            comm = dist.init(args.distributed)
         if getattr(args, "threads", None) is not None:
             conv.set_num_threads(args.threads)
         if args.command == "train":
-            _train(args)
+            with comm.fail_together():  # under mpiexec, one rank's failure ends every rank
+                _train(args, comm)
         elif args.command == "precompile":
             _precompile(args)
         elif args.command == "evaluate":
@@ -344,19 +353,23 @@ def main(argv=None) -> int:
         else:
             _export(args)
     except KeyboardInterrupt:
-        print("fastconv: interrupted", file=sys.stderr)
+        if comm.is_root:  # every rank raises it alike: rank 0 says it
+            print("fastconv: interrupted", file=sys.stderr)
         return 130
     except data.DatasetNotFoundError as e:  # where it looked and what to do: its lines
-        print(f"fastconv: error: {e.cli_message}", file=sys.stderr)
+        if comm.is_root:
+            print(f"fastconv: error: {e.cli_message}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
+        if comm.is_root:
+            print(f"fastconv: error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _train(args) -> None:
-    """``fastconv train``: the run its flags describe, or the one ``--resume`` continues."""
+def _train(args, comm) -> None:
+    """``fastconv train``: the run its flags describe, or the one ``--resume`` continues,
+    data-parallel over ``comm`` (a :class:`fastconv.dist.Communicator`) under mpiexec."""
     from . import train
 
     given = {k: getattr(args, k) for k in (
@@ -368,9 +381,10 @@ def _train(args) -> None:
     else:
         cfg = train.TrainConfig(**given)
     train.train(cfg, data_dir=args.data_dir, download=not args.no_download,
-                save=args.save, resume=args.resume, metrics_json=args.metrics_json,
-                log_jsonl=args.log_jsonl, plot=args.plot, quiet=args.quiet,
-                log=(lambda *a: None) if args.quiet else print)
+                threads=args.threads, save=args.save, resume=args.resume,
+                metrics_json=args.metrics_json, log_jsonl=args.log_jsonl, plot=args.plot,
+                quiet=args.quiet, log=(lambda *a: None) if args.quiet else print,
+                distributed=comm)
 
 
 def _precompile(args) -> None:

@@ -1179,9 +1179,14 @@ class Sequential(Module):
         shape = steps[t][0].pool_order_shape(x)
         return shape is not None and steps[t + 1][1].is_2x2(shape)
 
+    #: Called with each layer after its backward has added its gradients, when set (by
+    #: :class:`fastconv.dist.GradientSync`, to start their allreduce during the backward).
+    _grad_hook = None
+
     def backward(self, dy):
         steps = list(self._steps())
         packed = dsum = None  # deltas already in the next (earlier) Conv2d's layout
+        hook = self._grad_hook
         for t in reversed(range(len(steps))):
             layer = steps[t][-1]  # a fused pair's pool does the ReLU's part too
             if packed is not None:
@@ -1194,6 +1199,8 @@ class Sequential(Module):
                 dy, dsum = layer.backward_packed(dy, packed, conv.delta_buffer(packed))
             else:
                 dy = layer.backward(dy)
+            if hook is not None:
+                hook(layer)
         return dy
 
     def __repr__(self):

@@ -9,7 +9,9 @@
   append each epoch's results to a JSON-lines log as they happen;
 * it writes atomic ``.npz`` checkpoints that hold the weights, the optimizer state, the
   epoch, the RNG state and the history.  ``resume`` continues a killed run from its last
-  checkpoint.
+  checkpoint;
+* under ``mpiexec -n R`` it trains data-parallel over the R processes
+  (:mod:`fastconv.dist`, docs/distributed.md).
 
 A NaN or inf loss stops the run with :class:`TrainingDiverged`, and the last good
 checkpoint is kept.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,7 +37,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _args, _compiling, _jit, _state, algorithms, conv, data, models, nn, optim, pool
+from . import (
+    _args,
+    _compiling,
+    _jit,
+    _state,
+    algorithms,
+    conv,
+    data,
+    dist,
+    models,
+    nn,
+    optim,
+    pool,
+)
 
 __all__ = ["TrainConfig", "TrainingDiverged", "cpu_model", "evaluate", "load_checkpoint",
            "precompile", "save_checkpoint", "train"]
@@ -114,26 +130,33 @@ def normalise(images: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray,
-             batch_size: int = EVAL_BATCH_SIZE):
+             batch_size: int = EVAL_BATCH_SIZE, *, comm: dist.Communicator | None = None):
     """Mean loss and accuracy of ``model`` (in eval mode) over uint8 images, in batches of
-    ``batch_size`` (an int >= 1).  No images is a ValueError: their mean is undefined."""
+    ``batch_size`` (an int >= 1).  No images is a ValueError: their mean is undefined.
+
+    With ``comm`` (a :class:`fastconv.dist.Communicator` of R ranks), each rank evaluates
+    its contiguous R-th of the images and the sums are reduced: every rank returns the
+    result over all of them."""
     _args._int("batch_size", batch_size, 1)
     if not len(images):
         raise ValueError("there are no images to evaluate (the test set is empty)")
+    lo, hi = (0, len(images)) if comm is None else comm.bounds(len(images))
     was_training = model.training
     model.eval()
     loss_fn = nn.SoftmaxCrossEntropy("sum")
     total_loss, correct = 0.0, 0
     try:
-        for start in range(0, len(images), batch_size):
-            x = normalise(images[start:start + batch_size])
-            y = labels[start:start + batch_size].astype(np.int64)
+        for start in range(lo, hi, batch_size):
+            x = normalise(images[start:min(start + batch_size, hi)])
+            y = labels[start:min(start + batch_size, hi)].astype(np.int64)
             logits = model(x)
             total_loss += float(loss_fn(logits, y))
             correct += int((logits.argmax(axis=1) == y).sum())
     finally:
         model.train(was_training)
-    return total_loss / len(images), correct / len(images)
+    if comm is not None and comm.distributed:
+        total_loss, correct = comm.allreduce_sum([total_loss, correct])
+    return float(total_loss) / len(images), float(correct) / len(images)
 
 
 # ---- checkpoints ---------------------------------------------------------------------
@@ -488,7 +511,7 @@ def _progress(total, desc, quiet):
 
 def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=None,
           resume=None, metrics_json=None, log_jsonl=None, plot=None, quiet=False,
-          log=print) -> dict:
+          log=print, distributed="auto") -> dict:
     """Train ``cfg`` and return the metrics dict (also written to ``metrics_json``).
 
     ``log_jsonl`` (a path) gets one JSON object per line for each epoch as it ends, flushed
@@ -498,7 +521,23 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
     step) and ``time`` (UTC, ISO 8601).  A new run starts the file afresh; with ``resume``
     the lines of the epochs it trains are appended.  ``quiet`` turns off the progress bar
     and the notice on stderr while kernels compile; ``log`` prints the other lines.
+
+    Under ``mpiexec -n R`` (R > 1) the run is data-parallel (``distributed='auto'``, the
+    default; ``'off'`` trains alone in every process; a :class:`fastconv.dist.Communicator`
+    is used as it is): each rank takes ``batch_size / R`` images of every batch, the
+    gradients are averaged over the ranks, ``threads`` (default: the rank's share of the
+    cores) is per rank, and rank 0 alone logs and writes ``save``, ``metrics_json``,
+    ``log_jsonl`` and ``plot`` (docs/distributed.md).
     """
+    comm = dist.init(distributed)
+    with comm.fail_together():  # one rank's failure ends every rank
+        return _train(comm, cfg, data_dir=data_dir, download=download, threads=threads,
+                      save=save, resume=resume, metrics_json=metrics_json,
+                      log_jsonl=log_jsonl, plot=plot, quiet=quiet, log=log)
+
+
+def _train(comm, cfg, *, data_dir, download, threads, save, resume, metrics_json, log_jsonl,
+           plot, quiet, log) -> dict:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
@@ -507,8 +546,15 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
             data._path_arg(name, path)
     if threads is not None:
         conv.set_num_threads(threads)
+    elif comm.distributed:
+        conv.set_num_threads(comm.default_threads())
     if plot is not None:
         _require_matplotlib()
+    if comm.distributed:  # rank 0 alone prints and writes
+        log = _flushed(log) if comm.is_root else (lambda *a: None)
+        quiet = quiet or not comm.is_root
+        if not comm.is_root:
+            save = metrics_json = log_jsonl = plot = None
 
     ck = None
     if resume is not None:
@@ -540,6 +586,15 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
         raise ValueError(f"{resume}: optim/step_count is {opt.step_count}, but {start_epoch} "
                          f"epochs of {steps_per_epoch} steps (on {len(xtr)} training images) "
                          f"make {start_epoch * steps_per_epoch}")
+    if cfg.batch_size % comm.size:
+        raise ValueError(f"the batch size {cfg.batch_size} is the global batch, split over "
+                         f"{comm.size} MPI processes: it must be a multiple of {comm.size}")
+    comm.setup_done()  # the collective check: any rank's error so far stops every rank
+    sync = None
+    if comm.distributed:
+        comm.check_same("checkpoint", ck and _digest(ck["model"]))
+        comm.check_same("training set", _digest({"x": xtr, "y": ytr}))
+        comm.broadcast_parameters(model)  # as DDP: one set of weights, whatever happened
 
     # The loop checks the loss itself (TrainingDiverged): no NumPy float warnings on the way.
     with (_blas_single_thread(),
@@ -547,13 +602,18 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
           _jsonl(log_jsonl, append=ck is not None) as jsonl):
         t_warm = time.perf_counter()
         with _compiling.notice(quiet) as compiled:
-            conv_algorithms = _warm_up(cfg, _batch_sizes(len(xtr), cfg.batch_size),
-                                       _batch_sizes(len(xte), EVAL_BATCH_SIZE))
+            # Each rank's batches: its shard of the global ones (of the test set, likewise).
+            per_rank = -(-len(xtr) // comm.size), -(-len(xte) // comm.size)
+            conv_algorithms = _warm_up(
+                cfg, _batch_sizes(per_rank[0], max(1, cfg.batch_size // comm.size)),
+                _batch_sizes(per_rank[1], EVAL_BATCH_SIZE))
         warm_up = {"warm_up_seconds": time.perf_counter() - t_warm,
                    "compile_seconds": compiled.seconds, "kernels_compiled": compiled.compiled}
         if compiled.compiled:
             log(f"compiled {compiled.compiled} kernels in {compiled.seconds:.1f} s (kept in "
                 "Numba's cache for later runs)")
+        if comm.distributed:
+            sync = dist.GradientSync(model, comm)
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             order = rng.permutation(len(xtr))
@@ -561,17 +621,23 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
             seen, loss_sum, correct, busy = 0, 0.0, 0, 0.0
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                x, y = normalise(xtr[idx]), ytr[idx]
+                mine = comm.shard(idx)  # this rank's part of the global batch
+                x, y = normalise(xtr[mine]), ytr[mine]
                 t0 = time.perf_counter()
                 opt.zero_grad()  # drops the gradients: this backward stores its own
-                logits = model(x)
-                loss = float(loss_fn(logits, y))
+                if sync is None:
+                    logits = model(x)
+                    loss = float(loss_fn(logits, y))
+                else:  # forward, backward and the gradients' allreduce: every rank alike
+                    loss, hits = sync.train_step(model, loss_fn, x, y, len(idx))
                 if not np.isfinite(loss):
                     if bar is not None:
                         bar.close()
                     raise _diverged(f"loss became {loss} in epoch {epoch + 1} after {seen} "
                                     "samples", cfg, save)
-                model.backward(loss_fn.backward())
+                if sync is None:
+                    model.backward(loss_fn.backward())
+                    hits = int((logits.argmax(axis=1) == y).sum())
                 opt.lr = learning_rate(cfg, epoch * steps_per_epoch + start // cfg.batch_size,
                                        cfg.epochs * steps_per_epoch)
                 opt.step()
@@ -580,14 +646,14 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
                     first_step = _since_process_start()
                 seen += len(idx)
                 loss_sum += loss * len(idx)
-                correct += int((logits.argmax(axis=1) == y).sum())
+                correct += hits
                 curve.append((epoch + seen / len(xtr), loss))
                 if bar is not None:
                     bar.update(len(idx))
                     bar.set_postfix_str(f"loss {loss:.4f}, {seen / busy:.0f} images/s")
             if bar is not None:
                 bar.close()
-            test_loss, test_acc = evaluate(model, xte, yte)
+            test_loss, test_acc = evaluate(model, xte, yte, comm=comm)
             if not (np.isfinite(test_loss)
                     and all(np.isfinite(p.data).all() for p in model.parameters())):
                 raise _diverged(f"the weights became non-finite in epoch {epoch + 1} (test "
@@ -610,6 +676,7 @@ def train(cfg: TrainConfig, *, data_dir=None, download=True, threads=None, save=
 
     metrics = _metrics(cfg, history, step_samples, step_seconds, first_step, warm_up,
                        conv_algorithms)
+    metrics["processes"] = comm.size
     if metrics_json is not None:
         _atomic_write(Path(metrics_json),
                       lambda f: f.write(json.dumps(metrics, indent=2).encode()))
@@ -740,7 +807,25 @@ def _conv_geometries(model, shape) -> list:
 
 def _diverged(what: str, cfg: TrainConfig, save) -> TrainingDiverged:
     kept = f"; the last good checkpoint is kept in {save}" if save else ""
-    return TrainingDiverged(f"{what}; try a smaller --lr (now {cfg.lr}){kept}")
+    # Every rank sees the same reduced loss and weights: no rank aborts the job for it.
+    return dist.all_ranks(TrainingDiverged(f"{what}; try a smaller --lr (now {cfg.lr}){kept}"))
+
+
+def _flushed(log):
+    """``log``, then a flush of stdout: under ``mpiexec`` stdout is a pipe."""
+    def flushed(*args):
+        log(*args)
+        sys.stdout.flush()
+    return flushed
+
+
+def _digest(arrays: dict) -> str:
+    """A SHA-256 of named arrays, to check that every rank read the same."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
