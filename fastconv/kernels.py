@@ -146,6 +146,49 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
                         drow[np.uint64(j0) + j] = xs[b + j * usw]
 
 
+@parallel_kernel
+def phase_grid(src, W, dst, pt, pl):
+    """The input split into stride phases (``layouts._phase_grid``).
+
+    ``dst[n, c, p, q, v, u] = x[n, c, v*sh + p - pt, u*sw + q - pl]`` where that is inside
+    the input ``x``, else zero.
+
+    src : (N, C, H*W)               the input ``x``, C-contiguous, each plane flattened.
+    dst : (N, C, sh, sw, Hr, Wq)    every element written.
+
+    One task per plane ``(n, c)``; each phase row is a run of ``x``'s row read at stride
+    ``sw`` (unsigned indices: no negative-index wraparound), with zeros on either side.
+    """
+    N, C = src.shape[:2]
+    H = src.shape[2] // W
+    sh, sw, Hr, Wq = dst.shape[2:]
+    usw = np.uint64(sw)
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        xs = src[n, c]
+        for p in range(sh):
+            for q in range(sw):
+                # Phase columns [u0, u1) read input columns u*sw + q - pl inside [0, W).
+                u0 = min(Wq, max(0, (pl - q + sw - 1) // sw))
+                u1 = max(u0, min(Wq, (W - 1 + pl - q) // sw + 1))
+                j0 = u0 * sw + q - pl
+                for v in range(Hr):
+                    drow = dst[n, c, p, q, v]
+                    ih = v * sh + p - pt
+                    if ih < 0 or ih >= H:
+                        for u in range(Wq):
+                            drow[u] = 0
+                        continue
+                    for u in range(u0):
+                        drow[u] = 0
+                    for u in range(u1, Wq):
+                        drow[u] = 0
+                    b = np.uint64(ih * W + j0)
+                    for u in range(np.uint64(0), np.uint64(u1 - u0)):
+                        drow[np.uint64(u0) + u] = xs[b + u * usw]
+
+
 @numba.njit(inline="always")
 def _shifted_plane_flat(xs, d, H, W, pt, dl):
     """One plane of :func:`shifted_planes` for stride 1 and rows as wide as the input's

@@ -225,18 +225,10 @@ def _phase_grid(a: np.ndarray, pads, sh: int, sw: int, extra_rows: int = 0) -> n
     N, C, H, W = a.shape
     pt, pb, pl, pr = pads
     Hq, Wq = -(-(H + pt + pb) // sh), -(-(W + pl + pr) // sw)
-    out = np.zeros((N, C, sh, sw, Hq + extra_rows, Wq), a.dtype)
-    for p in range(sh):
-        v0 = max(0, -(-(pt - p) // sh))  # first phase row that holds an input row,
-        i0 = v0 * sh + p - pt            # this one
-        if i0 >= H:
-            continue
-        for q in range(sw):
-            u0 = max(0, -(-(pl - q) // sw))
-            j0 = u0 * sw + q - pl
-            if j0 < W:
-                block = a[:, :, i0::sh, j0::sw]
-                out[:, :, p, q, v0:v0 + block.shape[2], u0:u0 + block.shape[3]] = block
+    if a.size == 0:
+        return np.zeros((N, C, sh, sw, Hq + extra_rows, Wq), a.dtype)
+    out = np.empty((N, C, sh, sw, Hq + extra_rows, Wq), a.dtype)
+    _k.phase_grid(np.ascontiguousarray(a).reshape(N, C, H * W), W, out, pt, pl)
     return out
 
 

@@ -279,3 +279,29 @@ def test_grouped_layers_are_planned_on_it():
     assert stem["grad_input"] == GR
     with pytest.raises(ValueError, match="at least 16 pixels"):
         fc.conv2d_plan((2, 8, 3, 3), (8, 2, 1, 1), groups=4, algorithm=GR)
+
+
+@pytest.mark.parametrize("shape, pads, sh, sw, extra", [
+    ((2, 3, 7, 9), (1, 2, 3, 0), 2, 3, 1), ((1, 2, 5, 5), (0, 0, 0, 0), 1, 1, 0),
+    ((2, 4, 11, 6), (3, 3, 2, 2), 3, 2, 0), ((1, 1, 1, 1), (2, 0, 0, 4), 2, 2, 1),
+    ((2, 3, 0, 4), (1, 1, 1, 1), 2, 1, 1),
+])
+def test_the_phase_grid_is_the_padded_input_split_by_stride_phases(shape, pads, sh, sw, extra,
+                                                                    rng):
+    from fastconv.layouts import _phase_grid
+
+    a = rng.standard_normal(shape).astype(np.float32)
+    N, C, H, W = shape
+    pt, pb, pl, pr = pads
+    padded = np.zeros((N, C, H + pt + pb, W + pl + pr), np.float32)
+    padded[:, :, pt:pt + H, pl:pl + W] = a
+    for x in (a, a[:, :, :, ::-1]):  # and strided
+        padded[:, :, pt:pt + H, pl:pl + W] = x
+        got = _phase_grid(x, pads, sh, sw, extra)
+        assert got.shape[4:] == (-(-(H + pt + pb) // sh) + extra, -(-(W + pl + pr) // sw))
+        for p, q in np.ndindex(sh, sw):
+            plane = padded[:, :, p::sh, q::sw]
+            np.testing.assert_array_equal(got[:, :, p, q, :plane.shape[2], :plane.shape[3]],
+                                          plane)
+            assert not got[:, :, p, q, plane.shape[2]:].any()
+            assert not got[:, :, p, q, :, plane.shape[3]:].any()

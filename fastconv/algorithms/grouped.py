@@ -271,9 +271,12 @@ def _forward(geo, x, wp, b):
     bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((geo.N, geo.K, px.OH, px.OW), x.dtype)
     grouped_pixel_tiles(px.xf, px.toff, px.gstep, wp, bias, y)
-    if px.Wq:  # the wide rows' first OW columns
-        y = np.ascontiguousarray(y.reshape(geo.N, geo.K, geo.OH, px.Wq)[..., :geo.OW])
-    return y
+    if not px.Wq:
+        return y
+    out = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
+    grouped_wide_rows_out(y.reshape(geo.N * geo.K, geo.OH * px.Wq), px.Wq,
+                          out.reshape(geo.N * geo.K, geo.OH * geo.OW), geo.OW)
+    return out
 
 
 def grad_weight(geo, x, dy):
@@ -375,6 +378,25 @@ def grouped_pixel_tiles(x, toff, gstep, w, b, y):
             _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
             _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
             _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
+
+
+@parallel_kernel
+def grouped_wide_rows_out(src, Wq, dst, OW):
+    """The first ``OW`` columns of each ``Wq``-pixel row of wide rows, in parallel:
+    ``dst[p, i*OW + j] = src[p, i*Wq + j]`` for ``j < OW``.
+
+    src : (P, OH*Wq), dst : (P, OH*OW), both C-contiguous, ``OW <= Wq``.
+    """
+    P = src.shape[0]
+    OH = dst.shape[1] // OW
+    for p in prange(P):
+        s = src[p]
+        d = dst[p]
+        for i in range(OH):
+            us = np.uint64(i * Wq)
+            ud = np.uint64(i * OW)
+            for j in range(np.uint64(0), np.uint64(OW)):
+                d[ud + j] = s[us + j]
 
 
 @parallel_kernel
