@@ -344,10 +344,10 @@ def backward_pool_order(px: PixelInput, geo: ConvGeometry, weight, dy4, need_dx=
     db = dsum.sum(axis=0).astype(dtype)
     dx = None
     if need_dx:
-        # Rare (a first layer needs no dX): through the channel tile's layout.
-        layout = delta_layout(geo)
-        dyp = pack_deltas(from_pool_order(dy4, geo.OH, geo.OW), layout)
-        dx = _grad_input_packed(dyp, layout, w, geo)
+        # Rare (a first layer needs no dX): the plan's dX on NCHW deltas, as the functional
+        # API and the layer alone run it.
+        dy = np.ascontiguousarray(from_pool_order(dy4, geo.OH, geo.OW))
+        dx = plan.plan_for(geo, dtype)._run("grad_input", dy, w)
     return dx, dw, db
 
 

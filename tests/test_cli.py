@@ -135,7 +135,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
     r = run("train", *_common(toy), "--epochs", 2, "--resume", ck, "--save", ck)
     assert r.returncode == 1
     assert "loss became" in r.stderr and "try a smaller --lr" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    # one line, beside the notice a cold kernel cache prints while the kernels compile
+    errors = [line for line in r.stderr.strip().splitlines()
+              if not line.startswith("compiling kernels")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
     assert ck.read_bytes() == before
 
 
