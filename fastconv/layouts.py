@@ -200,19 +200,11 @@ def _shifted_planes(a: np.ndarray, geo: ConvGeometry) -> np.ndarray:
 def _phase_planes(a: np.ndarray, pads, sw: int) -> np.ndarray:
     """NCHW ``a`` (any strides) zero-padded by ``pads`` (top, bottom, left, right), each
     plane's columns split into ``sw`` phases: ``(N, C*sw, Hp, ceil(Wp/sw))``, plane
-    ``c*sw + q`` holding padded columns ``q, q + sw, ...``."""
-    N, C, H, W = a.shape
-    pt, pb, pl, pr = pads
-    Hp, Wp = H + pt + pb, W + pl + pr
-    Wq = -(-Wp // sw)
-    out = np.zeros((N, C, sw, Hp, Wq), a.dtype)
-    for q in range(sw):
-        u0 = max(0, -(-(pl - q) // sw))  # first phase column that holds an input column,
-        j0 = u0 * sw + q - pl            # this one
-        if j0 < W:
-            cols = a[:, :, :, j0::sw]
-            out[:, :, q, pt:pt + H, u0:u0 + cols.shape[3]] = cols
-    return out.reshape(N, C * sw, Hp, Wq)
+    ``c*sw + q`` holding padded columns ``q, q + sw, ...``: :func:`_phase_grid` with one
+    row phase."""
+    N, C = a.shape[:2]
+    grid = _phase_grid(a, pads, 1, sw)
+    return grid.reshape(N, C * sw, *grid.shape[4:])
 
 
 def _phase_grid(a: np.ndarray, pads, sh: int, sw: int, extra_rows: int = 0) -> np.ndarray:
