@@ -272,11 +272,10 @@ def _conv2d_saving(input, weight, bias, stride, padding, dilation, groups, works
     if forward == "pixel":  # its dW reads the input again
         y = _forward_pixels(x, w, b, geo, out_ws)
         return (y[0] if unbatched else y), x, geo
-    if forward == "serial-direct" or (
-            kind == "input" and not pool_order
+    if (kind == "input" and not pool_order
             and not hasattr(algorithms.BY_NAME[forward], "packed_forward")):
-        # An algorithm that reads NCHW (depthwise, grouped) runs as the functional API
-        # runs it; so does its dW, from the input kept as it is.
+        # An algorithm that reads NCHW (serial, depthwise, grouped) runs as the functional
+        # API runs it; so does its dW, from the input kept as it is.
         y = p._run("forward", x, w, b)
         return (y[0] if unbatched else y), x, geo
     xp = _pack_input(x, geo, ws)
