@@ -2,21 +2,24 @@
 thread, on the same global batch.
 
     python bench/dist_report.py [--rounds 5] [--steps 200] [--batch-size 64]
-        [--compute-batches 16,32,64,128] [--json FILE] [--tiny]
+        [--method auto|shared|iallreduce] [--compute-batches 16,32,64,128] [--json FILE]
+        [--tiny]
 
 Each configuration is a fresh process (the 2-rank one under ``mpiexec -n 2``; the 1-rank
 ones without a launcher, which would bind them to one core), run in interleaved rounds (the
 order rotates every round) so that noise hits every configuration alike.  A run trains the
 two-conv network for ``--steps`` timed steps of the training loop's own step (shard,
-forward, backward with the bucketed ``Iallreduce``, SGD) on Fashion-MNIST or MNIST
+forward, backward, the gradients' sum by :class:`fastconv.dist.GradientSync` with
+``--method``, SGD) on Fashion-MNIST or MNIST
 (``$FASTCONV_DATA``, else random images), after a warm-up, between two barriers.
 
 Reported: median samples/s of each configuration (and its range), the ratio 2x1 / 1x2
 (target >= 0.9), the scaling efficiency 2x1 / (2 * 1x1) (target >= 90%), and per step of
 the 2-rank run, from the timers of :class:`fastconv.dist.GradientSync`: the copies into the
-buffer, the MPI calls during backward, the wait after backward, the time the allreduces were
-in flight during backward, the share of the gradient bytes whose allreduce finished before
-backward did (overlapped), and the same allreduces alone (blocking, no compute).
+buffer and the reduction after backward (with the wait for the slower rank); for
+``iallreduce`` also the MPI calls during backward, the time the allreduces were in flight
+during backward and the share of the gradient bytes whose allreduce finished before backward
+did (overlapped); and the same reduction alone (no compute).
 ``--compute-batches`` also times one rank on one thread at several batch sizes: the compute
 side of the scaling model in
 docs/distributed.md, with the part of backward left after the Linear(3136, 128) gradients
@@ -69,7 +72,8 @@ def worker(args) -> None:
     loss_fn = nn.CrossEntropyLoss()
     T._warm_up(cfg, [args.batch_size // comm.size], [])  # compile outside the timed steps
     sync = (dist.GradientSync(model, comm, bucket_mb=args.bucket_mb,
-                              progress=not args.no_progress) if comm.distributed else None)
+                              progress=not args.no_progress, method=args.method)
+            if comm.distributed else None)
     tail = []  # single process: backward time after the Linear(3136, 128) gradients
     big = model[7]
 
@@ -121,6 +125,7 @@ def worker(args) -> None:
         out["overlapped"] = sync.timers["overlapped_bytes"] / sync.timers["bytes"]
         out["alone_ms"] = 1e3 * _allreduce_alone(sync, comm, reps=max(5, args.steps // 4))
         out["buckets"] = [(hi - lo) * sync.dtype.itemsize for lo, hi in sync.buckets]
+        out["method"] = sync.method
     elif tail:
         out["backward_tail_ms"] = 1e3 * statistics.median(tail)
         out["backward_tail_fastest_ms"] = 1e3 * min(tail)
@@ -136,8 +141,11 @@ def _allreduce_alone(sync, comm, reps) -> float:
     for _ in range(reps):
         comm.comm.Barrier()
         t0 = time.perf_counter()
-        for lo, hi in sync.buckets:
-            comm.comm.Allreduce(MPI.IN_PLACE, sync.flat[lo:hi], op=MPI.SUM)
+        if sync.method == "shared":
+            sync._shared.allreduce(None)
+        else:
+            for lo, hi in sync.buckets:
+                comm.comm.Allreduce(MPI.IN_PLACE, sync.flat[lo:hi], op=MPI.SUM)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -159,7 +167,8 @@ def _env():
 def run(ranks, threads, args, batch=None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
            "--batch-size", str(batch or args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb)]
+           "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
+           "--method", args.method]
     if args.no_progress:
         cmd.append("--no-progress")
     if args.tiny:
@@ -218,13 +227,21 @@ def summary(res, args) -> str:
     def m(key):
         return statistics.median(r[key] for r in two)
 
-    lines += ["", f"per step of the 2-rank run (buckets of {two[0]['buckets']} bytes): the "
-              f"allreduces alone (blocking, nothing else running) {m('alone_ms'):.2f} ms; in "
-              f"the step: copies into the buffer {m('copy_ms'):.2f} ms, MPI calls during "
-              f"backward {m('mpi_ms'):.2f} ms, in flight during backward "
-              f"{m('in_flight_ms'):.2f} ms, wait after backward {m('wait_ms'):.2f} ms (the "
-              f"last bucket, and the slower rank); {100 * m('overlapped'):.0f}% of the "
-              f"gradient bytes were reduced while backward ran (overlapped)"]
+    if two[0]["method"] == "shared":
+        lines += ["", f"per step of the 2-rank run (method 'shared', "
+                  f"{two[0]['buckets'][0]} bytes of gradients in a shared-memory window): "
+                  f"the reduction alone (nothing else running) {m('alone_ms'):.2f} ms; in the "
+                  f"step: copies into the buffer {m('copy_ms'):.2f} ms, reduction after "
+                  f"backward {m('wait_ms'):.2f} ms (with the wait for the slower rank)"]
+    else:
+        lines += ["", f"per step of the 2-rank run (method 'iallreduce', buckets of "
+                  f"{two[0]['buckets']} bytes): the allreduces alone (blocking, nothing "
+                  f"else running) {m('alone_ms'):.2f} ms; in the step: copies into the "
+                  f"buffer {m('copy_ms'):.2f} ms, MPI calls during backward "
+                  f"{m('mpi_ms'):.2f} ms, in flight during backward {m('in_flight_ms'):.2f}"
+                  f" ms, wait after backward {m('wait_ms'):.2f} ms (the last bucket, and "
+                  f"the slower rank); {100 * m('overlapped'):.0f}% of the gradient bytes "
+                  f"were reduced while backward ran (overlapped)"]
     if res["compute"]:
         lines += ["", "1 rank x 1 thread (the compute side of docs/distributed.md's model):",
                   "", "| batch | ms per step (median) | fastest step ms | ms per sample "
@@ -243,6 +260,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bucket-mb", type=float, default=1.0)
+    p.add_argument("--method", default="auto", choices=("auto", "shared", "iallreduce"),
+                   help="GradientSync(method=...): how the 2-rank run sums gradients")
     p.add_argument("--no-progress", action="store_true",
                    help="GradientSync(progress=False): no progress thread")
     p.add_argument("--compute-batches", default="16,32,64,128",

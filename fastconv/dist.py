@@ -14,9 +14,11 @@ by at most one in a last batch).
     The rank, the number of ranks and the collective checks :func:`fastconv.train.train`
     needs; one process is a communicator of size 1 that never touches MPI.
 :class:`GradientSync`
-    The gradients of a model in one flat, preallocated buffer, cut into buckets; during
-    ``model.backward`` each bucket's ``Iallreduce`` starts as soon as the layers that own
-    it have produced their gradients.
+    The gradients of a model in one flat, preallocated buffer.  When every rank runs on one
+    machine, the buffers live in an MPI shared-memory window and the ranks sum them
+    directly (``method='shared'``); across machines the buffer is cut into buckets and,
+    during ``model.backward``, each bucket's ``Iallreduce`` starts as soon as the layers
+    that own it have produced their gradients (``method='iallreduce'``).
 :func:`allreduce_gradients`
     The same averaging, at once, for a loop of your own.
 
@@ -91,6 +93,10 @@ def init(distributed="auto") -> Communicator:
     size = launched_by_mpi()
     if distributed == "off" or size is None or size == 1:
         return Communicator()
+    # Open MPI's UCX one-sided component prints an error on machines without UCX devices
+    # when a window is made; the shared-memory windows of GradientSync are served by its
+    # 'sm' component.  A setting of the user's own wins.  MPICH ignores the variable.
+    os.environ.setdefault("OMPI_MCA_osc", "^ucx")
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -281,14 +287,29 @@ class GradientSync:
     """A model's gradients, averaged over the ranks during its backward pass.
 
     The gradients live in one flat, preallocated buffer in reverse parameter order (the
-    order backward produces them), cut into buckets of about ``bucket_mb`` MiB at parameter
-    boundaries.  :meth:`train_step` arms a hook that ``nn.Sequential.backward`` calls after
-    each layer: the hook copies that layer's gradients into the buffer, scaled by
-    ``n_r / n``, and starts a nonblocking ``Iallreduce`` (sum) of every bucket whose
-    gradients are all there, in bucket order on every rank.  After the backward, the rest
-    is started and awaited, and each parameter's ``.grad`` becomes a view of the buffer:
-    the mean gradient of the global batch.  Models that are not a Sequential get no hook
-    calls: all buckets start after their backward.
+    order backward produces them).  :meth:`train_step` arms a hook that
+    ``nn.Sequential.backward`` calls after each layer: the hook copies that layer's
+    gradients into the buffer, scaled by ``n_r / n``, so that the sum over ranks is the
+    mean gradient of the global batch.  Two methods sum the buffers:
+
+    ``'shared'`` (every rank on one machine)
+        Each rank's buffer is its segment of one MPI shared-memory window
+        (``MPI.Win.Allocate_shared``).  After backward, rank r sums the r-th of R equal
+        chunks of every rank's buffer into its own, then copies the other chunks' sums
+        from their owners: a reduce-scatter and an allgather by plain loads and stores,
+        three barriers, no message.  It is the node-local step of the hierarchical
+        allreduces of NCCL and Horovod.  There is nothing to overlap: the ranks' own cores
+        would do the copying MPI's transports do.
+    ``'iallreduce'`` (ranks on several machines)
+        The buffer is cut into buckets of about ``bucket_mb`` MiB at parameter boundaries,
+        and the hook starts a nonblocking ``Iallreduce`` (sum) of every bucket whose
+        gradients are all there, in bucket order on every rank, so the network's time
+        overlaps the rest of backward.  After backward the rest is started and awaited.
+
+    In both, each parameter's ``.grad`` then becomes a view of the buffer: the mean
+    gradient of the global batch.  Models that are not a Sequential get no hook calls:
+    their gradients are copied after their backward.  docs/distributed.md has the
+    measurements behind the choice.
 
     Parameters
     ----------
@@ -296,30 +317,37 @@ class GradientSync:
         Its parameters must share one dtype.
     comm : Communicator
     bucket_mb : float > 0
-        The bucket size in MiB (1 by default, as PyTorch DDP's first bucket; the two-conv
-        network's 1.8 MB of gradients make two buckets: docs/distributed.md).
+        ``'iallreduce'``: the bucket size in MiB (1 by default, as PyTorch DDP's first
+        bucket; the two-conv network's 1.8 MB of gradients make two buckets).
     progress : bool
-        Drive the started allreduces from a helper thread while backward runs (True, the
-        default, where MPI allows calls from several threads one at a time): MPI libraries
-        move a nonblocking collective's data only inside MPI calls, and the kernels make
-        none.  Without it, the hook tests the requests between layers only.
+        ``'iallreduce'``: drive the started allreduces from a helper thread while backward
+        runs (True, the default, where MPI allows calls from several threads one at a
+        time): MPI libraries move a nonblocking collective's data only inside MPI calls,
+        and the kernels make none.  Without it, the hook tests the requests between layers.
+    method : {'auto', 'shared', 'iallreduce'}
+        ``'auto'`` (the default): ``'shared'`` when every rank runs on one machine and the
+        MPI library makes shared-memory windows, else ``'iallreduce'``.  ``'shared'`` on
+        ranks of several machines is a ValueError.
 
     Attributes
     ----------
+    method : str
+        The method in use: ``'shared'`` or ``'iallreduce'`` (also on one process).
     buckets : list of (start, stop)
-        Each bucket's element range in the flat buffer, in the order they start.
+        The element ranges of the flat buffer reduced as one, in the order they start
+        (``'shared'``: the whole buffer).
     timers : dict of str to float
         Seconds summed over steps (reported by bench/dist_report.py): ``copy`` (gradients
         into the buffer), ``mpi`` (starting and testing the allreduces during backward),
-        ``wait`` (blocked after backward until every bucket is reduced: the last bucket's
-        allreduce and any wait for a slower rank), ``in_flight`` (from the first bucket's
-        start to the end of backward), ``bytes`` (of gradients reduced),
-        ``overlapped_bytes`` (of those, the buckets whose allreduce started and finished
-        during backward), and ``steps``.
+        ``wait`` (after backward until every gradient is reduced: the last bucket's
+        allreduce, or the whole shared-memory reduction, with any wait for a slower rank),
+        ``in_flight`` (from the first bucket's start to the end of backward), ``bytes``
+        (of gradients reduced), ``overlapped_bytes`` (of those, the buckets whose allreduce
+        started and finished during backward), and ``steps``.
     """
 
     def __init__(self, model, comm: Communicator, bucket_mb: float = BUCKET_MB,
-                 progress: bool = True):
+                 progress: bool = True, method: str = "auto"):
         progress = _args._bool("progress", progress)
         bucket_mb = _args._real("bucket_mb", bucket_mb, 0.0)
         if bucket_mb <= 0:
@@ -327,6 +355,13 @@ class GradientSync:
         if not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a fastconv.dist.Communicator, got "
                             f"{type(comm).__name__}")
+        if not isinstance(method, str) or method not in ("auto", "shared", "iallreduce"):
+            raise ValueError(f"method must be 'auto', 'shared' or 'iallreduce', got "
+                             f"{method!r}")
+        if method == "shared" and comm.local_size < comm.size:
+            raise ValueError(f"method='shared' needs every rank on one machine; these "
+                             f"{comm.size} ranks run {comm.local_size} to a machine: use "
+                             "'iallreduce' or 'auto'")
         self.model, self.comm = model, comm
         params = list(reversed(model.parameters()))
         if not params:
@@ -338,15 +373,26 @@ class GradientSync:
         self.params = params
         self.dtype = dtypes.pop()
         self.offsets = np.cumsum([0] + [p.data.size for p in params])
-        self.flat = np.zeros(int(self.offsets[-1]), self.dtype)
-        # Buckets close at the first parameter boundary at or past bucket_mb, as DDP's.
-        limit = bucket_mb * 2**20 / self.dtype.itemsize
-        self.buckets, self._bucket_of, start = [], [], 0
-        for i in range(len(params)):
-            self._bucket_of.append(len(self.buckets))
-            if self.offsets[i + 1] - start >= limit or i == len(params) - 1:
-                self.buckets.append((start, int(self.offsets[i + 1])))
-                start = int(self.offsets[i + 1])
+        size = int(self.offsets[-1])
+        self._shared = None
+        if comm.distributed and comm.local_size == comm.size and method != "iallreduce":
+            self._shared = _SharedBuffers.make(comm, size, self.dtype,
+                                               required=method == "shared")
+        self.method = "shared" if self._shared is not None else "iallreduce"
+        if self._shared is not None:
+            self.flat = self._shared.mine
+            self.buckets = [(0, size)]
+            self._bucket_of = [0] * len(params)
+        else:
+            self.flat = np.zeros(size, self.dtype)
+            # Buckets close at the first parameter boundary at or past bucket_mb, as DDP's.
+            limit = bucket_mb * 2**20 / self.dtype.itemsize
+            self.buckets, self._bucket_of, start = [], [], 0
+            for i in range(len(params)):
+                self._bucket_of.append(len(self.buckets))
+                if self.offsets[i + 1] - start >= limit or i == len(params) - 1:
+                    self.buckets.append((start, int(self.offsets[i + 1])))
+                    start = int(self.offsets[i + 1])
         # Which parameters each top-level layer holds (children included).
         index = {(id(p.module), p.key): i for i, p in enumerate(params)}
         self._of_layer = {}
@@ -356,11 +402,23 @@ class GradientSync:
         self.timers = dict.fromkeys(("copy", "mpi", "wait", "in_flight", "steps", "bytes",
                                      "overlapped_bytes"), 0.0)
         self._progress = None
-        if progress and comm.distributed:
+        if progress and comm.distributed and self._shared is None:
             from mpi4py import MPI
 
             if MPI.Query_thread() >= MPI.THREAD_SERIALIZED:
                 self._progress = _Progress(MPI)
+
+    def close(self) -> None:
+        """Free the shared-memory window (``'shared'``), on every rank at the same point:
+        it is a collective call.  The gradients the parameters hold stay valid (copied
+        out).  The sync cannot be used afterwards."""
+        if self._shared is not None:
+            for p in self.params:
+                g = p.module.grads.get(p.key)
+                if g is not None and np.shares_memory(g, self.flat):
+                    p.module.grads[p.key] = g.copy()
+            self._shared.free()
+            self._shared, self.flat = None, None
 
     # ---- one step ------------------------------------------------------------------
 
@@ -397,6 +455,8 @@ class GradientSync:
     def _begin(self, weight: float, stats) -> None:
         from mpi4py import MPI
 
+        if self.flat is None:
+            raise RuntimeError("this GradientSync was closed")
         self._mpi = MPI
         self._weight = weight
         self._ready = [False] * len(self.params)
@@ -408,13 +468,20 @@ class GradientSync:
         self._stats = None
         if stats is not None:
             self._stats = np.array(stats, np.float64)
-            self._submit(self.comm.comm.Iallreduce, MPI.IN_PLACE, self._stats, op=MPI.SUM)
+            if self._shared is None:
+                self._submit(self.comm.comm.Iallreduce, MPI.IN_PLACE, self._stats,
+                             op=MPI.SUM)
         self.model._grad_hook = self._layer_done
 
     def _layer_done(self, layer) -> None:
         """The hook: ``layer``'s backward has produced its gradients."""
         indices = self._of_layer.get(id(layer))
-        if indices:
+        if indices and self._shared is not None:
+            t0 = time.perf_counter()
+            for i in indices:
+                self._take(i)
+            self.timers["copy"] += time.perf_counter() - t0
+        elif indices:
             t0 = time.perf_counter()
             for i in indices:
                 self._take(i)
@@ -463,6 +530,8 @@ class GradientSync:
 
     def _end(self):
         self.model._grad_hook = None
+        if self._shared is not None:
+            return self._end_shared()
         t_backward = time.perf_counter()
         if self._first_start is not None:
             self.timers["in_flight"] += t_backward - self._first_start
@@ -484,6 +553,21 @@ class GradientSync:
         t2 = time.perf_counter()
         self.timers["copy"] += t1 - t0
         self.timers["wait"] += t2 - t1
+        return self._finish()
+
+    def _end_shared(self):
+        t0 = time.perf_counter()
+        for i in range(len(self.params)):
+            self._take(i)
+        t1 = time.perf_counter()
+        self._stats = self._shared.allreduce(self._stats)
+        self.timers["copy"] += t1 - t0
+        self.timers["wait"] += time.perf_counter() - t1
+        self.timers["bytes"] += self.flat.nbytes
+        return self._finish()
+
+    def _finish(self):
+        """Every parameter's ``.grad``: its view of the reduced buffer."""
         self.timers["steps"] += 1
         for i, p in enumerate(self.params):
             p.module.grads[p.key] = self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(
@@ -493,6 +577,95 @@ class GradientSync:
     def reset_timers(self) -> None:
         for key in self.timers:
             self.timers[key] = 0.0
+
+
+class _SharedBuffers:
+    """Every rank's buffer of ``n`` elements in one MPI shared-memory window, and their
+    sum by loads and stores.
+
+    Each rank's segment is a 64-byte header (two float64: the step's loss sum and correct
+    count) and its buffer; ``alloc_shared_noncontig`` lets the MPI library place each
+    segment in memory local to its rank.  The chunks that ranks sum are multiples of 16
+    elements, so no two ranks write one cache line.  Reading another rank's segment is
+    ordered by ``Win.Sync`` (a memory barrier) and a barrier, the MPI-3 shared-memory
+    pattern, inside one passive epoch (``Lock_all``) that lasts as long as the window.
+    """
+
+    HEADER = 64  # bytes
+
+    @classmethod
+    def make(cls, comm: Communicator, n: int, dtype, required: bool):
+        """The buffers, or None where the MPI library refuses shared-memory windows (on
+        every rank alike) and ``required`` is false."""
+        from mpi4py import MPI
+
+        try:
+            made = cls(comm, n, dtype)
+            error = None
+        except MPI.Exception as e:
+            made, error = None, e
+        failed = comm.comm.allreduce(error is not None, op=MPI.LOR)
+        if not failed:
+            return made
+        if made is not None:
+            made.free()
+        if required:
+            raise RuntimeError(f"method='shared': this MPI library could not make a shared-"
+                               f"memory window ({error or 'on another rank'}): use "
+                               "'iallreduce'") from None
+        return None
+
+    def __init__(self, comm: Communicator, n: int, dtype):
+        from mpi4py import MPI
+
+        self.comm, self.dtype = comm.comm, np.dtype(dtype)
+        info = MPI.Info.Create()
+        info.Set("alloc_shared_noncontig", "true")
+        try:
+            self.win = MPI.Win.Allocate_shared(self.HEADER + n * self.dtype.itemsize, 1,
+                                               info=info, comm=self.comm)
+        finally:
+            info.Free()
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        self.stats, self.buffers = [], []
+        for q in range(size):
+            memory, _ = self.win.Shared_query(q)
+            self.stats.append(np.frombuffer(memory, np.float64, 2))
+            self.buffers.append(np.frombuffer(memory, self.dtype, n, offset=self.HEADER))
+        self.mine = self.buffers[self.rank]
+        self.mine.fill(0)
+        edges = [n * q // size // 16 * 16 for q in range(size)] + [n]
+        self.chunks = list(zip(edges[:-1], edges[1:], strict=True))
+
+    def _barrier(self) -> None:
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+
+    def allreduce(self, stats):
+        """Sum every rank's buffer into every rank's (and ``stats``, two float64 or None,
+        likewise: the sum is returned)."""
+        if stats is not None:
+            self.stats[self.rank][:] = stats
+        self._barrier()  # every buffer written
+        total = None if stats is None else np.sum(self.stats, axis=0)
+        lo, hi = self.chunks[self.rank]
+        mine = self.mine[lo:hi]
+        for q, other in enumerate(self.buffers):
+            if q != self.rank:
+                np.add(mine, other[lo:hi], out=mine)
+        self._barrier()  # every chunk summed by its owner
+        for q, (lo, hi) in enumerate(self.chunks):
+            if q != self.rank:
+                self.mine[lo:hi] = self.buffers[q][lo:hi]
+        self._barrier()  # every sum copied: the buffers may be written again
+        return total
+
+    def free(self) -> None:
+        self.stats = self.buffers = self.mine = None
+        self.win.Unlock_all()
+        self.win.Free()
 
 
 class _Progress:

@@ -673,6 +673,8 @@ def _train(comm, cfg, *, data_dir, download, threads, save, resume, metrics_json
                 f"{row['seconds']:.1f} s, {row['samples_per_second']:.0f} samples/s")
             if save is not None:
                 save_checkpoint(save, cfg, model, opt, epoch + 1, rng, history)
+        if sync is not None:
+            sync.close()  # every rank is here: the shared-memory window is freed together
 
     metrics = _metrics(cfg, history, step_samples, step_seconds, first_step, warm_up,
                        conv_algorithms)

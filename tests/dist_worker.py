@@ -9,8 +9,9 @@
         rank 1's third Linear backward raises: the job must end, not hang.
     python dist_worker.py api
         each rank's gradient of its half of a batch, averaged by allreduce_gradients and by
-        GradientSync without its progress thread, against the whole batch's gradient that
-        every rank also computes alone; prints "api ok" from rank 0.
+        GradientSync with each method (Iallreduce without its progress thread, and the
+        shared-memory window), against the whole batch's gradient that every rank also
+        computes alone; then GradientSync.close; prints "api ok" from rank 0.
 """
 
 import hashlib
@@ -31,22 +32,40 @@ def api():
     rng = np.random.default_rng(0)
     x, y = rng.random((8, 1, 28, 28), np.float32), rng.integers(0, 10, 8)
     model, loss_fn = models.two_conv(seed=0), nn.CrossEntropyLoss()
-    loss_fn(model(x), y)
+    whole_loss = float(loss_fn(model(x), y))
     model.backward(loss_fn.backward())
     whole = [p.grad.copy() for p in model.parameters()]
     mine = comm.shard(np.arange(8))
-    for average in ("helper", "sync"):
+    for average in ("helper", "iallreduce", "shared"):
         model.zero_grad()
         if average == "helper":
             loss_fn(model(x[mine]), y[mine])
             model.backward(loss_fn.backward())
             dist.allreduce_gradients(model)
         else:
-            sync = dist.GradientSync(model, comm, bucket_mb=0.01, progress=False)
-            assert sync._progress is None and len(sync.buckets) > 2
-            sync.train_step(model, loss_fn, x[mine], y[mine], 8)
+            sync = dist.GradientSync(model, comm, bucket_mb=0.01, progress=False,
+                                     method=average)
+            assert sync.method == average
+            if average == "iallreduce":
+                assert sync._progress is None and len(sync.buckets) > 2
+            loss, _ = sync.train_step(model, loss_fn, x[mine], y[mine], 8)
+            assert abs(loss - whole_loss) <= 1e-5 * abs(whole_loss), (loss, whole_loss)
         for g, p in zip(whole, model.parameters(), strict=True):
             np.testing.assert_allclose(p.grad, g, rtol=1e-4, atol=1e-6, err_msg=p.name)
+        # every rank holds the very same numbers
+        digest = hashlib.sha256(b"".join(p.grad.tobytes() for p in model.parameters()))
+        assert len(set(comm.comm.allgather(digest.hexdigest()))) == 1, average
+    # closing the shared window leaves the gradients valid; the sync is then unusable
+    held = [p.grad.copy() for p in model.parameters()]
+    sync.close()
+    for g, p in zip(held, model.parameters(), strict=True):
+        np.testing.assert_array_equal(p.grad, g)
+    try:
+        sync.train_step(model, loss_fn, x[mine], y[mine], 8)
+    except RuntimeError as e:
+        assert "closed" in str(e)
+    else:
+        raise AssertionError("a closed GradientSync ran a step")
     if comm.is_root:
         print("api ok")
 

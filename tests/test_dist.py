@@ -170,11 +170,21 @@ def test_buckets_follow_the_backward_order():
     ({"bucket_mb": 0}, ValueError, "bucket_mb must be > 0, got 0"),
     ({"bucket_mb": "1"}, TypeError, "bucket_mb"),
     ({"comm": "world"}, TypeError, "comm must be a fastconv.dist.Communicator, got str"),
+    ({"method": "ring"}, ValueError,
+     "method must be 'auto', 'shared' or 'iallreduce', got 'ring'"),
 ])
 def test_bad_gradient_sync_arguments(kwargs, error, message):
     args = {"model": models.two_conv(seed=0), "comm": dist.Communicator(), **kwargs}
     with pytest.raises(error, match=message):
         dist.GradientSync(**args)
+
+
+def test_shared_memory_needs_every_rank_on_one_machine():
+    comm = dist.Communicator()
+    comm.size, comm.local_size = 4, 2  # two machines of two ranks
+    with pytest.raises(ValueError, match="method='shared' needs every rank on one machine; "
+                       "these 4 ranks run 2 to a machine"):
+        dist.GradientSync(models.two_conv(seed=0), comm, method="shared")
 
 
 def test_bad_distributed_setting():
@@ -255,7 +265,7 @@ def test_two_ranks_train_as_one_process(toy, tmp_path, limit):
 
 
 @needs_mpi
-def test_allreduce_gradients_and_a_sync_without_its_thread_give_the_whole_batch():
+def test_allreduce_gradients_and_each_sync_method_give_the_whole_batch():
     r = mpirun(2, HERE / "dist_worker.py", "api")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "api ok"
