@@ -42,6 +42,11 @@ WINOGRAD43_DW_MIN_TILES = 128
 #: own scratch planes (the results do not depend on it: each plane is one task's).
 DEPTHWISE_GROUPS_PER_THREAD = 2
 
+#: The grouped forward kernel cuts its (image, group) tasks into this many runs per thread,
+#: each with its own scratch phase grid (the results do not depend on it: each task owns
+#: its outputs).
+GROUPED_TASKS_PER_THREAD = 4
+
 #: The depthwise dW aims at this many (batch chunk, channel) tasks: layers with fewer
 #: channels cut the batch into chunks.  Shapes only, so dW does not depend on the thread
 #: count.

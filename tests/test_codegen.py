@@ -94,11 +94,11 @@ def test_few_channel_dw_kernel_uses_packed_fma_without_gathers():
 
 def test_grouped_forward_kernel_keeps_its_tile_in_registers():
     f = _fresh(GR.grouped_pixel_tiles)
-    x = np.zeros((1, 2 * 2 * 20 * 20), np.float32)
+    x = np.zeros((1, 2 * 2, 18 * 18), np.float32)  # 2 groups of 2 planes, 18 x 18
     y = np.zeros((1, 2 * GR.KT, 16, 16), np.float32)
     toff = np.arange(16)[:, None] * 20 + np.arange(2 * 9)
-    f(x, toff, 2 * 20 * 20, np.zeros((2, 1, 18, GR.KT), np.float32),
-      np.zeros(2 * GR.KT, np.float32), y)
+    f(x, 18, 1, 1, toff, np.zeros((2, 1, 18, GR.KT), np.float32),
+      np.zeros(2 * GR.KT, np.float32), y, np.zeros((2, 2, 1, 1, 20, 20), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     # KT channels of one group x two PX-pixel vectors: 2*KT packed FMAs a step, the
     # accumulators in registers, the inputs loaded as whole vectors.

@@ -29,7 +29,8 @@ Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads, for output pixel ``(i, 
     xq[n, g*Cg + c, (r*dlh) % sh, (s*dlw) % sw, i + (r*dlh)//sh, j + (s*dlw)//sw]
       = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sh*sw*Hq*Wq
 
-with ``xf`` each image's planes flattened.  Rows shorter than a vector are joined
+with ``xf`` each image's planes flattened (the forward kernel lays out one group of one
+image at a time, so ``g*gstep`` drops out of its offsets).  Rows shorter than a vector are joined
 (:func:`_input`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one wide row, whose columns
 from ``OW`` on in each ``Wq`` are computed and dropped (as the
 depthwise kernels' wide rows are).  Then::
@@ -57,10 +58,10 @@ with an inf or NaN weight hands over to the next algorithm (the channel tile's e
 path), since the weight times the deltas' zero border would make NaNs that no real delta
 touches.
 
-Parallelism: forward tasks are (image, output row, group, channel block), each writing
-its own outputs; dW tasks are (batch chunk, group, channel block, tap block), each
-writing its own partial sums, which are added in a fixed order, so results do not depend
-on the thread count.
+Parallelism: forward tasks are (image, group), each splitting its group's planes into
+stride phases in a scratch of its own and writing its own outputs; dW tasks are (batch
+chunk, group, channel block, tap block), each writing its own partial sums, which are
+added in a fixed order, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import prange
 
 from .. import config
 from .._jit import parallel_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
-from ..kernels import _chunk_task
+from ..kernels import _chunk_task, _phase_fill
 from ..layouts import _batch_chunks, _phase_grid, _sum_chunks
 from .pixel import (
     DK,
@@ -117,18 +119,21 @@ def slower(geo, dtype, pass_):
 
 
 class _Rows(NamedTuple):
-    """The input as the kernels read it (:func:`_input`): each image's planes flattened,
-    ``xf`` (N, L); the ``OH x OW`` rows of output pixels the kernels run over, with where
-    each row reads each tap of group 0, ``toff`` (OH, Cg*R*S) int64 (pixel ``j`` of row
-    ``i`` reads ``xf[n, g*gstep + toff[i, t] + j]`` in group ``g``); and ``Wq`` if the
-    output's rows are joined into one wide row of ``Wq``-pixel rows (0 if not)."""
+    """How the kernels read one group's input (:func:`_rows`): its ``Cg`` planes split
+    into stride phases, ``(Cg, sh, sw, Hr, Wq)`` flattened to ``gstep`` elements
+    (:func:`fastconv.layouts._phase_grid`, ``Hr`` being ``Hq`` or, for wide rows, ``Hq +
+    1``); the ``OH x OW`` rows of output pixels the kernels run over, with where each row
+    reads each tap, ``toff`` (OH, Cg*R*S) int64 (pixel ``j`` of row ``i`` reads element
+    ``toff[i, t] + j``); and ``Wq`` if the output's rows are joined into one wide row of
+    ``Wq``-pixel rows (``wide``)."""
 
-    xf: np.ndarray
-    toff: np.ndarray
+    grid: tuple
     gstep: int
+    toff: np.ndarray
     OH: int
     OW: int
     Wq: int
+    wide: bool
 
 
 def _wide(geo: ConvGeometry) -> bool:
@@ -141,24 +146,37 @@ def _rows_ok(geo: ConvGeometry) -> bool:
     return geo.OW >= PX or geo.OH * -(-(geo.W + geo.pl + geo.pr) // geo.sw) >= PX
 
 
-def _input(x: np.ndarray, geo: ConvGeometry) -> _Rows:
-    """``x`` as the kernels read it, the taps in ``(c, r, s)`` order (see the module
-    docstring).  Rows shorter than a vector are joined (:func:`_wide`): output pixel
-    ``(i, j)`` is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW`` on
-    of each output row computed and dropped; a zero row below each phase plane keeps the
-    last plane's reads of those columns inside the array."""
+@functools.lru_cache(maxsize=256)
+def _rows(geo: ConvGeometry) -> _Rows:
+    """The rows and taps of ``geo`` (see the module docstring), the taps in ``(c, r, s)``
+    order.  Rows shorter than a vector are joined (:func:`_wide`): output pixel ``(i, j)``
+    is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW`` on of each
+    output row computed and dropped; a zero row below each phase plane keeps the last
+    plane's reads of those columns inside the grid."""
     wide = _wide(geo)
     sh, sw, dlh, dlw = geo.sh, geo.sw, geo.dlh, geo.dlw
-    xq = _phase_grid(x, geo.pads, sh, sw, int(wide))
-    Hq, Wq = xq.shape[4:]
+    Hq = -(-(geo.H + geo.pt + geo.pb) // sh)
+    Wq = -(-(geo.W + geo.pl + geo.pr) // sw)
+    Hr = Hq + int(wide)
     c, rs = np.divmod(np.arange(geo.Cg * geo.R * geo.S), geo.R * geo.S)
     r, s = np.divmod(rs, geo.S)
     rh, sv = r * dlh, s * dlw
-    toff = (((c * sh + rh % sh) * sw + sv % sw) * Hq + rh // sh) * Wq + sv // sw
-    xf, gstep = xq.reshape(geo.N, -1), geo.Cg * sh * sw * Hq * Wq
+    toff = (((c * sh + rh % sh) * sw + sv % sw) * Hr + rh // sh) * Wq + sv // sw
     if wide:
-        return _Rows(xf, toff[None], gstep, 1, geo.OH * Wq, Wq)
-    return _Rows(xf, np.arange(geo.OH)[:, None] * Wq + toff, gstep, geo.OH, geo.OW, 0)
+        toff, OH, OW = toff[None], 1, geo.OH * Wq
+    else:
+        toff, OH, OW = np.arange(geo.OH)[:, None] * Wq + toff, geo.OH, geo.OW
+    toff = np.ascontiguousarray(toff, np.int64)
+    toff.flags.writeable = False
+    return _Rows((geo.Cg, sh, sw, Hr, Wq), geo.Cg * sh * sw * Hr * Wq, toff, OH, OW, Wq,
+                 wide)
+
+
+def _input(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """``x`` split into stride phases for the dW kernel, each image's groups one after the
+    other: ``(N, G*gstep)``, group ``g``'s grid at ``g*gstep`` (:func:`_rows`)."""
+    rows = _rows(geo)
+    return _phase_grid(x, geo.pads, geo.sh, geo.sw, int(rows.wide)).reshape(geo.N, -1)
 
 
 def prepare(geo, w, pass_):
@@ -267,37 +285,41 @@ def grad_input(geo, dy, wd):
 
 
 def _forward(geo, x, wp, b):
-    px = _input(x, geo)
+    rows = _rows(geo)
     bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
-    y = np.empty((geo.N, geo.K, px.OH, px.OW), x.dtype)
-    grouped_pixel_tiles(px.xf, px.toff, px.gstep, wp, bias, y)
-    if not px.Wq:
+    y = np.empty((geo.N, geo.K, rows.OH, rows.OW), x.dtype)
+    Q = max(1, min(geo.N * geo.G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    scratch = np.empty((Q, *rows.grid), x.dtype)
+    grouped_pixel_tiles(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W),
+                        geo.W, geo.pt, geo.pl, rows.toff, wp, bias, y, scratch)
+    if not rows.wide:
         return y
     out = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
-    grouped_wide_rows_out(y.reshape(geo.N * geo.K, geo.OH * px.Wq), px.Wq,
+    grouped_wide_rows_out(y.reshape(geo.N * geo.K, geo.OH * rows.Wq), rows.Wq,
                           out.reshape(geo.N * geo.K, geo.OH * geo.OW), geo.OW)
     return out
 
 
 def grad_weight(geo, x, dy):
-    px = _input(x, geo)
-    if px.Wq:
+    rows = _rows(geo)
+    xf = _input(x, geo)
+    if rows.wide:
         # Deltas in the wide rows, zero in the dropped columns, which read input pixels:
         # an inf or NaN there times such a zero would be a NaN no real product makes.
-        if not np.isfinite(px.xf).all():
+        if not np.isfinite(xf).all():
             return None  # the next algorithm runs the real columns only
-        dyw = np.zeros((geo.N, geo.K, geo.OH, px.Wq), dy.dtype)
+        dyw = np.zeros((geo.N, geo.K, geo.OH, rows.Wq), dy.dtype)
         dyw[..., :geo.OW] = dy
-        dy = dyw.reshape(geo.N, geo.K, 1, px.OW)
+        dy = dyw.reshape(geo.N, geo.K, 1, rows.OW)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
     TTn, KTn = -(-T // DT), -(-Kg // DK)
-    tt = np.zeros((px.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
-    tt[:, :T] = px.toff
+    tt = np.zeros((rows.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
+    tt[:, :T] = rows.toff
     dy = np.ascontiguousarray(dy)
-    P = _batch_chunks(geo.N, geo.K * px.OH * px.OW * dy.dtype.itemsize,
+    P = _batch_chunks(geo.N, geo.K * rows.OH * rows.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     part = np.empty((P, G, KTn, TTn, DK, DT), dy.dtype)
-    grouped_dw_pixels(px.xf, dy, tt, px.gstep, part)
+    grouped_dw_pixels(xf, dy, tt, rows.gstep, part)
     dw = _sum_chunks(part).transpose(0, 1, 3, 2, 4).reshape(G, KTn * DK, TTn * DT)
     return np.ascontiguousarray(dw[:, :Kg, :T]).reshape(geo.K, geo.Cg, geo.R, geo.S)
 
@@ -306,78 +328,92 @@ def grad_weight(geo, x, dy):
 
 
 @parallel_kernel
-def grouped_pixel_tiles(x, toff, gstep, w, b, y):
+def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
     """Forward pass of a grouped convolution, vectorised over output pixels.
 
-    ``y[n, k, i, j] = b[k] + sum_t x[n, g*gstep + toff[i, t] + j] * w[g, kb, t, kk]``,
-    ``k = g*Kg + kb*KT + kk``, over the taps ``t = (c, r, s)`` of group ``g``:
+    ``y[n, k, i, j] = b[k] + sum_t xg[toff[i, t] + j] * w[g, kb, t, kk]``,
+    ``k = g*Kg + kb*KT + kk``, over the taps ``t = (c, r, s)`` of group ``g``, ``xg`` being
+    group ``g``'s input planes of image ``n`` split into stride phases and flattened:
 
-    x : (N, L)                 each image's input planes, flattened (:func:`_input`).
-    toff : (OH, T) int64       where output row ``i`` reads tap ``t`` in group 0's planes.
-    gstep : int                from one group's planes to the next, in ``x[n]``.
+    x : (N, C, H*W)            NCHW input, each plane flattened, C-contiguous.
+    W, pt, pl : int            the input's width, its top and left padding.
+    toff : (OH, T) int64       where output row ``i`` reads tap ``t`` in ``xg``.
     w : (G, KTn, T, KT)        weights (:func:`_blocked`), zero past ``Kg``.
     b : (K,)                   bias.
     y : (N, K, OH, OW)         NCHW output, C-contiguous, ``OW >= PX``.
+    scratch : (Q, Cg, sh, sw, Hr, Wq)   one group's phase grid for each of ``Q`` task groups.
 
-    The tile, the row covering and the stores are those of
+    Tasks are (image, group), cut into ``Q`` runs: a task splits its group's ``Cg`` planes
+    into stride phases in its run's scratch (:func:`fastconv.kernels._phase_fill`, some
+    tens of KB that stay in the core's cache), then computes every output of the group
+    from it, each block of ``KT`` channels and each row in turn.  The tile, the row
+    covering and the stores are those of
     :func:`fastconv.algorithms.pixel.conv_pixel_tiles` with ``KT`` channels of one group
     in place of ``KP`` channels: each step loads two vectors of ``PX`` inputs and makes
-    ``2*KT`` FMAs with ``KT`` broadcast weights.  Parallel over (n, i, g, channel block):
-    each task owns its outputs.
+    ``2*KT`` FMAs with ``KT`` broadcast weights.  Each task owns its outputs.
     """
     N, K, OH, OW = y.shape
     G, KTn, T = w.shape[:3]
+    Q, Cg = scratch.shape[:2]
     Kg = K // G
     yf = y.reshape(y.size)
     ustep = np.uint64(OH * OW)  # from one channel's output plane to the next
-    for task in prange(N * OH * G * KTn):
-        kt = task % KTn
-        rest = task // KTn
-        g = rest % G
-        rest = rest // G
-        i = rest % OH
-        n = rest // OH
-        k0 = g * Kg + kt * KT
-        kn = min(KT, Kg - kt * KT)
-        xn = x[n]
-        wk = w[g, kt]
-        ti = toff[i]
-        ug = np.uint64(g * gstep)
-        urow = np.uint64(((n * K + k0) * OH + i) * OW)  # y[n, k0, i, 0] in yf
-        acc = stack_tile(16, PX, y.dtype)  # rows kk: the first vector, KP + kk: the second
-        for jt in range((OW + 2 * PX - 1) // (2 * PX)):
-            ua = np.uint64(min(jt * 2 * PX, OW - PX))
-            ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
-            for kk in range(KT):
-                for p in range(PX):
-                    acc[kk, p] = 0
-                    acc[KP + kk, p] = 0
-            for t in range(T):
-                oa = ug + ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
-                ob = oa + ud
-                wv = wk[t]
-                w0 = wv[0]
-                w1 = wv[1]
-                w2 = wv[2]
-                w3 = wv[3]
-                for p in range(PX):
-                    up = np.uint64(p)
-                    xa = xn[oa + up]
-                    xb = xn[ob + up]
-                    acc[0, p] += w0 * xa
-                    acc[1, p] += w1 * xa
-                    acc[2, p] += w2 * xa
-                    acc[3, p] += w3 * xa
-                    acc[KP + 0, p] += w0 * xb
-                    acc[KP + 1, p] += w1 * xb
-                    acc[KP + 2, p] += w2 * xb
-                    acc[KP + 3, p] += w3 * xb
-            npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
-            ya = urow + ua
-            _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
+    tasks = N * G
+    for q in prange(Q):
+        grid = scratch[q]
+        xg = grid.reshape(grid.size)
+        for task in range(q * tasks // Q, (q + 1) * tasks // Q):
+            n = task // G
+            g = task % G
+            for c in range(Cg):
+                _phase_fill(x[n, g * Cg + c], W, grid[c], pt, pl)
+            for kt in range(KTn):
+                k0 = g * Kg + kt * KT
+                kn = min(KT, Kg - kt * KT)
+                wk = w[g, kt]
+                for i in range(OH):
+                    _group_row(xg, toff[i], wk, b, yf, np.uint64(((n * K + k0) * OH + i) * OW),
+                               k0, kn, OW, T, ustep)
+
+
+@numba.njit(inline="always")
+def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
+    """Output row ``urow`` (in ``yf``) of ``kn <= KT`` channels from ``k0``: the
+    :func:`grouped_pixel_tiles` tile over the row, two vectors at a time."""
+    acc = stack_tile(16, PX, yf.dtype)  # rows kk: the first vector, KP + kk: the second
+    for jt in range((OW + 2 * PX - 1) // (2 * PX)):
+        ua = np.uint64(min(jt * 2 * PX, OW - PX))
+        ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
+        for kk in range(KT):
+            for p in range(PX):
+                acc[kk, p] = 0
+                acc[KP + kk, p] = 0
+        for t in range(T):
+            oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
+            ob = oa + ud
+            wv = wk[t]
+            w0 = wv[0]
+            w1 = wv[1]
+            w2 = wv[2]
+            w3 = wv[3]
+            for p in range(PX):
+                up = np.uint64(p)
+                xa = xg[oa + up]
+                xb = xg[ob + up]
+                acc[0, p] += w0 * xa
+                acc[1, p] += w1 * xa
+                acc[2, p] += w2 * xa
+                acc[3, p] += w3 * xa
+                acc[KP + 0, p] += w0 * xb
+                acc[KP + 1, p] += w1 * xb
+                acc[KP + 2, p] += w2 * xb
+                acc[KP + 3, p] += w3 * xb
+        npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
+        ya = urow + ua
+        _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
 
 
 @parallel_kernel
@@ -406,7 +442,7 @@ def grouped_dw_pixels(x, dy, toff, gstep, part):
     ``part[p, g, kb, tb, a, c] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + DK*kb + a, i, j]
     * x[n, g*gstep + toff[i, DT*tb + c] + j]``; dW is ``part.sum(axis=0)``.
 
-    x : (N, L)                  as for :func:`grouped_pixel_tiles`.
+    x : (N, G*gstep)            each image's groups split into stride phases (:func:`_input`).
     dy : (N, K, OH, OW)         NCHW deltas, C-contiguous, ``OW >= PX``.
     toff : (OH, TTn*DT) int64   the taps of group 0, padding taps reading offset 0.
     gstep : int
