@@ -483,5 +483,6 @@ def grouped_dw_pixels(x, dy, toff, gstep, part):
                 d2 = dy[n, k2, i]
                 d3 = dy[n, k3, i]
                 o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-                _dw_pixel_row(acc, xn, ug, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero)
+                _dw_pixel_row(acc, xn, ug, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero,
+                              False)
         _dw_pixel_sums(acc, part[p, g, kt, tt], zero)

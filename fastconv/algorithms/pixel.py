@@ -318,17 +318,23 @@ def conv_dw_pixels(x, dy, toff, part):
                 d3 = dy[n, k3, i]
                 o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
                 _dw_pixel_row(acc, xn, np.uint64(0), d0, d1, d2, d3, o0, o1, o2, o3, o4,
-                              JT, OW, zero)
+                              JT, OW, zero, True)
         _dw_pixel_sums(acc, part[p, kt, tt], zero)
 
 
 @numba.njit(inline="always")
-def _dw_pixel_row(acc, xn, ux, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero):
+def _dw_pixel_row(acc, xn, ux, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero, split):
     """One output row of the pixel dW tile: the rows ``d0 .. d3`` of ``OW`` deltas times
     the DT input rows at ``xn[ux + o + j]``, covered by ``JT`` vectors of ``PX`` pixels,
     the last shifted left to end at ``OW`` with the lanes it shares with the previous one
-    zeroed in both operands; the others need no selects (the 7x7 stem's dW 1.15x)."""
-    full = OW // PX  # vectors that share no lane with another: no selects
+    zeroed in both operands.
+
+    With ``split`` (a constant at the call site) the vectors that share no lane run in a
+    loop of their own, without selects: the 7x7 stem's dW 1.15x faster, whose rows are
+    whole vectors.  Without it one loop runs every vector with its selects: 2.5x faster
+    for the grouped dW on 28-pixel rows (one whole vector and a shifted one), whose tile
+    the two loops pushed out of the registers."""
+    full = OW // PX if split else 0  # vectors that share no lane with another
     for jt in range(full):
         uj = np.uint64(jt * PX)
         for q in range(PX):
@@ -338,8 +344,8 @@ def _dw_pixel_row(acc, xn, ux, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero)
                                                   True, zero)
             _dw_pixel_step(acc, q, d0[uj + uq], d1[uj + uq], d2[uj + uq], d3[uj + uq],
                            a0, a1, a2, a3, a4)
-    for jt in range(full, JT):  # the last, shifted vector of a row whose OW is not a multiple
-        j0 = OW - PX
+    for jt in range(full, JT):  # with split: a row's last vector, if shifted
+        j0 = min(jt * PX, OW - PX)
         lo = jt * PX - j0  # lanes below lo were counted by the previous vector
         uj = np.uint64(j0)
         for q in range(PX):
