@@ -306,12 +306,11 @@ def grad_weight(geo, x, dy):
     if rows.wide:
         # Deltas in the wide rows, zero in the dropped columns, which read input pixels:
         # an inf or NaN there times such a zero would be a NaN no real product makes.
-        if not _all_finite(xf):
+        if not np.isfinite(xf).all():
             return None  # the next algorithm runs the real columns only
-        dyw = np.empty((geo.N, geo.K, 1, rows.OW), dy.dtype)
-        grouped_wide_rows_in(np.ascontiguousarray(dy).reshape(geo.N * geo.K, -1), geo.OW,
-                             dyw.reshape(geo.N * geo.K, -1), rows.Wq)
-        dy = dyw
+        dyw = np.zeros((geo.N, geo.K, geo.OH, rows.Wq), dy.dtype)
+        dyw[..., :geo.OW] = dy
+        dy = dyw.reshape(geo.N, geo.K, 1, rows.OW)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
     TTn, KTn = -(-T // DT), -(-Kg // DK)
     tt = np.zeros((rows.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
@@ -415,47 +414,6 @@ def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
         _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
         _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
         _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
-
-
-@parallel_kernel
-def grouped_wide_rows_in(src, OW, dst, Wq):
-    """Rows of ``OW`` pixels as wide rows of ``Wq``, zero past ``OW``, in parallel:
-    ``dst[p, i*Wq + j] = src[p, i*OW + j]`` for ``j < OW``, else 0.
-
-    src : (P, OH*OW), dst : (P, OH*Wq), both C-contiguous, ``OW <= Wq``.
-    """
-    P = src.shape[0]
-    OH = src.shape[1] // OW
-    for p in prange(P):
-        s = src[p]
-        d = dst[p]
-        for i in range(OH):
-            us = np.uint64(i * OW)
-            ud = np.uint64(i * Wq)
-            for j in range(np.uint64(0), np.uint64(OW)):
-                d[ud + j] = s[us + j]
-            for j in range(np.uint64(OW), np.uint64(Wq)):
-                d[ud + j] = 0
-
-
-@parallel_kernel
-def _finite_chunks(a, chunks):
-    """``chunks[q]``: 0 where chunk ``q`` of ``a`` (1-D) holds no inf or NaN, else NaN
-    (``v*0`` is NaN for those only, and a sum with a NaN is NaN)."""
-    Q = chunks.shape[0]
-    n = a.shape[0]
-    for q in prange(Q):
-        z = a.dtype.type(0)
-        for v in range(q * n // Q, (q + 1) * n // Q):
-            z += a[v] * 0
-        chunks[q] = z
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """Whether ``a`` (C-contiguous) holds no inf or NaN: a parallel pass, no temporary."""
-    chunks = np.empty(8 * numba.get_num_threads(), a.dtype)
-    _finite_chunks(a.reshape(-1), chunks)
-    return bool((chunks == 0).all())
 
 
 @parallel_kernel
