@@ -319,6 +319,36 @@ IMPLS = {"fastconv": fastconv_pass, "fastconv-plan": fastconv_plan_pass,
          "numpy-im2col": numpy_pass, "torch": torch_pass}
 
 
+#: glibc's mallopt parameters (malloc.h) and the value :func:`steady_malloc` gives both.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STEADY_MALLOC_BYTES = 1 << 30
+
+
+def steady_malloc() -> str:
+    """Keep freed memory in the process for reuse, for every library alike; a note for the
+    report's header.
+
+    By default glibc maps a large block fresh (``mmap``) for each allocation and unmaps it
+    when freed, unless its adaptive threshold has grown past that size, which depends on
+    what the process allocated before.  A fresh block pays one page fault per 4 KiB on
+    first touch: PyTorch's MNIST conv1 forward took 4.7-6.6 ms that way and 0.57-0.63 ms
+    when its blocks were reused, from one process to the next.  Raising the mmap and trim
+    thresholds to 1 GiB makes every library's arrays come from the heap after warm-up, as
+    jemalloc or tcmalloc would, so that the rounds compare kernels rather than allocator
+    state.  Returns what was done (nothing on other C libraries)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, STEADY_MALLOC_BYTES) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, STEADY_MALLOC_BYTES) == 1)
+    except (OSError, AttributeError):
+        ok = False
+    return ("glibc malloc keeps freed blocks (mmap and trim thresholds 1 GiB, for every "
+            "library alike)" if ok else "the C library's malloc as it is")
+
+
 def sync_threads() -> int:
     """Give torch the same thread count as fastconv; returns it."""
     n = fc.get_num_threads()

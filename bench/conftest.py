@@ -2,6 +2,7 @@
 autosave) to ``.benchmarks/``, so that ``pytest bench --benchmark-compare`` shows the change
 against the previous run and ``--benchmark-compare-fail=median:10%`` can guard it.
 ``--benchmark-disable`` (CI) saves nothing; ``--benchmark-save NAME`` names a run instead.
+The timings run with :func:`cases.steady_malloc`, as the report does.
 """
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    import cases
+
+    cases.steady_malloc()
     opt = config.option
     if hasattr(opt, "benchmark_autosave") and not (opt.benchmark_disable or opt.benchmark_save
                                                    or opt.benchmark_autosave):

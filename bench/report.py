@@ -309,6 +309,7 @@ def main(argv=None):
 def report(args) -> None:
     """Print the report that ``args`` (from :func:`main`'s parser) asks for."""
     threads = cases.sync_threads()
+    malloc = cases.steady_malloc()
     have_torch = cases.torch is not None
     if args.baseline:
         cases.load_baseline(args.baseline)
@@ -318,6 +319,7 @@ def report(args) -> None:
           f"median of {args.reps} interleaved rounds")
     print(f"# Python {platform.python_version()}, Numba {numba.__version__}"
           + (f", torch {cases.torch.__version__}" if have_torch else ", no torch"))
+    print(f"# {malloc}")
     if args.cases:
         conv_table(args.cases, args.passes, impls, args.impl, args.reps)
         return
