@@ -30,10 +30,10 @@ Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads, for output pixel ``(i, 
       = xf[n, g*gstep + toff[i, t] + j],    gstep = Cg*sh*sw*Hq*Wq
 
 with ``xf`` each image's planes flattened (the forward kernel lays out one group of one
-image at a time, so ``g*gstep`` drops out of its offsets).  Rows shorter than a vector are joined
-(:func:`_input`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one wide row, whose columns
-from ``OW`` on in each ``Wq`` are computed and dropped (as the
-depthwise kernels' wide rows are).  Then::
+image at a time, so ``g*gstep`` drops out of its offsets).  Rows shorter than a vector
+are joined (:func:`_rows`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one wide row, whose
+columns from ``OW`` on in each ``Wq`` are computed and dropped (as the depthwise kernels'
+wide rows are).  Then::
 
     y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
     dw[k, t]    = sum_{n,i,j} dy[n,k,i,j] * xf[n, g*gstep + toff[i, t] + j]
@@ -124,8 +124,8 @@ class _Rows(NamedTuple):
     (:func:`fastconv.layouts._phase_grid`, ``Hr`` being ``Hq`` or, for wide rows, ``Hq +
     1``); the ``OH x OW`` rows of output pixels the kernels run over, with where each row
     reads each tap, ``toff`` (OH, Cg*R*S) int64 (pixel ``j`` of row ``i`` reads element
-    ``toff[i, t] + j``); and ``Wq`` if the output's rows are joined into one wide row of
-    ``Wq``-pixel rows (``wide``)."""
+    ``toff[i, t] + j``); ``Wq`` the phase planes' width; and ``wide``, whether the output's
+    rows are joined into one wide row of ``Wq``-pixel rows."""
 
     grid: tuple
     gstep: int
