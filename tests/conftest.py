@@ -214,27 +214,42 @@ def parallel_paths(monkeypatch):
 REAL_DATA = Path(os.environ.get("FASTCONV_DATA", "../shared/data"))
 
 
-@pytest.fixture(scope="session")
-def fashion_ck(tmp_path_factory):
-    """A checkpoint of the two-conv network after one epoch on the first 6,000 real
-    Fashion-MNIST training images ($FASTCONV_DATA); skips the test without them."""
-    from fastconv import train
-
-    if not (REAL_DATA / "fashion-mnist").is_dir():
-        pytest.skip("needs the real Fashion-MNIST in $FASTCONV_DATA")
-    path = tmp_path_factory.mktemp("ck") / "fashion.npz"
-    train.train(train.TrainConfig(dataset="fashion-mnist", limit=6000), data_dir=REAL_DATA,
-                download=False, save=path, quiet=True, log=lambda *a: None)
-    return path
+#: What the real-data fixtures built, kept for the rest of the test run (made once each).
+_REAL = {}
 
 
-@pytest.fixture(scope="session")
-def fashion_test():
-    """The real Fashion-MNIST test images (10000, 28, 28) and labels (10000,), uint8."""
-    from fastconv import data
-
+def _needs_fashion_mnist() -> Path:
     folder = REAL_DATA / "fashion-mnist"
     if not folder.is_dir():
         pytest.skip("needs the real Fashion-MNIST in $FASTCONV_DATA")
-    return (data.read_idx(folder / "t10k-images-idx3-ubyte.gz"),
-            data.read_idx(folder / "t10k-labels-idx1-ubyte.gz"))
+    return folder
+
+
+@pytest.fixture
+def fashion_ck(tmp_path_factory):
+    """A checkpoint of the two-conv network after one epoch on the first 6,000 real
+    Fashion-MNIST training images ($FASTCONV_DATA), trained once per test run; skips the
+    test without them."""
+    from fastconv import train
+
+    _needs_fashion_mnist()
+    if "ck" not in _REAL:
+        path = tmp_path_factory.mktemp("ck") / "fashion.npz"
+        train.train(train.TrainConfig(dataset="fashion-mnist", limit=6000),
+                    data_dir=REAL_DATA, download=False, save=path, quiet=True,
+                    log=lambda *a: None)
+        _REAL["ck"] = path
+    return _REAL["ck"]
+
+
+@pytest.fixture
+def fashion_test():
+    """The real Fashion-MNIST test images (10000, 28, 28) and labels (10000,), uint8, read
+    once per test run."""
+    from fastconv import data
+
+    folder = _needs_fashion_mnist()
+    if "test" not in _REAL:
+        _REAL["test"] = (data.read_idx(folder / "t10k-images-idx3-ubyte.gz"),
+                         data.read_idx(folder / "t10k-labels-idx1-ubyte.gz"))
+    return _REAL["test"]
