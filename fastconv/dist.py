@@ -476,19 +476,15 @@ class GradientSync:
     def _layer_done(self, layer) -> None:
         """The hook: ``layer``'s backward has produced its gradients."""
         indices = self._of_layer.get(id(layer))
-        if indices and self._shared is not None:
-            t0 = time.perf_counter()
-            for i in indices:
-                self._take(i)
-            self.timers["copy"] += time.perf_counter() - t0
-        elif indices:
+        if indices:
             t0 = time.perf_counter()
             for i in indices:
                 self._take(i)
             t1 = time.perf_counter()
-            self._start_ready()
             self.timers["copy"] += t1 - t0
-            self.timers["mpi"] += time.perf_counter() - t1
+            if self._shared is None:  # 'iallreduce': start the buckets now complete
+                self._start_ready()
+                self.timers["mpi"] += time.perf_counter() - t1
         elif self._requests and self._progress is None:  # let the allreduces progress
             t0 = time.perf_counter()
             _pop_done(self._requests)
@@ -530,45 +526,30 @@ class GradientSync:
 
     def _end(self):
         self.model._grad_hook = None
-        if self._shared is not None:
-            return self._end_shared()
-        t_backward = time.perf_counter()
-        if self._first_start is not None:
-            self.timers["in_flight"] += t_backward - self._first_start
+        if self._shared is None and self._first_start is not None:
+            self.timers["in_flight"] += time.perf_counter() - self._first_start
             # The buckets whose allreduce finished before backward did (the stats first).
             done = (self._progress.completed() if self._progress is not None
                     else _pop_done(self._requests)) - (self._stats is not None)
             if done > 0:
                 self.timers["overlapped_bytes"] += self.buckets[done - 1][1] * \
                     self.dtype.itemsize
-        self.timers["bytes"] += self.flat.nbytes
         t0 = time.perf_counter()
         for i in range(len(self.params)):
             self._take(i)
         t1 = time.perf_counter()
-        self._start_ready()
-        if self._progress is not None:
-            self._requests = self._progress.take()
-        self._mpi.Request.Waitall(self._requests)
-        t2 = time.perf_counter()
-        self.timers["copy"] += t1 - t0
-        self.timers["wait"] += t2 - t1
-        return self._finish()
-
-    def _end_shared(self):
-        t0 = time.perf_counter()
-        for i in range(len(self.params)):
-            self._take(i)
-        t1 = time.perf_counter()
-        self._stats = self._shared.allreduce(self._stats)
+        if self._shared is not None:
+            self._stats = self._shared.allreduce(self._stats)
+        else:
+            self._start_ready()
+            if self._progress is not None:
+                self._requests = self._progress.take()
+            self._mpi.Request.Waitall(self._requests)
         self.timers["copy"] += t1 - t0
         self.timers["wait"] += time.perf_counter() - t1
         self.timers["bytes"] += self.flat.nbytes
-        return self._finish()
-
-    def _finish(self):
-        """Every parameter's ``.grad``: its view of the reduced buffer."""
         self.timers["steps"] += 1
+        # Every parameter's .grad: its view of the reduced buffer.
         for i, p in enumerate(self.params):
             p.module.grads[p.key] = self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(
                 p.shape)
