@@ -220,3 +220,125 @@ def transpose16(typingctx, src, so, ss, dst, do, ds):
         return context.get_dummy_value()
 
     return types.void(src, so, ss, dst, do, ds), codegen
+
+
+def _masked_ops(context, builder, dtype):
+    """Code-generation helpers for the masked-vector intrinsics below: ``vec`` (the
+    16-lane vector type), ``ptr(arr, offset)``, ``mask(n)`` (lanes ``v < n``), ``load(p,
+    m)`` (masked-out lanes read nothing and are zero), ``store(v, p, m)`` (masked-out lanes
+    written nothing)."""
+    from llvmlite import ir
+
+    i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+    vec = ir.VectorType(context.get_value_type(dtype), 16)
+    vptr = vec.as_pointer()
+    mtype = ir.VectorType(i1, 16)
+    # Overloaded intrinsics are named by their types: "p0" for an opaque pointer (LLVM
+    # 15 and later), "p0v16f32" and the like for a typed one.
+    vname = f"v16{vec.element.intrinsic_name}"
+    suffix = f"{vname}.p0" if getattr(vptr, "is_opaque", False) else f"{vname}.p0{vname}"
+    module = builder.module
+    load_fn = module.globals.get(f"llvm.masked.load.{suffix}") or ir.Function(
+        module, ir.FunctionType(vec, [vptr, i32, mtype, vec]),
+        name=f"llvm.masked.load.{suffix}")
+    store_fn = module.globals.get(f"llvm.masked.store.{suffix}") or ir.Function(
+        module, ir.FunctionType(ir.VoidType(), [vec, vptr, i32, mtype]),
+        name=f"llvm.masked.store.{suffix}")
+    align = ir.Constant(i32, dtype.bitwidth // 8)
+    lanes = ir.Constant(ir.VectorType(i64, 16), list(range(16)))
+
+    def ptr(arr, offset):
+        return builder.bitcast(builder.gep(arr.data, [offset]), vptr)
+
+    def mask(n):
+        nv = builder.insert_element(ir.Constant(ir.VectorType(i64, 16), ir.Undefined), n,
+                                    ir.Constant(i32, 0))
+        nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+        return builder.icmp_signed("<", lanes, nv)
+
+    def load(p, m):
+        return builder.call(load_fn, [p, align, m, ir.Constant(vec, None)])
+
+    def store(v, p, m):
+        builder.call(store_fn, [v, p, align, m])
+
+    return vec, ptr, mask, load, store
+
+
+def _float_arrays(*arrays) -> bool:
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+               and a.dtype == arrays[0].dtype and a.dtype in (types.float32, types.float64)
+               for a in arrays)
+
+
+@intrinsic
+def _copy16(typingctx, dst, do, src, so, n):
+    """``dst[do + v] = src[so + v]`` for ``v < min(n, 16)``: one masked vector load and
+    one masked vector store (AVX-512 ``vmovups`` under a ``k`` mask), with no element
+    outside the first ``n`` read or written.  ``src`` and ``dst``: 1-D C-contiguous arrays
+    of one dtype (float32 or float64); offsets count elements.  Nothing is checked."""
+    if not (_float_arrays(src, dst) and all(isinstance(a, types.Integer) for a in (do, so, n))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        s_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        do_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
+                        for i in (1, 3, 4))
+        _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
+        m = mask(n_)
+        store(load(ptr(s_arr, so_), m), ptr(d_arr, do_), m)
+        return context.get_dummy_value()
+
+    return types.void(dst, do, src, so, n), codegen
+
+
+@intrinsic
+def _split32(typingctx, dst, de, do, src, so, n):
+    """``dst[de + u] = src[so + 2u]`` and ``dst[do + u] = src[so + 2u + 1]`` for the first
+    ``min(n, 32)`` elements of ``src`` from ``so``: two masked loads, two two-vector
+    shuffles (``vpermt2ps``) and two masked stores.  Same rules as :func:`_copy16`."""
+    if not (_float_arrays(src, dst)
+            and all(isinstance(a, types.Integer) for a in (de, do, so, n))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        s_arr = context.make_array(signature.args[3])(context, builder, args[3])
+        de_, do_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
+                             for i in (1, 2, 4, 5))
+        _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
+        i64 = ir.IntType(64)
+        sixteen = ir.Constant(i64, 16)
+        lo = load(ptr(s_arr, so_), mask(n_))
+        hi = load(ptr(s_arr, builder.add(so_, sixteen)), mask(builder.sub(n_, sixteen)))
+        i32v = ir.VectorType(ir.IntType(32), 16)
+        even = builder.shuffle_vector(lo, hi, ir.Constant(i32v, list(range(0, 32, 2))))
+        odd = builder.shuffle_vector(lo, hi, ir.Constant(i32v, list(range(1, 32, 2))))
+        one = ir.Constant(i64, 1)
+        store(even, ptr(d_arr, de_), mask(builder.ashr(builder.add(n_, one), one)))
+        store(odd, ptr(d_arr, do_), mask(builder.ashr(n_, one)))
+        return context.get_dummy_value()
+
+    return types.void(dst, de, do, src, so, n), codegen
+
+
+@numba.njit(inline="always")
+def copy_run(dst, do, src, so, n):
+    """``dst[do : do + n] = src[so : so + n]`` in blocks of 16 elements, the last one
+    masked (:func:`_copy16`): a short run, such as a 14-pixel row, is one load and one
+    store instead of a scalar loop (a vector loop's remainder runs element by element).
+    Offsets count elements; nothing is checked."""
+    for v0 in range(0, n, 16):
+        _copy16(dst, do + v0, src, so + v0, n - v0)
+
+
+@numba.njit(inline="always")
+def split_run(dst, de, do, src, so, n):
+    """The even elements of ``src[so : so + n]`` to ``dst[de:]``, the odd ones to
+    ``dst[do:]``, in blocks of 32 (:func:`_split32`): a row split into its two stride-2
+    column phases.  Offsets count elements; nothing is checked."""
+    for v0 in range(0, n, 32):
+        _split32(dst, de + v0 // 2, do + v0 // 2, src, so + v0, n - v0)

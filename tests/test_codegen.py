@@ -172,6 +172,11 @@ NO_SPILL = re.compile(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm")
 def _innermost_fma_loop(asm: str) -> str:
     """The shortest loop (a label down to a backward jump to it) that holds a packed FMA:
     the hot loop, where the first FMA in the text may belong to an outer loop's epilogue."""
+    return min(_fma_loops(asm), key=len)
+
+
+def _fma_loops(asm: str) -> list[str]:
+    """Every loop (a label down to a backward jump to it) that holds a packed FMA."""
     lines = asm.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.\w+:$", line)}
     loops = []
@@ -181,22 +186,27 @@ def _innermost_fma_loop(asm: str) -> str:
             body = "\n".join(lines[labels[jump.group(1)]:i + 1])
             if PACKED_FMA.search(body):
                 loops.append(body)
-    return min(loops, key=len)
+    return loops
 
 
-def test_depthwise_tap_kernel_keeps_its_tile_in_registers():
-    f = _serial(DW._dw_taps)
-    f(np.zeros(8 * DW.TP + 16, np.float32), np.arange(9, dtype=np.uint64),
-      np.ones(9, np.float32), np.float32(0), np.zeros(8 * DW.TP, np.float32), 8)
+def test_depthwise_row_kernel_keeps_its_tile_in_registers():
+    f = _serial(DW._rows_plane)
+    P, OH, OW = 16, 14, 14
+    src = np.zeros((OH + 2) * P + DW.VL, np.float32)
+    f(src, P, np.arange(3, dtype=np.uint64), np.arange(0, 9, 3), np.array([0, 0, 3, 3, 3]),
+      np.ones(9, np.float32), np.float32(0), np.zeros(OH * OW, np.float32), 0, OW, 1, OH, OW,
+      np.zeros(DW.TR * DW.VL, np.float32))
     asm = f.inspect_asm(f.signatures[0])
-    # Per tap: one broadcast weight times TV vectors of pixels, TV packed zmm FMAs on
-    # accumulators in registers (no stack traffic in the loop), loaded as whole vectors.
-    loop = _innermost_fma_loop(asm)
-    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop)) >= DW.TV
+    # A group of 3 rows: TR + 2 row loads for 3*TR packed FMAs on accumulators in
+    # registers (no stack traffic in the loop), each input row serving three output rows.
+    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
+    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) == 3 * DW.TR), key=len)
+    loads = re.findall(r"(?:vmovups|vfmadd\d+ps)\s+-?\w*\(%r(?!sp)[^\n]*zmm", loop)
+    assert len(loads) == DW.TR + 2
     assert not NO_SPILL.search(loop)
+    # The tile is stored as whole vectors and its rows copied out under a mask.
     assert "vgather" not in asm and "vscatter" not in asm
-    # The last tap stores the tile as whole vectors (a store loop of its own was scalar).
-    assert re.search(r"vmovups\s+%zmm\d+, -?\w*\(%r(?!sp)", asm)
+    assert re.search(r"vmovups\s+%zmm\d+, -?\w*\(%r[\w,%]+\)\s*\{%k\d\}", asm)
 
 
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():

@@ -61,6 +61,8 @@ def _grid():
         (1, 4, 9, 17, 3, 3, 2),
         (2, 1, 10, 10, 4, 3, 3),  # C = 1: one group, multiplier 4
         (1, 16, 5, 4, 1, 1, 1),
+        (1, 2, 23, 37, 1, 7, 7),  # row groups of 5 and 2, three column blocks, 4 row tiles
+        (2, 3, 16, 18, 1, 4, 6),  # row groups of 3 and 1
     ]
     for shape, stride, padding, dilation in itertools.product(
             shapes, [1, 2, 3, (1, 2)], [0, 1, (2, 0), "same"], [1, 2]):

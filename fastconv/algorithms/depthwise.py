@@ -16,28 +16,36 @@ columns)::
     dx[n,c,h,v] = sum_{m<M} sum_{(r,i): i*sh + r*dlh = h + pt} sum_{(s,j): j*sw + s*dlw = v + pl}
                   dy[n, c*M + m, i, j] * w[c*M + m, 0, r, s]
 
-Every pass is a sum over taps of one plane read at a shifted position, and is computed
-with *wide rows*: a plane laid out with a row pitch ``P`` (the padded width, or more), its
-output row ``i`` computed for ``P`` columns at ``m = i*P + j``, of which the first ``OW``
-are kept.  Then tap ``t`` reads the plane at ``m + off[t]`` for every output ``m``: one
-contiguous run per tap, ``out[m] = sum_t wt[t] * src[m + off[t]]`` (:func:`_dw_taps`),
-vectorised over ``m`` with no per-row tails or bounds tests.
+Every pass is a sum over taps of one plane read at a shifted position.  A task copies
+its plane (zero-padded) into a scratch plane of row pitch ``P``, in which tap ``t`` of
+output pixel ``(i, j)`` reads ``src[base[t] + i*P + j]``:
 
-* **Forward.** At stride 1, ``src`` is the padded plane (``P = Wp``) and ``off[t] =
+* **Forward.** At stride 1, ``src`` is the padded plane (``P = Wp``) and ``base[t] =
   r*dlh*Wp + s*dlw``.  At stride ``(sh, sw)`` the padded plane is split into ``sh*sw``
   *phase planes* of ``ceil(Hp/sh) x ceil(Wp/sw)`` (plane ``(a, q)`` holding the padded
   rows ``a, a + sh, ...`` at the columns ``q, q + sw, ...``, ``P = ceil(Wp/sw)``): tap
   ``(r, s)`` reads phase ``((r*dlh) % sh, (s*dlw) % sw)`` at row ``i + (r*dlh)//sh`` and
-  column ``j + (s*dlw)//sw``, again ``m + off[t]``.
+  column ``j + (s*dlw)//sw``.
 * **dX** is, for each stride phase of dx (see "dX, derived once" in
   :mod:`fastconv.geometry`), a stride-1 correlation of the deltas, padded by the border
   the phases need, with the rotated taps of that phase; the ``M`` delta planes of an input
   channel lie one after the other in ``src`` and their taps are summed in one pass.  Each
-  phase's wide rows are written to every ``sh``-th row and ``sw``-th column of dx.
-* **dW** runs the same layout as the forward pass, as dot products: ``dw[k, t] += sum_m
-  dyw[m] * src[m + off[t]]``, ``dyw`` being the deltas in wide rows, zero in the columns
-  past ``OW`` (:func:`_dw_dots`).  An inf or NaN input times such a zero would be a NaN
-  that no real product makes: a plane holding one runs the real columns only.
+  phase's outputs are every ``sh``-th row and ``sw``-th column of dx.
+
+**Row groups.**  Taps of one column ``s`` whose rows are consecutive rows of one (phase)
+plane, ``base[t + e] = base[t] + e*P``, form a *row group* of ``Rg`` rows.  A register
+tile of ``TR`` output rows by ``VL`` columns then needs ``TR + Rg - 1`` row loads for
+``TR*Rg`` FMAs, since input row ``i + e`` is tap ``e`` of output row ``i`` and tap ``e - 1``
+of row ``i + 1`` (:func:`_rows3` and its siblings, unrolled for ``Rg`` in
+:data:`ROW_SIZES`; longer runs are split).  3x3 at stride 1 is three groups of 3: 27 loads
+for 63 FMAs, where one load per FMA is what a tap-by-tap tile needs.  At stride 2 a
+column's taps fall into two phase planes: groups of 2 and 1 (3x3) or 3 and 2 (5x5).
+With dilation ``dlh > sh`` every group is one row.
+
+* **dW** runs the forward layout as dot products: ``dw[k, t] += sum_m dyw[m] *
+  src[m + off[t]]``, ``dyw`` being the deltas in *wide rows* (``m = i*P + j``, zero in the
+  columns past ``OW``; :func:`_dw_dots`).  An inf or NaN input times such a zero would be
+  a NaN that no real product makes: a plane holding one runs the real columns only.
 
 Non-finite values: the forward pass multiplies the zero padding as the reference does; dX
 with an inf or NaN weight hands over to the next algorithm (the channel tile's exact path:
@@ -59,16 +67,21 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, serial_kernel, stack_tile
+from .._jit import copy_run, parallel_kernel, serial_kernel, split_run, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
 
 NAME = "depthwise"
 
 #: Lanes per vector step (one zmm of float32, two of float64).
 VL = 16
-#: Vectors per register tile of the forward pass and dX: TV x VL outputs.
-TV = 8
-TP = TV * VL
+#: Output rows per register tile of the forward pass and dX: ``TR x VL`` outputs in
+#: ``TR`` accumulators (7 rows: 14, 28, 56 and 112 are multiples, and 7 chains of FMAs
+#: hide the FMA latency).
+TR = 7
+#: The row-group sizes with a kernel of their own (:func:`_rows5` ...), largest first.
+ROW_SIZES = (5, 3, 2, 1)
+#: Scratch elements between two tasks' tile buffers: no cache line shared by two threads.
+SEPARATE = 32
 #: Taps per register tile of dW: DT vector accumulators.
 DT = 9
 
@@ -79,14 +92,14 @@ def why_not(geo, dtype, pass_):
     return None
 
 
-# ---- geometry of the wide rows ---------------------------------------------------------
+# ---- geometry of the planes and the row groups -----------------------------------------
 
 
 class _Planes(NamedTuple):
-    """The forward and dW layout of one input plane: ``nb`` column phases and ``na`` row
-    phases of ``Hq x Wq`` each (one of ``Hp x Wp`` at stride 1), ``off`` (R*S,) uint64 the
-    taps' offsets in it, ``M`` the wide output length ``OH*Wq``, ``ntiles`` its register
-    tiles of ``TP``, ``L`` the scratch length every tile's reads fit in."""
+    """The layout of one input plane: ``nb`` column phases and ``na`` row phases of ``Hq x
+    Wq`` each (one of ``Hp x Wp`` at stride 1); for dW, ``off`` (R*S,) uint64 the taps'
+    offsets in it, ``M`` the wide output length ``OH*Wq`` in ``nvec`` vectors, ``L`` the
+    scratch length every dot product's reads fit in."""
 
     na: int
     nb: int
@@ -94,7 +107,7 @@ class _Planes(NamedTuple):
     Wq: int
     off: np.ndarray
     M: int
-    ntiles: int
+    nvec: int
     L: int
 
 
@@ -107,11 +120,89 @@ def _planes(geo: ConvGeometry) -> _Planes:
     rh, sv = r * geo.dlh, s * geo.dlw
     off = (((rh % geo.sh) * nb + sv % geo.sw) * Hq + rh // geo.sh) * Wq + sv // geo.sw
     M = geo.OH * Wq
-    ntiles = -(-M // TP)
-    L = max(na * nb * Hq * Wq, int(off.max()) + ntiles * TP)
+    nvec = -(-M // VL)
+    L = max(na * nb * Hq * Wq, int(off.max()) + nvec * VL)
     off = off.astype(np.uint64)
     off.flags.writeable = False
-    return _Planes(na, nb, Hq, Wq, off, M, ntiles, L)
+    return _Planes(na, nb, Hq, Wq, off, M, nvec, L)
+
+
+class _RowGroups(NamedTuple):
+    """Taps packed as row groups (see the module's docstring) for ``npass`` passes of
+    :func:`_rows_plane` (the forward pass: one; dX: one per stride phase).
+
+    Group ``g`` reads rows ``base[g] + e*P``, ``e < rows``, with weights ``wk[w0[g] + e]``;
+    pass ``p``'s groups of ``ROW_SIZES[c]`` rows are ``[ends[p, c], ends[p, c + 1])``.
+    ``widx`` (T,): the weight (a flat index the caller defines) of each packed slot, so a
+    channel's weights in kernel order are ``w_flat[widx]``; ``reach``: the largest
+    ``base[g] + (rows - 1)*P``, for sizing the scratch plane."""
+
+    base: np.ndarray
+    w0: np.ndarray
+    ends: np.ndarray
+    widx: np.ndarray
+    reach: int
+
+
+def _row_groups(passes, P: int) -> _RowGroups:
+    """Pack ``passes``, each a list of runs ``(base, [weight index of row e, ...])`` of
+    consecutive rows, splitting every run into groups of :data:`ROW_SIZES` (largest first:
+    7 rows are 5 + 2) and ordering each pass's groups by size."""
+    base, w0, widx, ends, reach = [], [], [], [], 0
+    for runs in passes:
+        split = []
+        for b, ws in runs:
+            e = 0
+            while e < len(ws):
+                n = next(r for r in ROW_SIZES if r <= len(ws) - e)
+                split.append((b + e * P, ws[e:e + n]))
+                e += n
+        row = [len(base)]
+        for size in ROW_SIZES:
+            for b, ws in split:
+                if len(ws) == size:
+                    base.append(b)
+                    w0.append(len(widx))
+                    widx.extend(ws)
+                    reach = max(reach, b + (size - 1) * P)
+            row.append(len(base))
+        ends.append(row)
+    out = _RowGroups(np.array(base, np.uint64), np.array(w0, np.int64),
+                     np.array(ends, np.int64).reshape(len(passes), len(ROW_SIZES) + 1),
+                     np.array(widx, np.int64), reach)
+    for a in out[:4]:
+        a.flags.writeable = False
+    return out
+
+
+def _scratch_length(groups: _RowGroups, P: int, OHc: int, OWc: int) -> int:
+    """Elements a scratch plane needs so that every tile's reads stay inside it: a tile
+    reads ``TR`` rows from its first (the last tile starts at ``max(OHc - TR, 0)``) and
+    ``VL`` columns from each column block's start."""
+    return groups.reach + (max(OHc, TR) - 1) * P + -(-max(OWc, 1) // VL) * VL
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_groups(geo: ConvGeometry) -> _RowGroups:
+    """The forward pass's row groups in the phase-plane layout of :func:`_planes`; weight
+    index ``r*S + s``."""
+    pl_ = _planes(geo)
+    runs = []
+    for s in range(geo.S):
+        sv = s * geo.dlw
+        by_phase = {}
+        for r in range(geo.R):
+            rh = r * geo.dlh
+            by_phase.setdefault(rh % geo.sh, []).append((rh // geo.sh, r * geo.S + s))
+        for a, rows in sorted(by_phase.items()):
+            plane = ((a * pl_.nb + sv % geo.sw) * pl_.Hq) * pl_.Wq + sv // geo.sw
+            start = 0
+            for e in range(1, len(rows) + 1):
+                if e == len(rows) or rows[e][0] != rows[e - 1][0] + 1:
+                    runs.append((plane + rows[start][0] * pl_.Wq,
+                                 [t for _, t in rows[start:e]]))
+                    start = e
+    return _row_groups([runs], pl_.Wq)
 
 
 def _groups(tasks: int) -> int:
@@ -122,25 +213,27 @@ def _groups(tasks: int) -> int:
 
 
 def prepare(geo, w, pass_):
-    """The weights as the forward pass reads them, ``(K, R*S)``; for dX,
-    :class:`DxWeights`."""
+    """The weights as the forward pass reads them, ``(K, R*S)`` in row-group order; for
+    dX, :class:`DxWeights`."""
     if pass_ == "forward":
-        return np.ascontiguousarray(w.reshape(geo.K, geo.R * geo.S))
+        g = _forward_groups(geo)
+        return np.ascontiguousarray(w.reshape(geo.K, geo.R * geo.S)[:, g.widx])
     return _dx_weights(geo, w)
 
 
 def forward(geo, x, wt, b):
     pl_ = _planes(geo)
+    g = _forward_groups(geo)
     C, K = geo.C, geo.K
     bias = np.zeros(K, x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((geo.N, K, geo.OH, geo.OW), x.dtype)
-    tasks = geo.N * C
-    Q = _groups(tasks)
-    src = np.zeros((Q, pl_.L), x.dtype)
-    out = np.empty((Q, pl_.ntiles * TP), x.dtype)
+    Q = _groups(geo.N * C)
+    L = max(pl_.na * pl_.nb * pl_.Hq * pl_.Wq, _scratch_length(g, pl_.Wq, geo.OH, geo.OW))
+    src = np.zeros((Q, L + SEPARATE), x.dtype)
+    tile = np.empty((Q, TR * VL + SEPARATE), x.dtype)
     dw_forward(np.ascontiguousarray(x).reshape(geo.N, C, -1), wt, bias,
-               y.reshape(geo.N, K, -1), src, out, pl_.off, geo.H, geo.W, geo.OW, geo.pt,
-               geo.pl, geo.sh, geo.sw, pl_.nb, pl_.Hq, pl_.Wq, pl_.ntiles)
+               y.reshape(geo.N, K, -1), src, tile, g.base, g.w0, g.ends, geo.H, geo.W,
+               geo.OW, geo.pt, geo.pl, geo.sh, geo.sw, pl_.nb, pl_.Hq, pl_.Wq)
     return y
 
 
@@ -148,16 +241,13 @@ def forward(geo, x, wt, b):
 
 
 class _DxTaps(NamedTuple):
-    """dX's taps (see the module's docstring), cached per geometry: for phase ``p``, taps
-    ``[tap0[p], tap0[p+1])`` of ``off`` (uint64, into ``M`` padded delta planes of ``Hd x
-    Wd`` one after another), with the multiplier index ``m`` and flat tap ``r*S + s`` of
-    each; its outputs are rows ``out0h[p] + u*sh``, ``u < cnth[p]``, columns ``out0w[p] +
-    t*sw``, ``t < cntw[p]``."""
+    """dX's row groups (see the module's docstring), cached per geometry: pass ``p`` (a
+    stride phase of dx) reads the ``M`` padded delta planes of ``Hd x Wd``, one after
+    another, with rows ``top`` and columns ``left`` of padding; its outputs are rows
+    ``out0h[p] + u*sh``, ``u < cnth[p]``, columns ``out0w[p] + t*sw``, ``t < cntw[p]``.
+    Weight index ``m*R*S + r*S + s``."""
 
-    off: np.ndarray
-    m: np.ndarray
-    rs: np.ndarray
-    tap0: np.ndarray
+    groups: _RowGroups
     cnth: np.ndarray
     cntw: np.ndarray
     out0h: np.ndarray
@@ -166,14 +256,13 @@ class _DxTaps(NamedTuple):
     left: int
     Hd: int
     Wd: int
-    ntiles: int
     L: int
     covered: bool
 
 
 class DxWeights(NamedTuple):
     """dX's prepared weights: the taps of the geometry (:class:`_DxTaps`) and ``wt``
-    (C, T), the rotated weights of each input channel, in the taps' order; ``exact``:
+    (C, T), the rotated weights of each input channel in row-group order; ``exact``:
     every weight is finite."""
 
     taps: _DxTaps
@@ -186,38 +275,37 @@ def _dx_taps(geo: ConvGeometry) -> _DxTaps:
     rows, ptd, pbd = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
     cols, pld, prd = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
     Hd, Wd = geo.OH + ptd + pbd, geo.OW + pld + prd
-    Mult = geo.K // geo.C
-    off, ms, rss, tap0, cnth, cntw, out0h, out0w = [], [], [], [0], [], [], [], []
-    ntiles = 1
+    Mult, RS = geo.K // geo.C, geo.R * geo.S
+    passes, cnth, cntw, out0h, out0w = [], [], [], [], []
     for ph in rows:
         for pw in cols:
+            runs = []
             for m in range(Mult):
-                for e, r in enumerate(ph.taps):
-                    for f, s in enumerate(pw.taps):
-                        off.append(m * Hd * Wd + (ptd + ph.start + e * ph.step) * Wd
-                                   + pld + pw.start + f * pw.step)
-                        ms.append(m)
-                        rss.append(r * geo.S + s)
-            tap0.append(len(off))
+                for f, s in enumerate(pw.taps):
+                    b = m * Hd * Wd + (ptd + ph.start) * Wd + pld + pw.start + f * pw.step
+                    ws = [m * RS + r * geo.S + s for r in ph.taps]
+                    if ph.step == 1:
+                        runs.append((b, ws))
+                    else:
+                        runs.extend((b + e * ph.step * Wd, [t]) for e, t in enumerate(ws))
+            passes.append(runs)
             cnth.append(ph.count)
             cntw.append(pw.count)
             out0h.append(ph.out0)
             out0w.append(pw.out0)
-            ntiles = max(ntiles, -(-ph.count * Wd // TP))
-    off = np.array(off, np.uint64)
-    L = max(Mult * Hd * Wd, int(off.max(initial=0)) + ntiles * TP)  # no phase: dx is 0
+    groups = _row_groups(passes, Wd)
+    L = max([Mult * Hd * Wd] + [_scratch_length(groups, Wd, a, b)
+                                for a, b in zip(cnth, cntw, strict=True)])
     covered = sum(ph.count for ph in rows) == geo.H and sum(pw.count for pw in cols) == geo.W
-    out = _DxTaps(off, *(np.array(v, np.int64) for v in (ms, rss, tap0, cnth, cntw, out0h,
-                                                          out0w)),
-                  ptd, pld, Hd, Wd, ntiles, L, covered)
-    for a in out[:8]:
+    arrays = [np.array(v, np.int64) for v in (cnth, cntw, out0h, out0w)]
+    for a in arrays:
         a.flags.writeable = False
-    return out
+    return _DxTaps(groups, *arrays, ptd, pld, Hd, Wd, L, covered)
 
 
 def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> DxWeights:
     t = _dx_taps(geo)
-    wt = np.ascontiguousarray(w.reshape(geo.C, geo.K // geo.C, geo.R * geo.S)[:, t.m, t.rs])
+    wt = np.ascontiguousarray(w.reshape(geo.C, -1)[:, t.groups.widx])
     return DxWeights(t, wt, bool(np.isfinite(w).all()))
 
 
@@ -227,14 +315,14 @@ def grad_input(geo, dy, wd):
     t = wd.taps
     make = np.empty if t.covered else np.zeros
     dx = make((geo.N, geo.C, geo.H, geo.W), dy.dtype)
-    tasks = geo.N * geo.C
-    Q = _groups(tasks)
-    src = np.zeros((Q, t.L), dy.dtype)
-    out = np.empty((Q, t.ntiles * TP), dy.dtype)
-    dw_grad_input(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), t.off, wd.wt,
-                  t.tap0, t.cnth, t.cntw, t.out0h, t.out0w,
-                  dx.reshape(geo.N, geo.C, -1), src, out, geo.OH, geo.OW, geo.W, t.top,
-                  t.left, t.Hd, t.Wd, geo.sh, geo.sw)
+    Q = _groups(geo.N * geo.C)
+    src = np.zeros((Q, t.L + SEPARATE), dy.dtype)
+    tile = np.empty((Q, TR * VL + SEPARATE), dy.dtype)
+    g = t.groups
+    dw_grad_input(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), wd.wt, g.base, g.w0,
+                  g.ends, t.cnth, t.cntw, t.out0h, t.out0w, dx.reshape(geo.N, geo.C, -1),
+                  src, tile, geo.OH, geo.OW, geo.W, t.top, t.left, t.Hd, t.Wd, geo.sh,
+                  geo.sw)
     return dx
 
 
@@ -250,7 +338,7 @@ def grad_weight(geo, x, dy):
     off[:T] = pl_.off
     P = min(N, max(1, -(-config.DEPTHWISE_DW_TASKS // K)))  # batch chunks
     Q = _groups(P * K)
-    Mp = pl_.ntiles * TP
+    Mp = pl_.nvec * VL
     L = max(pl_.L, int(off.max()) + Mp)
     src = np.zeros((Q, L), x.dtype)
     dyw = np.zeros((Q, Mp), x.dtype)
@@ -259,7 +347,7 @@ def grad_weight(geo, x, dy):
     dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
                    np.ascontiguousarray(dy).reshape(N, K, -1), off, part, src, dyw, acc,
                    geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh, geo.sw, pl_.nb, pl_.Hq,
-                   pl_.Wq, pl_.ntiles * TV)
+                   pl_.Wq, pl_.nvec)
     dw = part.sum(axis=0) if P > 1 else part[0]
     return np.ascontiguousarray(dw[:, :T]).reshape(K, 1, geo.R, geo.S)
 
@@ -269,104 +357,251 @@ def grad_weight(geo, x, dy):
 
 
 @numba.njit(inline="always")
-def _copy_row(dst, d0, src, s0, n):
-    """``dst[d0 + v] = src[s0 + v]`` for ``v < n``, unsigned offsets (a vector copy)."""
-    for v in range(np.uint64(0), np.uint64(n)):
-        dst[d0 + v] = src[s0 + v]
-
-
-@numba.njit(inline="always")
 def _phase_plane(a, H, W, dst, pt, pl, sh, sw, nb, Hq, Wq):
     """Plane ``a`` (H*W,) into its zero-padded phase planes ``dst`` (flat, zero elsewhere
     already): padded pixel ``(h', v') = (h + pt, v + pl)`` to plane ``(h' % sh, v' % sw)``
-    at ``(h' // sh, v' // sw)``."""
+    at ``(h' // sh, v' // sw)``.  Rows are copied as masked vectors (:func:`copy_run`,
+    :func:`split_run` for the even and odd columns at ``sw == 2``): a 14-pixel row is one
+    load and one store, where a loop over it runs element by element."""
+    p = pt % sh  # the row phase and row of padded row h + pt
+    v = pt // sh
     for h in range(H):
-        hp = h + pt
-        rowbase = (hp % sh) * nb * Hq + hp // sh
+        rowbase = (p * nb * Hq + v) * Wq
+        s0 = h * W
         if sw == 1:
-            _copy_row(dst, np.uint64(rowbase * Wq + pl), a, np.uint64(h * W), W)
+            copy_run(dst, rowbase + pl, a, s0, W)
         elif sw == 2:
-            # Even and odd columns in one loop: LLVM loads whole vectors and splits them
-            # (one strided loop per phase read them element by element).
-            b0 = np.uint64((rowbase + (pl % 2) * Hq) * Wq + pl // 2)
-            b1 = np.uint64((rowbase + ((pl + 1) % 2) * Hq) * Wq + (pl + 1) // 2)
-            s0 = np.uint64(h * W)
-            for u in range(np.uint64(0), np.uint64(W // 2)):
-                dst[b0 + u] = a[s0 + np.uint64(2) * u]
-                dst[b1 + u] = a[s0 + np.uint64(2) * u + np.uint64(1)]
-            if W % 2:
-                dst[b0 + np.uint64(W // 2)] = a[s0 + np.uint64(W - 1)]
+            # input column 2u to phase pl % 2 at u + pl // 2, column 2u + 1 to phase
+            # (pl + 1) % 2 at u + (pl + 1) // 2
+            split_run(dst, rowbase + (pl % 2) * Hq * Wq + pl // 2,
+                      rowbase + ((pl + 1) % 2) * Hq * Wq + (pl + 1) // 2, a, s0, W)
         else:
             for q in range(nb):
                 v0 = (q - pl) % sw  # first column of this phase
-                base = ((rowbase + q * Hq) * Wq) + (v0 + pl) // sw
+                base = rowbase + q * Hq * Wq + (v0 + pl) // sw
                 for u in range((W - v0 + sw - 1) // sw):
-                    dst[base + u] = a[h * W + v0 + u * sw]
+                    dst[base + u] = a[s0 + v0 + u * sw]
+        p += 1
+        if p == sh:
+            p = 0
+            v += 1
 
 
 @numba.njit(inline="always")
-def _tap(acc, src, o, wv):
-    """One tap of the :func:`_dw_taps` tile: ``acc[v, u] += wv * src[o + v*VL + u]``."""
-    for u in range(VL):
-        at = o + np.uint64(u)
-        acc[0, u] += wv * src[at]
-        acc[1, u] += wv * src[at + np.uint64(VL)]
-        acc[2, u] += wv * src[at + np.uint64(2 * VL)]
-        acc[3, u] += wv * src[at + np.uint64(3 * VL)]
-        acc[4, u] += wv * src[at + np.uint64(4 * VL)]
-        acc[5, u] += wv * src[at + np.uint64(5 * VL)]
-        acc[6, u] += wv * src[at + np.uint64(6 * VL)]
-        acc[7, u] += wv * src[at + np.uint64(7 * VL)]
+def _rows5(acc, src, b, P, w0, w1, w2, w3, w4):
+    """``acc[v] += sum_(e<5) w_e * src[b + (v + e)*P : +VL]`` for ``v < TR``: 11 row
+    loads for 35 FMAs."""
+    for uu in range(VL):
+        u = np.uint64(uu)
+        x0 = src[b + u]
+        x1 = src[b + P + u]
+        x2 = src[b + np.uint64(2) * P + u]
+        x3 = src[b + np.uint64(3) * P + u]
+        x4 = src[b + np.uint64(4) * P + u]
+        x5 = src[b + np.uint64(5) * P + u]
+        x6 = src[b + np.uint64(6) * P + u]
+        x7 = src[b + np.uint64(7) * P + u]
+        x8 = src[b + np.uint64(8) * P + u]
+        x9 = src[b + np.uint64(9) * P + u]
+        x10 = src[b + np.uint64(10) * P + u]
+        acc[0, uu] += w0 * x0
+        acc[0, uu] += w1 * x1
+        acc[0, uu] += w2 * x2
+        acc[0, uu] += w3 * x3
+        acc[0, uu] += w4 * x4
+        acc[1, uu] += w0 * x1
+        acc[1, uu] += w1 * x2
+        acc[1, uu] += w2 * x3
+        acc[1, uu] += w3 * x4
+        acc[1, uu] += w4 * x5
+        acc[2, uu] += w0 * x2
+        acc[2, uu] += w1 * x3
+        acc[2, uu] += w2 * x4
+        acc[2, uu] += w3 * x5
+        acc[2, uu] += w4 * x6
+        acc[3, uu] += w0 * x3
+        acc[3, uu] += w1 * x4
+        acc[3, uu] += w2 * x5
+        acc[3, uu] += w3 * x6
+        acc[3, uu] += w4 * x7
+        acc[4, uu] += w0 * x4
+        acc[4, uu] += w1 * x5
+        acc[4, uu] += w2 * x6
+        acc[4, uu] += w3 * x7
+        acc[4, uu] += w4 * x8
+        acc[5, uu] += w0 * x5
+        acc[5, uu] += w1 * x6
+        acc[5, uu] += w2 * x7
+        acc[5, uu] += w3 * x8
+        acc[5, uu] += w4 * x9
+        acc[6, uu] += w0 * x6
+        acc[6, uu] += w1 * x7
+        acc[6, uu] += w2 * x8
+        acc[6, uu] += w3 * x9
+        acc[6, uu] += w4 * x10
+
+
+@numba.njit(inline="always")
+def _rows3(acc, src, b, P, w0, w1, w2):
+    """``acc[v] += sum_(e<3) w_e * src[b + (v + e)*P : +VL]`` for ``v < TR``: 9 row
+    loads for 21 FMAs."""
+    for uu in range(VL):
+        u = np.uint64(uu)
+        x0 = src[b + u]
+        x1 = src[b + P + u]
+        x2 = src[b + np.uint64(2) * P + u]
+        x3 = src[b + np.uint64(3) * P + u]
+        x4 = src[b + np.uint64(4) * P + u]
+        x5 = src[b + np.uint64(5) * P + u]
+        x6 = src[b + np.uint64(6) * P + u]
+        x7 = src[b + np.uint64(7) * P + u]
+        x8 = src[b + np.uint64(8) * P + u]
+        acc[0, uu] += w0 * x0
+        acc[0, uu] += w1 * x1
+        acc[0, uu] += w2 * x2
+        acc[1, uu] += w0 * x1
+        acc[1, uu] += w1 * x2
+        acc[1, uu] += w2 * x3
+        acc[2, uu] += w0 * x2
+        acc[2, uu] += w1 * x3
+        acc[2, uu] += w2 * x4
+        acc[3, uu] += w0 * x3
+        acc[3, uu] += w1 * x4
+        acc[3, uu] += w2 * x5
+        acc[4, uu] += w0 * x4
+        acc[4, uu] += w1 * x5
+        acc[4, uu] += w2 * x6
+        acc[5, uu] += w0 * x5
+        acc[5, uu] += w1 * x6
+        acc[5, uu] += w2 * x7
+        acc[6, uu] += w0 * x6
+        acc[6, uu] += w1 * x7
+        acc[6, uu] += w2 * x8
+
+
+@numba.njit(inline="always")
+def _rows2(acc, src, b, P, w0, w1):
+    """``acc[v] += sum_(e<2) w_e * src[b + (v + e)*P : +VL]`` for ``v < TR``: 8 row
+    loads for 14 FMAs."""
+    for uu in range(VL):
+        u = np.uint64(uu)
+        x0 = src[b + u]
+        x1 = src[b + P + u]
+        x2 = src[b + np.uint64(2) * P + u]
+        x3 = src[b + np.uint64(3) * P + u]
+        x4 = src[b + np.uint64(4) * P + u]
+        x5 = src[b + np.uint64(5) * P + u]
+        x6 = src[b + np.uint64(6) * P + u]
+        x7 = src[b + np.uint64(7) * P + u]
+        acc[0, uu] += w0 * x0
+        acc[0, uu] += w1 * x1
+        acc[1, uu] += w0 * x1
+        acc[1, uu] += w1 * x2
+        acc[2, uu] += w0 * x2
+        acc[2, uu] += w1 * x3
+        acc[3, uu] += w0 * x3
+        acc[3, uu] += w1 * x4
+        acc[4, uu] += w0 * x4
+        acc[4, uu] += w1 * x5
+        acc[5, uu] += w0 * x5
+        acc[5, uu] += w1 * x6
+        acc[6, uu] += w0 * x6
+        acc[6, uu] += w1 * x7
+
+
+@numba.njit(inline="always")
+def _rows1(acc, src, b, P, w0):
+    """``acc[v] += sum_(e<1) w_e * src[b + (v + e)*P : +VL]`` for ``v < TR``: 7 row
+    loads for 7 FMAs."""
+    for uu in range(VL):
+        u = np.uint64(uu)
+        x0 = src[b + u]
+        x1 = src[b + P + u]
+        x2 = src[b + np.uint64(2) * P + u]
+        x3 = src[b + np.uint64(3) * P + u]
+        x4 = src[b + np.uint64(4) * P + u]
+        x5 = src[b + np.uint64(5) * P + u]
+        x6 = src[b + np.uint64(6) * P + u]
+        acc[0, uu] += w0 * x0
+        acc[1, uu] += w0 * x1
+        acc[2, uu] += w0 * x2
+        acc[3, uu] += w0 * x3
+        acc[4, uu] += w0 * x4
+        acc[5, uu] += w0 * x5
+        acc[6, uu] += w0 * x6
 
 
 @serial_kernel
-def _dw_taps(src, off, wt, bias, out, ntiles):
-    """``out[m] = bias + sum_t wt[t] * src[m + off[t]]`` for ``m < ntiles*TP``: a register
-    tile of ``TV`` = 8 vectors of ``VL`` outputs (8 independent FMA chains, enough to hide
-    the FMA latency on two pipes), a broadcast weight and ``TV`` loads per tap.
+def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc, tile):
+    """``out[o0 + i*orow + j*ocol] = bias + sum_g sum_(e < rows_g) wk[w0[g] + e] *
+    src[base[g] + (i + e)*P + j]`` for ``i < OHc``, ``j < OWc``: register tiles of ``TR``
+    rows by ``VL`` columns over the row groups (:class:`_RowGroups`) of one pass.
 
-    src : (L,)  the plane(s), ``L >= max(off) + ntiles*TP``.   off : (T,) uint64.
-    wt  : (T,)  the taps' weights.                              out : (>= ntiles*TP,).
+    src  : (L,) the scratch plane(s), ``L`` as :func:`_scratch_length`.
+    base, w0 : (G,) the groups;  ends : (5,) this pass's group ranges by size.
+    wk   : (T,) one channel's weights in group order.     out : (>= ...,) flat output.
+    tile : (>= TR*VL,) scratch: the tile is stored whole, then its rows copied out.
+
+    The last row tile starts at ``OHc - TR`` (rows computed twice, written the same) and
+    the last column block stores its first ``OWc % VL`` lanes: the lanes and rows past the
+    output read scratch that no stored value depends on.
     """
-    T = off.shape[0]
-    acc = stack_tile(TV, VL, out.dtype)
-    for tile in range(ntiles):
-        base = np.uint64(tile * TP)
-        for u in range(VL):
-            acc[0, u] = 0
-            acc[1, u] = 0
-            acc[2, u] = 0
-            acc[3, u] = 0
-            acc[4, u] = 0
-            acc[5, u] = 0
-            acc[6, u] = 0
-            acc[7, u] = 0
-        for t in range(T - 1):
-            _tap(acc, src, base + off[t], wt[t])
-        # The last tap stores the tile (a loop of its own was unrolled into scalar stores).
-        wv = wt[T - 1]
-        o = base + off[T - 1]
-        for u in range(VL):
-            at = o + np.uint64(u)
-            to = base + np.uint64(u)
-            out[to] = acc[0, u] + wv * src[at] + bias
-            out[to + np.uint64(VL)] = acc[1, u] + wv * src[at + np.uint64(VL)] + bias
-            out[to + np.uint64(2 * VL)] = acc[2, u] + wv * src[at + np.uint64(2 * VL)] + bias
-            out[to + np.uint64(3 * VL)] = acc[3, u] + wv * src[at + np.uint64(3 * VL)] + bias
-            out[to + np.uint64(4 * VL)] = acc[4, u] + wv * src[at + np.uint64(4 * VL)] + bias
-            out[to + np.uint64(5 * VL)] = acc[5, u] + wv * src[at + np.uint64(5 * VL)] + bias
-            out[to + np.uint64(6 * VL)] = acc[6, u] + wv * src[at + np.uint64(6 * VL)] + bias
-            out[to + np.uint64(7 * VL)] = acc[7, u] + wv * src[at + np.uint64(7 * VL)] + bias
+    acc = stack_tile(TR, VL, tile.dtype)
+    Pu = np.uint64(P)
+    for ti in range((OHc + TR - 1) // TR):
+        i0 = ti * TR
+        if OHc >= TR:
+            i0 = min(i0, OHc - TR)
+        for j0 in range(0, OWc, VL):
+            for u in range(VL):
+                acc[0, u] = 0
+                acc[1, u] = 0
+                acc[2, u] = 0
+                acc[3, u] = 0
+                acc[4, u] = 0
+                acc[5, u] = 0
+                acc[6, u] = 0
+            at = np.uint64(i0 * P + j0)
+            for g in range(ends[0], ends[1]):
+                k = w0[g]
+                _rows5(acc, src, base[g] + at, Pu, wk[k], wk[k + 1], wk[k + 2], wk[k + 3],
+                       wk[k + 4])
+            for g in range(ends[1], ends[2]):
+                k = w0[g]
+                _rows3(acc, src, base[g] + at, Pu, wk[k], wk[k + 1], wk[k + 2])
+            for g in range(ends[2], ends[3]):
+                k = w0[g]
+                _rows2(acc, src, base[g] + at, Pu, wk[k], wk[k + 1])
+            for g in range(ends[3], ends[4]):
+                _rows1(acc, src, base[g] + at, Pu, wk[w0[g]])
+            # Stored whole and copied out by rows: a store loop over a runtime row count
+            # would index the tile at runtime and keep it in memory.
+            for u in range(VL):
+                tile[0 * VL + u] = acc[0, u] + bias
+                tile[1 * VL + u] = acc[1, u] + bias
+                tile[2 * VL + u] = acc[2, u] + bias
+                tile[3 * VL + u] = acc[3, u] + bias
+                tile[4 * VL + u] = acc[4, u] + bias
+                tile[5 * VL + u] = acc[5, u] + bias
+                tile[6 * VL + u] = acc[6, u] + bias
+            nj = min(VL, OWc - j0)
+            for v in range(min(TR, OHc - i0)):
+                at_out = o0 + (i0 + v) * orow + j0 * ocol
+                if ocol == 1:
+                    copy_run(out, at_out, tile, v * VL, nj)
+                else:
+                    for j in range(nj):
+                        out[at_out + j * ocol] = tile[v * VL + j]
 
 
 @parallel_kernel
-def dw_forward(x, wt, b, y, src, out, off, H, W, OW, pt, pl, sh, sw, nb, Hq, Wq, ntiles):
+def dw_forward(x, wt, b, y, src, tile, base, w0, ends, H, W, OW, pt, pl, sh, sw, nb, Hq, Wq):
     """The forward pass, plane by plane (see the module's docstring).
 
-    x   : (N, C, H*W) C-contiguous.      wt : (K, R*S), K = M*C.     b : (K,).
-    y   : (N, K, OH*OW), every element written.
-    src : (Q, L) zeros, L as :class:`_Planes`.    out : (Q, >= ntiles*TP) scratch.
-    off : (R*S,) uint64 the taps' offsets in the phase planes (:func:`_planes`).
+    x    : (N, C, H*W) C-contiguous.    wt : (K, R*S) in row-group order, K = M*C.
+    b    : (K,).                        y  : (N, K, OH*OW), every element written.
+    src  : (Q, L) zeros, L as :func:`forward` sizes it.    tile : (Q, >= TR*VL) scratch.
+    base, w0, ends : the row groups (:func:`_forward_groups`), ``ends`` (1, 5).
 
     Group ``q`` of the ``Q`` groups takes planes ``[q*NC//Q, (q+1)*NC//Q)`` of the
     ``NC = N*C`` planes (n, c), with its own scratch: each plane's ``M`` output channels
@@ -380,60 +615,47 @@ def dw_forward(x, wt, b, y, src, out, off, H, W, OW, pt, pl, sh, sw, nb, Hq, Wq,
     NC = N * C
     for q in prange(Q):
         sq = src[q]
-        oq = out[q]
+        tq = tile[q]
         for task in range(q * NC // Q, (q + 1) * NC // Q):
             n = task // C
             c = task % C
             _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
             for mm in range(Mult):
                 k = c * Mult + mm
-                _dw_taps(sq, off, wt[k], b[k], oq, ntiles)
-                yk = y[n, k]
-                for i in range(OH):
-                    _copy_row(yk, np.uint64(i * OW), oq, np.uint64(i * Wq), OW)
+                _rows_plane(sq, Wq, base, w0, ends[0], wt[k], b[k], y[n, k], 0, OW, 1, OH,
+                            OW, tq)
 
 
 @parallel_kernel
-def dw_grad_input(dy, off, wt, tap0, cnth, cntw, out0h, out0w, dx, src, out, OH, OW, W, top,
-                  left, Hd, Wd, sh, sw):
+def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, dx, src, tile, OH, OW,
+                  W, top, left, Hd, Wd, sh, sw):
     """dX, plane by plane and phase by phase (see the module's docstring and
-    :class:`DxWeights`).
+    :class:`_DxTaps`).
 
-    dy  : (N, K, OH*OW) C-contiguous.    dx : (N, C, H*W), the phases' pixels written
-                                         (the others zero already).
-    src : (Q, L) zeros: the ``M`` delta planes of one input channel, each padded to
-          ``Hd x Wd`` at ``(top, left)``.    out : (Q, >= ntiles*TP) scratch.
+    dy   : (N, K, OH*OW) C-contiguous.    dx : (N, C, H*W), the phases' pixels written
+                                          (the others zero already).
+    wt   : (C, T) in row-group order.     src : (Q, L) zeros: the ``M`` delta planes of
+           one input channel, each padded to ``Hd x Wd`` at ``(top, left)``.
+    tile : (Q, >= TR*VL) scratch.
     """
     N, K = dy.shape[0], dy.shape[1]
     C = dx.shape[1]
     Mult = K // C
     Q = src.shape[0]
     NC = N * C
-    nphase = tap0.shape[0] - 1
     zero = dx.dtype.type(0)
     for q in prange(Q):
         sq = src[q]
-        oq = out[q]
+        tq = tile[q]
         for task in range(q * NC // Q, (q + 1) * NC // Q):
             n = task // C
             c = task % C
             for mm in range(Mult):
                 _phase_plane(dy[n, c * Mult + mm], OH, OW, sq[mm * Hd * Wd:], top, left, 1, 1,
                              1, Hd, Wd)
-            wc = wt[c]
-            for p in range(nphase):
-                t0, t1 = tap0[p], tap0[p + 1]
-                rows, cols = cnth[p], cntw[p]
-                _dw_taps(sq, off[t0:t1], wc[t0:t1], zero, oq, (rows * Wd + TP - 1) // TP)
-                h0, v0 = out0h[p], out0w[p]
-                dxc = dx[n, c]
-                for u in range(rows):
-                    at = (h0 + u * sh) * W + v0
-                    if sw == 1:
-                        _copy_row(dxc, np.uint64(at), oq, np.uint64(u * Wd), cols)
-                    else:
-                        for t in range(cols):
-                            dxc[at + t * sw] = oq[u * Wd + t]
+            for p in range(ends.shape[0]):
+                _rows_plane(sq, Wd, base, w0, ends[p], wt[c], zero, dx[n, c],
+                            out0h[p] * W + out0w[p], sh * W, sw, cnth[p], cntw[p], tq)
 
 
 @serial_kernel
@@ -520,6 +742,32 @@ def _dots_exact(src, dyw, off, acc, OH, OW, Wq):
         acc[t, 0] = s
 
 
+@numba.njit(inline="always")
+def _finite(a, n) -> bool:
+    """Whether ``a[:n]`` holds no inf or NaN (``x*0`` is NaN for those only)."""
+    z = a.dtype.type(0)
+    for v in range(n):
+        z += a[v] * 0
+    return z == 0
+
+
+@numba.njit(inline="always")
+def _dots_exact(src, dyw, off, acc, OH, OW, Wq):
+    """:func:`_dw_dots` over the real columns only (``j < OW`` of each wide row), into lane
+    0: for a plane with an inf or NaN, which the zero deltas past ``OW`` must not meet."""
+    T = off.shape[0]
+    for t in range(T):
+        for u in range(VL):
+            acc[t, u] = 0
+        o = off[t]
+        s = acc.dtype.type(0)
+        for i in range(OH):
+            for j in range(OW):
+                m = np.uint64(i * Wq + j)
+                s += dyw[m] * src[m + o]
+        acc[t, 0] = s
+
+
 @parallel_kernel
 def dw_grad_weight(x, dy, off, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw, nb, Hq, Wq,
                    nvec):
@@ -558,7 +806,7 @@ def dw_grad_weight(x, dy, off, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw, nb
                 _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
                 dyk = dy[n, k]
                 for i in range(OH):
-                    _copy_row(dq, np.uint64(i * Wq), dyk, np.uint64(i * OW), OW)
+                    copy_run(dq, i * Wq, dyk, i * OW, OW)
                 if _finite(x[n, c], H * W):
                     _dw_dots(sq, dq, off, plane, nvec)
                 else:
