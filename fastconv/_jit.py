@@ -325,6 +325,39 @@ def _split32(typingctx, dst, de, do, src, so, n):
     return types.void(dst, de, do, src, so, n), codegen
 
 
+@intrinsic
+def _merge32(typingctx, dst, do, src, se, so, n):
+    """``dst[do + 2u] = src[se + u]`` and ``dst[do + 2u + 1] = src[so + u]`` for the first
+    ``min(n, 32)`` elements of ``dst`` from ``do``: the inverse of :func:`_split32`, two
+    masked loads, two shuffles and two masked stores.  Same rules as :func:`_copy16`."""
+    if not (_float_arrays(src, dst)
+            and all(isinstance(a, types.Integer) for a in (do, se, so, n))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        s_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        do_, se_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
+                             for i in (1, 3, 4, 5))
+        _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
+        i64 = ir.IntType(64)
+        one, sixteen = ir.Constant(i64, 1), ir.Constant(i64, 16)
+        even = load(ptr(s_arr, se_), mask(builder.ashr(builder.add(n_, one), one)))
+        odd = load(ptr(s_arr, so_), mask(builder.ashr(n_, one)))
+        i32v = ir.VectorType(ir.IntType(32), 16)
+        lo = builder.shuffle_vector(even, odd, ir.Constant(
+            i32v, [v // 2 + (v % 2) * 16 for v in range(16)]))
+        hi = builder.shuffle_vector(even, odd, ir.Constant(
+            i32v, [8 + v // 2 + (v % 2) * 16 for v in range(16)]))
+        store(lo, ptr(d_arr, do_), mask(n_))
+        store(hi, ptr(d_arr, builder.add(do_, sixteen)), mask(builder.sub(n_, sixteen)))
+        return context.get_dummy_value()
+
+    return types.void(dst, do, src, se, so, n), codegen
+
+
 @numba.njit(inline="always")
 def copy_run(dst, do, src, so, n):
     """``dst[do : do + n] = src[so : so + n]`` in blocks of 16 elements, the last one
@@ -342,3 +375,12 @@ def split_run(dst, de, do, src, so, n):
     column phases.  Offsets count elements; nothing is checked."""
     for v0 in range(0, n, 32):
         _split32(dst, de + v0 // 2, do + v0 // 2, src, so + v0, n - v0)
+
+
+@numba.njit(inline="always")
+def merge_run(dst, do, src, se, so, n):
+    """``dst[do : do + n]`` from its even elements at ``src[se:]`` and its odd ones at
+    ``src[so:]``, in blocks of 32 (:func:`_merge32`): two stride-2 column phases joined
+    into a row.  Offsets count elements; nothing is checked."""
+    for v0 in range(0, n, 32):
+        _merge32(dst, do + v0, src, se + v0 // 2, so + v0 // 2, n - v0)

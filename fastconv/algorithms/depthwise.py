@@ -67,7 +67,7 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import copy_run, parallel_kernel, serial_kernel, split_run, stack_tile
+from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, split_run, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
 
 NAME = "depthwise"
@@ -245,13 +245,22 @@ class _DxTaps(NamedTuple):
     stride phase of dx) reads the ``M`` padded delta planes of ``Hd x Wd``, one after
     another, with rows ``top`` and columns ``left`` of padding; its outputs are rows
     ``out0h[p] + u*sh``, ``u < cnth[p]``, columns ``out0w[p] + t*sw``, ``t < cntw[p]``.
-    Weight index ``m*R*S + r*S + s``."""
+    Weight index ``m*R*S + r*S + s``.
+
+    At ``sw == 2`` with both column phases (``pairs``, one row per row phase: the passes
+    of its even and odd columns), the passes write rows of pitch ``PW`` at ``pbase[p]``
+    in a scratch of ``PL`` elements, and each dx row is joined from its two phases'
+    rows (:func:`merge_run`): strided stores of single elements would be scalar."""
 
     groups: _RowGroups
     cnth: np.ndarray
     cntw: np.ndarray
     out0h: np.ndarray
     out0w: np.ndarray
+    pairs: np.ndarray
+    pbase: np.ndarray
+    PW: int
+    PL: int
     top: int
     left: int
     Hd: int
@@ -297,10 +306,17 @@ def _dx_taps(geo: ConvGeometry) -> _DxTaps:
     L = max([Mult * Hd * Wd] + [_scratch_length(groups, Wd, a, b)
                                 for a, b in zip(cnth, cntw, strict=True)])
     covered = sum(ph.count for ph in rows) == geo.H and sum(pw.count for pw in cols) == geo.W
-    arrays = [np.array(v, np.int64) for v in (cnth, cntw, out0h, out0w)]
+    pairs = np.zeros((0, 2), np.int64)
+    PW = max(cntw, default=0)
+    pbase = np.concatenate([[0], np.cumsum(np.array(cnth, np.int64) * PW)]).astype(np.int64)
+    if geo.sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
+        even = 0 if cols[0].out0 == 0 else 1
+        pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
+                         np.int64)
+    arrays = [np.array(v, np.int64) for v in (cnth, cntw, out0h, out0w)] + [pairs, pbase]
     for a in arrays:
         a.flags.writeable = False
-    return _DxTaps(groups, *arrays, ptd, pld, Hd, Wd, L, covered)
+    return _DxTaps(groups, *arrays, PW, int(pbase[-1]), ptd, pld, Hd, Wd, L, covered)
 
 
 def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> DxWeights:
@@ -318,11 +334,12 @@ def grad_input(geo, dy, wd):
     Q = _groups(geo.N * geo.C)
     src = np.zeros((Q, t.L + SEPARATE), dy.dtype)
     tile = np.empty((Q, TR * VL + SEPARATE), dy.dtype)
+    phases = np.empty((Q, (t.PL if len(t.pairs) else 0) + SEPARATE), dy.dtype)
     g = t.groups
     dw_grad_input(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), wd.wt, g.base, g.w0,
-                  g.ends, t.cnth, t.cntw, t.out0h, t.out0w, dx.reshape(geo.N, geo.C, -1),
-                  src, tile, geo.OH, geo.OW, geo.W, t.top, t.left, t.Hd, t.Wd, geo.sh,
-                  geo.sw)
+                  g.ends, t.cnth, t.cntw, t.out0h, t.out0w, t.pairs, t.pbase, t.PW,
+                  dx.reshape(geo.N, geo.C, -1), src, tile, phases, geo.OH, geo.OW, geo.W,
+                  t.top, t.left, t.Hd, t.Wd, geo.sh, geo.sw)
     return dx
 
 
@@ -627,8 +644,8 @@ def dw_forward(x, wt, b, y, src, tile, base, w0, ends, H, W, OW, pt, pl, sh, sw,
 
 
 @parallel_kernel
-def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, dx, src, tile, OH, OW,
-                  W, top, left, Hd, Wd, sh, sw):
+def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, pairs, pbase, PW, dx, src,
+                  tile, phases, OH, OW, W, top, left, Hd, Wd, sh, sw):
     """dX, plane by plane and phase by phase (see the module's docstring and
     :class:`_DxTaps`).
 
@@ -637,6 +654,8 @@ def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, dx, src, til
     wt   : (C, T) in row-group order.     src : (Q, L) zeros: the ``M`` delta planes of
            one input channel, each padded to ``Hd x Wd`` at ``(top, left)``.
     tile : (Q, >= TR*VL) scratch.
+    pairs, pbase, PW : the column phases joined by rows, as :class:`_DxTaps`; ``phases``
+           (Q, >= PL) scratch for them (``pairs`` empty: each pass writes dx itself).
     """
     N, K = dy.shape[0], dy.shape[1]
     C = dx.shape[1]
@@ -653,9 +672,21 @@ def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, dx, src, til
             for mm in range(Mult):
                 _phase_plane(dy[n, c * Mult + mm], OH, OW, sq[mm * Hd * Wd:], top, left, 1, 1,
                              1, Hd, Wd)
-            for p in range(ends.shape[0]):
-                _rows_plane(sq, Wd, base, w0, ends[p], wt[c], zero, dx[n, c],
-                            out0h[p] * W + out0w[p], sh * W, sw, cnth[p], cntw[p], tq)
+            dxc = dx[n, c]
+            if pairs.shape[0] == 0:
+                for p in range(ends.shape[0]):
+                    _rows_plane(sq, Wd, base, w0, ends[p], wt[c], zero, dxc,
+                                out0h[p] * W + out0w[p], sh * W, sw, cnth[p], cntw[p], tq)
+            else:
+                pq = phases[q]
+                for p in range(ends.shape[0]):
+                    _rows_plane(sq, Wd, base, w0, ends[p], wt[c], zero, pq, pbase[p], PW, 1,
+                                cnth[p], cntw[p], tq)
+                for a in range(pairs.shape[0]):
+                    pe, po = pairs[a, 0], pairs[a, 1]
+                    for u in range(cnth[pe]):
+                        merge_run(dxc, (out0h[pe] + u * sh) * W, pq, pbase[pe] + u * PW,
+                                  pbase[po] + u * PW, W)
 
 
 @serial_kernel
