@@ -245,16 +245,20 @@ def _masked_ops(context, builder, dtype):
         module, ir.FunctionType(ir.VoidType(), [vec, vptr, i32, mtype]),
         name=f"llvm.masked.store.{suffix}")
     align = ir.Constant(i32, dtype.bitwidth // 8)
-    lanes = ir.Constant(ir.VectorType(i64, 16), list(range(16)))
 
     def ptr(arr, offset):
         return builder.bitcast(builder.gep(arr.data, [offset]), vptr)
 
     def mask(n):
-        nv = builder.insert_element(ir.Constant(ir.VectorType(i64, 16), ir.Undefined), n,
-                                    ir.Constant(i32, 0))
-        nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
-        return builder.icmp_signed("<", lanes, nv)
+        # lanes v < n as the bits of an integer, (1 << clamp(n, 0, 16)) - 1: a shift and a
+        # k-register move (a compare of 16 lane numbers takes a 1024-bit vector)
+        n = builder.select(builder.icmp_signed("<", n, ir.Constant(i64, 0)),
+                           ir.Constant(i64, 0), n)
+        n = builder.select(builder.icmp_signed(">", n, ir.Constant(i64, 16)),
+                           ir.Constant(i64, 16), n)
+        bits = builder.sub(builder.shl(ir.Constant(i32, 1), builder.trunc(n, i32)),
+                           ir.Constant(i32, 1))
+        return builder.bitcast(builder.trunc(bits, ir.IntType(16)), mtype)
 
     def load(p, m):
         return builder.call(load_fn, [p, align, m, ir.Constant(vec, None)])
@@ -291,6 +295,31 @@ def _copy16(typingctx, dst, do, src, so, n):
         return context.get_dummy_value()
 
     return types.void(dst, do, src, so, n), codegen
+
+
+@intrinsic
+def store_row(typingctx, dst, do, row, n):
+    """``dst[do + v] = row[v]`` for ``v < min(n, 16)``: the 16 elements of ``row`` loaded
+    whole and stored under a mask.  ``row`` may be a row of a :func:`stack_tile`, whose
+    registers it then stores directly (LLVM still keeps the tile in registers).  Same
+    rules as :func:`_copy16`."""
+    if not (_float_arrays(row, dst) and all(isinstance(a, types.Integer) for a in (do, n))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        r_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        do_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
+                   for i in (1, 3))
+        _, ptr, mask, _, store = _masked_ops(context, builder, signature.args[0].dtype)
+        v = builder.load(ptr(r_arr, ir.Constant(ir.IntType(64), 0)),
+                         align=signature.args[0].dtype.bitwidth // 8)
+        store(v, ptr(d_arr, do_), mask(n_))
+        return context.get_dummy_value()
+
+    return types.void(dst, do, row, n), codegen
 
 
 @intrinsic

@@ -210,15 +210,18 @@ def test_depthwise_row_kernel_keeps_its_tile_in_registers():
 
 
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
-    f = _serial(DW._dw_dots)
-    f(np.zeros(8 * DW.VL + DW.DT, np.float32), np.zeros(8 * DW.VL, np.float32),
-      np.arange(DW.DT, dtype=np.uint64), np.zeros((DW.DT, DW.VL), np.float32), 8)
+    f = _serial(DW._rows_dots)
+    P, OH = 16, 14
+    f(np.zeros((OH + 2) * P + DW.VL, np.float32), P, np.zeros(OH * DW.VL, np.float32), DW.VL,
+      np.arange(3, dtype=np.uint64), np.arange(0, 9, 3), np.array([0, 0, 3, 3, 3]),
+      np.zeros((9, DW.VL), np.float32), OH, 1)
     asm = f.inspect_asm(f.signatures[0])
-    # One delta vector times DT input vectors: DT packed zmm FMAs a step, no selects (LLVM
-    # may unroll the step: twice when it tunes for AMD Zen 4).
-    loop = _innermost_fma_loop(asm)
-    fmas = len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", loop))
-    assert fmas and fmas % DW.DT == 0
+    # A group of 3 rows: TR delta rows and TR + 2 input rows loaded for 3*TR packed FMAs on
+    # accumulators in registers (no stack traffic in the loop).
+    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
+    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) == 3 * DW.TR), key=len)
+    loads = re.findall(r"(?:vmovups|vfmadd\d+ps)\s+-?\w*\(%r(?!sp)[^\n]*zmm", loop)
+    assert len(loads) == 2 * DW.TR + 2
     assert not NO_SPILL.search(loop)
     assert "vgather" not in asm and "vscatter" not in asm
 

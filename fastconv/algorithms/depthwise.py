@@ -67,7 +67,15 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, split_run, stack_tile
+from .._jit import (
+    copy_run,
+    merge_run,
+    parallel_kernel,
+    serial_kernel,
+    split_run,
+    stack_tile,
+    store_row,
+)
 from ..geometry import ConvGeometry, _dx_phases
 
 NAME = "depthwise"
@@ -82,8 +90,6 @@ TR = 7
 ROW_SIZES = (5, 3, 2, 1)
 #: Scratch elements between two tasks' tile buffers: no cache line shared by two threads.
 SEPARATE = 32
-#: Taps per register tile of dW: DT vector accumulators.
-DT = 9
 
 
 def why_not(geo, dtype, pass_):
@@ -97,34 +103,18 @@ def why_not(geo, dtype, pass_):
 
 class _Planes(NamedTuple):
     """The layout of one input plane: ``nb`` column phases and ``na`` row phases of ``Hq x
-    Wq`` each (one of ``Hp x Wp`` at stride 1); for dW, ``off`` (R*S,) uint64 the taps'
-    offsets in it, ``M`` the wide output length ``OH*Wq`` in ``nvec`` vectors, ``L`` the
-    scratch length every dot product's reads fit in."""
+    Wq`` each (one of ``Hp x Wp`` at stride 1)."""
 
     na: int
     nb: int
     Hq: int
     Wq: int
-    off: np.ndarray
-    M: int
-    nvec: int
-    L: int
 
 
 @functools.lru_cache(maxsize=64)
 def _planes(geo: ConvGeometry) -> _Planes:
     Hp, Wp = geo.H + geo.pt + geo.pb, geo.W + geo.pl + geo.pr
-    na, nb = min(geo.sh, Hp), min(geo.sw, Wp)
-    Hq, Wq = -(-Hp // geo.sh), -(-Wp // geo.sw)
-    r, s = np.divmod(np.arange(geo.R * geo.S), geo.S)
-    rh, sv = r * geo.dlh, s * geo.dlw
-    off = (((rh % geo.sh) * nb + sv % geo.sw) * Hq + rh // geo.sh) * Wq + sv // geo.sw
-    M = geo.OH * Wq
-    nvec = -(-M // VL)
-    L = max(na * nb * Hq * Wq, int(off.max()) + nvec * VL)
-    off = off.astype(np.uint64)
-    off.flags.writeable = False
-    return _Planes(na, nb, Hq, Wq, off, M, nvec, L)
+    return _Planes(min(geo.sh, Hp), min(geo.sw, Wp), -(-Hp // geo.sh), -(-Wp // geo.sw))
 
 
 class _RowGroups(NamedTuple):
@@ -134,13 +124,15 @@ class _RowGroups(NamedTuple):
     Group ``g`` reads rows ``base[g] + e*P``, ``e < rows``, with weights ``wk[w0[g] + e]``;
     pass ``p``'s groups of ``ROW_SIZES[c]`` rows are ``[ends[p, c], ends[p, c + 1])``.
     ``widx`` (T,): the weight (a flat index the caller defines) of each packed slot, so a
-    channel's weights in kernel order are ``w_flat[widx]``; ``reach``: the largest
+    channel's weights in kernel order are ``w_flat[widx]``; ``slot`` (T,) uint64: each
+    slot's first read, ``base[g] + e*P``; ``reach``: the largest
     ``base[g] + (rows - 1)*P``, for sizing the scratch plane."""
 
     base: np.ndarray
     w0: np.ndarray
     ends: np.ndarray
     widx: np.ndarray
+    slot: np.ndarray
     reach: int
 
 
@@ -148,7 +140,7 @@ def _row_groups(passes, P: int) -> _RowGroups:
     """Pack ``passes``, each a list of runs ``(base, [weight index of row e, ...])`` of
     consecutive rows, splitting every run into groups of :data:`ROW_SIZES` (largest first:
     7 rows are 5 + 2) and ordering each pass's groups by size."""
-    base, w0, widx, ends, reach = [], [], [], [], 0
+    base, w0, widx, slot, ends, reach = [], [], [], [], [], 0
     for runs in passes:
         split = []
         for b, ws in runs:
@@ -164,13 +156,14 @@ def _row_groups(passes, P: int) -> _RowGroups:
                     base.append(b)
                     w0.append(len(widx))
                     widx.extend(ws)
+                    slot.extend(b + e * P for e in range(size))
                     reach = max(reach, b + (size - 1) * P)
             row.append(len(base))
         ends.append(row)
     out = _RowGroups(np.array(base, np.uint64), np.array(w0, np.int64),
                      np.array(ends, np.int64).reshape(len(passes), len(ROW_SIZES) + 1),
-                     np.array(widx, np.int64), reach)
-    for a in out[:4]:
+                     np.array(widx, np.int64), np.array(slot, np.uint64), reach)
+    for a in out[:5]:
         a.flags.writeable = False
     return out
 
@@ -348,25 +341,27 @@ def grad_input(geo, dy, wd):
 
 def grad_weight(geo, x, dy):
     pl_ = _planes(geo)
+    g = _forward_groups(geo)
     K, N = geo.K, geo.N
     T = geo.R * geo.S
-    TB = -(-T // DT)
-    off = np.zeros(TB * DT, np.uint64)
-    off[:T] = pl_.off
+    nblk = -(-geo.OW // VL)
+    DP = nblk * VL  # the deltas' row pitch: whole vectors, zero past OW
+    OHt = -(-geo.OH // TR) * TR  # the deltas' rows: whole tiles, zero past OH
     P = min(N, max(1, -(-config.DEPTHWISE_DW_TASKS // K)))  # batch chunks
     Q = _groups(P * K)
-    Mp = pl_.nvec * VL
-    L = max(pl_.L, int(off.max()) + Mp)
-    src = np.zeros((Q, L), x.dtype)
-    dyw = np.zeros((Q, Mp), x.dtype)
-    acc = np.empty((Q, 2, TB * DT, VL), x.dtype)
-    part = np.empty((P, K, TB * DT), x.dtype)
+    L = max(pl_.na * pl_.nb * pl_.Hq * pl_.Wq, _scratch_length(g, pl_.Wq, OHt, DP))
+    src = np.zeros((Q, L + SEPARATE), x.dtype)
+    dyw = np.zeros((Q, OHt * DP + SEPARATE), x.dtype)
+    acc = np.empty((Q, 2, T, VL), x.dtype)
+    part = np.empty((P, K, T), x.dtype)
     dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
-                   np.ascontiguousarray(dy).reshape(N, K, -1), off, part, src, dyw, acc,
-                   geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh, geo.sw, pl_.nb, pl_.Hq,
-                   pl_.Wq, pl_.nvec)
+                   np.ascontiguousarray(dy).reshape(N, K, -1), g.base, g.w0, g.ends, g.slot,
+                   part, src, dyw, acc, geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh, geo.sw,
+                   pl_.nb, pl_.Hq, pl_.Wq, DP)
     dw = part.sum(axis=0) if P > 1 else part[0]
-    return np.ascontiguousarray(dw[:, :T]).reshape(K, 1, geo.R, geo.S)
+    out = np.empty((K, T), x.dtype)
+    out[:, g.widx] = dw
+    return out.reshape(K, 1, geo.R, geo.S)
 
 
 # Kernels
@@ -557,7 +552,8 @@ def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc,
     src  : (L,) the scratch plane(s), ``L`` as :func:`_scratch_length`.
     base, w0 : (G,) the groups;  ends : (5,) this pass's group ranges by size.
     wk   : (T,) one channel's weights in group order.     out : (>= ...,) flat output.
-    tile : (>= TR*VL,) scratch: the tile is stored whole, then its rows copied out.
+    tile : (>= TR*VL,) scratch for ``ocol > 1``: the tile is stored whole, then its
+           elements copied out one by one.
 
     The last row tile starts at ``OHc - TR`` (rows computed twice, written the same) and
     the last column block stores its first ``OWc % VL`` lanes: the lanes and rows past the
@@ -591,24 +587,45 @@ def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc,
                 _rows2(acc, src, base[g] + at, Pu, wk[k], wk[k + 1])
             for g in range(ends[3], ends[4]):
                 _rows1(acc, src, base[g] + at, Pu, wk[w0[g]])
-            # Stored whole and copied out by rows: a store loop over a runtime row count
-            # would index the tile at runtime and keep it in memory.
             for u in range(VL):
-                tile[0 * VL + u] = acc[0, u] + bias
-                tile[1 * VL + u] = acc[1, u] + bias
-                tile[2 * VL + u] = acc[2, u] + bias
-                tile[3 * VL + u] = acc[3, u] + bias
-                tile[4 * VL + u] = acc[4, u] + bias
-                tile[5 * VL + u] = acc[5, u] + bias
-                tile[6 * VL + u] = acc[6, u] + bias
+                acc[0, u] += bias
+                acc[1, u] += bias
+                acc[2, u] += bias
+                acc[3, u] += bias
+                acc[4, u] += bias
+                acc[5, u] += bias
+                acc[6, u] += bias
             nj = min(VL, OWc - j0)
-            for v in range(min(TR, OHc - i0)):
-                at_out = o0 + (i0 + v) * orow + j0 * ocol
-                if ocol == 1:
-                    copy_run(out, at_out, tile, v * VL, nj)
-                else:
+            nv = min(TR, OHc - i0)
+            at = o0 + i0 * orow + j0 * ocol
+            if ocol == 1:
+                # Each row straight from its registers under a mask (a store loop over a
+                # runtime row count would index the tile at runtime and keep it in memory).
+                store_row(out, at, acc[0], nj)
+                if nv > 1:
+                    store_row(out, at + 1 * orow, acc[1], nj)
+                if nv > 2:
+                    store_row(out, at + 2 * orow, acc[2], nj)
+                if nv > 3:
+                    store_row(out, at + 3 * orow, acc[3], nj)
+                if nv > 4:
+                    store_row(out, at + 4 * orow, acc[4], nj)
+                if nv > 5:
+                    store_row(out, at + 5 * orow, acc[5], nj)
+                if nv > 6:
+                    store_row(out, at + 6 * orow, acc[6], nj)
+            else:
+                for u in range(VL):
+                    tile[0 * VL + u] = acc[0, u]
+                    tile[1 * VL + u] = acc[1, u]
+                    tile[2 * VL + u] = acc[2, u]
+                    tile[3 * VL + u] = acc[3, u]
+                    tile[4 * VL + u] = acc[4, u]
+                    tile[5 * VL + u] = acc[5, u]
+                    tile[6 * VL + u] = acc[6, u]
+                for v in range(nv):
                     for j in range(nj):
-                        out[at_out + j * ocol] = tile[v * VL + j]
+                        out[at + v * orow + j * ocol] = tile[v * VL + j]
 
 
 @parallel_kernel
@@ -689,62 +706,269 @@ def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, pairs, pbase
                                   pbase[po] + u * PW, W)
 
 
+@numba.njit(inline="always")
+def _dots5(src, P, dy, DP, b, acc, t0, OHc, nblk):
+    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    ``e < 5``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 11 input row
+    loads for 35 FMAs, into 10 accumulators (even and odd delta rows apart: shorter
+    FMA chains)."""
+    a = stack_tile(10, VL, acc.dtype)
+    for uu in range(VL):
+        a[0, uu] = 0
+        a[1, uu] = 0
+        a[2, uu] = 0
+        a[3, uu] = 0
+        a[4, uu] = 0
+        a[5, uu] = 0
+        a[6, uu] = 0
+        a[7, uu] = 0
+        a[8, uu] = 0
+        a[9, uu] = 0
+    Pu, Du = np.uint64(P), np.uint64(DP)
+    for i0 in range(0, OHc, TR):
+        for jb in range(nblk):
+            bb = b + np.uint64(i0 * P + jb * VL)
+            dd = np.uint64(i0 * DP + jb * VL)
+            for uu in range(VL):
+                u = np.uint64(uu)
+                d0 = dy[dd + u]
+                d1 = dy[dd + Du + u]
+                d2 = dy[dd + np.uint64(2) * Du + u]
+                d3 = dy[dd + np.uint64(3) * Du + u]
+                d4 = dy[dd + np.uint64(4) * Du + u]
+                d5 = dy[dd + np.uint64(5) * Du + u]
+                d6 = dy[dd + np.uint64(6) * Du + u]
+                x0 = src[bb + u]
+                x1 = src[bb + Pu + u]
+                x2 = src[bb + np.uint64(2) * Pu + u]
+                x3 = src[bb + np.uint64(3) * Pu + u]
+                x4 = src[bb + np.uint64(4) * Pu + u]
+                x5 = src[bb + np.uint64(5) * Pu + u]
+                x6 = src[bb + np.uint64(6) * Pu + u]
+                x7 = src[bb + np.uint64(7) * Pu + u]
+                x8 = src[bb + np.uint64(8) * Pu + u]
+                x9 = src[bb + np.uint64(9) * Pu + u]
+                x10 = src[bb + np.uint64(10) * Pu + u]
+                a[0, uu] += d0 * x0
+                a[1, uu] += d0 * x1
+                a[2, uu] += d0 * x2
+                a[3, uu] += d0 * x3
+                a[4, uu] += d0 * x4
+                a[5, uu] += d1 * x1
+                a[6, uu] += d1 * x2
+                a[7, uu] += d1 * x3
+                a[8, uu] += d1 * x4
+                a[9, uu] += d1 * x5
+                a[0, uu] += d2 * x2
+                a[1, uu] += d2 * x3
+                a[2, uu] += d2 * x4
+                a[3, uu] += d2 * x5
+                a[4, uu] += d2 * x6
+                a[5, uu] += d3 * x3
+                a[6, uu] += d3 * x4
+                a[7, uu] += d3 * x5
+                a[8, uu] += d3 * x6
+                a[9, uu] += d3 * x7
+                a[0, uu] += d4 * x4
+                a[1, uu] += d4 * x5
+                a[2, uu] += d4 * x6
+                a[3, uu] += d4 * x7
+                a[4, uu] += d4 * x8
+                a[5, uu] += d5 * x5
+                a[6, uu] += d5 * x6
+                a[7, uu] += d5 * x7
+                a[8, uu] += d5 * x8
+                a[9, uu] += d5 * x9
+                a[0, uu] += d6 * x6
+                a[1, uu] += d6 * x7
+                a[2, uu] += d6 * x8
+                a[3, uu] += d6 * x9
+                a[4, uu] += d6 * x10
+    for uu in range(VL):
+        acc[t0 + 0, uu] = a[0, uu] + a[5, uu]
+        acc[t0 + 1, uu] = a[1, uu] + a[6, uu]
+        acc[t0 + 2, uu] = a[2, uu] + a[7, uu]
+        acc[t0 + 3, uu] = a[3, uu] + a[8, uu]
+        acc[t0 + 4, uu] = a[4, uu] + a[9, uu]
+
+
+@numba.njit(inline="always")
+def _dots3(src, P, dy, DP, b, acc, t0, OHc, nblk):
+    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    ``e < 3``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 9 input row
+    loads for 21 FMAs, into 6 accumulators (even and odd delta rows apart: shorter
+    FMA chains)."""
+    a = stack_tile(6, VL, acc.dtype)
+    for uu in range(VL):
+        a[0, uu] = 0
+        a[1, uu] = 0
+        a[2, uu] = 0
+        a[3, uu] = 0
+        a[4, uu] = 0
+        a[5, uu] = 0
+    Pu, Du = np.uint64(P), np.uint64(DP)
+    for i0 in range(0, OHc, TR):
+        for jb in range(nblk):
+            bb = b + np.uint64(i0 * P + jb * VL)
+            dd = np.uint64(i0 * DP + jb * VL)
+            for uu in range(VL):
+                u = np.uint64(uu)
+                d0 = dy[dd + u]
+                d1 = dy[dd + Du + u]
+                d2 = dy[dd + np.uint64(2) * Du + u]
+                d3 = dy[dd + np.uint64(3) * Du + u]
+                d4 = dy[dd + np.uint64(4) * Du + u]
+                d5 = dy[dd + np.uint64(5) * Du + u]
+                d6 = dy[dd + np.uint64(6) * Du + u]
+                x0 = src[bb + u]
+                x1 = src[bb + Pu + u]
+                x2 = src[bb + np.uint64(2) * Pu + u]
+                x3 = src[bb + np.uint64(3) * Pu + u]
+                x4 = src[bb + np.uint64(4) * Pu + u]
+                x5 = src[bb + np.uint64(5) * Pu + u]
+                x6 = src[bb + np.uint64(6) * Pu + u]
+                x7 = src[bb + np.uint64(7) * Pu + u]
+                x8 = src[bb + np.uint64(8) * Pu + u]
+                a[0, uu] += d0 * x0
+                a[1, uu] += d0 * x1
+                a[2, uu] += d0 * x2
+                a[3, uu] += d1 * x1
+                a[4, uu] += d1 * x2
+                a[5, uu] += d1 * x3
+                a[0, uu] += d2 * x2
+                a[1, uu] += d2 * x3
+                a[2, uu] += d2 * x4
+                a[3, uu] += d3 * x3
+                a[4, uu] += d3 * x4
+                a[5, uu] += d3 * x5
+                a[0, uu] += d4 * x4
+                a[1, uu] += d4 * x5
+                a[2, uu] += d4 * x6
+                a[3, uu] += d5 * x5
+                a[4, uu] += d5 * x6
+                a[5, uu] += d5 * x7
+                a[0, uu] += d6 * x6
+                a[1, uu] += d6 * x7
+                a[2, uu] += d6 * x8
+    for uu in range(VL):
+        acc[t0 + 0, uu] = a[0, uu] + a[3, uu]
+        acc[t0 + 1, uu] = a[1, uu] + a[4, uu]
+        acc[t0 + 2, uu] = a[2, uu] + a[5, uu]
+
+
+@numba.njit(inline="always")
+def _dots2(src, P, dy, DP, b, acc, t0, OHc, nblk):
+    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    ``e < 2``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 8 input row
+    loads for 14 FMAs, into 4 accumulators (even and odd delta rows apart: shorter
+    FMA chains)."""
+    a = stack_tile(4, VL, acc.dtype)
+    for uu in range(VL):
+        a[0, uu] = 0
+        a[1, uu] = 0
+        a[2, uu] = 0
+        a[3, uu] = 0
+    Pu, Du = np.uint64(P), np.uint64(DP)
+    for i0 in range(0, OHc, TR):
+        for jb in range(nblk):
+            bb = b + np.uint64(i0 * P + jb * VL)
+            dd = np.uint64(i0 * DP + jb * VL)
+            for uu in range(VL):
+                u = np.uint64(uu)
+                d0 = dy[dd + u]
+                d1 = dy[dd + Du + u]
+                d2 = dy[dd + np.uint64(2) * Du + u]
+                d3 = dy[dd + np.uint64(3) * Du + u]
+                d4 = dy[dd + np.uint64(4) * Du + u]
+                d5 = dy[dd + np.uint64(5) * Du + u]
+                d6 = dy[dd + np.uint64(6) * Du + u]
+                x0 = src[bb + u]
+                x1 = src[bb + Pu + u]
+                x2 = src[bb + np.uint64(2) * Pu + u]
+                x3 = src[bb + np.uint64(3) * Pu + u]
+                x4 = src[bb + np.uint64(4) * Pu + u]
+                x5 = src[bb + np.uint64(5) * Pu + u]
+                x6 = src[bb + np.uint64(6) * Pu + u]
+                x7 = src[bb + np.uint64(7) * Pu + u]
+                a[0, uu] += d0 * x0
+                a[1, uu] += d0 * x1
+                a[2, uu] += d1 * x1
+                a[3, uu] += d1 * x2
+                a[0, uu] += d2 * x2
+                a[1, uu] += d2 * x3
+                a[2, uu] += d3 * x3
+                a[3, uu] += d3 * x4
+                a[0, uu] += d4 * x4
+                a[1, uu] += d4 * x5
+                a[2, uu] += d5 * x5
+                a[3, uu] += d5 * x6
+                a[0, uu] += d6 * x6
+                a[1, uu] += d6 * x7
+    for uu in range(VL):
+        acc[t0 + 0, uu] = a[0, uu] + a[2, uu]
+        acc[t0 + 1, uu] = a[1, uu] + a[3, uu]
+
+
+@numba.njit(inline="always")
+def _dots1(src, P, dy, DP, b, acc, t0, OHc, nblk):
+    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    ``e < 1``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 7 input row
+    loads for 7 FMAs, into 2 accumulators (even and odd delta rows apart: shorter
+    FMA chains)."""
+    a = stack_tile(2, VL, acc.dtype)
+    for uu in range(VL):
+        a[0, uu] = 0
+        a[1, uu] = 0
+    Pu, Du = np.uint64(P), np.uint64(DP)
+    for i0 in range(0, OHc, TR):
+        for jb in range(nblk):
+            bb = b + np.uint64(i0 * P + jb * VL)
+            dd = np.uint64(i0 * DP + jb * VL)
+            for uu in range(VL):
+                u = np.uint64(uu)
+                d0 = dy[dd + u]
+                d1 = dy[dd + Du + u]
+                d2 = dy[dd + np.uint64(2) * Du + u]
+                d3 = dy[dd + np.uint64(3) * Du + u]
+                d4 = dy[dd + np.uint64(4) * Du + u]
+                d5 = dy[dd + np.uint64(5) * Du + u]
+                d6 = dy[dd + np.uint64(6) * Du + u]
+                x0 = src[bb + u]
+                x1 = src[bb + Pu + u]
+                x2 = src[bb + np.uint64(2) * Pu + u]
+                x3 = src[bb + np.uint64(3) * Pu + u]
+                x4 = src[bb + np.uint64(4) * Pu + u]
+                x5 = src[bb + np.uint64(5) * Pu + u]
+                x6 = src[bb + np.uint64(6) * Pu + u]
+                a[0, uu] += d0 * x0
+                a[1, uu] += d1 * x1
+                a[0, uu] += d2 * x2
+                a[1, uu] += d3 * x3
+                a[0, uu] += d4 * x4
+                a[1, uu] += d5 * x5
+                a[0, uu] += d6 * x6
+    for uu in range(VL):
+        acc[t0 + 0, uu] = a[0, uu] + a[1, uu]
+
+
 @serial_kernel
-def _dw_dots(src, dyw, off, acc, nvec):
-    """``acc[t, u] = sum_{v < nvec} dyw[v*VL + u] * src[v*VL + u + off[t]]``, in tiles of
-    ``DT`` taps: ``DT`` vector accumulators, one delta vector and ``DT`` input vectors per
-    step.  The deltas are zero in the wide rows' columns past ``OW``, so for finite input
-    those columns add exact zeros (:func:`_dots_exact` runs a plane with an inf or NaN).
+def _rows_dots(src, P, dyw, DP, base, w0, ends, acc, OHc, nblk):
+    """dW's dot products over the row groups of one plane: ``acc[w0[g] + e] = sum_(i, j)
+    dyw[i*DP + j] * src[base[g] + (i + e)*P + j]`` per lane (:func:`_dots3` and its
+    siblings), ``i`` over whole tiles of ``TR`` rows (the deltas are zero past ``OHc``
+    and past ``OW`` in each row).
 
-    src : (L,) the phase planes.    dyw : (>= nvec*VL,) the deltas in wide rows.
-    off : (T,) uint64, T a multiple of DT.    acc : (T, VL) output.
+    src : (L,) the phase planes.    dyw : (>= ceil(OHc/TR)*TR*DP,) the deltas.
+    acc : (T, VL) output, one row per packed slot.
     """
-    T = off.shape[0]
-    tile = stack_tile(DT, VL, acc.dtype)
-    for tb in range(T // DT):
-        o0 = off[tb * DT + 0]
-        o1 = off[tb * DT + 1]
-        o2 = off[tb * DT + 2]
-        o3 = off[tb * DT + 3]
-        o4 = off[tb * DT + 4]
-        o5 = off[tb * DT + 5]
-        o6 = off[tb * DT + 6]
-        o7 = off[tb * DT + 7]
-        o8 = off[tb * DT + 8]
-        for u in range(VL):
-            tile[0, u] = 0
-            tile[1, u] = 0
-            tile[2, u] = 0
-            tile[3, u] = 0
-            tile[4, u] = 0
-            tile[5, u] = 0
-            tile[6, u] = 0
-            tile[7, u] = 0
-            tile[8, u] = 0
-        for v in range(nvec):
-            base = np.uint64(v * VL)
-            for u in range(VL):
-                m = base + np.uint64(u)
-                d = dyw[m]
-                tile[0, u] += d * src[m + o0]
-                tile[1, u] += d * src[m + o1]
-                tile[2, u] += d * src[m + o2]
-                tile[3, u] += d * src[m + o3]
-                tile[4, u] += d * src[m + o4]
-                tile[5, u] += d * src[m + o5]
-                tile[6, u] += d * src[m + o6]
-                tile[7, u] += d * src[m + o7]
-                tile[8, u] += d * src[m + o8]
-        for u in range(VL):
-            acc[tb * DT + 0, u] = tile[0, u]
-            acc[tb * DT + 1, u] = tile[1, u]
-            acc[tb * DT + 2, u] = tile[2, u]
-            acc[tb * DT + 3, u] = tile[3, u]
-            acc[tb * DT + 4, u] = tile[4, u]
-            acc[tb * DT + 5, u] = tile[5, u]
-            acc[tb * DT + 6, u] = tile[6, u]
-            acc[tb * DT + 7, u] = tile[7, u]
-            acc[tb * DT + 8, u] = tile[8, u]
+    for g in range(ends[0], ends[1]):
+        _dots5(src, P, dyw, DP, base[g], acc, w0[g], OHc, nblk)
+    for g in range(ends[1], ends[2]):
+        _dots3(src, P, dyw, DP, base[g], acc, w0[g], OHc, nblk)
+    for g in range(ends[2], ends[3]):
+        _dots2(src, P, dyw, DP, base[g], acc, w0[g], OHc, nblk)
+    for g in range(ends[3], ends[4]):
+        _dots1(src, P, dyw, DP, base[g], acc, w0[g], OHc, nblk)
 
 
 @numba.njit(inline="always")
@@ -757,59 +981,32 @@ def _finite(a, n) -> bool:
 
 
 @numba.njit(inline="always")
-def _dots_exact(src, dyw, off, acc, OH, OW, Wq):
-    """:func:`_dw_dots` over the real columns only (``j < OW`` of each wide row), into lane
-    0: for a plane with an inf or NaN, which the zero deltas past ``OW`` must not meet."""
-    T = off.shape[0]
-    for t in range(T):
+def _dots_exact(src, slot, dyw, DP, P, acc, OH, OW):
+    """:func:`_rows_dots` over the real pixels only (``i < OH``, ``j < OW``), into lane 0,
+    slot ``t`` reading ``src`` from ``slot[t]``: for a plane with an inf or NaN, which the
+    zero deltas past ``OW`` must not meet."""
+    for t in range(slot.shape[0]):
         for u in range(VL):
             acc[t, u] = 0
-        o = off[t]
+        o = slot[t]
         s = acc.dtype.type(0)
         for i in range(OH):
             for j in range(OW):
-                m = np.uint64(i * Wq + j)
-                s += dyw[m] * src[m + o]
-        acc[t, 0] = s
-
-
-@numba.njit(inline="always")
-def _finite(a, n) -> bool:
-    """Whether ``a[:n]`` holds no inf or NaN (``x*0`` is NaN for those only)."""
-    z = a.dtype.type(0)
-    for v in range(n):
-        z += a[v] * 0
-    return z == 0
-
-
-@numba.njit(inline="always")
-def _dots_exact(src, dyw, off, acc, OH, OW, Wq):
-    """:func:`_dw_dots` over the real columns only (``j < OW`` of each wide row), into lane
-    0: for a plane with an inf or NaN, which the zero deltas past ``OW`` must not meet."""
-    T = off.shape[0]
-    for t in range(T):
-        for u in range(VL):
-            acc[t, u] = 0
-        o = off[t]
-        s = acc.dtype.type(0)
-        for i in range(OH):
-            for j in range(OW):
-                m = np.uint64(i * Wq + j)
-                s += dyw[m] * src[m + o]
+                s += dyw[i * DP + j] * src[o + np.uint64(i * P + j)]
         acc[t, 0] = s
 
 
 @parallel_kernel
-def dw_grad_weight(x, dy, off, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw, nb, Hq, Wq,
-                   nvec):
+def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw,
+                   nb, Hq, Wq, DP):
     """dW per batch chunk: ``part[p, k, t] = sum_{n in chunk p} sum_{i, j} dy[n,k,i,j] *
-    (tap t of the phase planes of x[n, k//M] at i*Wq + j)``; dW is ``part.sum(axis=0)``.
+    (slot t of the phase planes of x[n, k//M] at i*Wq + j)``, the slots those of the
+    forward pass's row groups; dW is ``part.sum(axis=0)`` in weight order.
 
-    x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   off : (T,) uint64, T a multiple
-    of DT (taps past R*S read offset 0, their sums dropped by the caller).
-    part : (P, K, T), every element written.   src : (Q, L) zeros; dyw : (Q, Mp) zeros,
-    ``Mp = nvec*VL``;
-    acc : (Q, 2, T, VL) scratch.
+    x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   base, w0, ends : the row groups
+    (:func:`_forward_groups`), ``slot`` (T,) uint64 each slot's first read.
+    part : (P, K, T), every element written.   src : (Q, L) zeros; dyw : (Q, >=
+    ceil(OH/TR)*TR*DP) zeros;  acc : (Q, 2, T, VL) scratch.
 
     Task ``(p, k)``, chunk ``p`` holding samples ``[p*N//P, (p+1)*N//P)``, sums its planes
     in order into the lanes of ``acc``, then the lanes: the same sums for any grouping.
@@ -821,6 +1018,7 @@ def dw_grad_weight(x, dy, off, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw, nb
     P, T = part.shape[0], part.shape[2]
     Q = src.shape[0]
     NT = P * K
+    nblk = DP // VL
     for q in prange(Q):
         sq = src[q]
         dq = dyw[q]
@@ -837,11 +1035,11 @@ def dw_grad_weight(x, dy, off, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw, nb
                 _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
                 dyk = dy[n, k]
                 for i in range(OH):
-                    copy_run(dq, i * Wq, dyk, i * OW, OW)
+                    copy_run(dq, i * DP, dyk, i * OW, OW)
                 if _finite(x[n, c], H * W):
-                    _dw_dots(sq, dq, off, plane, nvec)
+                    _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], plane, OH, nblk)
                 else:
-                    _dots_exact(sq, dq, off, plane, OH, OW, Wq)
+                    _dots_exact(sq, slot, dq, DP, Wq, plane, OH, OW)
                 for t in range(T):
                     for u in range(VL):
                         aq[t, u] += plane[t, u]
