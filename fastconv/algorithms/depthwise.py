@@ -352,7 +352,7 @@ def grad_weight(geo, x, dy):
     L = max(pl_.na * pl_.nb * pl_.Hq * pl_.Wq, _scratch_length(g, pl_.Wq, OHt, DP))
     src = np.zeros((Q, L + SEPARATE), x.dtype)
     dyw = np.zeros((Q, OHt * DP + SEPARATE), x.dtype)
-    acc = np.empty((Q, 2, T, VL), x.dtype)
+    acc = np.empty((Q, T + 2, VL), x.dtype)  # two rows apart: no cache line shared
     part = np.empty((P, K, T), x.dtype)
     dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
                    np.ascontiguousarray(dy).reshape(N, K, -1), g.base, g.w0, g.ends, g.slot,
@@ -375,18 +375,28 @@ def _phase_plane(a, H, W, dst, pt, pl, sh, sw, nb, Hq, Wq):
     at ``(h' // sh, v' // sw)``.  Rows are copied as masked vectors (:func:`copy_run`,
     :func:`split_run` for the even and odd columns at ``sw == 2``): a 14-pixel row is one
     load and one store, where a loop over it runs element by element."""
+    if sh == 1 and sw == 1:  # one loop per case: the rows are short
+        for h in range(H):
+            copy_run(dst, (h + pt) * Wq + pl, a, h * W, W)
+        return
     p = pt % sh  # the row phase and row of padded row h + pt
     v = pt // sh
+    even = (pl % 2) * Hq * Wq + pl // 2  # sw == 2: input column 2u's phase and column u
+    odd = ((pl + 1) % 2) * Hq * Wq + (pl + 1) // 2  # and column 2u + 1's
+    if sw == 2:
+        for h in range(H):
+            rowbase = (p * nb * Hq + v) * Wq
+            split_run(dst, rowbase + even, rowbase + odd, a, h * W, W)
+            p += 1
+            if p == sh:
+                p = 0
+                v += 1
+        return
     for h in range(H):
         rowbase = (p * nb * Hq + v) * Wq
         s0 = h * W
         if sw == 1:
             copy_run(dst, rowbase + pl, a, s0, W)
-        elif sw == 2:
-            # input column 2u to phase pl % 2 at u + pl // 2, column 2u + 1 to phase
-            # (pl + 1) % 2 at u + (pl + 1) // 2
-            split_run(dst, rowbase + (pl % 2) * Hq * Wq + pl // 2,
-                      rowbase + ((pl + 1) % 2) * Hq * Wq + (pl + 1) // 2, a, s0, W)
         else:
             for q in range(nb):
                 v0 = (q - pl) % sw  # first column of this phase
@@ -708,7 +718,7 @@ def dw_grad_input(dy, wt, base, w0, ends, cnth, cntw, out0h, out0w, pairs, pbase
 
 @numba.njit(inline="always")
 def _dots5(src, P, dy, DP, b, acc, t0, OHc, nblk):
-    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    """``acc[t0 + e] += sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
     ``e < 5``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 11 input row
     loads for 35 FMAs, into 10 accumulators (even and odd delta rows apart: shorter
     FMA chains)."""
@@ -785,16 +795,16 @@ def _dots5(src, P, dy, DP, b, acc, t0, OHc, nblk):
                 a[3, uu] += d6 * x9
                 a[4, uu] += d6 * x10
     for uu in range(VL):
-        acc[t0 + 0, uu] = a[0, uu] + a[5, uu]
-        acc[t0 + 1, uu] = a[1, uu] + a[6, uu]
-        acc[t0 + 2, uu] = a[2, uu] + a[7, uu]
-        acc[t0 + 3, uu] = a[3, uu] + a[8, uu]
-        acc[t0 + 4, uu] = a[4, uu] + a[9, uu]
+        acc[t0 + 0, uu] += a[0, uu] + a[5, uu]
+        acc[t0 + 1, uu] += a[1, uu] + a[6, uu]
+        acc[t0 + 2, uu] += a[2, uu] + a[7, uu]
+        acc[t0 + 3, uu] += a[3, uu] + a[8, uu]
+        acc[t0 + 4, uu] += a[4, uu] + a[9, uu]
 
 
 @numba.njit(inline="always")
 def _dots3(src, P, dy, DP, b, acc, t0, OHc, nblk):
-    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    """``acc[t0 + e] += sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
     ``e < 3``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 9 input row
     loads for 21 FMAs, into 6 accumulators (even and odd delta rows apart: shorter
     FMA chains)."""
@@ -851,14 +861,14 @@ def _dots3(src, P, dy, DP, b, acc, t0, OHc, nblk):
                 a[1, uu] += d6 * x7
                 a[2, uu] += d6 * x8
     for uu in range(VL):
-        acc[t0 + 0, uu] = a[0, uu] + a[3, uu]
-        acc[t0 + 1, uu] = a[1, uu] + a[4, uu]
-        acc[t0 + 2, uu] = a[2, uu] + a[5, uu]
+        acc[t0 + 0, uu] += a[0, uu] + a[3, uu]
+        acc[t0 + 1, uu] += a[1, uu] + a[4, uu]
+        acc[t0 + 2, uu] += a[2, uu] + a[5, uu]
 
 
 @numba.njit(inline="always")
 def _dots2(src, P, dy, DP, b, acc, t0, OHc, nblk):
-    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    """``acc[t0 + e] += sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
     ``e < 2``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 8 input row
     loads for 14 FMAs, into 4 accumulators (even and odd delta rows apart: shorter
     FMA chains)."""
@@ -905,13 +915,13 @@ def _dots2(src, P, dy, DP, b, acc, t0, OHc, nblk):
                 a[0, uu] += d6 * x6
                 a[1, uu] += d6 * x7
     for uu in range(VL):
-        acc[t0 + 0, uu] = a[0, uu] + a[2, uu]
-        acc[t0 + 1, uu] = a[1, uu] + a[3, uu]
+        acc[t0 + 0, uu] += a[0, uu] + a[2, uu]
+        acc[t0 + 1, uu] += a[1, uu] + a[3, uu]
 
 
 @numba.njit(inline="always")
 def _dots1(src, P, dy, DP, b, acc, t0, OHc, nblk):
-    """``acc[t0 + e] = sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
+    """``acc[t0 + e] += sum_(i < OHc, j) dy[i*DP + j] * src[b + (i + e)*P + j]`` per lane,
     ``e < 1``: tiles of ``TR`` delta rows by ``VL`` columns, 7 delta and 7 input row
     loads for 7 FMAs, into 2 accumulators (even and odd delta rows apart: shorter
     FMA chains)."""
@@ -948,18 +958,18 @@ def _dots1(src, P, dy, DP, b, acc, t0, OHc, nblk):
                 a[1, uu] += d5 * x5
                 a[0, uu] += d6 * x6
     for uu in range(VL):
-        acc[t0 + 0, uu] = a[0, uu] + a[1, uu]
+        acc[t0 + 0, uu] += a[0, uu] + a[1, uu]
 
 
 @serial_kernel
 def _rows_dots(src, P, dyw, DP, base, w0, ends, acc, OHc, nblk):
-    """dW's dot products over the row groups of one plane: ``acc[w0[g] + e] = sum_(i, j)
+    """dW's dot products over the row groups of one plane: ``acc[w0[g] + e] += sum_(i, j)
     dyw[i*DP + j] * src[base[g] + (i + e)*P + j]`` per lane (:func:`_dots3` and its
     siblings), ``i`` over whole tiles of ``TR`` rows (the deltas are zero past ``OHc``
     and past ``OW`` in each row).
 
     src : (L,) the phase planes.    dyw : (>= ceil(OHc/TR)*TR*DP,) the deltas.
-    acc : (T, VL) output, one row per packed slot.
+    acc : (T, VL) the sums, one row per packed slot, added to.
     """
     for g in range(ends[0], ends[1]):
         _dots5(src, P, dyw, DP, base[g], acc, w0[g], OHc, nblk)
@@ -982,18 +992,16 @@ def _finite(a, n) -> bool:
 
 @numba.njit(inline="always")
 def _dots_exact(src, slot, dyw, DP, P, acc, OH, OW):
-    """:func:`_rows_dots` over the real pixels only (``i < OH``, ``j < OW``), into lane 0,
-    slot ``t`` reading ``src`` from ``slot[t]``: for a plane with an inf or NaN, which the
-    zero deltas past ``OW`` must not meet."""
+    """:func:`_rows_dots` over the real pixels only (``i < OH``, ``j < OW``), added to
+    lane 0, slot ``t`` reading ``src`` from ``slot[t]``: for a plane with an inf or NaN,
+    which the zero deltas past ``OW`` must not meet."""
     for t in range(slot.shape[0]):
-        for u in range(VL):
-            acc[t, u] = 0
         o = slot[t]
         s = acc.dtype.type(0)
         for i in range(OH):
             for j in range(OW):
                 s += dyw[i * DP + j] * src[o + np.uint64(i * P + j)]
-        acc[t, 0] = s
+        acc[t, 0] += s
 
 
 @parallel_kernel
@@ -1006,7 +1014,7 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   base, w0, ends : the row groups
     (:func:`_forward_groups`), ``slot`` (T,) uint64 each slot's first read.
     part : (P, K, T), every element written.   src : (Q, L) zeros; dyw : (Q, >=
-    ceil(OH/TR)*TR*DP) zeros;  acc : (Q, 2, T, VL) scratch.
+    ceil(OH/TR)*TR*DP) zeros;  acc : (Q, >= T, VL) scratch.
 
     Task ``(p, k)``, chunk ``p`` holding samples ``[p*N//P, (p+1)*N//P)``, sums its planes
     in order into the lanes of ``acc``, then the lanes: the same sums for any grouping.
@@ -1022,8 +1030,7 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     for q in prange(Q):
         sq = src[q]
         dq = dyw[q]
-        aq = acc[q, 0]
-        plane = acc[q, 1]
+        aq = acc[q]
         for task in range(q * NT // Q, (q + 1) * NT // Q):
             p = task // K
             k = task % K
@@ -1037,12 +1044,9 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
                 for i in range(OH):
                     copy_run(dq, i * DP, dyk, i * OW, OW)
                 if _finite(x[n, c], H * W):
-                    _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], plane, OH, nblk)
+                    _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], aq, OH, nblk)
                 else:
-                    _dots_exact(sq, slot, dq, DP, Wq, plane, OH, OW)
-                for t in range(T):
-                    for u in range(VL):
-                        aq[t, u] += plane[t, u]
+                    _dots_exact(sq, slot, dq, DP, Wq, aq, OH, OW)
             for t in range(T):
                 s = aq[t, 0]
                 for u in range(1, VL):
