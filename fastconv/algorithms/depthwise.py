@@ -352,7 +352,7 @@ def grad_weight(geo, x, dy):
     L = max(pl_.na * pl_.nb * pl_.Hq * pl_.Wq, _scratch_length(g, pl_.Wq, OHt, DP))
     src = np.zeros((Q, L + SEPARATE), x.dtype)
     dyw = np.zeros((Q, OHt * DP + SEPARATE), x.dtype)
-    acc = np.empty((Q, T + 2, VL), x.dtype)  # two rows apart: no cache line shared
+    acc = np.empty((Q, -(-P * K // Q), T + 2, VL), x.dtype)  # no cache line shared
     part = np.empty((P, K, T), x.dtype)
     dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
                    np.ascontiguousarray(dy).reshape(N, K, -1), g.base, g.w0, g.ends, g.slot,
@@ -1014,10 +1014,14 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   base, w0, ends : the row groups
     (:func:`_forward_groups`), ``slot`` (T,) uint64 each slot's first read.
     part : (P, K, T), every element written.   src : (Q, L) zeros; dyw : (Q, >=
-    ceil(OH/TR)*TR*DP) zeros;  acc : (Q, >= T, VL) scratch.
+    ceil(OH/TR)*TR*DP) zeros;  acc : (Q, >= ceil(P*K/Q), >= T, VL) scratch.
 
     Task ``(p, k)``, chunk ``p`` holding samples ``[p*N//P, (p+1)*N//P)``, sums its planes
     in order into the lanes of ``acc``, then the lanes: the same sums for any grouping.
+    Group ``q`` runs its tasks of one chunk together, image by image and channel by
+    channel within an image: the planes it reads lie one after another in memory (task by
+    task, each plane would start a new stream ``C*H*W`` elements from the last), and a
+    channel multiplier's ``M`` channels share one copy of their input plane.
     """
     N, C = x.shape[0], x.shape[1]
     K = dy.shape[1]
@@ -1030,25 +1034,34 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     for q in prange(Q):
         sq = src[q]
         dq = dyw[q]
-        aq = acc[q]
-        for task in range(q * NT // Q, (q + 1) * NT // Q):
-            p = task // K
-            k = task % K
-            c = k // Mult
-            for t in range(T):
-                for u in range(VL):
-                    aq[t, u] = 0
+        t0, t1 = q * NT // Q, (q + 1) * NT // Q
+        for p in range(t0 // K, (t1 + K - 1) // K):
+            k0, k1 = max(t0 - p * K, 0), min(t1 - p * K, K)  # this chunk's channels
+            a0 = p * K + k0 - t0  # their sums: acc[q, a0 + k - k0]
+            for k in range(k0, k1):
+                for t in range(T):
+                    for u in range(VL):
+                        acc[q, a0 + k - k0, t, u] = 0
             for n in range(p * N // P, (p + 1) * N // P):
-                _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
-                dyk = dy[n, k]
-                for i in range(OH):
-                    copy_run(dq, i * DP, dyk, i * OW, OW)
-                if _finite(x[n, c], H * W):
-                    _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], aq, OH, nblk)
-                else:
-                    _dots_exact(sq, slot, dq, DP, Wq, aq, OH, OW)
-            for t in range(T):
-                s = aq[t, 0]
-                for u in range(1, VL):
-                    s += aq[t, u]
-                part[p, k, t] = s
+                c_in = -1
+                for k in range(k0, k1):
+                    c = k // Mult
+                    if c != c_in:
+                        _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
+                        finite = _finite(x[n, c], H * W)
+                        c_in = c
+                    dyk = dy[n, k]
+                    for i in range(OH):
+                        copy_run(dq, i * DP, dyk, i * OW, OW)
+                    aq = acc[q, a0 + k - k0]
+                    if finite:
+                        _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], aq, OH, nblk)
+                    else:
+                        _dots_exact(sq, slot, dq, DP, Wq, aq, OH, OW)
+            for k in range(k0, k1):
+                aq = acc[q, a0 + k - k0]
+                for t in range(T):
+                    s = aq[t, 0]
+                    for u in range(1, VL):
+                        s += aq[t, u]
+                    part[p, k, t] = s
