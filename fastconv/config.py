@@ -47,6 +47,14 @@ DEPTHWISE_GROUPS_PER_THREAD = 2
 #: its outputs).
 GROUPED_TASKS_PER_THREAD = 4
 
+#: A strided grouped dX runs its stride phases in one pass (each task's delta planes
+#: padded once, every phase read from them, dx's rows joined from the phases) while one
+#: group's padded delta planes take at most this many bytes; above (few input channels,
+#: many deltas: a 7x7 stride-2 stem, 3.5 MB) the phases run one by one, each task's
+#: planes then too large to stay in cache for all of them (the stem's dX 2.3x slower in
+#: one pass).
+GROUPED_DX_FUSED_BYTES = 1 << 18
+
 #: The depthwise dW aims at this many (batch chunk, channel) tasks: layers with fewer
 #: channels cut the batch into chunks.  Shapes only, so dW does not depend on the thread
 #: count.

@@ -109,6 +109,24 @@ def test_grouped_forward_kernel_keeps_its_tile_in_registers():
     assert PACKED_ADD.search(asm)  # the bias added and the rows stored as vectors
 
 
+def test_grouped_strided_dx_kernel_keeps_its_tile_in_registers():
+    f = _fresh(GR.grouped_dx_phases)
+    # 1 image, 2 groups of 2 input and 2 output channels, 8 x 8 deltas padded to 9 x 9
+    toff = np.arange(2 * 4, dtype=np.int64)
+    f(np.zeros((1, 4, 64), np.float32), 8, 1, 1, toff, np.array([0, 8]),
+      np.zeros((2, 1, 1, 8, GR.KT), np.float32), np.array([8]), np.array([8]), np.array([0]),
+      np.array([0]), np.array([0, 2 * 8 * 9]), np.zeros((0, 2), np.int64), 2, 2,
+      np.zeros((1, 4, 256), np.float32), 16, np.zeros((1, 2, 1, 1, 10, 9), np.float32),
+      np.zeros((1, 2 * 8 * 9 + 16), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # The forward tile: KT channels x two PX-pixel vectors, 2*KT packed FMAs a step in
+    # registers; dx's rows joined with shuffles, not gathers and scatters.
+    loop = _fma_loop(asm)
+    assert len(PACKED_FMA.findall(loop)) >= 2 * GR.KT
+    assert not NO_SPILL.search(loop)
+    assert "vgather" not in asm
+
+
 def test_grouped_dw_kernel_uses_packed_fma_without_gathers():
     f = _fresh(GR.grouped_dw_pixels)
     x = np.zeros((2, 2 * 20 * 20), np.float32)

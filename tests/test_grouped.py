@@ -90,6 +90,15 @@ def test_grouped_matches_the_reference(shape, conv, dtype, rng):
     _check(*shape, conv, dtype, rng)
 
 
+@pytest.mark.parametrize("shape, conv", [
+    p for p in _grid() if p.values[1]["stride"] != 1])
+def test_strided_dx_phase_by_phase_matches_the_reference(shape, conv, monkeypatch, rng):
+    """A strided dX runs its phases in one pass while a group's padded deltas fit
+    config.GROUPED_DX_FUSED_BYTES, else one by one: the second path, forced."""
+    monkeypatch.setattr(fc.config, "GROUPED_DX_FUSED_BYTES", 0)
+    _check(*shape, conv, np.float64, rng)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, conv", [
     ((2, 3, 40, 36, 16, 7, 7), dict(stride=2, padding=3)),  # a stem

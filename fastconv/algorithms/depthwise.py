@@ -305,7 +305,7 @@ def _dx_taps(geo: ConvGeometry) -> _DxTaps:
     if geo.sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
         even = 0 if cols[0].out0 == 0 else 1
         pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
-                         np.int64)
+                         np.int64).reshape(-1, 2)
     arrays = [np.array(v, np.int64) for v in (cnth, cntw, out0h, out0w)] + [pairs, pbase]
     for a in arrays:
         a.flags.writeable = False

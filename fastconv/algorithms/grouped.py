@@ -74,7 +74,7 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, stack_tile
+from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
 from ..kernels import _chunk_task, _phase_fill
 from ..layouts import _batch_chunks, _phase_grid, _sum_chunks
@@ -240,11 +240,74 @@ def _dx_plan(geo: ConvGeometry) -> tuple:
     return tuple(out)
 
 
+class _DxFused(NamedTuple):
+    """dX of a strided layer in one pass (:func:`grouped_dx_phases`): each task pads its
+    group's ``Kg`` delta planes once to ``Hd x Wd`` (one more zero row under each, for the
+    wide rows' reads), and every phase reads them.  Phase ``p`` runs its taps
+    ``[t0[p], t0[p+1])`` of ``toff`` (the offset of tap ``(kg, e, f)`` in those planes) over
+    one wide row of ``cnth[p]`` rows of pitch ``Wd``; its outputs are dx's rows ``out0h[p]
+    + u*sh`` and columns ``out0w[p] + t*sw``, ``t < cntw[p]``, through a scratch of
+    ``Cg x cnth[p]*Wd`` at ``obase[p]``.  ``pairs``: for each row phase, its phases of
+    the even and odd columns, joined into dx rows by :func:`merge_run` (``sw == 2`` with
+    both); empty otherwise."""
+
+    pads: tuple
+    Hd: int
+    Wd: int
+    toff: np.ndarray
+    t0: np.ndarray
+    cnth: np.ndarray
+    cntw: np.ndarray
+    out0h: np.ndarray
+    out0w: np.ndarray
+    obase: np.ndarray
+    pairs: np.ndarray
+    covered: bool
+
+
+@functools.lru_cache(maxsize=64)
+def _dx_fused(geo: ConvGeometry):
+    """:class:`_DxFused` for ``geo``, or None where a phase's wide row is shorter than a
+    vector (the phases then run one by one)."""
+    rows, ptd, pbd = _dx_phases(geo.H, geo.pt, geo.sh, geo.dlh, geo.R, geo.OH)
+    cols, pld, prd = _dx_phases(geo.W, geo.pl, geo.sw, geo.dlw, geo.S, geo.OW)
+    Hd, Wd = geo.OH + ptd + pbd, geo.OW + pld + prd
+    plane = (Hd + 1) * Wd
+    toff, t0, cnth, cntw, out0h, out0w, obase = [], [0], [], [], [], [], [0]
+    for ph in rows:
+        for pw in cols:
+            if ph.count * Wd < PX:
+                return None
+            for kg in range(geo.Kg):  # the taps in the order of _dx_weights: (kg, e, f)
+                for e in range(len(ph.taps)):
+                    for f in range(len(pw.taps)):
+                        toff.append(kg * plane + (ptd + ph.start + e * ph.step) * Wd + pld
+                                    + pw.start + f * pw.step)
+            t0.append(len(toff))
+            cnth.append(ph.count)
+            cntw.append(pw.count)
+            out0h.append(ph.out0)
+            out0w.append(pw.out0)
+            obase.append(obase[-1] + geo.Cg * ph.count * Wd)
+    pairs = np.zeros((0, 2), np.int64)
+    if geo.sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
+        even = 0 if cols[0].out0 == 0 else 1
+        pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
+                         np.int64).reshape(-1, 2)
+    covered = sum(ph.count for ph in rows) == geo.H and sum(pw.count for pw in cols) == geo.W
+    arrays = [np.array(v, np.int64) for v in (toff, t0, cnth, cntw, out0h, out0w, obase)]
+    for a in arrays + [pairs]:
+        a.flags.writeable = False
+    return _DxFused((ptd, pbd, pld, prd), Hd, Wd, *arrays, pairs, covered)
+
+
 class _DxWeights(NamedTuple):
-    """dX's prepared weights: each phase's filters (:func:`_blocked`), and whether every
-    weight is finite."""
+    """dX's prepared weights: each phase's filters (:func:`_blocked`), the same side by
+    side for :func:`grouped_dx_phases` (``(G, KTn, phases, max T_p, KT)``, zero past a
+    phase's taps), and whether every weight is finite."""
 
     phases: tuple
+    joined: np.ndarray
     finite: bool
 
 
@@ -260,7 +323,11 @@ def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> _DxWeights:
         T = Kg * len(p.taps_r) * len(p.taps_s)
         phases.append(_blocked(np.ascontiguousarray(sub.transpose(0, 2, 1, 3, 4)).reshape(
             G, Cg, T)))
-    return _DxWeights(tuple(phases), bool(np.isfinite(w).all()))
+    Tmax = max((a.shape[2] for a in phases), default=0)
+    joined = np.zeros((G, -(-Cg // KT), len(phases), Tmax, KT), w.dtype)
+    for p, a in enumerate(phases):
+        joined[:, :, p, :a.shape[2]] = a
+    return _DxWeights(tuple(phases), joined, bool(np.isfinite(w).all()))
 
 
 # ---- the passes ------------------------------------------------------------------------
@@ -277,6 +344,20 @@ def grad_input(geo, dy, wd):
     if len(phases) == 1 and phases[0].geo.OH == geo.H and phases[0].geo.OW == geo.W:
         p = phases[0]  # stride 1: one phase, the whole of dx
         return _forward(p.geo, dy[:, :, p.rows, p.cols], wd.phases[0], None)
+    fz = _dx_fused(geo)
+    if fz is not None and (geo.Kg * (fz.Hd + 1) * fz.Wd * dy.itemsize
+                           <= config.GROUPED_DX_FUSED_BYTES):
+        make = np.empty if fz.covered else np.zeros
+        dx = make((geo.N, geo.C, geo.H, geo.W), dy.dtype)
+        Q = max(1, min(geo.N * geo.G,
+                       config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+        grid = np.empty((Q, geo.Kg, 1, 1, fz.Hd + 1, fz.Wd), dy.dtype)
+        outs = np.empty((Q, int(fz.obase[-1]) + PX), dy.dtype)
+        grouped_dx_phases(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), geo.OW,
+                          fz.pads[0], fz.pads[2], fz.toff, fz.t0, wd.joined, fz.cnth,
+                          fz.cntw, fz.out0h, fz.out0w, fz.obase, fz.pairs, geo.sh, geo.sw,
+                          dx.reshape(geo.N, geo.C, -1), geo.W, grid, outs)
+        return dx
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dy.dtype)
     for p, wp in zip(phases, wd.phases, strict=True):
         dx[:, :, p.out0h::geo.sh, p.out0w::geo.sw][:, :, :p.geo.OH, :p.geo.OW] = _forward(
@@ -416,6 +497,81 @@ def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
         _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
 
 
+@serial_kernel
+def _group_row_serial(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
+    """:func:`_group_row` compiled on its own: inlined into :func:`grouped_dx_phases`'s
+    loop body, its tile stayed in memory."""
+    _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep)
+
+
+@parallel_kernel
+def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, obase, pairs,
+                      sh, sw, dx, W, grid, outs):
+    """dX of a strided grouped convolution, every stride phase in one pass (see
+    :class:`_DxFused`).
+
+    dy : (N, K, OH*OW)           deltas, C-contiguous.
+    toff, t0 : int64             the phases' taps in a task's padded delta planes.
+    w : (G, KTn, phases, T, KT)  the phases' filters (:class:`_DxWeights`).
+    dx : (N, C, H*W)             the phases' pixels written (the others zero already).
+    grid : (Q, Kg, 1, 1, Hd + 1, Wd)   scratch: one group's padded delta planes.
+    outs : (Q, >= obase[-1])     scratch: the phases' outputs, in wide rows.
+
+    Tasks are (image, group), cut into ``Q`` runs: a task pads its group's ``Kg`` delta
+    planes (:func:`fastconv.kernels._phase_fill`), computes each phase's ``Cg`` output
+    planes with the forward tile (:func:`_group_row`, ``KT`` channels at a time) into its
+    scratch, then writes dx's rows: at ``sw == 2`` each row joined from its two column
+    phases by masked vectors and shuffles (:func:`merge_run`), where a phase at a time
+    would store every other element.  Each task owns its outputs.
+    """
+    N = dy.shape[0]
+    C = dx.shape[1]
+    G, KTn = w.shape[:2]
+    Q, Kg = grid.shape[:2]
+    Cg = C // G
+    Wd = grid.shape[5]
+    nphase = t0.shape[0] - 1
+    zb = np.zeros(KT * KTn, dx.dtype)  # no bias
+    tasks = N * G
+    for q in prange(Q):
+        gq = grid[q]
+        xg = gq.reshape(gq.size)
+        oq = outs[q]
+        for task in range(q * tasks // Q, (q + 1) * tasks // Q):
+            n = task // G
+            g = task % G
+            for kg in range(Kg):
+                _phase_fill(dy[n, g * Kg + kg], OW, gq[kg], ptd, pld)
+            for p in range(nphase):
+                L = cnth[p] * Wd  # one wide row per channel
+                ti = toff[t0[p]:t0[p + 1]]
+                for kt in range(KTn):
+                    _group_row_serial(xg, ti, w[g, kt, p], zb, oq,
+                               np.uint64(obase[p] + kt * KT * L), kt * KT,
+                               min(KT, Cg - kt * KT), L, t0[p + 1] - t0[p], np.uint64(L))
+            for c in range(Cg):
+                dxc = dx[n, g * Cg + c]
+                if pairs.shape[0] > 0:
+                    for a in range(pairs.shape[0]):
+                        pe, po = pairs[a, 0], pairs[a, 1]
+                        L = cnth[pe] * Wd
+                        for u in range(cnth[pe]):
+                            merge_run(dxc, (out0h[pe] + u * sh) * W, oq,
+                                      obase[pe] + c * L + u * Wd, obase[po] + c * L + u * Wd,
+                                      W)
+                else:
+                    for p in range(nphase):
+                        L = cnth[p] * Wd
+                        for u in range(cnth[p]):
+                            at = (out0h[p] + u * sh) * W + out0w[p]
+                            src = obase[p] + c * L + u * Wd
+                            if sw == 1:
+                                copy_run(dxc, at, oq, src, cntw[p])
+                            else:
+                                for t in range(cntw[p]):
+                                    dxc[at + t * sw] = oq[src + t]
+
+
 @parallel_kernel
 def grouped_wide_rows_out(src, Wq, dst, OW):
     """The first ``OW`` columns of each ``Wq``-pixel row of wide rows, in parallel:
@@ -429,10 +585,7 @@ def grouped_wide_rows_out(src, Wq, dst, OW):
         s = src[p]
         d = dst[p]
         for i in range(OH):
-            us = np.uint64(i * Wq)
-            ud = np.uint64(i * OW)
-            for j in range(np.uint64(0), np.uint64(OW)):
-                d[ud + j] = s[us + j]
+            copy_run(d, i * OW, s, i * Wq, OW)  # masked vectors: rows shorter than one
 
 
 @parallel_kernel
