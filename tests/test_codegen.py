@@ -127,14 +127,17 @@ def test_grouped_strided_dx_kernel_keeps_its_tile_in_registers():
     assert "vgather" not in asm
 
 
-def test_grouped_dw_kernel_uses_packed_fma_without_gathers():
-    f = _fresh(GR.grouped_dw_pixels)
-    x = np.zeros((2, 2 * 20 * 20), np.float32)
-    dy = np.zeros((2, 2 * P.DK, 16, 16), np.float32)
-    f(x, dy, np.zeros((16, P.DT), np.int64), 20 * 20,
-      np.zeros((1, 2, 1, 1, P.DK, P.DT), np.float32))
+def test_grouped_dw_kernel_keeps_its_tile_in_registers():
+    f = _serial(GR._dw_tile)
+    x = np.zeros((2, 20 * 20), np.float32)
+    dy = np.zeros((2, P.DK, 16, 16), np.float32)
+    f(x, dy, np.zeros((16, P.DT), np.int64), np.uint64(0), 0, 2, 0, 1, 2, 3, 0, 1,
+      np.zeros((P.DK, P.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
-    assert len(PACKED_FMA.findall(asm)) >= P.DK * P.DT  # the 4 x 5 tile of pixel vectors
+    # The 4 x 5 tile of pixel vectors: DK*DT packed FMAs a step, in registers.
+    loop = _innermost_fma_loop(asm)
+    assert len(PACKED_FMA.findall(loop)) >= P.DK * P.DT
+    assert not NO_SPILL.search(loop)
     assert "vgather" not in asm
 
 

@@ -60,8 +60,9 @@ touches.
 
 Parallelism: forward tasks are (image, group), each splitting its group's planes into
 stride phases in a scratch of its own and writing its own outputs; dW tasks are (batch
-chunk, group, channel block, tap block), each writing its own partial sums, which are
-added in a fixed order, so results do not depend on the thread count.
+chunk, group), each splitting its chunk's planes of the group likewise and writing its
+own partial sums, which are added in a fixed order, so results do not depend on the
+thread count.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ from numba import prange
 from .. import config
 from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
-from ..kernels import _chunk_task, _phase_fill
-from ..layouts import _batch_chunks, _phase_grid, _sum_chunks
+from ..kernels import _phase_fill
+from ..layouts import _batch_chunks, _sum_chunks
 from .pixel import (
     DK,
     DT,
@@ -170,13 +171,6 @@ def _rows(geo: ConvGeometry) -> _Rows:
     toff.flags.writeable = False
     return _Rows((geo.Cg, sh, sw, Hr, Wq), geo.Cg * sh * sw * Hr * Wq, toff, OH, OW, Wq,
                  wide)
-
-
-def _input(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
-    """``x`` split into stride phases for the dW kernel, each image's groups one after the
-    other: ``(N, G*gstep)``, group ``g``'s grid at ``g*gstep`` (:func:`_rows`)."""
-    rows = _rows(geo)
-    return _phase_grid(x, geo.pads, geo.sh, geo.sw, int(rows.wide)).reshape(geo.N, -1)
 
 
 def prepare(geo, w, pass_):
@@ -383,24 +377,25 @@ def _forward(geo, x, wp, b):
 
 def grad_weight(geo, x, dy):
     rows = _rows(geo)
-    xf = _input(x, geo)
-    if rows.wide:
-        # Deltas in the wide rows, zero in the dropped columns, which read input pixels:
-        # an inf or NaN there times such a zero would be a NaN no real product makes.
-        if not np.isfinite(xf).all():
-            return None  # the next algorithm runs the real columns only
-        dyw = np.zeros((geo.N, geo.K, geo.OH, rows.Wq), dy.dtype)
-        dyw[..., :geo.OW] = dy
-        dy = dyw.reshape(geo.N, geo.K, 1, rows.OW)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
     TTn, KTn = -(-T // DT), -(-Kg // DK)
     tt = np.zeros((rows.OH, TTn * DT), np.int64)  # padding taps read offset 0: dropped
     tt[:, :T] = rows.toff
-    dy = np.ascontiguousarray(dy)
     P = _batch_chunks(geo.N, geo.K * rows.OH * rows.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
+    nimg = -(-geo.N // P)  # the most samples in a chunk
+    Q = max(1, min(P * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    grid = np.empty((Q, nimg, *rows.grid), x.dtype)
+    # Each task's deltas as the rows of ``tt``; wide rows are zero in the dropped columns,
+    # which read input pixels: an inf or NaN there times such a zero would be a NaN that
+    # no real product makes (such an input goes to the next algorithm).
+    dyw = np.zeros((Q, nimg, DK, rows.OH, rows.OW), dy.dtype)
+    bad = np.zeros(Q, np.bool_)
     part = np.empty((P, G, KTn, TTn, DK, DT), dy.dtype)
-    grouped_dw_pixels(xf, dy, tt, rows.gstep, part)
+    grouped_dw_pixels(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
+                      geo.pt, geo.pl, np.ascontiguousarray(dy), tt, grid, dyw, bad, part)
+    if bad.any():
+        return None
     dw = _sum_chunks(part).transpose(0, 1, 3, 2, 4).reshape(G, KTn * DK, TTn * DT)
     return np.ascontiguousarray(dw[:, :Kg, :T]).reshape(geo.K, geo.Cg, geo.R, geo.S)
 
@@ -588,54 +583,94 @@ def grouped_wide_rows_out(src, Wq, dst, OW):
             copy_run(d, i * OW, s, i * Wq, OW)  # masked vectors: rows shorter than one
 
 
+@serial_kernel
+def _dw_tile(x, dy, toff, ug, n0, n1, k0, k1, k2, k3, tt, JT, out):
+    """One :func:`grouped_dw_pixels` task: the DK x DT tile of channels ``k0 .. k3`` and
+    tap block ``tt`` over samples ``[n0, n1)``, into ``out`` (DK, DT).  Compiled on its
+    own: inlined into the kernel's loop body, its tile stayed in memory (1.x times
+    slower)."""
+    OH, OW = dy.shape[2], dy.shape[3]
+    zero = x.dtype.type(0)
+    acc = stack_tile(20, PX, out.dtype)  # DK * DT rows
+    for a in range(DK * DT):
+        for q in range(PX):
+            acc[a, q] = 0
+    for n in range(n0, n1):
+        xn = x[n]
+        for i in range(OH):
+            o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
+            _dw_pixel_row(acc, xn, ug, dy[n, k0, i], dy[n, k1, i], dy[n, k2, i],
+                          dy[n, k3, i], o0, o1, o2, o3, o4, JT, OW, zero, False)
+    _dw_pixel_sums(acc, out, zero)
+
+
 @parallel_kernel
-def grouped_dw_pixels(x, dy, toff, gstep, part):
+def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
     """dW of a grouped convolution, vectorised over output pixels.
 
     ``part[p, g, kb, tb, a, c] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + DK*kb + a, i, j]
-    * x[n, g*gstep + toff[i, DT*tb + c] + j]``; dW is ``part.sum(axis=0)``.
+    * xg[n, toff[i, DT*tb + c] + j]``, ``xg[n]`` group ``g``'s planes of image ``n`` split
+    into stride phases and flattened (:func:`_rows`); dW is ``part.sum(axis=0)``.
 
-    x : (N, G*gstep)            each image's groups split into stride phases (:func:`_input`).
-    dy : (N, K, OH, OW)         NCHW deltas, C-contiguous, ``OW >= PX``.
-    toff : (OH, TTn*DT) int64   the taps of group 0, padding taps reading offset 0.
-    gstep : int
+    x : (N, C, H*W)              NCHW input, each plane flattened, C-contiguous.
+    W, pt, pl : int              the input's width, its top and left padding.
+    dy : (N, K, OH, OW)          NCHW deltas, C-contiguous.
+    toff : (R_, TTn*DT) int64    the taps of one group, padding taps reading offset 0, for
+                                 ``R_`` rows of ``OW_`` pixels: ``OH x OW``, or with wide
+                                 rows (``OW < PX``) one row of ``OH*Wq``.
+    grid : (Q, nimg, Cg, sh, sw, Hr, Wq)   scratch: a chunk's phase grids of one group.
+    dyw : (Q, nimg, DK, R_, OW_)  zeros: a channel block's deltas as the rows of ``toff``.
+    bad : (Q,) bool              set where a task met an inf or NaN input on wide rows.
     part : (P, G, KTn, TTn, DK, DT)
 
-    The tile and the row covering are those of
-    :func:`fastconv.algorithms.pixel.conv_dw_pixels` (DK channels x DT taps, lanes summed
-    at the end), within one group; channels past the group's last repeat it, and the
-    wrapper drops them.  Parallel over (chunk, group, channel block, tap block).
+    Tasks are (chunk, group), cut into ``Q`` runs, each with its own scratch: a task
+    splits its chunk's ``Cg`` planes of the group into stride phases
+    (:func:`fastconv.kernels._phase_fill`), some tens of KB that stay in the core's cache,
+    and for each block of ``DK`` channels copies their deltas and runs every tap block
+    (:func:`_dw_tile`); one global phase grid cost a pass over memory as large as the
+    input, and a check of it for inf and NaN another.  Channels past the group's last
+    repeat it, and the wrapper drops them.
     """
-    N, K, OH, OW = dy.shape
+    N, K, OHd, OWd = dy.shape
     P, G, KTn, TTn = part.shape[:4]
+    Q, nimg, Cg = grid.shape[:3]
     Kg = K // G
-    NT = G * KTn * TTn
+    OH, OW = dyw.shape[3], dyw.shape[4]
+    wide = OH < OHd
+    Wq = grid.shape[6]
     JT = (OW + PX - 1) // PX
-    for task in prange(P * NT):
-        p, n0, n1, t = _chunk_task(task, NT, N, P)
-        tt = t % TTn
-        rest = t // TTn
-        kt = rest % KTn
-        g = rest // KTn
-        last = g * Kg + Kg - 1
-        k0 = min(g * Kg + kt * DK + 0, last)
-        k1 = min(g * Kg + kt * DK + 1, last)
-        k2 = min(g * Kg + kt * DK + 2, last)
-        k3 = min(g * Kg + kt * DK + 3, last)
-        ug = np.uint64(g * gstep)
-        zero = x.dtype.type(0)
-        acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
-        for a in range(DK * DT):
-            for q in range(PX):
-                acc[a, q] = 0
-        for n in range(n0, n1):
-            xn = x[n]
-            for i in range(OH):
-                d0 = dy[n, k0, i]
-                d1 = dy[n, k1, i]
-                d2 = dy[n, k2, i]
-                d3 = dy[n, k3, i]
-                o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-                _dw_pixel_row(acc, xn, ug, d0, d1, d2, d3, o0, o1, o2, o3, o4, JT, OW, zero,
-                              False)
-        _dw_pixel_sums(acc, part[p, g, kt, tt], zero)
+    NT = P * G
+    for q in prange(Q):
+        gq = grid[q]
+        xq = gq.reshape(nimg, gq.size // nimg)
+        dq = dyw[q]
+        for task in range(q * NT // Q, (q + 1) * NT // Q):
+            g = task % G
+            p = task // G
+            n0, n1 = p * N // P, (p + 1) * N // P
+            last = g * Kg + Kg - 1
+            for n in range(n0, n1):
+                for c in range(Cg):
+                    xc = x[n, g * Cg + c]
+                    _phase_fill(xc, W, gq[n - n0, c], pt, pl)
+                    if wide and not _finite(xc):
+                        bad[q] = True
+            for kt in range(KTn):
+                for n in range(n0, n1):
+                    for a in range(DK):
+                        k = min(g * Kg + kt * DK + a, last)
+                        da = dq[n - n0, a].reshape(OH * OW)
+                        for i in range(OHd):
+                            copy_run(da, i * Wq if wide else i * OWd, dy[n, k, i], 0, OWd)
+                for tt in range(TTn):
+                    _dw_tile(xq, dq, toff, np.uint64(0), 0, n1 - n0, 0, 1, 2, 3, tt, JT,
+                             part[p, g, kt, tt])
+
+
+@numba.njit(inline="always")
+def _finite(a) -> bool:
+    """Whether ``a`` holds no inf or NaN (``v*0`` is NaN for those only)."""
+    z = a.dtype.type(0)
+    for v in range(a.shape[0]):
+        z += a[v] * 0
+    return z == 0
