@@ -128,7 +128,7 @@ def test_grouped_strided_dx_kernel_keeps_its_tile_in_registers():
 
 
 def test_grouped_dw_kernel_keeps_its_tile_in_registers():
-    f = _serial(GR._dw_tile)
+    f = _serial(GR._group_dw_tile)
     x = np.zeros((2, 20 * 20), np.float32)
     dy = np.zeros((2, P.DK, 16, 16), np.float32)
     f(x, dy, np.zeros((16, P.DT), np.int64), np.uint64(0), 0, 2, 0, 1, 2, 3, 0, 1,

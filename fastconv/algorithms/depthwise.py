@@ -42,10 +42,11 @@ for 63 FMAs, where one load per FMA is what a tap-by-tap tile needs.  At stride 
 column's taps fall into two phase planes: groups of 2 and 1 (3x3) or 3 and 2 (5x5).
 With dilation ``dlh > sh`` every group is one row.
 
-* **dW** runs the forward layout as dot products: ``dw[k, t] += sum_m dyw[m] *
-  src[m + off[t]]``, ``dyw`` being the deltas in *wide rows* (``m = i*P + j``, zero in the
-  columns past ``OW``; :func:`_dw_dots`).  An inf or NaN input times such a zero would be
-  a NaN that no real product makes: a plane holding one runs the real columns only.
+* **dW** runs the forward pass's row groups as dot products: ``dw[k, slot g+e] += sum_(i,
+  j) dyw[i*DP + j] * src[base[g] + (i + e)*P + j]``, ``dyw`` being the deltas in rows of
+  whole vectors, zero past ``OW`` and past ``OH`` (:func:`_dots3` and its siblings).  An
+  inf or NaN input times such a zero would be a NaN that no real product makes: a plane
+  holding one runs the real pixels only (:func:`_dots_exact`).
 
 Non-finite values: the forward pass multiplies the zero padding as the reference does; dX
 with an inf or NaN weight hands over to the next algorithm (the channel tile's exact path:

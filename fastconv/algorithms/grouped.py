@@ -32,8 +32,7 @@ Tap ``t = (c, r, s)`` of group ``g`` (``c < Cg``) reads, for output pixel ``(i, 
 with ``xf`` each image's planes flattened (the forward kernel lays out one group of one
 image at a time, so ``g*gstep`` drops out of its offsets).  Rows shorter than a vector
 are joined (:func:`_rows`): pixel ``(i, j)`` is pixel ``i*Wq + j`` of one wide row, whose
-columns from ``OW`` on in each ``Wq`` are computed and dropped (as the depthwise kernels'
-wide rows are).  Then::
+columns from ``OW`` on in each ``Wq`` are computed and dropped.  Then::
 
     y[n,k,i,j]  = b[k] + sum_t w[k, t] * xf[n, g*gstep + toff[i, t] + j]
     dw[k, t]    = sum_{n,i,j} dy[n,k,i,j] * xf[n, g*gstep + toff[i, t] + j]
@@ -584,11 +583,11 @@ def grouped_wide_rows_out(src, Wq, dst, OW):
 
 
 @serial_kernel
-def _dw_tile(x, dy, toff, ug, n0, n1, k0, k1, k2, k3, tt, JT, out):
-    """One :func:`grouped_dw_pixels` task: the DK x DT tile of channels ``k0 .. k3`` and
-    tap block ``tt`` over samples ``[n0, n1)``, into ``out`` (DK, DT).  Compiled on its
-    own: inlined into the kernel's loop body, its tile stayed in memory (1.x times
-    slower)."""
+def _group_dw_tile(x, dy, toff, ug, n0, n1, k0, k1, k2, k3, tt, JT, out):
+    """One tile of :func:`grouped_dw_pixels`: the DK x DT tile of channels ``k0 .. k3`` of
+    ``dy`` and tap block ``tt`` over samples ``[n0, n1)``, into ``out`` (DK, DT).
+    Compiled on its own, so that LLVM keeps the tile in registers: inlined into the
+    kernel's loop body, each FMA also loaded and stored its accumulator."""
     OH, OW = dy.shape[2], dy.shape[3]
     zero = x.dtype.type(0)
     acc = stack_tile(20, PX, out.dtype)  # DK * DT rows
@@ -627,7 +626,7 @@ def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
     splits its chunk's ``Cg`` planes of the group into stride phases
     (:func:`fastconv.kernels._phase_fill`), some tens of KB that stay in the core's cache,
     and for each block of ``DK`` channels copies their deltas and runs every tap block
-    (:func:`_dw_tile`); one global phase grid cost a pass over memory as large as the
+    (:func:`_group_dw_tile`); one global phase grid cost a pass over memory as large as the
     input, and a check of it for inf and NaN another.  Channels past the group's last
     repeat it, and the wrapper drops them.
     """
@@ -663,7 +662,7 @@ def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
                         for i in range(OHd):
                             copy_run(da, i * Wq if wide else i * OWd, dy[n, k, i], 0, OWd)
                 for tt in range(TTn):
-                    _dw_tile(xq, dq, toff, np.uint64(0), 0, n1 - n0, 0, 1, 2, 3, tt, JT,
+                    _group_dw_tile(xq, dq, toff, np.uint64(0), 0, n1 - n0, 0, 1, 2, 3, tt, JT,
                              part[p, g, kt, tt])
 
 
