@@ -30,7 +30,9 @@ output pixel ``(i, j)`` reads ``src[base[t] + i*P + j]``:
   :mod:`fastconv.geometry`), a stride-1 correlation of the deltas, padded by the border
   the phases need, with the rotated taps of that phase; the ``M`` delta planes of an input
   channel lie one after the other in ``src`` and their taps are summed in one pass.  Each
-  phase's outputs are every ``sh``-th row and ``sw``-th column of dx.
+  phase's outputs are every ``sh``-th row and ``sw``-th column of dx; at ``sw == 2`` the
+  phases' rows go to scratch and each dx row is joined from its two column phases
+  (:func:`fastconv._jit.merge_run`).
 
 **Row groups.**  Taps of one column ``s`` whose rows are consecutive rows of one (phase)
 plane, ``base[t + e] = base[t] + e*P``, form a *row group* of ``Rg`` rows.  A register
