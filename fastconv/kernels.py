@@ -166,6 +166,16 @@ def phase_grid(src, W, dst, pt, pl):
 
 
 @numba.njit(inline="always")
+def _finite(a) -> bool:
+    """Whether the 1-D array ``a`` holds no inf or NaN (``v*0`` is NaN for those only):
+    one vectorised pass, for the kernels whose zero operands must not meet one."""
+    z = a.dtype.type(0)
+    for v in range(a.shape[0]):
+        z += a[v] * 0
+    return z == 0
+
+
+@numba.njit(inline="always")
 def _phase_fill(xs, W, dst, pt, pl):
     """One plane ``xs`` (H*W,) into its stride phases ``dst`` (sh, sw, Hr, Wq),
     C-contiguous, every element written: ``dst[p, q, v, u] = x[v*sh + p - pt, u*sw + q -

@@ -80,6 +80,7 @@ from .._jit import (
     store_row,
 )
 from ..geometry import ConvGeometry, _dx_phases
+from ..kernels import _finite
 
 NAME = "depthwise"
 
@@ -985,15 +986,6 @@ def _rows_dots(src, P, dyw, DP, base, w0, ends, acc, OHc, nblk):
 
 
 @numba.njit(inline="always")
-def _finite(a, n) -> bool:
-    """Whether ``a[:n]`` holds no inf or NaN (``x*0`` is NaN for those only)."""
-    z = a.dtype.type(0)
-    for v in range(n):
-        z += a[v] * 0
-    return z == 0
-
-
-@numba.njit(inline="always")
 def _dots_exact(src, slot, dyw, DP, P, acc, OH, OW):
     """:func:`_rows_dots` over the real pixels only (``i < OH``, ``j < OW``), added to
     lane 0, slot ``t`` reading ``src`` from ``slot[t]``: for a plane with an inf or NaN,
@@ -1051,7 +1043,7 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
                     c = k // Mult
                     if c != c_in:
                         _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
-                        finite = _finite(x[n, c], H * W)
+                        finite = _finite(x[n, c])
                         c_in = c
                     dyk = dy[n, k]
                     for i in range(OH):

@@ -76,7 +76,7 @@ from numba import prange
 from .. import config
 from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_phases
-from ..kernels import _phase_fill
+from ..kernels import _finite, _phase_fill
 from ..layouts import _batch_chunks, _sum_chunks
 from .pixel import (
     DK,
@@ -664,12 +664,3 @@ def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
                 for tt in range(TTn):
                     _group_dw_tile(xq, dq, toff, np.uint64(0), 0, n1 - n0, 0, 1, 2, 3, tt, JT,
                              part[p, g, kt, tt])
-
-
-@numba.njit(inline="always")
-def _finite(a) -> bool:
-    """Whether ``a`` holds no inf or NaN (``v*0`` is NaN for those only)."""
-    z = a.dtype.type(0)
-    for v in range(a.shape[0]):
-        z += a[v] * 0
-    return z == 0
