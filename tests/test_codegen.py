@@ -131,7 +131,7 @@ def test_grouped_dw_kernel_keeps_its_tile_in_registers():
     f = _serial(GR._group_dw_tile)
     x = np.zeros((2, 20 * 20), np.float32)
     dy = np.zeros((2, P.DK, 16, 16), np.float32)
-    f(x, dy, np.zeros((16, P.DT), np.int64), np.uint64(0), 0, 2, 0, 1, 2, 3, 0, 1,
+    f(x, dy, np.zeros((16, P.DT), np.int64), 0, 2, 0, 1, 2, 3, 0, 1,
       np.zeros((P.DK, P.DT), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     # The 4 x 5 tile of pixel vectors: DK*DT packed FMAs a step, in registers.

@@ -83,9 +83,7 @@ from .pixel import (
     DT,
     KP,
     PX,
-    _dw_pixel_row,
-    _dw_pixel_sums,
-    _dw_tap_offsets,
+    _dw_pixel_tile,
     _pixel_row,
 )
 
@@ -583,24 +581,13 @@ def grouped_wide_rows_out(src, Wq, dst, OW):
 
 
 @serial_kernel
-def _group_dw_tile(x, dy, toff, ug, n0, n1, k0, k1, k2, k3, tt, JT, out):
-    """One tile of :func:`grouped_dw_pixels`: the DK x DT tile of channels ``k0 .. k3`` of
-    ``dy`` and tap block ``tt`` over samples ``[n0, n1)``, into ``out`` (DK, DT).
-    Compiled on its own, so that LLVM keeps the tile in registers: inlined into the
-    kernel's loop body, each FMA also loaded and stored its accumulator."""
-    OH, OW = dy.shape[2], dy.shape[3]
-    zero = x.dtype.type(0)
-    acc = stack_tile(20, PX, out.dtype)  # DK * DT rows
-    for a in range(DK * DT):
-        for q in range(PX):
-            acc[a, q] = 0
-    for n in range(n0, n1):
-        xn = x[n]
-        for i in range(OH):
-            o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-            _dw_pixel_row(acc, xn, ug, dy[n, k0, i], dy[n, k1, i], dy[n, k2, i],
-                          dy[n, k3, i], o0, o1, o2, o3, o4, JT, OW, zero, False)
-    _dw_pixel_sums(acc, out, zero)
+def _group_dw_tile(x, dy, toff, n0, n1, k0, k1, k2, k3, tt, JT, out):
+    """One tile of :func:`grouped_dw_pixels`:
+    :func:`fastconv.algorithms.pixel._dw_pixel_tile`, every row's vectors through one loop
+    with its selects.  Compiled on its own, so that LLVM keeps the tile in registers:
+    inlined into the kernel's loop body, each FMA also loaded and stored its
+    accumulator."""
+    _dw_pixel_tile(x, dy, toff, n0, n1, k0, k1, k2, k3, tt, JT, out, False)
 
 
 @parallel_kernel
@@ -662,5 +649,5 @@ def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
                         for i in range(OHd):
                             copy_run(da, i * Wq if wide else i * OWd, dy[n, k, i], 0, OWd)
                 for tt in range(TTn):
-                    _group_dw_tile(xq, dq, toff, np.uint64(0), 0, n1 - n0, 0, 1, 2, 3, tt, JT,
-                             part[p, g, kt, tt])
+                    _group_dw_tile(xq, dq, toff, 0, n1 - n0, 0, 1, 2, 3, tt, JT,
+                                   part[p, g, kt, tt])

@@ -304,22 +304,28 @@ def conv_dw_pixels(x, dy, toff, part):
     JT = (OW + PX - 1) // PX
     for task in prange(P * NT):
         p, n0, n1, kt, tt, k0, k1, k2, k3 = _dw_pixel_task(task, NT, N, P, TTn, K)
-        zero = x.dtype.type(0)
-        acc = stack_tile(20, PX, part.dtype)  # DK * DT rows
-        for a in range(DK * DT):
-            for q in range(PX):
-                acc[a, q] = 0
-        for n in range(n0, n1):
-            xn = x[n]
-            for i in range(OH):
-                d0 = dy[n, k0, i]
-                d1 = dy[n, k1, i]
-                d2 = dy[n, k2, i]
-                d3 = dy[n, k3, i]
-                o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
-                _dw_pixel_row(acc, xn, np.uint64(0), d0, d1, d2, d3, o0, o1, o2, o3, o4,
-                              JT, OW, zero, True)
-        _dw_pixel_sums(acc, part[p, kt, tt], zero)
+        _dw_pixel_tile(x, dy, toff, n0, n1, k0, k1, k2, k3, tt, JT, part[p, kt, tt], True)
+
+
+@numba.njit(inline="always")
+def _dw_pixel_tile(x, dy, toff, n0, n1, k0, k1, k2, k3, tt, JT, out, split):
+    """One pixel dW tile: channels ``k0 .. k3`` of ``dy`` (N, K, OH, OW) times tap block
+    ``tt`` of ``toff`` over samples ``[n0, n1)`` of ``x`` (N, L), its lanes summed into
+    ``out`` (DK, DT); ``split`` (a constant at the call site) as for
+    :func:`_dw_pixel_row`."""
+    OH, OW = dy.shape[2], dy.shape[3]
+    zero = x.dtype.type(0)
+    acc = stack_tile(20, PX, out.dtype)  # DK * DT rows
+    for a in range(DK * DT):
+        for q in range(PX):
+            acc[a, q] = 0
+    for n in range(n0, n1):
+        xn = x[n]
+        for i in range(OH):
+            o0, o1, o2, o3, o4 = _dw_tap_offsets(toff[i], tt)
+            _dw_pixel_row(acc, xn, np.uint64(0), dy[n, k0, i], dy[n, k1, i], dy[n, k2, i],
+                          dy[n, k3, i], o0, o1, o2, o3, o4, JT, OW, zero, split)
+    _dw_pixel_sums(acc, out, zero)
 
 
 @numba.njit(inline="always")
