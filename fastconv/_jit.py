@@ -174,6 +174,23 @@ def _transpose_masks(n: int = 16) -> list[tuple[int, list[int], list[int]]]:
     return out
 
 
+def _takes(arrays, integers) -> bool:
+    """The typing rule of the vector intrinsics below: ``arrays`` 1-D C-contiguous arrays of
+    one dtype, float32 or float64; ``integers`` (offsets, strides, counts) integers."""
+    return (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                and a.dtype == arrays[0].dtype and a.dtype in (types.float32, types.float64)
+                for a in arrays)
+            and all(isinstance(i, types.Integer) for i in integers))
+
+
+def _operands(context, builder, signature, args) -> list:
+    """An intrinsic's arguments as its code generation uses them, in order: an array's
+    data structure, an integer cast to int64."""
+    return [context.make_array(t)(context, builder, a) if isinstance(t, types.Array)
+            else context.cast(builder, a, t, types.int64)
+            for t, a in zip(signature.args, args, strict=True)]
+
+
 @intrinsic
 def transpose16(typingctx, src, so, ss, dst, do, ds):
     """``dst[do + c*ds + r] = src[so + r*ss + c]`` for ``r, c < 16``: a 16 x 16 block
@@ -185,19 +202,13 @@ def transpose16(typingctx, src, so, ss, dst, do, ds):
     like), sixteen row stores: about a quarter of the instructions of 256 scalar moves.
     Nothing is checked: the caller keeps every row inside its array.
     """
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.ndim == 1 and dst.ndim == 1 and src.layout == "C" and dst.layout == "C"
-            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)
-            and all(isinstance(a, types.Integer) for a in (so, ss, do, ds))):
+    if not _takes((src, dst), (so, ss, do, ds)):
         return None
 
     def codegen(context, builder, signature, args):
         from llvmlite import ir
 
-        s_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        d_arr = context.make_array(signature.args[3])(context, builder, args[3])
-        so_, ss_, do_, ds_ = (context.cast(builder, args[i], signature.args[i], types.int64)
-                              for i in (1, 2, 4, 5))
+        s_arr, so_, ss_, d_arr, do_, ds_ = _operands(context, builder, signature, args)
         i64, i32 = ir.IntType(64), ir.IntType(32)
         vec = ir.VectorType(context.get_value_type(signature.args[0].dtype), 16)
         align = signature.args[0].dtype.bitwidth // 8
@@ -269,26 +280,17 @@ def _masked_ops(context, builder, dtype):
     return vec, ptr, mask, load, store
 
 
-def _float_arrays(*arrays) -> bool:
-    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
-               and a.dtype == arrays[0].dtype and a.dtype in (types.float32, types.float64)
-               for a in arrays)
-
-
 @intrinsic
 def _copy16(typingctx, dst, do, src, so, n):
     """``dst[do + v] = src[so + v]`` for ``v < min(n, 16)``: one masked vector load and
     one masked vector store (AVX-512 ``vmovups`` under a ``k`` mask), with no element
     outside the first ``n`` read or written.  ``src`` and ``dst``: 1-D C-contiguous arrays
     of one dtype (float32 or float64); offsets count elements.  Nothing is checked."""
-    if not (_float_arrays(src, dst) and all(isinstance(a, types.Integer) for a in (do, so, n))):
+    if not _takes((src, dst), (do, so, n)):
         return None
 
     def codegen(context, builder, signature, args):
-        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        s_arr = context.make_array(signature.args[2])(context, builder, args[2])
-        do_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
-                        for i in (1, 3, 4))
+        d_arr, do_, s_arr, so_, n_ = _operands(context, builder, signature, args)
         _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
         m = mask(n_)
         store(load(ptr(s_arr, so_), m), ptr(d_arr, do_), m)
@@ -303,16 +305,13 @@ def store_row(typingctx, dst, do, row, n):
     whole and stored under a mask.  ``row`` may be a row of a :func:`stack_tile`, whose
     registers it then stores directly (LLVM still keeps the tile in registers).  Same
     rules as :func:`_copy16`."""
-    if not (_float_arrays(row, dst) and all(isinstance(a, types.Integer) for a in (do, n))):
+    if not _takes((row, dst), (do, n)):
         return None
 
     def codegen(context, builder, signature, args):
         from llvmlite import ir
 
-        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        r_arr = context.make_array(signature.args[2])(context, builder, args[2])
-        do_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
-                   for i in (1, 3))
+        d_arr, do_, r_arr, n_ = _operands(context, builder, signature, args)
         _, ptr, mask, _, store = _masked_ops(context, builder, signature.args[0].dtype)
         v = builder.load(ptr(r_arr, ir.Constant(ir.IntType(64), 0)),
                          align=signature.args[0].dtype.bitwidth // 8)
@@ -327,17 +326,13 @@ def _split32(typingctx, dst, de, do, src, so, n):
     """``dst[de + u] = src[so + 2u]`` and ``dst[do + u] = src[so + 2u + 1]`` for the first
     ``min(n, 32)`` elements of ``src`` from ``so``: two masked loads, two two-vector
     shuffles (``vpermt2ps``) and two masked stores.  Same rules as :func:`_copy16`."""
-    if not (_float_arrays(src, dst)
-            and all(isinstance(a, types.Integer) for a in (de, do, so, n))):
+    if not _takes((src, dst), (de, do, so, n)):
         return None
 
     def codegen(context, builder, signature, args):
         from llvmlite import ir
 
-        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        s_arr = context.make_array(signature.args[3])(context, builder, args[3])
-        de_, do_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
-                             for i in (1, 2, 4, 5))
+        d_arr, de_, do_, s_arr, so_, n_ = _operands(context, builder, signature, args)
         _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
         i64 = ir.IntType(64)
         sixteen = ir.Constant(i64, 16)
@@ -359,17 +354,13 @@ def _merge32(typingctx, dst, do, src, se, so, n):
     """``dst[do + 2u] = src[se + u]`` and ``dst[do + 2u + 1] = src[so + u]`` for the first
     ``min(n, 32)`` elements of ``dst`` from ``do``: the inverse of :func:`_split32`, two
     masked loads, two shuffles and two masked stores.  Same rules as :func:`_copy16`."""
-    if not (_float_arrays(src, dst)
-            and all(isinstance(a, types.Integer) for a in (do, se, so, n))):
+    if not _takes((src, dst), (do, se, so, n)):
         return None
 
     def codegen(context, builder, signature, args):
         from llvmlite import ir
 
-        d_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        s_arr = context.make_array(signature.args[2])(context, builder, args[2])
-        do_, se_, so_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64)
-                             for i in (1, 3, 4, 5))
+        d_arr, do_, s_arr, se_, so_, n_ = _operands(context, builder, signature, args)
         _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
         i64 = ir.IntType(64)
         one, sixteen = ir.Constant(i64, 1), ir.Constant(i64, 16)
