@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 
-from fastconv import conv_output_size
+from fastconv import _jit, conv_output_size
 from fastconv import kernels as k
 from fastconv.geometry import _dx_phases
 
@@ -102,3 +103,67 @@ def test_a_missing_parallel_threading_layer_is_named_with_its_fix(monkeypatch):
     assert "workqueue" in message and "pip install tbb" in message and "libgomp" in message
     monkeypatch.setattr(numba_config, "THREADING_LAYER", "workqueue")  # the user's choice
     assert _jit.threading_layer_warning() is None
+
+
+# ---- the masked-vector copies of fastconv._jit ------------------------------------------
+
+
+@numba.njit
+def _copy(dst, do, src, so, n):
+    _jit.copy_run(dst, do, src, so, n)
+
+
+@numba.njit
+def _split(dst, de, do, src, so, n):
+    _jit.split_run(dst, de, do, src, so, n)
+
+
+@numba.njit
+def _merge(dst, do, src, se, so, n):
+    _jit.merge_run(dst, do, src, se, so, n)
+
+
+@numba.njit
+def _store_rows(dst, n):
+    tile = _jit.stack_tile(2, 16, dst.dtype)
+    for u in range(16):
+        tile[0, u] = u + 1
+        tile[1, u] = -(u + 1)
+    _jit.store_row(dst, 3, tile[0], n)
+    _jit.store_row(dst, 40, tile[1], n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_masked_copies_touch_exactly_their_elements(dtype):
+    """copy_run, split_run and merge_run read and write their first ``n`` elements and
+    nothing else (masked loads and stores), at every length around the 16- and 32-element
+    blocks; store_row writes the first ``min(n, 16)`` lanes of a tile row."""
+    src = np.arange(1, 201, dtype=dtype)
+    for n in range(0, 71):
+        d = np.zeros(120, dtype)
+        _copy(d, 3, src, 2, n)
+        want = np.zeros(120, dtype)
+        want[3:3 + n] = src[2:2 + n]
+        np.testing.assert_array_equal(d, want, err_msg=f"copy_run, n={n}")
+
+        d = np.zeros(120, dtype)
+        _split(d, 1, 60, src, 3, n)  # even elements to d[1:], odd to d[60:]
+        want = np.zeros(120, dtype)
+        want[1:1 + (n + 1) // 2] = src[3:3 + n:2]
+        want[60:60 + n // 2] = src[4:3 + n:2]
+        np.testing.assert_array_equal(d, want, err_msg=f"split_run, n={n}")
+
+        d = np.zeros(120, dtype)
+        _merge(d, 2, src, 3, 100, n)  # d[2:2+n] from src[3:] (even) and src[100:] (odd)
+        want = np.zeros(120, dtype)
+        want[2:2 + n:2] = src[3:3 + (n + 1) // 2]
+        want[3:2 + n:2] = src[100:100 + n // 2]
+        np.testing.assert_array_equal(d, want, err_msg=f"merge_run, n={n}")
+    for n in (0, 1, 14, 16, 20):
+        d = np.zeros(80, dtype)
+        _store_rows(d, n)
+        want = np.zeros(80, dtype)
+        m = min(n, 16)
+        want[3:3 + m] = np.arange(1, m + 1)
+        want[40:40 + m] = -np.arange(1, m + 1)
+        np.testing.assert_array_equal(d, want, err_msg=f"store_row, n={n}")
