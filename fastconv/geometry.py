@@ -381,3 +381,19 @@ def _dx_phases(size, pad_lo, stride, dilation, kernel, out_size):
         pad_lo_dy = max(pad_lo_dy, q[-1] - u_lo)
         pad_hi_dy = max(pad_hi_dy, u_hi - q[0] - out_size + 1)
     return phases, pad_lo_dy, pad_hi_dy
+
+
+def _dx_joins(rows, cols, H: int, W: int, sw: int):
+    """How dx is assembled from its phases (``rows`` x ``cols`` of :func:`_dx_phases`,
+    pass ``p = a*len(cols) + b``): ``pairs`` (len(rows), 2) int64, for each row phase the
+    passes of its even and odd columns, which dx rows join at ``sw == 2`` when both column
+    phases exist ((0, 2) otherwise); and ``covered``, whether the phases reach every pixel
+    of dx (else the rest stays zero)."""
+    pairs = np.zeros((0, 2), np.int64)
+    if sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
+        even = 0 if cols[0].out0 == 0 else 1
+        pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
+                         np.int64).reshape(-1, 2)
+    pairs.flags.writeable = False
+    covered = sum(ph.count for ph in rows) == H and sum(pw.count for pw in cols) == W
+    return pairs, covered

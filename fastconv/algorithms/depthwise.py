@@ -79,7 +79,7 @@ from .._jit import (
     stack_tile,
     store_row,
 )
-from ..geometry import ConvGeometry, _dx_phases
+from ..geometry import ConvGeometry, _dx_joins, _dx_phases
 from ..kernels import _finite
 
 NAME = "depthwise"
@@ -302,14 +302,9 @@ def _dx_taps(geo: ConvGeometry) -> _DxTaps:
     groups = _row_groups(passes, Wd)
     L = max([Mult * Hd * Wd] + [_scratch_length(groups, Wd, a, b)
                                 for a, b in zip(cnth, cntw, strict=True)])
-    covered = sum(ph.count for ph in rows) == geo.H and sum(pw.count for pw in cols) == geo.W
-    pairs = np.zeros((0, 2), np.int64)
+    pairs, covered = _dx_joins(rows, cols, geo.H, geo.W, geo.sw)
     PW = max(cntw, default=0)
     pbase = np.concatenate([[0], np.cumsum(np.array(cnth, np.int64) * PW)]).astype(np.int64)
-    if geo.sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
-        even = 0 if cols[0].out0 == 0 else 1
-        pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
-                         np.int64).reshape(-1, 2)
     arrays = [np.array(v, np.int64) for v in (cnth, cntw, out0h, out0w)] + [pairs, pbase]
     for a in arrays:
         a.flags.writeable = False

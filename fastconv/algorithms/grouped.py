@@ -75,7 +75,7 @@ from numba import prange
 
 from .. import config
 from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
-from ..geometry import ConvGeometry, _dx_phases
+from ..geometry import ConvGeometry, _dx_joins, _dx_phases
 from ..kernels import _finite, _phase_fill
 from ..layouts import _batch_chunks, _sum_chunks
 from .pixel import (
@@ -280,14 +280,9 @@ def _dx_fused(geo: ConvGeometry):
             out0h.append(ph.out0)
             out0w.append(pw.out0)
             obase.append(obase[-1] + geo.Cg * ph.count * Wd)
-    pairs = np.zeros((0, 2), np.int64)
-    if geo.sw == 2 and sorted(pw.out0 for pw in cols) == [0, 1]:
-        even = 0 if cols[0].out0 == 0 else 1
-        pairs = np.array([[2 * a + even, 2 * a + 1 - even] for a in range(len(rows))],
-                         np.int64).reshape(-1, 2)
-    covered = sum(ph.count for ph in rows) == geo.H and sum(pw.count for pw in cols) == geo.W
+    pairs, covered = _dx_joins(rows, cols, geo.H, geo.W, geo.sw)
     arrays = [np.array(v, np.int64) for v in (toff, t0, cnth, cntw, out0h, out0w, obase)]
-    for a in arrays + [pairs]:
+    for a in arrays:
         a.flags.writeable = False
     return _DxFused((ptd, pbd, pld, prd), Hd, Wd, *arrays, pairs, covered)
 
@@ -539,8 +534,9 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
                 ti = toff[t0[p]:t0[p + 1]]
                 for kt in range(KTn):
                     _group_row_serial(xg, ti, w[g, kt, p], zb, oq,
-                               np.uint64(obase[p] + kt * KT * L), kt * KT,
-                               min(KT, Cg - kt * KT), L, t0[p + 1] - t0[p], np.uint64(L))
+                                      np.uint64(obase[p] + kt * KT * L), kt * KT,
+                                      min(KT, Cg - kt * KT), L, t0[p + 1] - t0[p],
+                                      np.uint64(L))
             for c in range(Cg):
                 dxc = dx[n, g * Cg + c]
                 if pairs.shape[0] > 0:
