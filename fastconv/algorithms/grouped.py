@@ -289,11 +289,11 @@ def _dx_fused(geo: ConvGeometry):
 
 class _DxWeights(NamedTuple):
     """dX's prepared weights: each phase's filters (:func:`_blocked`), the same side by
-    side for :func:`grouped_dx_phases` (``(G, KTn, phases, max T_p, KT)``, zero past a
-    phase's taps), and whether every weight is finite."""
+    side for :func:`grouped_dx_phases` where it may run (``(G, KTn, phases, max T_p,
+    KT)``, zero past a phase's taps; else None), and whether every weight is finite."""
 
     phases: tuple
-    joined: np.ndarray
+    joined: np.ndarray | None
     finite: bool
 
 
@@ -309,10 +309,12 @@ def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> _DxWeights:
         T = Kg * len(p.taps_r) * len(p.taps_s)
         phases.append(_blocked(np.ascontiguousarray(sub.transpose(0, 2, 1, 3, 4)).reshape(
             G, Cg, T)))
-    Tmax = max((a.shape[2] for a in phases), default=0)
-    joined = np.zeros((G, -(-Cg // KT), len(phases), Tmax, KT), w.dtype)
-    for p, a in enumerate(phases):
-        joined[:, :, p, :a.shape[2]] = a
+    joined = None  # only the one-pass strided dX reads them
+    if _dx_fused(geo) is not None:
+        Tmax = max((a.shape[2] for a in phases), default=0)
+        joined = np.zeros((G, -(-Cg // KT), len(phases), Tmax, KT), w.dtype)
+        for p, a in enumerate(phases):
+            joined[:, :, p, :a.shape[2]] = a
     return _DxWeights(tuple(phases), joined, bool(np.isfinite(w).all()))
 
 
