@@ -273,7 +273,9 @@ def test_grouped_layers_are_planned_on_it():
     for x_shape, w_shape, groups in [((16, 128, 28, 28), (128, 16, 3, 3), 8),
                                      ((16, 128, 28, 28), (128, 4, 3, 3), 32)]:
         plan = fc.conv2d_plan(x_shape, w_shape, padding=1, groups=groups)
-        assert set(plan.algorithms.values()) == {GR}
+        assert plan.algorithms["forward"] == plan.algorithms["grad_input"] == GR
+        # dW: on the channel-lane kernel where 16 output channels fill its lanes
+        assert plan.algorithms["grad_weight"] == (GR if groups == 32 else "grouped-dw-lanes")
     # groups of 32+ input and output channels fill the channel tile's vectors
     assert fc.conv2d_plan((4, 64, 20, 20), (64, 32, 3, 3), padding=1,
                           groups=2).algorithms["forward"] == TILE

@@ -32,6 +32,7 @@ from . import (
     channel_tile,
     depthwise,
     grouped,
+    grouped_dw,
     nchw_delta_dw,
     pixel,
     pointwise,
@@ -41,7 +42,7 @@ from . import (
 )
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped,
+ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped_dw, grouped,
               nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")

@@ -145,13 +145,13 @@ def _rows_ok(geo: ConvGeometry) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _rows(geo: ConvGeometry) -> _Rows:
+def _rows(geo: ConvGeometry, join: bool = True) -> _Rows:
     """The rows and taps of ``geo`` (see the module docstring), the taps in ``(c, r, s)``
-    order.  Rows shorter than a vector are joined (:func:`_wide`): output pixel ``(i, j)``
-    is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW`` on of each
-    output row computed and dropped; a zero row below each phase plane keeps the last
-    plane's reads of those columns inside the grid."""
-    wide = _wide(geo)
+    order.  With ``join``, rows shorter than a vector are joined (:func:`_wide`): output
+    pixel ``(i, j)`` is pixel ``i*Wq + j`` of one row of ``OH*Wq``, the columns from ``OW``
+    on of each output row computed and dropped; a zero row below each phase plane keeps
+    the last plane's reads of those columns inside the grid."""
+    wide = join and _wide(geo)
     sh, sw, dlh, dlw = geo.sh, geo.sw, geo.dlh, geo.dlw
     Hq = -(-(geo.H + geo.pt + geo.pb) // sh)
     Wq = -(-(geo.W + geo.pl + geo.pr) // sw)

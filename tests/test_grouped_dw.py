@@ -1,0 +1,153 @@
+"""The channel-lane grouped dW (``grouped-dw-lanes``), forced through plans: against the
+reference over a grid and hypothesis-generated shapes, against PyTorch and finite
+differences, with non-finite values (and the odd rows whose padding pixel hands such an
+input over), and the same to the bit for any thread count."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import reference as ref
+from fastconv.algorithms import grouped_dw
+from fastconv.geometry import ConvGeometry
+
+from conftest import (
+    central_differences,
+    check_non_finite_reach,
+    check_plan_against_torch,
+    random_problem,
+)
+
+LANES = "grouped-dw-lanes"
+FORCED = {"grad_weight": LANES}
+
+
+def _want(x, dy, w_shape, geo):
+    n = dict(stride=(geo.sh, geo.sw), pads=geo.pads, dilation=(geo.dlh, geo.dlw),
+             groups=geo.G)
+    return ref.conv2d_grad_weight(x.astype(np.float64), dy.astype(np.float64), w_shape, **n)
+
+
+def _check(x, dy, w_shape, plan, dtype):
+    want = _want(x, dy, w_shape, plan.geometry)
+    got = plan.grad_weight(x, dy)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def _grid():
+    shapes = [  # (N, C, H, W, K, G, R, S)
+        (2, 32, 5, 18, 32, 2, 3, 3),    # Kg = 16: one block of 16 channels, one pixel a lane
+        (1, 12, 6, 7, 64, 2, 3, 2),     # Kg = 32: two blocks; Cg = 6
+        (2, 16, 7, 9, 16, 2, 3, 3),     # Kg = 8: pixel pairs; odd rows
+        (3, 24, 4, 10, 24, 3, 1, 5),    # Kg = 8, Cg = 8, rows of even length
+        (1, 4, 5, 33, 32, 4, 5, 5),     # Cg = 1: a tap block of 25 taps and padding taps
+    ]
+    for shape, stride, padding, dilation in itertools.product(
+            shapes, [1, 2, (1, 3)], [0, 1, (2, 0)], [1, 2]):
+        N, C, H, W, K, G, R, S = shape
+        conv = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
+        try:
+            fc.conv_geometry((N, C, H, W), (K, C // G, R, S), **conv)
+        except ValueError:
+            continue
+        yield pytest.param(shape, conv, id=f"{shape}-s{stride}-p{padding}-d{dilation}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, conv", list(_grid()))
+def test_channel_lane_dw_matches_the_reference(shape, conv, dtype, rng):
+    N, C, H, W, K, G, R, S = shape
+    x, _, _, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    plan = fc.conv2d_plan(x.shape, (K, C // G, R, S), **conv, dtype=dtype, algorithm=FORCED)
+    _check(x, dy, (K, C // G, R, S), plan, dtype)
+
+
+@given(N=st.integers(1, 3), G=st.integers(2, 4), Cg=st.integers(1, 5),
+       Kg=st.sampled_from([8, 16]), H=st.integers(1, 8), W=st.integers(1, 30),
+       R=st.integers(1, 4), S=st.integers(1, 4), sh=st.integers(1, 2), sw=st.integers(1, 3),
+       dlh=st.integers(1, 2), dlw=st.integers(1, 2), pads=st.tuples(*[st.integers(0, 3)] * 4),
+       f64=st.booleans())
+def test_channel_lane_dw_matches_the_reference_on_generated_shapes(N, G, Cg, Kg, H, W, R, S,
+                                                                   sh, sw, dlh, dlw, pads,
+                                                                   f64):
+    pt, pb, pl, pr = pads
+    Hp, Wp = H + pt + pb, W + pl + pr
+    if Hp < dlh * (R - 1) + 1 or Wp < dlw * (S - 1) + 1:
+        return
+    OH, OW = (Hp - dlh * (R - 1) - 1) // sh + 1, (Wp - dlw * (S - 1) - 1) // sw + 1
+    geo = ConvGeometry(N, G * Cg, H, W, G * Kg, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr,
+                       OH, OW)
+    dtype = np.float64 if f64 else np.float32
+    assert grouped_dw.why_not(geo, dtype, "grad_weight") is None
+    rng = np.random.default_rng(N * 1000 + G * 10 + Cg)
+    x = rng.standard_normal((N, G * Cg, H, W)).astype(dtype)
+    dy = rng.standard_normal((N, G * Kg, OH, OW)).astype(dtype)
+    _check(x, dy, (G * Kg, Cg, R, S), fc.ConvPlan(geo, dtype, FORCED), dtype)
+
+
+def test_channel_lane_dw_matches_torch_and_finite_differences(rng):
+    for N, C, H, K, G, stride in [(4, 64, 14, 128, 8, 1), (2, 64, 15, 64, 8, 2)]:
+        plan = fc.conv2d_plan((N, C, H, H), (K, C // G, 3, 3), stride, 1, groups=G,
+                              algorithm=FORCED)
+        check_plan_against_torch(plan, rng, atol=2e-4)
+    conv = dict(stride=(1, 2), padding=1, dilation=(2, 1), groups=2)
+    x, w, b, dy = random_problem(rng, 1, 4, 5, 11, 16, 3, 3, conv)
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
+    f = lambda x, w: plan.forward(x, w, b)  # noqa: E731
+    np.testing.assert_allclose(plan.grad_weight(x, dy),
+                               central_differences(f, {"x": x, "w": w}, "w", dy), rtol=1e-6,
+                               atol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("K, W", [(32, 20), (16, 9), (16, 10)])  # Kg 16; Kg 8: odd, even rows
+def test_a_non_finite_value_reaches_exactly_the_dw_taps_it_touches(bad, K, W, rng):
+    N, C, H, G = 2, 6, 6, 2
+    conv = dict(stride=1, padding=1, dilation=1, groups=G)
+    x, w, _, dy = random_problem(rng, N, C, H, W, K, 3, 3, conv)
+    x = np.abs(x) + 0.5  # positive data: an inf stays inf, no inf - inf
+    w, dy = np.abs(w) + 0.5, np.abs(dy) + 0.5
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
+    # A row's ends (with odd rows, the input after a row: the padding pixel's operand).
+    check_non_finite_reach(plan, x, w, dy, bad,
+                           [(1, 4, h, v) for h, v in [(4, 0), (3, W - 1), (0, W - 2)]],
+                           (0, K - 1, 1, dy.shape[3] - 1))
+
+
+@pytest.mark.parametrize("K", [32, 16])
+def test_channel_lane_dw_does_not_depend_on_the_thread_count(K, rng):
+    conv = dict(stride=1, padding=1, dilation=1, groups=2)
+    x, _, _, dy = random_problem(rng, 40, 8, 9, 13, K, 3, 3, conv, np.float32)
+    plan = fc.conv2d_plan(x.shape, (K, 4, 3, 3), padding=1, groups=2, algorithm=FORCED)
+    threads = fc.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            fc.set_num_threads(n)
+            results.append(plan.grad_weight(x, dy))
+    finally:
+        fc.set_num_threads(threads)
+    np.testing.assert_array_equal(*results)
+
+
+def test_grouped_layers_run_their_dw_on_it_where_the_channels_fill_the_lanes():
+    for w_shape, groups, dw in [((128, 16, 3, 3), 8, LANES), ((256, 4, 3, 3), 32, LANES),
+                                ((64, 4, 3, 3), 32, "grouped"),
+                                ((128, 64, 3, 3), 2, "direct-channel-tile")]:
+        plan = fc.conv2d_plan((16, 128, 28, 28), w_shape, padding=1, groups=groups)
+        assert plan.algorithms["grad_weight"] == dw, w_shape
+    with pytest.raises(ValueError, match="multiple of 16 or 8; got 4"):
+        fc.conv2d_plan((2, 16, 9, 9), (16, 4, 3, 3), groups=4, algorithm=FORCED)
+    with pytest.raises(ValueError, match="groups > 1"):
+        fc.conv2d_plan((2, 16, 9, 9), (16, 16, 3, 3), algorithm=FORCED)
+    with pytest.raises(ValueError, match="no forward pass"):
+        fc.conv2d_plan((2, 16, 9, 9), (16, 8, 3, 3), groups=2,
+                       algorithm={"forward": LANES})
