@@ -274,7 +274,7 @@ def test_grouped_layers_are_planned_on_it():
                                      ((16, 128, 28, 28), (128, 4, 3, 3), 32)]:
         plan = fc.conv2d_plan(x_shape, w_shape, padding=1, groups=groups)
         assert plan.algorithms["forward"] == plan.algorithms["grad_input"] == GR
-        # dW: on the channel-lane kernel where 16 output channels fill its lanes
+        # dW: on the channel-lane kernel where output channels fill its 16 lanes
         assert plan.algorithms["grad_weight"] == (GR if groups == 32 else "grouped-dw-lanes")
     # groups of 32+ input and output channels fill the channel tile's vectors
     assert fc.conv2d_plan((4, 64, 20, 20), (64, 32, 3, 3), padding=1,

@@ -104,6 +104,7 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (4, 32, 16, 16, 32, 3, 3, dict(padding=1, groups=4)),  # grouped, beyond the serial kernels
     (2, 12, 7, 20, 18, 3, 3, dict(padding=(1, 0), groups=6)),  # Kg = 3: a part block
     (2, 8, 9, 40, 12, 3, 2, dict(stride=(1, 2), dilation=(2, 1), padding=(2, 1), groups=2)),
+    (2, 12, 7, 9, 32, 3, 3, dict(stride=(2, 1), padding=1, groups=2)),  # Kg = 16: lanes dW
     (2, 4, 7, 9, 3, 4, 2, dict(stride=(2, 1), padding=(2, 0), dilation=(1, 3))),
     # depthwise: channels off the 16-lane vectors, multiplier 2, strides 1-3, dilation 2,
     # asymmetric padding ('same' with an even kernel), batch 1
