@@ -63,6 +63,7 @@ def _grid():
         (1, 16, 5, 4, 1, 1, 1),
         (1, 2, 23, 37, 1, 7, 7),  # row groups of 5 and 2, three column blocks, 4 row tiles
         (2, 3, 16, 18, 1, 4, 6),  # row groups of 3 and 1
+        (2, 3, 14, 32, 1, 3, 3),  # padding 1: dW reads the deltas in place (whole tiles)
     ]
     for shape, stride, padding, dilation in itertools.product(
             shapes, [1, 2, 3, (1, 2)], [0, 1, (2, 0), "same"], [1, 2]):
@@ -150,10 +151,13 @@ def test_depthwise_empty_batch():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2), dict(padding=(0, 2)),
-                                  dict(stride=(1, 3), dilation=2, padding=2)])
-def test_a_non_finite_value_reaches_exactly_the_outputs_it_touches(bad, conv, rng):
-    N, C, H, W, M, R, S = 2, 17, 9, 11, 2, 3, 3
+@pytest.mark.parametrize("conv, H, W", [
+    (dict(padding=1), 9, 11), (dict(stride=2), 9, 11), (dict(padding=(0, 2)), 9, 11),
+    (dict(stride=(1, 3), dilation=2, padding=2), 9, 11),
+    (dict(padding=1), 7, 16),  # dW reads the deltas in place
+])
+def test_a_non_finite_value_reaches_exactly_the_outputs_it_touches(bad, conv, H, W, rng):
+    N, C, M, R, S = 2, 17, 2, 3, 3
     conv = dict(dict(stride=1, padding=0, dilation=1), **conv)
     x, w, _, dy = random_problem(rng, N, C, H, W, C * M, R, S, dict(conv, groups=C))
     x = np.abs(x) + 0.5  # positive data: an inf stays inf, no inf - inf

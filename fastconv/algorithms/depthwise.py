@@ -356,7 +356,7 @@ def grad_weight(geo, x, dy):
     dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
                    np.ascontiguousarray(dy).reshape(N, K, -1), g.base, g.w0, g.ends, g.slot,
                    part, src, dyw, acc, geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh, geo.sw,
-                   pl_.nb, pl_.Hq, pl_.Wq, DP)
+                   pl_.nb, pl_.Hq, pl_.Wq, DP, DP == geo.OW and OHt == geo.OH)
     dw = part.sum(axis=0) if P > 1 else part[0]
     out = np.empty((K, T), x.dtype)
     out[:, g.widx] = dw
@@ -996,7 +996,7 @@ def _dots_exact(src, slot, dyw, DP, P, acc, OH, OW):
 
 @parallel_kernel
 def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, pt, pl, sh, sw,
-                   nb, Hq, Wq, DP):
+                   nb, Hq, Wq, DP, direct):
     """dW per batch chunk: ``part[p, k, t] = sum_{n in chunk p} sum_{i, j} dy[n,k,i,j] *
     (slot t of the phase planes of x[n, k//M] at i*Wq + j)``, the slots those of the
     forward pass's row groups; dW is ``part.sum(axis=0)`` in weight order.
@@ -1005,6 +1005,8 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     (:func:`_forward_groups`), ``slot`` (T,) uint64 each slot's first read.
     part : (P, K, T), every element written.   src : (Q, L) zeros; dyw : (Q, >=
     ceil(OH/TR)*TR*DP) zeros;  acc : (Q, >= ceil(P*K/Q), >= T, VL) scratch.
+    direct : the delta planes are read where they are, unpadded (``DP == OW`` and ``OH`` a
+    multiple of ``TR``: rows of whole vectors, whole tiles of rows), else copied to ``dyw``.
 
     Task ``(p, k)``, chunk ``p`` holding samples ``[p*N//P, (p+1)*N//P)``, sums its planes
     in order into the lanes of ``acc``, then the lanes: the same sums for any grouping.
@@ -1041,13 +1043,16 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
                         finite = _finite(x[n, c])
                         c_in = c
                     dyk = dy[n, k]
-                    for i in range(OH):
-                        copy_run(dq, i * DP, dyk, i * OW, OW)
+                    dk = dyk
+                    if not direct:
+                        for i in range(OH):
+                            copy_run(dq, i * DP, dyk, i * OW, OW)
+                        dk = dq
                     aq = acc[q, a0 + k - k0]
                     if finite:
-                        _rows_dots(sq, Wq, dq, DP, base, w0, ends[0], aq, OH, nblk)
+                        _rows_dots(sq, Wq, dk, DP, base, w0, ends[0], aq, OH, nblk)
                     else:
-                        _dots_exact(sq, slot, dq, DP, Wq, aq, OH, OW)
+                        _dots_exact(sq, slot, dk, DP, Wq, aq, OH, OW)
             for k in range(k0, k1):
                 aq = acc[q, a0 + k - k0]
                 for t in range(T):
