@@ -124,7 +124,8 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
             u0 = j0 * sw + q - pl
             for h in range(Hp):
                 drow = dst[n, c, s, h]
-                ih = (2 * (h % Hh) + h // Hh if Hh > 0 else h) - pt
+                # padded row 2*(h % Hh) + h // Hh, without dividing
+                ih = (h if Hh == 0 else 2 * h if h < Hh else 2 * (h - Hh) + 1) - pt
                 if ih < 0 or ih >= H:
                     for j in range(OW):
                         drow[j] = 0
@@ -193,10 +194,11 @@ def _phase_fill(xs, W, dst, pt, pl):
     flat = dst.reshape(dst.size)
     for u in range(flat.size):
         flat[u] = 0
+    # Padded row ih + pt is row v of row phase p, stepped row by row: two integer divisions
+    # a row took 3.7x as long as the copies of a 14 x 14 plane.
+    p = pt % sh
+    v = pt // sh
     for ih in range(H):
-        hp = ih + pt
-        p = hp % sh
-        v = hp // sh
         s0 = ih * W
         if sw == 1:
             copy_run(flat, (p * Hr + v) * Wq + pl, xs, s0, W)
@@ -215,6 +217,10 @@ def _phase_fill(xs, W, dst, pt, pl):
                 usw = np.uint64(sw)
                 for u in range(np.uint64(0), np.uint64(u1 - u0)):
                     drow[np.uint64(u0) + u] = xs[np.uint64(s0 + j0) + u * usw]
+        p += 1
+        if p == sh:
+            p = 0
+            v += 1
 
 
 @numba.njit(inline="always")
