@@ -174,7 +174,7 @@ def test_nchw_delta_dw_kernel_keeps_its_tile_in_registers():
     f = _fresh(NC.conv_dw_cvec)
     x = np.zeros((2, 5 * 5 * K.CL), np.float32)
     dy = np.zeros((2, 5, 3, 3), np.float32)
-    f(x, dy, np.zeros(NC.CV, np.uint64), np.zeros((1, 2, 1, NC.CK, NC.CV, K.CL), np.float32),
+    f(x, dy, np.zeros(NC.CV, np.uint64), np.zeros((1, 2 * NC.CK, NC.CV, K.CL), np.float32),
       K.CL, 5 * K.CL, 1, 1, 3, 3)
     loop = _fma_loop(f.inspect_asm(f.signatures[0]))
     # CK broadcast deltas x CV input vectors per pixel, accumulators in registers, the

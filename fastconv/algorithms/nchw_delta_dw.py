@@ -4,6 +4,8 @@ so no transposing copy of the deltas is made."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import prange
 
@@ -41,24 +43,34 @@ def _grad_weight_cvec(x: np.ndarray, dy: np.ndarray, geo: ConvGeometry) -> np.nd
     dtype: the input packed (its channels padded to a multiple of ``CL``), the deltas as
     they are."""
     N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
-    CP = -(-C // CL) * CL
-    xp = _channels_last(x, 1, CP, geo.pads)
-    Wp = xp.shape[2]
-    # Vector v = (r*S + s)*CP/CL + c/CL of the filter reads the padded input row r*dlh at
-    # column s*dlw, channels c .. c + CL - 1.
+    off, CP, Wp = _cvec_offsets(geo)
     V = R * S * (CP // CL)
-    off = np.zeros(-(-V // CV) * CV, np.uint64)
-    rs, cv = np.divmod(np.arange(V), CP // CL)
-    r, s = np.divmod(rs, S)
-    off[:V] = (r * geo.dlh * Wp + s * geo.dlw) * CP + cv * CL
+    xp = _channels_last(x, 1, CP, geo.pads)
     KTn = -(-K // CK)
     P = _batch_chunks(N, K * geo.OH * geo.OW * dy.itemsize)
-    part = np.empty((P, KTn, off.size // CV, CK, CV, CL), dy.dtype)
+    part = np.empty((P, KTn * CK, off.size, CL), dy.dtype)
     conv_dw_cvec(xp.reshape(N, -1), np.ascontiguousarray(dy), off, part, CP, Wp * CP,
-                    geo.sh, geo.sw, geo.OH, geo.OW)
-    dwv = _sum_chunks(part).transpose(0, 2, 1, 3, 4).reshape(KTn * CK, off.size * CL)
-    dwv = dwv[:K, :V * CL]
-    return np.ascontiguousarray(dwv.reshape(K, R, S, CP)[:, :, :, :C].transpose(0, 3, 1, 2))
+                 geo.sh, geo.sw, geo.OH, geo.OW)
+    # (K, (r*S + s)*CP/CL + c/CL, c % CL) -> (K, C, R, S): one copy.
+    dwv = _sum_chunks(part)[:K, :V].reshape(K, R, S, CP)
+    return np.ascontiguousarray(dwv[:, :, :, :C].transpose(0, 3, 1, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _cvec_offsets(geo: ConvGeometry) -> tuple:
+    """Where each vector of ``CL`` channels of the filter reads the packed input, ``off``
+    (a multiple of ``CV`` vectors, read-only), with the packed channel count ``CP`` and
+    width ``Wp``: vector ``v = (r*S + s)*CP/CL + c/CL`` reads the padded input row
+    ``r*dlh`` at column ``s*dlw``, channels ``c .. c + CL - 1``."""
+    CP = -(-geo.C // CL) * CL
+    Wp = geo.W + geo.pl + geo.pr
+    V = geo.R * geo.S * (CP // CL)
+    off = np.zeros(-(-V // CV) * CV, np.uint64)
+    rs, cv = np.divmod(np.arange(V), CP // CL)
+    r, s = np.divmod(rs, geo.S)
+    off[:V] = (r * geo.dlh * Wp + s * geo.dlw) * CP + cv * CL
+    off.flags.writeable = False
+    return off, CP, Wp
 
 
 # Kernels
@@ -75,16 +87,17 @@ CV = 6
 def conv_dw_cvec(x, dy, off, part, C, WpC, sh, sw, OH, OW):
     """Weight gradient from NCHW deltas, with vectors over input channels: no delta pack.
 
-    ``part[p, kt, vt, t, v, l] = sum_{n in chunk p} sum_{i < OH, j < OW}
+    ``part[p, kt*CK + t, vt*CV + v, l] = sum_{n in chunk p} sum_{i < OH, j < OW}
     dy[n, min(kt*CK + t, K - 1), i, j] * x[n, i*sh*WpC + j*sw*C + off[vt*CV + v] + l]``,
-    chunks as in :func:`conv_dw_tiles`; the weight gradient is ``part.sum(axis=0)``.
+    chunks as in :func:`conv_dw_tiles`; the weight gradient is ``part.sum(axis=0)``, its
+    rows the output channels and its columns the filter's vectors, as dW orders them.
 
     x    : (N, Hp*Wp*C)     padded channels-last input, each sample flattened; ``C``, a
                             multiple of ``CL``, is its channel count, ``WpC = Wp*C`` a row.
     dy   : (N, K, OH, OW)   deltas as the caller has them, C-contiguous.
     off  : (V,) uint64      where each vector of ``CL`` channels of the filter starts
                             reading: ``r*dlh*WpC + s*dlw*C + c0`` (``V`` a multiple of CV).
-    part : (P, KTn, V/CV, CK, CV, CL)  output, every element written once.
+    part : (P, KTn*CK, V, CL)  output, every element written once.
 
     The roles of :func:`conv_dw_tiles` swapped: each step broadcasts ``CK`` deltas, one
     pixel of ``CK`` delta planes, against ``CV`` vectors of the input's channels at that
@@ -95,7 +108,9 @@ def conv_dw_cvec(x, dy, off, part, C, WpC, sh, sw, OH, OW):
     rows.
     """
     N, K = dy.shape[0], dy.shape[1]
-    P, KTn, VTn = part.shape[:3]
+    P = part.shape[0]
+    KTn = part.shape[1] // CK
+    VTn = part.shape[2] // CV
     NT = KTn * VTn
     for task in prange(P * NT):
         p, n0, n1, tile = _chunk_task(task, NT, N, P)
@@ -160,4 +175,4 @@ def conv_dw_cvec(x, dy, off, part, C, WpC, sh, sw, OH, OW):
         for t in range(CK):
             for v in range(CV):
                 for l in range(CL):
-                    part[p, kt, vt, t, v, l] = acc[t * CV + v, l]
+                    part[p, k0 + t, vt * CV + v, l] = acc[t * CV + v, l]
