@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 import fastconv as fc
 from fastconv import reference as ref
+from fastconv.geometry import ConvGeometry
 
 # JIT compilation makes first examples slow: no deadline.  CI runs a fixed, moderate budget.
 settings.register_profile("default", deadline=None, max_examples=40,
@@ -167,6 +168,35 @@ def random_problem(rng, N, C, H, W, K, R, S, conv, dtype=np.float64):
     g = fc.conv_geometry(x.shape, w.shape, **conv)
     dy = rng.standard_normal((N, K, g.OH, g.OW)).astype(dtype)
     return x, w, b, dy
+
+
+def assert_same_on_thread_counts(run, counts=(1, 2)) -> None:
+    """``run()`` (an array or a tuple of arrays) gives bit-identical results on each thread
+    count in ``counts``; the thread count is restored after."""
+    threads = fc.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            fc.set_num_threads(n)
+            got = run()
+            results.append(got if isinstance(got, tuple) else (got,))
+    finally:
+        fc.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def generated_geometry(N, G, Cg, Kg, H, W, R, S, sh, sw, dlh, dlw, pads):
+    """The ConvGeometry of hypothesis-drawn sizes (``pads`` = (pt, pb, pl, pr)), or None
+    where the padded input is smaller than the dilated filter."""
+    pt, pb, pl, pr = pads
+    Hp, Wp = H + pt + pb, W + pl + pr
+    if Hp < dlh * (R - 1) + 1 or Wp < dlw * (S - 1) + 1:
+        return None
+    OH, OW = (Hp - dlh * (R - 1) - 1) // sh + 1, (Wp - dlw * (S - 1) - 1) // sw + 1
+    return ConvGeometry(N, G * Cg, H, W, G * Kg, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr,
+                        OH, OW)
 
 
 @pytest.fixture

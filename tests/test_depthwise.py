@@ -19,6 +19,7 @@ from fastconv.geometry import ConvGeometry
 from fastconv.plan import ConvPlan
 
 from conftest import (
+    assert_same_on_thread_counts,
     check_non_finite_reach,
     check_plan_against_torch,
     random_problem,
@@ -206,16 +207,7 @@ def test_depthwise_results_do_not_depend_on_the_thread_count(C, M, dtype, rng):
     x, w, b, dy = random_problem(rng, 9, C, 14, 14, C * M, 3, 3,
                                  dict(stride=1, padding=1, dilation=1, groups=C), dtype)
     plan = fc.conv2d_plan(x.shape, w.shape, padding=1, groups=C, dtype=dtype, algorithm=DW)
-    threads = fc.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2):
-            fc.set_num_threads(n)
-            results.append(_passes(plan, x, w, b, dy))
-    finally:
-        fc.set_num_threads(threads)
-    for a, b_ in zip(*results, strict=True):
-        np.testing.assert_array_equal(a, b_)
+    assert_same_on_thread_counts(lambda: _passes(plan, x, w, b, dy))
 
 
 def test_depthwise_layers_are_planned_on_it():

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 import fastconv as fc
 from fastconv import reference as ref
 from fastconv.algorithms import grouped_dw
-from fastconv.geometry import ConvGeometry
 
 from conftest import (
+    assert_same_on_thread_counts,
     central_differences,
     check_non_finite_reach,
     check_plan_against_torch,
+    generated_geometry,
     random_problem,
 )
 
@@ -77,18 +78,14 @@ def test_channel_lane_dw_matches_the_reference(shape, conv, dtype, rng):
 def test_channel_lane_dw_matches_the_reference_on_generated_shapes(N, G, Cg, Kg, H, W, R, S,
                                                                    sh, sw, dlh, dlw, pads,
                                                                    f64):
-    pt, pb, pl, pr = pads
-    Hp, Wp = H + pt + pb, W + pl + pr
-    if Hp < dlh * (R - 1) + 1 or Wp < dlw * (S - 1) + 1:
+    geo = generated_geometry(N, G, Cg, Kg, H, W, R, S, sh, sw, dlh, dlw, pads)
+    if geo is None:
         return
-    OH, OW = (Hp - dlh * (R - 1) - 1) // sh + 1, (Wp - dlw * (S - 1) - 1) // sw + 1
-    geo = ConvGeometry(N, G * Cg, H, W, G * Kg, R, S, G, sh, sw, dlh, dlw, pt, pb, pl, pr,
-                       OH, OW)
     dtype = np.float64 if f64 else np.float32
     assert grouped_dw.why_not(geo, dtype, "grad_weight") is None
     rng = np.random.default_rng(N * 1000 + G * 10 + Cg)
     x = rng.standard_normal((N, G * Cg, H, W)).astype(dtype)
-    dy = rng.standard_normal((N, G * Kg, OH, OW)).astype(dtype)
+    dy = rng.standard_normal((N, G * Kg, geo.OH, geo.OW)).astype(dtype)
     _check(x, dy, (G * Kg, Cg, R, S), fc.ConvPlan(geo, dtype, FORCED), dtype)
 
 
@@ -126,15 +123,7 @@ def test_channel_lane_dw_does_not_depend_on_the_thread_count(K, rng):
     conv = dict(stride=1, padding=1, dilation=1, groups=2)
     x, _, _, dy = random_problem(rng, 40, 8, 9, 13, K, 3, 3, conv, np.float32)
     plan = fc.conv2d_plan(x.shape, (K, 4, 3, 3), padding=1, groups=2, algorithm=FORCED)
-    threads = fc.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2):
-            fc.set_num_threads(n)
-            results.append(plan.grad_weight(x, dy))
-    finally:
-        fc.set_num_threads(threads)
-    np.testing.assert_array_equal(*results)
+    assert_same_on_thread_counts(lambda: plan.grad_weight(x, dy))
 
 
 def test_grouped_layers_run_their_dw_on_it_where_the_channels_fill_the_lanes():

@@ -18,7 +18,7 @@ from fastconv import algorithms
 from fastconv import reference as ref
 from fastconv.algorithms import pointwise as PW
 
-from conftest import normalised, random_problem
+from conftest import assert_same_on_thread_counts, normalised, random_problem
 
 NAME = PW.NAME
 CONV = dict(stride=1, padding=0, dilation=1, groups=1)
@@ -120,15 +120,7 @@ def test_pointwise_reads_strided_arrays(rng):
 def test_pointwise_results_do_not_depend_on_the_thread_count(dtype, rng):
     x, _, _, dy = random_problem(rng, 40, 48, 10, 10, 72, 1, 1, CONV, dtype)
     plan = _plan(40, 48, 10, 10, 72, dtype)
-    threads = fc.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2):
-            fc.set_num_threads(n)
-            results.append(plan.grad_weight(x, dy))
-    finally:
-        fc.set_num_threads(threads)
-    np.testing.assert_array_equal(*results)
+    assert_same_on_thread_counts(lambda: plan.grad_weight(x, dy))
 
 
 def test_pointwise_layers_are_planned_on_it_and_others_refused():

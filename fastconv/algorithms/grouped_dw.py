@@ -54,7 +54,10 @@ from .. import config
 from .._jit import parallel_kernel, serial_kernel, stack_tile, transpose16
 from ..kernels import _phase_fill
 from ..layouts import _batch_chunks, _sum_chunks
-from .grouped import _rows
+from .grouped import (
+    _rows,
+    slower,  # noqa: F401  (the same rule: large groups fill the channel tile)
+)
 
 NAME = "grouped-dw-lanes"
 
@@ -72,13 +75,6 @@ def why_not(geo, dtype, pass_):
         return "it needs groups > 1"
     if geo.Kg % VL:
         return f"it needs output channels per group in multiples of {VL}; got {geo.Kg}"
-    return None
-
-
-def slower(geo, dtype, pass_):
-    if geo.Cg >= config.GROUPED_MAX_CG and geo.Kg >= config.GROUPED_MAX_CG:
-        return (f"groups of at least {config.GROUPED_MAX_CG} input and output channels fill "
-                "the channel tile's vectors (config.GROUPED_MAX_CG)")
     return None
 
 
