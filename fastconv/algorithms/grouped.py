@@ -435,8 +435,7 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
         for task in range(q * tasks // Q, (q + 1) * tasks // Q):
             n = task // G
             g = task % G
-            for c in range(Cg):
-                _phase_fill(x[n, g * Cg + c], W, grid[c], pt, pl)
+            _group_planes(x, n, g * Cg, W, grid, pt, pl, False)
             for kt in range(KTn):
                 k0 = g * Kg + kt * KT
                 kn = min(KT, Kg - kt * KT)
@@ -444,6 +443,20 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
                 for i in range(OH):
                     _group_row(xg, toff[i], wk, b, yf, np.uint64(((n * K + k0) * OH + i) * OW),
                                k0, kn, OW, T, ustep)
+
+
+@numba.njit(inline="always")
+def _group_planes(src, n, c0, W, dst, pt, pl, check):
+    """Planes ``c0 .. c0 + len(dst) - 1`` of image ``n`` of ``src`` (N, C, H*W) into their
+    stride phases ``dst[c]`` (:func:`fastconv.kernels._phase_fill`): one group's input or
+    deltas, as every grouped kernel lays them out.  With ``check``, whether those planes
+    hold no inf or NaN (True without)."""
+    finite = True
+    for c in range(dst.shape[0]):
+        _phase_fill(src[n, c0 + c], W, dst[c], pt, pl)
+        if check and not _finite(src[n, c0 + c]):
+            finite = False
+    return finite
 
 
 @numba.njit(inline="always")
@@ -529,8 +542,7 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
         for task in range(q * tasks // Q, (q + 1) * tasks // Q):
             n = task // G
             g = task % G
-            for kg in range(Kg):
-                _phase_fill(dy[n, g * Kg + kg], OW, gq[kg], ptd, pld)
+            _group_planes(dy, n, g * Kg, OW, gq, ptd, pld, False)
             for p in range(nphase):
                 L = cnth[p] * Wd  # one wide row per channel
                 ti = toff[t0[p]:t0[p + 1]]
@@ -634,11 +646,8 @@ def grouped_dw_pixels(x, W, pt, pl, dy, toff, grid, dyw, bad, part):
             n0, n1 = p * N // P, (p + 1) * N // P
             last = g * Kg + Kg - 1
             for n in range(n0, n1):
-                for c in range(Cg):
-                    xc = x[n, g * Cg + c]
-                    _phase_fill(xc, W, gq[n - n0, c], pt, pl)
-                    if wide and not _finite(xc):
-                        bad[q] = True
+                if not _group_planes(x, n, g * Cg, W, gq[n - n0], pt, pl, wide):
+                    bad[q] = True
             for kt in range(KTn):
                 for n in range(n0, n1):
                     for a in range(DK):

@@ -38,10 +38,10 @@ multiple of ``TB``) read offset 0, and the wrapper drops them.  Every product is
 reference makes, so an inf or NaN reaches exactly the sums it is in.
 
 Parallelism: tasks are (batch chunk, group), cut into runs with their own scratch; a task
-splits its chunk's ``Cg`` planes into stride phases (:func:`fastconv.kernels._phase_fill`)
-and, for each block of channels, transposes its deltas and runs every tap block, writing
-its own partial sums, which are added in a fixed order: results do not depend on the thread
-count.
+splits its chunk's ``Cg`` planes into stride phases
+(:func:`fastconv.algorithms.grouped._group_planes`) and, for each block of channels,
+transposes its deltas and runs every tap block, writing its own partial sums, which are
+added in a fixed order: results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from numba import prange
 
 from .. import config
 from .._jit import parallel_kernel, serial_kernel, stack_tile, transpose16
-from ..kernels import _phase_fill
 from ..layouts import _batch_chunks, _sum_chunks
 from .grouped import (
+    _group_planes,
     _rows,
     slower,  # noqa: F401  (the same rule: large groups fill the channel tile)
 )
@@ -88,12 +88,11 @@ def grad_weight(geo, x, dy):
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
     Q = max(1, min(P * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
-    grid = np.empty((Q, nimg, rows.gstep), x.dtype)
+    grid = np.empty((Q, nimg, *rows.grid), x.dtype)
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
     part = np.empty((P, G, KBn, TBn, TB, VL), dy.dtype)
     grouped_dw_lanes(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
-                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, rows.grid[1:], grid, d,
-                     part)
+                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, grid, d, part)
     dw = _sum_chunks(part).transpose(0, 1, 4, 2, 3).reshape(G, Kg, TBn * TB)[:, :, :T]
     return np.ascontiguousarray(dw).reshape(geo.K, geo.Cg, geo.R, geo.S)
 
@@ -102,7 +101,7 @@ def grad_weight(geo, x, dy):
 
 
 @parallel_kernel
-def grouped_dw_lanes(x, W, pt, pl, dy, toff, phases, grid, d, part):
+def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part):
     """dW of a grouped convolution, vectorised over output channels.
 
     ``part[p, g, kb, tb, a, k] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + kb*VL + k, i,
@@ -112,38 +111,32 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, phases, grid, d, part):
     W, pt, pl : int                 the input's width, its top and left padding.
     dy : (N, K, OH, OW)             NCHW deltas, C-contiguous.
     toff : (OH, TBn*TB) int64       the taps of one group (:func:`_rows`, rows not joined).
-    phases : (sh, sw, Hq, Wq)       the shape of one plane's stride phases.
-    grid : (Q, nimg, Cg*sh*sw*Hq*Wq)   scratch: a chunk's phase planes of a group.
+    grid : (Q, nimg, Cg, sh, sw, Hq, Wq)   scratch: a chunk's phase planes of a group.
     d : (Q, nimg, OH, OW, VL)       scratch: a block's deltas, pixel-major.
     part : (P, G, KBn, TBn, TB, VL)
     """
     N, K, OH, OW = dy.shape
     P, G, KBn, TBn = part.shape[:4]
-    Q = grid.shape[0]
+    Q, nimg, Cg = grid.shape[:3]
     Kg = K // G
-    Cg = x.shape[1] // G
-    sh, sw, Hq, Wq = phases
-    plane = sh * sw * Hq * Wq
     NT = P * G
     for q in prange(Q):
         gq = grid[q]
+        xq = gq.reshape(nimg, gq.size // nimg)
         dq = d[q]
         for task in range(q * NT // Q, (q + 1) * NT // Q):
             g = task % G
             p = task // G
             n0, n1 = p * N // P, (p + 1) * N // P
             for n in range(n0, n1):
-                gn = gq[n - n0]
-                for c in range(Cg):
-                    _phase_fill(x[n, g * Cg + c], W,
-                                gn[c * plane:(c + 1) * plane].reshape(sh, sw, Hq, Wq), pt, pl)
+                _group_planes(x, n, g * Cg, W, gq[n - n0], pt, pl, False)
             for kb in range(KBn):
                 k0 = g * Kg + kb * VL
                 for n in range(n0, n1):
                     _lanes_deltas(dy[n].reshape(K * OH * OW), k0, OH * OW,
                                   dq[n - n0].reshape(OH * OW * VL))
                 for tb in range(TBn):
-                    _lanes_tile(gq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                    _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
 
 
 @numba.njit(inline="always")
