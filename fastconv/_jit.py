@@ -404,3 +404,86 @@ def merge_run(dst, do, src, se, so, n):
     into a row.  Offsets count elements; nothing is checked."""
     for v0 in range(0, n, 32):
         _merge32(dst, do + v0, src, se + v0 // 2, so + v0 // 2, n - v0)
+
+
+def _interleave_stages(rows: int = 8, lanes: int = 16) -> list[list[tuple]]:
+    """The shuffles that take ``rows`` vectors of ``lanes`` elements (row ``r``, lane
+    ``u``) to ``rows`` vectors of ``lanes // rows`` pixels each, pixel-major: element ``(r,
+    u)`` to vector ``u // P``, lane ``(u % P)*rows + r`` (``P = lanes // rows``).
+
+    ``rows`` a power of two.  A vector's index is ``r`` at the start and must become ``u //
+    P``: each stage settles one bit of it, pairing the vectors whose index differs in that
+    bit and sending each element of the pair to the one whose bit matches its target's.
+    Each pair holds exactly ``lanes`` elements for either side, so every new vector is one
+    two-source shuffle (``vpermt2ps``): ``log2(rows)`` stages of ``rows`` shuffles.
+    Returns, per stage, ``(a, b, lo, hi)``: vectors ``a`` and ``b`` become the shuffles of
+    their concatenation by the masks ``lo`` and ``hi``."""
+    per = lanes // rows
+
+    def target(e):
+        r, u = e
+        return u // per, (u % per) * rows + r
+
+    vecs = [[(r, u) for u in range(lanes)] for r in range(rows)]
+    stages = []
+    bit = 1
+    while bit < rows:
+        ops, new = [], list(vecs)
+        for a in range(rows):
+            if a & bit:
+                continue
+            both = vecs[a] + vecs[a | bit]
+            lo = sorted((e for e in both if not target(e)[0] & bit), key=target)
+            hi = sorted((e for e in both if target(e)[0] & bit), key=target)
+            ops.append((a, a | bit, [both.index(e) for e in lo], [both.index(e) for e in hi]))
+            new[a], new[a | bit] = lo, hi
+        stages.append(ops)
+        vecs = new
+        bit *= 2
+    assert all(target(e) == (m, v) for m, vec in enumerate(vecs) for v, e in enumerate(vec))
+    return stages
+
+
+@intrinsic
+def _interleave8(typingctx, dst, do, src, so, ss, n):
+    """``dst[do + 8u + r] = src[so + r*ss + u]`` for ``r < 8`` and ``u < min(n, 16)``:
+    eight rows of up to 16 elements (eight channels' planes at one run of pixels) to
+    pixel-major order, eight channels per pixel.  Eight masked loads, 24 two-source
+    shuffles (:func:`_interleave_stages`), eight masked stores; nothing outside those
+    elements is read or written.  Same rules as :func:`_copy16`."""
+    if not _takes((src, dst), (do, so, ss, n)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        d_arr, do_, s_arr, so_, ss_, n_ = _operands(context, builder, signature, args)
+        _, ptr, mask, load, store = _masked_ops(context, builder, signature.args[0].dtype)
+        i64 = ir.IntType(64)
+        i32v = ir.VectorType(ir.IntType(32), 16)
+        m = mask(n_)
+        v = [load(ptr(s_arr, builder.add(so_, builder.mul(ss_, ir.Constant(i64, r)))), m)
+             for r in range(8)]
+        for ops in _interleave_stages():
+            new = list(v)
+            for a, b, lo, hi in ops:
+                new[a] = builder.shuffle_vector(v[a], v[b], ir.Constant(i32v, lo))
+                new[b] = builder.shuffle_vector(v[a], v[b], ir.Constant(i32v, hi))
+            v = new
+        n8 = builder.mul(n_, ir.Constant(i64, 8))
+        for q in range(8):  # vector q: pixels 2q and 2q + 1, lanes below 8n - 16q
+            store(v[q], ptr(d_arr, builder.add(do_, ir.Constant(i64, 16 * q))),
+                  mask(builder.sub(n8, ir.Constant(i64, 16 * q))))
+        return context.get_dummy_value()
+
+    return types.void(dst, do, src, so, ss, n), codegen
+
+
+@numba.njit(inline="always")
+def interleave_run(dst, do, src, so, ss, n):
+    """``dst[do + 8u + r] = src[so + r*ss + u]`` for ``r < 8``, ``u < n``: a run of ``n``
+    pixels of eight planes ``ss`` elements apart into pixel-major order (HWC with eight
+    channels), in blocks of 16 pixels (:func:`_interleave8`).  Offsets count elements;
+    nothing is checked."""
+    for u0 in range(0, n, 16):
+        _interleave8(dst, do + 8 * u0, src, so + u0, ss, n - u0)

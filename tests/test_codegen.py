@@ -16,6 +16,7 @@ from fastconv.algorithms import channel_tile as T
 from fastconv.algorithms import depthwise as DW
 from fastconv.algorithms import grouped as GR
 from fastconv.algorithms import grouped_dw as GD
+from fastconv.algorithms import grouped_dw_windows as GW
 from fastconv.algorithms import nchw_delta_dw as NC
 from fastconv.algorithms import pixel as P
 
@@ -270,5 +271,18 @@ def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers():
     loop = _innermost_fma_loop(asm)
     assert len(PACKED_FMA.findall(loop)) == GD.TB
     assert len(re.findall(r"\{1to16\}", loop)) == GD.TB
+    assert not NO_SPILL.search(loop)
+    assert "vgather" not in asm
+
+
+def test_grouped_window_dw_kernel_keeps_its_tile_in_registers():
+    f = _serial(GW._windows_tile)
+    f(np.zeros((2, 18 * 20 * 8), np.float32), np.zeros((2, 8, 16, 16), np.float32), 0, 2, 0,
+      7, np.array([0, 160, 320]), 160, 8, np.zeros((24, 16), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # KB channels x RB rows x two window vectors: 24 packed FMAs a step on six loaded
+    # vectors and KB broadcast deltas, no tile spills.
+    loop = _innermost_fma_loop(asm)
+    assert len(PACKED_FMA.findall(loop)) == GW.KB * GW.RB * 2
     assert not NO_SPILL.search(loop)
     assert "vgather" not in asm

@@ -167,3 +167,23 @@ def test_masked_copies_touch_exactly_their_elements(dtype):
         want[3:3 + m] = np.arange(1, m + 1)
         want[40:40 + m] = -np.arange(1, m + 1)
         np.testing.assert_array_equal(d, want, err_msg=f"store_row, n={n}")
+
+
+@numba.njit
+def _interleave(dst, do, src, so, ss, n):
+    _jit.interleave_run(dst, do, src, so, ss, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_interleave_run_writes_exactly_its_pixels_channel_minor(dtype):
+    """interleave_run puts ``n`` pixels of eight planes into pixel-major order, eight
+    channels a pixel, and touches nothing else, at every length around its 16-pixel
+    blocks."""
+    src = np.arange(1, 8 * 50 + 1, dtype=dtype)
+    for n in range(0, 40):
+        d = np.zeros(8 * 40 + 10, dtype)
+        _interleave(d, 5, src, 3, 50, n)
+        want = np.zeros_like(d)
+        for u, r in itertools.product(range(n), range(8)):
+            want[5 + 8 * u + r] = src[3 + r * 50 + u]
+        np.testing.assert_array_equal(d, want, err_msg=f"n={n}")

@@ -18,6 +18,7 @@ TILE, PIXEL, WINO, NCHW, SMALL, DW = ("direct-channel-tile", "pixel", "winograd-
 PW = "pointwise-dw"
 GR = "grouped"
 GRL = "grouped-dw-lanes"
+GRW = "grouped-dw-windows"
 WINO3 = "winograd-f4x4-3x3"
 
 
@@ -29,6 +30,7 @@ WINO3 = "winograd-f4x4-3x3"
     ((8, 64, 14, 14), (32, 64, 1, 1), {}, np.float32, (PIXEL, PIXEL, PW)),
     ((8, 32, 14, 14), (64, 32, 5, 5), dict(padding=2), np.float64, (TILE, TILE, NCHW)),
     ((8, 32, 14, 14), (64, 8, 3, 3), dict(padding=1, groups=4), np.float32, (GR, GR, GRL)),
+    ((8, 32, 14, 14), (32, 8, 3, 3), dict(padding=1, groups=4), np.float32, (GR, GR, GRW)),
     ((8, 64, 14, 14), (64, 32, 3, 3), dict(padding=1, groups=2), np.float32,
      (TILE, TILE, TILE)),
     ((8, 3, 64, 64), (32, 3, 3, 3), dict(stride=2, padding=1), np.float32,
@@ -47,7 +49,7 @@ WINO3 = "winograd-f4x4-3x3"
     # grouped, few channels per group
     ((8, 64, 28, 28), (64, 4, 3, 3), dict(padding=1, groups=16), np.float32, (GR, GR, GR)),
     ((8, 64, 56, 56), (64, 8, 3, 3), dict(stride=2, padding=1, groups=8), np.float64,
-     (GR, GR, GR)),
+     (GR, GR, GRW)),
 ])
 def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, conv, dtype,
                                                                want):
@@ -60,7 +62,7 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 def test_the_order_is_the_policy():
     assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PW, PIXEL, DW, GRL,
-                                                       GR, NCHW, TILE]
+                                                       GRW, GR, NCHW, TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE

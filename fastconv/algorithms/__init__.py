@@ -33,6 +33,7 @@ from . import (
     depthwise,
     grouped,
     grouped_dw,
+    grouped_dw_windows,
     nchw_delta_dw,
     pixel,
     pointwise,
@@ -42,8 +43,8 @@ from . import (
 )
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped_dw, grouped,
-              nchw_delta_dw, channel_tile)
+ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped_dw,
+              grouped_dw_windows, grouped, nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 

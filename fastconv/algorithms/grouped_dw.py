@@ -21,8 +21,9 @@ whatever the row length.
 The layout needs ``Kg`` to be a multiple of ``VL``.  Groups of 8 (ResNeXt's 32 groups of
 8) could hold a pair of pixels of 8 channels in a vector, with the pair of inputs
 broadcast as one 8-byte value; that broadcast cannot be folded into the FMA, and the tile
-made 68-80 GF/s, no faster on the whole pass than the grouped algorithm's, so those groups
-stay there.
+made 68-80 GF/s, no faster on the whole pass than the grouped algorithm's.  Those groups
+run :mod:`fastconv.algorithms.grouped_dw_windows`, whose lanes are a filter row's window
+of input pixels and channels.
 
 The math
 --------
