@@ -65,6 +65,13 @@ DEPTHWISE_DW_TASKS = 32
 #: tile's vectors.
 GROUPED_MAX_CG = 32
 
+#: A dilated layer's dW runs on its stacked dilation phases
+#: (:mod:`fastconv.algorithms.space_to_batch`) only while its input and deltas together
+#: take at most this many bytes: both are laid out again, and beyond the caches that pass
+#: runs at memory speed (64 channels of 56 x 56, batch 16, dilation 4: 25.6 MB, 0.8x the
+#: direct dW).
+SPACE_TO_BATCH_DW_MAX_BYTES = 16 * 1024 * 1024
+
 #: Problems of at most this many multiply-adds per pass run the serial direct kernels
 #: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
 #: more than the arithmetic.

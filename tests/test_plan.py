@@ -19,6 +19,7 @@ PW = "pointwise-dw"
 GR = "grouped"
 GRL = "grouped-dw-lanes"
 GRW = "grouped-dw-windows"
+S2B = "space-to-batch"
 WINO3 = "winograd-f4x4-3x3"
 
 
@@ -48,6 +49,8 @@ WINO3 = "winograd-f4x4-3x3"
     ((2, 16, 9, 9), (8, 4, 3, 3), dict(stride=2, groups=4), np.float64, (SMALL, SMALL, SMALL)),
     # grouped, few channels per group
     ((8, 64, 28, 28), (64, 4, 3, 3), dict(padding=1, groups=16), np.float32, (GR, GR, GR)),
+    # dilated: Winograd on the dilation phases stacked in the batch
+    ((8, 32, 28, 28), (32, 32, 3, 3), dict(padding=2, dilation=2), np.float32, (S2B, S2B, S2B)),
     ((8, 64, 56, 56), (64, 8, 3, 3), dict(stride=2, padding=1, groups=8), np.float64,
      (GR, GR, GRW)),
 ])
@@ -61,8 +64,8 @@ def test_each_pass_gets_the_first_algorithm_that_supports_it(x_shape, w_shape, c
 
 
 def test_the_order_is_the_policy():
-    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, PW, PIXEL, DW, GRL,
-                                                       GRW, GR, NCHW, TILE]
+    assert [a.NAME for a in algorithms.ALGORITHMS] == [SMALL, WINO, WINO3, S2B, PW, PIXEL, DW,
+                                                       GRL, GRW, GR, NCHW, TILE]
     geo = fc.conv_geometry((2, 3, 9, 9), (4, 3, 3, 3), padding=1)
     for p in algorithms.PASSES:  # the last one runs everything: every list ends with it
         assert algorithms.supporting(geo, np.float32, p)[-1].NAME == TILE
@@ -108,6 +111,7 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (2, 8, 9, 40, 12, 3, 2, dict(stride=(1, 2), dilation=(2, 1), padding=(2, 1), groups=2)),
     (2, 12, 7, 9, 32, 3, 3, dict(stride=(2, 1), padding=1, groups=2)),  # Kg = 16: lanes dW
     (2, 4, 7, 9, 3, 4, 2, dict(stride=(2, 1), padding=(2, 0), dilation=(1, 3))),
+    (2, 16, 8, 12, 8, 3, 3, dict(padding=(2, 3), dilation=(2, 3))),  # space-to-batch
     # depthwise: channels off the 16-lane vectors, multiplier 2, strides 1-3, dilation 2,
     # asymmetric padding ('same' with an even kernel), batch 1
     (2, 3, 9, 11, 3, 3, 3, dict(padding=1, groups=3)),

@@ -38,13 +38,14 @@ from . import (
     pixel,
     pointwise,
     small,
+    space_to_batch,
     winograd,
     winograd3x3,
 )
 
 #: The policy: the first algorithm that supports a pass runs it.
-ALGORITHMS = (small, winograd, winograd3x3, pointwise, pixel, depthwise, grouped_dw,
-              grouped_dw_windows, grouped, nchw_delta_dw, channel_tile)
+ALGORITHMS = (small, winograd, winograd3x3, space_to_batch, pointwise, pixel, depthwise,
+              grouped_dw, grouped_dw_windows, grouped, nchw_delta_dw, channel_tile)
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
