@@ -13,11 +13,11 @@ A 1x1 layer's output pixel ``m`` reads input pixel ``m`` only, so::
 a product of the (K, N*M) deltas with the transposed (C, N*M) input.  In NCHW both have
 the pixels contiguous, the reduction axis: a kernel with pixels as the lanes (the pixel
 dW) must sum its lanes at the end and reads ``DK + DT`` vectors per ``DK * DT`` FMAs, most
-of them from L2.  Here, as in the channel-lane grouped dW
-(:mod:`fastconv.algorithms.grouped_dw`), one operand's channels are the lanes: the
-register tile is ``TA = 24`` rows of the other operand (``A``) times one vector of ``VL =
-16`` channels of this one (``B``), and each pixel is one vector load of ``B`` and 24 FMAs,
-each with its value of ``A`` folded in as a broadcast (``vfmadd231ps m32{1to16}``).  The
+of them from L2.  Here one operand's channels are the lanes, and the
+register tile is the channel-lane grouped dW's (:mod:`fastconv.algorithms.grouped_dw`):
+``TA = 24`` rows of the other operand (``A``) times one vector of ``VL = 16`` channels of
+this one (``B``), and each pixel is one vector load of ``B`` and 24 FMAs, each with its
+value of ``A`` folded in as a broadcast (``vfmadd231ps m32{1to16}``).  The
 sums in the tile are final (no horizontal sums), and the tile stays in registers over a
 whole batch chunk.
 
@@ -43,13 +43,14 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, serial_kernel, stack_tile, transpose16
+from .._jit import parallel_kernel, transpose16
 from ..layouts import _batch_chunks, _sum_chunks
+from .grouped_dw import TB, VL, _lanes_tile
 
 NAME = "pointwise-dw"
 
-#: Rows of A per register tile (24 accumulators) and lanes of B (one vector).
-TA, VL = 24, 16
+#: Rows of A per register tile (24 accumulators); the lanes of B are one vector, ``VL``.
+TA = TB
 
 
 def why_not(geo, dtype, pass_):
@@ -85,28 +86,32 @@ def grad_weight(geo, x, dy):
     P = _batch_chunks(N, (NA + NB) * M * x.itemsize, config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-N // P)  # the most samples in a chunk
     Q = max(1, min(P * LBn, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
-    scratch = np.empty((Q, nimg, M, VL), x.dtype)
+    scratch = np.empty((Q, nimg, 1, M, VL), x.dtype)
     part = np.empty((P, RBn, LBn, TA, VL), x.dtype)
-    pointwise_dw(a, b, NA, NB, M, scratch, part)
+    # The tile reads row i of block rb of A at roff[0, rb*TA + i] (rows past NA: the last).
+    roff = (np.minimum(np.arange(RBn * TA), NA - 1) * M)[None].astype(np.int64)
+    pointwise_dw(a, b, NA, NB, M, roff, scratch, part)
     ab = _sum_chunks(part).transpose(0, 2, 1, 3).reshape(RBn * TA, LBn * VL)[:NA, :NB]
     dw = ab if C <= K else ab.T
     return np.ascontiguousarray(dw).reshape(K, C, 1, 1)
 
 
 @parallel_kernel
-def pointwise_dw(a, b, NA, NB, M, scratch, part):
-    """``part[h, rb, lb, i, j] = sum_{n in chunk h} sum_{m < M} a[n, (rb*TA + i)*M + m] *
-    b[n, (lb*VL + j)*M + m]``, rows and lanes past ``NA`` and ``NB`` repeating the last;
-    chunk ``h`` holds images ``[h*N//P, (h+1)*N//P)``.
+def pointwise_dw(a, b, NA, NB, M, roff, scratch, part):
+    """``part[h, rb, lb, i, j] = sum_{n in chunk h} sum_{m < M} a[n, roff[0, rb*TA + i] +
+    m] * b[n, (lb*VL + j)*M + m]``, lanes past ``NB`` repeating the last; chunk ``h``
+    holds images ``[h*N//P, (h+1)*N//P)``.
 
-    a : (N, NA*M)                  one operand, NCHW planes flattened per image.
-    b : (N, NB*M)                  the other, likewise.
-    scratch : (Q, nimg, M, VL)     a run's block of ``b``, pixel-major.
-    part : (P, RBn, LBn, TA, VL)   one sum per chunk, overwritten.
+    a : (N, NA*M)                   one operand, NCHW planes flattened per image.
+    b : (N, NB*M)                   the other, likewise.
+    roff : (1, RBn*TA) int64        where each row of ``a`` starts in an image.
+    scratch : (Q, nimg, 1, M, VL)   a run's block of ``b``, pixel-major.
+    part : (P, RBn, LBn, TA, VL)    one sum per chunk, overwritten.
 
     Task (h, lb): ``b``'s block ``lb`` of each image of the chunk transposed to
-    pixel-major (blocks of 16 pixels in registers), then every row block of ``a``
-    (:func:`_pointwise_tile`).
+    pixel-major (blocks of 16 pixels in registers), then every row block of ``a`` through
+    the channel-lane grouped dW's tile (:func:`fastconv.algorithms.grouped_dw._lanes_tile`:
+    one output row of ``M`` pixels whose ``TA`` taps are the rows of ``a``).
     """
     N = a.shape[0]
     P, RBn, LBn = part.shape[:3]
@@ -133,99 +138,4 @@ def pointwise_dw(a, b, NA, NB, M, scratch, part):
                         for j in range(VL):
                             dst[u * VL + j] = b[n, min(j0 + j, NB - 1) * M + u]
             for rb in range(RBn):
-                _pointwise_tile(a, bt, n0, n1 - n0, rb * TA, NA, M, part[h, rb, lb])
-
-
-@serial_kernel
-def _pointwise_tile(a, bt, n0, nimg, i0, NA, M, out):
-    """One tile of :func:`pointwise_dw`: ``out[i, j] = sum_{n, m} a[n0 + n, min(i0 + i,
-    NA - 1)*M + m] * bt[n, m, j]``, ``TA`` rows times ``VL`` lanes, each value of ``a``
-    broadcast.  Compiled on its own, so that its tile stays in registers."""
-    acc = stack_tile(24, 16, out.dtype)
-    for i in range(TA):
-        for j in range(VL):
-            acc[i, j] = 0
-    um = np.uint64(M)
-    o0 = np.uint64(min(i0 + 0, NA - 1)) * um
-    o1 = np.uint64(min(i0 + 1, NA - 1)) * um
-    o2 = np.uint64(min(i0 + 2, NA - 1)) * um
-    o3 = np.uint64(min(i0 + 3, NA - 1)) * um
-    o4 = np.uint64(min(i0 + 4, NA - 1)) * um
-    o5 = np.uint64(min(i0 + 5, NA - 1)) * um
-    o6 = np.uint64(min(i0 + 6, NA - 1)) * um
-    o7 = np.uint64(min(i0 + 7, NA - 1)) * um
-    o8 = np.uint64(min(i0 + 8, NA - 1)) * um
-    o9 = np.uint64(min(i0 + 9, NA - 1)) * um
-    o10 = np.uint64(min(i0 + 10, NA - 1)) * um
-    o11 = np.uint64(min(i0 + 11, NA - 1)) * um
-    o12 = np.uint64(min(i0 + 12, NA - 1)) * um
-    o13 = np.uint64(min(i0 + 13, NA - 1)) * um
-    o14 = np.uint64(min(i0 + 14, NA - 1)) * um
-    o15 = np.uint64(min(i0 + 15, NA - 1)) * um
-    o16 = np.uint64(min(i0 + 16, NA - 1)) * um
-    o17 = np.uint64(min(i0 + 17, NA - 1)) * um
-    o18 = np.uint64(min(i0 + 18, NA - 1)) * um
-    o19 = np.uint64(min(i0 + 19, NA - 1)) * um
-    o20 = np.uint64(min(i0 + 20, NA - 1)) * um
-    o21 = np.uint64(min(i0 + 21, NA - 1)) * um
-    o22 = np.uint64(min(i0 + 22, NA - 1)) * um
-    o23 = np.uint64(min(i0 + 23, NA - 1)) * um
-    for n in range(nimg):
-        an = a[n0 + n]
-        bn = bt[n]
-        for m in range(M):
-            dv = bn[m]
-            u = np.uint64(m)
-            x0 = an[o0 + u]
-            x1 = an[o1 + u]
-            x2 = an[o2 + u]
-            x3 = an[o3 + u]
-            x4 = an[o4 + u]
-            x5 = an[o5 + u]
-            x6 = an[o6 + u]
-            x7 = an[o7 + u]
-            x8 = an[o8 + u]
-            x9 = an[o9 + u]
-            x10 = an[o10 + u]
-            x11 = an[o11 + u]
-            x12 = an[o12 + u]
-            x13 = an[o13 + u]
-            x14 = an[o14 + u]
-            x15 = an[o15 + u]
-            x16 = an[o16 + u]
-            x17 = an[o17 + u]
-            x18 = an[o18 + u]
-            x19 = an[o19 + u]
-            x20 = an[o20 + u]
-            x21 = an[o21 + u]
-            x22 = an[o22 + u]
-            x23 = an[o23 + u]
-            for j in range(VL):
-                e = dv[j]
-                acc[0, j] += e * x0
-                acc[1, j] += e * x1
-                acc[2, j] += e * x2
-                acc[3, j] += e * x3
-                acc[4, j] += e * x4
-                acc[5, j] += e * x5
-                acc[6, j] += e * x6
-                acc[7, j] += e * x7
-                acc[8, j] += e * x8
-                acc[9, j] += e * x9
-                acc[10, j] += e * x10
-                acc[11, j] += e * x11
-                acc[12, j] += e * x12
-                acc[13, j] += e * x13
-                acc[14, j] += e * x14
-                acc[15, j] += e * x15
-                acc[16, j] += e * x16
-                acc[17, j] += e * x17
-                acc[18, j] += e * x18
-                acc[19, j] += e * x19
-                acc[20, j] += e * x20
-                acc[21, j] += e * x21
-                acc[22, j] += e * x22
-                acc[23, j] += e * x23
-    for i in range(TA):
-        for j in range(VL):
-            out[i, j] = acc[i, j]
+                _lanes_tile(a[n0:n1], bt, roff, n1 - n0, rb, part[h, rb, lb])
