@@ -134,3 +134,24 @@ def test_pointwise_layers_are_planned_on_it_and_others_refused():
             fc.conv2d_plan(shape, (K, Cg, 1, 1), **conv, algorithm={"grad_weight": NAME})
     with pytest.raises(ValueError, match="no forward pass"):
         fc.conv2d_plan((2, 32, 9, 9), (32, 32, 1, 1), algorithm=NAME)
+
+
+def test_the_tile_keeps_its_accumulators_in_registers():
+    """One vector load and 24 FMAs a pixel, each with its broadcast folded in, and no
+    vector register spilled in the loop."""
+    import re
+
+    import numba
+
+    from fastconv import _jit
+
+    f = numba.njit(fastmath=_jit.FASTMATH, cache=False)(PW._pointwise_tile.py_func)
+    f(np.zeros((2, 30 * 64), np.float32), np.zeros((2, 1, 64, PW.VL), np.float32),
+      np.zeros((1, 2 * PW.TA), np.int64), 2, 1, np.zeros((PW.TA, PW.VL), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    blocks = re.split(r"\n(?=\.LBB|\S)", asm)
+    hot = max(blocks, key=lambda b: len(re.findall(r"vfmadd\d+ps", b)))
+    hot = re.split(r"\n\tj", hot)[0]  # the loop, up to its back edge
+    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*\{1to16\}[^\n]*zmm", hot)) == PW.TA
+    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", hot)
+    assert "vgather" not in asm and "vscatter" not in asm

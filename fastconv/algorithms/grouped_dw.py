@@ -155,9 +155,15 @@ def _lanes_deltas(dyn, k0, M, df):
 
 @serial_kernel
 def _lanes_tile(x, d, toff, nimg, tb, out):
-    """One tile of :func:`grouped_dw_lanes`: ``out[a, k] = sum_{n, i, j} d[n, i, j, k] *
-    x[n, toff[i, tb*TB + a] + j]``, ``TB`` taps times ``VL`` channels, each input
-    broadcast.  Compiled on its own, so that its tile stays in registers."""
+    """One tile of :func:`grouped_dw_lanes` (:func:`_lanes_products`), compiled on its
+    own, so that its tile stays in registers."""
+    _lanes_products(x, d, toff, nimg, tb, out)
+
+
+@numba.njit(inline="always")
+def _lanes_products(x, d, toff, nimg, tb, out):
+    """``out[a, k] = sum_{n, i, j} d[n, i, j, k] * x[n, toff[i, tb*TB + a] + j]``, ``TB``
+    taps times ``VL`` channels in registers, each input a broadcast folded into its FMA."""
     OH = toff.shape[0]
     acc = stack_tile(24, 16, out.dtype)  # TB rows of VL lanes
     for a in range(TB):

@@ -43,9 +43,9 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, transpose16
+from .._jit import parallel_kernel, serial_kernel, transpose16
 from ..layouts import _batch_chunks, _sum_chunks
-from .grouped_dw import TB, VL, _lanes_tile
+from .grouped_dw import TB, VL, _lanes_products
 
 NAME = "pointwise-dw"
 
@@ -109,9 +109,8 @@ def pointwise_dw(a, b, NA, NB, M, roff, scratch, part):
     part : (P, RBn, LBn, TA, VL)    one sum per chunk, overwritten.
 
     Task (h, lb): ``b``'s block ``lb`` of each image of the chunk transposed to
-    pixel-major (blocks of 16 pixels in registers), then every row block of ``a`` through
-    the channel-lane grouped dW's tile (:func:`fastconv.algorithms.grouped_dw._lanes_tile`:
-    one output row of ``M`` pixels whose ``TA`` taps are the rows of ``a``).
+    pixel-major (blocks of 16 pixels in registers), then every row block of ``a``
+    (:func:`_pointwise_tile`).
     """
     N = a.shape[0]
     P, RBn, LBn = part.shape[:3]
@@ -138,4 +137,13 @@ def pointwise_dw(a, b, NA, NB, M, roff, scratch, part):
                         for j in range(VL):
                             dst[u * VL + j] = b[n, min(j0 + j, NB - 1) * M + u]
             for rb in range(RBn):
-                _lanes_tile(a[n0:n1], bt, roff, n1 - n0, rb, part[h, rb, lb])
+                _pointwise_tile(a[n0:n1], bt, roff, n1 - n0, rb, part[h, rb, lb])
+
+
+@serial_kernel
+def _pointwise_tile(a, bt, roff, nimg, rb, out):
+    """One tile of :func:`pointwise_dw`: the channel-lane grouped dW's tile
+    (:func:`fastconv.algorithms.grouped_dw._lanes_products`) on one output row of ``M``
+    pixels whose ``TA`` taps are rows of ``a``.  Compiled on its own, so that its tile
+    stays in registers."""
+    _lanes_products(a, bt, roff, nimg, rb, out)
