@@ -42,30 +42,45 @@ def prepare(geo, w, pass_):
 
 
 def forward(geo, x, wb, b):
-    if not _staged_rows(geo):
+    rows = TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw)
+    if not _staged(rows, geo.S, geo.W, geo.pl):
         return packed_forward(geo, _pack_input(x, geo), wb, b)
     bb = np.zeros((geo.G, wb.shape[1] * KB), x.dtype)
     if b is not None:
         bb[:, :geo.Kg] = b.reshape(geo.G, geo.Kg)
-    Wst = (geo.OW - 1) * geo.sw + (geo.S - 1) * geo.dlw + 1
-    Q = max(1, min(geo.N * geo.OH * geo.G,
-                   config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
-    conv_rows_staged(np.ascontiguousarray(x), wb, bb, y, geo.sh, geo.dlh, geo.sw, geo.dlw,
-                     geo.pt, geo.pl, np.empty((Q, geo.R, Wst, geo.Cg), x.dtype))
+    conv_rows_staged(np.ascontiguousarray(x), wb, bb, y, rows, geo.pt, geo.pl,
+                     _staging(geo.N, geo.G, rows, geo.R, geo.S, geo.Cg, x.dtype))
     return y
 
 
-def _staged_rows(geo: ConvGeometry) -> bool:
-    """Whether the NCHW forward pass runs :func:`conv_rows_staged`: where
+def _staged(rows, S: int, W: int, pl: int) -> bool:
+    """Whether :func:`conv_rows_staged` runs the outputs ``rows`` (a :class:`TileMap`) of a
+    filter ``S`` wide, reading an input ``W`` wide padded by ``pl`` on the left: where
     :func:`conv_tiles` would run row tiles (rows of at least ``TW`` pixels that its
     flattened tiles would not save a tenth of), and the input rows it reads hold at least
     16 pixels, so that its layout transposes 16 x 16 blocks (with 14-pixel rows and 256
     channels, one value at a time, it ran 0.95x the packed pass)."""
-    TT, TR = -(-geo.OH * geo.OW // TW), -(-geo.OW // TW)
-    Wst = (geo.OW - 1) * geo.sw + (geo.S - 1) * geo.dlw + 1
-    return (geo.OW >= TW and 10 * TT >= 9 * geo.OH * TR
-            and min(geo.W, Wst - geo.pl) >= 16)
+    TT, TR = -(-rows.OH * rows.OW // TW), -(-rows.OW // TW)
+    return (rows.OW >= TW and 10 * TT >= 9 * rows.OH * TR
+            and _staged_columns(rows, S, W, pl)[2] >= 16)
+
+
+def _staged_columns(rows, S: int, W: int, pl: int) -> tuple:
+    """``(Wst, u0, wc)``: a staged row's width, and its columns ``u0 .. u0 + wc - 1`` that
+    hold input columns (the others are padding), for the outputs ``rows`` (see
+    :func:`conv_rows_staged`)."""
+    Wst = (rows.OW - 1) * rows.sw + (S - 1) * rows.dlw + 1
+    shift = pl - rows.xw0  # staged column u holds input column u - shift
+    u0 = max(0, shift)
+    return Wst, u0, max(0, min(Wst, W + shift) - u0)
+
+
+def _staging(N: int, G: int, rows, R: int, S: int, Cw: int, dtype) -> np.ndarray:
+    """The scratch of :func:`conv_rows_staged`: ``(Q, R, Wst, Cw)``, one for each run of
+    tasks."""
+    Q = max(1, min(N * rows.OH * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    return np.empty((Q, R, (rows.OW - 1) * rows.sw + (S - 1) * rows.dlw + 1, Cw), dtype)
 
 
 def grad_input(geo, dy, wp):
@@ -126,7 +141,9 @@ def _phase_weights(w: np.ndarray, geo: ConvGeometry) -> PhaseWeights:
 def packed_grad_input(geo: ConvGeometry, dyp: np.ndarray, layout: DeltaLayout,
                       wp: PhaseWeights) -> np.ndarray:
     """dX by the channel tile, phase by phase (see "dX, derived once" in
-    :mod:`fastconv.geometry`), from deltas packed in ``layout`` (``delta_layout(geo)``)."""
+    :mod:`fastconv.geometry`), from deltas packed in ``layout`` (``delta_layout(geo)``).
+    (Each phase from the NCHW deltas by :func:`conv_rows_staged` instead ran 0.94-1.1x as
+    fast: the phases' rows are half as long as the forward pass's.)"""
     pt, pl = layout.top, layout.left
     dx = np.zeros((geo.N, geo.C, geo.H, geo.W), dyp.dtype)
     zero_bias = np.zeros((geo.G, -(-geo.Cg // KB) * KB), dyp.dtype)
@@ -463,35 +480,48 @@ def conv_tiles(x, w, b, y, tiles, border):
 
 
 @parallel_kernel
-def conv_rows_staged(x, w, b, y, sh, dlh, sw, dlw, pt, pl, scratch):
-    """The forward pass from NCHW input, each task laying out the input rows it reads.
+def conv_rows_staged(x, w, b, y, tiles, pt, pl, scratch):
+    """:func:`conv_tiles` from NCHW input, each task laying out the input rows it reads:
+    the forward pass of the functional API.
 
-    ``y[n, g*Ko + ko, i, j] = b[g, ko] + sum_{r, s, c} x[n, g*Cg + c, i*sh + r*dlh - pt,
-    j*sw + s*dlw - pl] * w[g, ko//KB, r, s, c, ko%KB]``, zero outside the image.
+    ``tiles`` (:class:`TileMap`) says which outputs, and where they read in the input
+    padded by ``pt`` rows and ``pl`` columns; for ``i < OH``, ``j < OW`` and every output
+    channel ``g*Ko + ko``::
 
-    x : (N, C, H, W)            NCHW, C-contiguous.
-    w : (G, KBn, R, S, Cg, KB)  blocked weights, zero past ``Ko`` in the last block.
-    b : (G, KBn*KB)             bias (zeros for none).
-    y : (N, G*Ko, OH, OW)       NCHW, ``OW >= TW``; every element written.
-    scratch : (Q, R, Wst, Cg)   a run's staged rows, ``Wst = (OW-1)*sw + (S-1)*dlw + 1``.
+        y[n, g*Ko + ko, yh0 + i*ysh, yw0 + j*ysw] = b[g, ko] + sum_{r, s, c < Cs}
+            x[n, g*Cs + c, xh0 + i*sh + r*dlh - pt, xw0 + j*sw + s*dlw - pl]
+            * w[g, ko//KB, r, s, c, ko%KB]
+
+    zero outside the image.
+
+    x : (N, G*Cs, H, W)          NCHW, C-contiguous.
+    w : (G, KBn, R, S, Cw, KB)   blocked weights, zero past ``Ko``; ``Cw >= Cs`` (the
+                                 weights of channels past ``Cs`` meet zeros).
+    b : (G, KBn*KB)              bias (zeros for none).
+    y : (N, G*Ko, Hy, Wy)        NCHW; only the pixels named above are written.
+    scratch : (Q, R, Wst, Cw)    a run's staged rows, ``Wst = (OW-1)*sw + (S-1)*dlw + 1``;
+                                 ``OW >= TW``.
 
     :func:`conv_tiles` reads zero-padded channels-last input, and laying the whole input
     out so is a pass over memory: 2.2-2.5 ms of a 8.1-8.5 ms stride-2 layer (64 channels,
     28 x 28, batch 64), on top of the kernel's 5.8-5.9 ms.  Here tasks are (n, i, g): a
     task lays out the ``R`` input rows that output row ``i`` reads, the group's channels
-    of each pixel contiguous and the pads zero, in a scratch that stays in cache
-    (:func:`fastconv._jit.transpose16`, 16 channels x 16 pixels at a time), then runs the
-    row's tiles (:func:`_tile_products`, the last shifted left to end at ``OW``) for every
-    channel block.  Runs of tasks share a scratch, zeroed once: the pad columns are never
-    written, rows outside the image are zeroed where they occur.
+    of each pixel contiguous and the pads zero (:func:`_stage_row`), in a scratch that
+    stays in cache, then runs the row's tiles (:func:`_tile_products`, the last shifted
+    left to end at ``OW``) for every channel block.  Runs of tasks share a scratch, zeroed
+    once: its pad columns and channels are never written, rows outside the image are
+    zeroed where they occur.
     """
-    N, C, H, W = x.shape
-    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
-    G, KBn, R, S, Cg = w.shape[:5]
+    OH, OW, sh, sw, dlh, dlw, xh0, xw0, yh0, yw0, ysh, ysw = tiles
+    N, Cx, H, W = x.shape
+    K, Hy, Wy = y.shape[1], y.shape[2], y.shape[3]
+    G, KBn, R, S, Cw = w.shape[:5]
     Q, Wst = scratch.shape[0], scratch.shape[2]
-    Ko = K // G
+    Cs, Ko = Cx // G, K // G
     TR = (OW + TW - 1) // TW
-    wc = max(0, min(W, Wst - pl))  # the input columns a tap reads, from the first
+    shift = pl - xw0  # staged column u holds input column u - shift
+    u0 = max(0, shift)
+    wc = max(0, min(Wst, W + shift) - u0)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     NT = N * OH * G
@@ -508,46 +538,46 @@ def conv_rows_staged(x, w, b, y, sh, dlh, sw, dlw, pt, pl, scratch):
             i = rest % OH
             n = rest // OH
             for r in range(R):
-                _stage_row(xf, ((n * C + g * Cg) * H) * W, H, W, i * sh + r * dlh - pt, pl,
-                           wc, Cg, sf, r * Wst * Cg)
+                _stage_row(xf, (n * Cx + g * Cs) * H * W, H, W, xh0 + i * sh + r * dlh - pt,
+                           u0, u0 - shift, wc, Cs, Cw, sf, r * Wst * Cw)
             for kb in range(KBn):
                 kn = min(KB, Ko - kb * KB)
                 for tt in range(TR):
                     tj = min(tt * TW, OW - TW)
                     _tile_products(sf, np.uint64(0), w, g, kb, acc,
-                                   _tile_inputs(0, tj, OW, 0, sw, 0, 0, Wst, Cg),
-                                   R, S, Cg, Wst * Cg, dlw * Cg)
+                                   _tile_inputs(0, tj, OW, 0, sw, 0, 0, Wst, Cw),
+                                   R, S, Cw, Wst * Cw, dlw * Cw)
                     for t in range(TW):
-                        yt[0, t] = i * OW + tj + t
+                        yt[0, t] = (yh0 + i * ysh) * Wy + yw0 + (tj + t) * ysw
                     _store_tile(yf, acc, yt, b, g, kb, kn,
-                                (n * K + g * Ko + kb * KB) * OH * OW, OH * OW, tt * TW - tj)
+                                (n * K + g * Ko + kb * KB) * Hy * Wy, Hy * Wy, tt * TW - tj)
 
 
 @numba.njit(inline="always")
-def _stage_row(xf, plane0, H, W, ih, pl, wc, Cg, sf, d0):
-    """Input row ``ih`` of the ``Cg`` planes from ``xf[plane0]`` (NCHW, ``H*W`` apart)
-    into ``sf[d0:]`` channels-last from column ``pl``: ``sf[d0 + (pl + u)*Cg + c] =
-    x[c, ih, u]`` for ``u < wc``; a row outside the image zeroes its ``wc + pl`` first
-    columns (the others are never written).  Whole blocks of 16 channels x 16 pixels are
+def _stage_row(xf, plane0, H, W, ih, u0, iw0, wc, Cs, Cw, sf, d0):
+    """Input row ``ih`` of the ``Cs`` planes from ``xf[plane0]`` (NCHW, ``H*W`` apart)
+    into ``sf[d0:]`` channels-last, ``Cw`` channels a pixel: ``sf[d0 + (u0 + v)*Cw + c] =
+    x[c, ih, iw0 + v]`` for ``v < wc``, ``c < Cs``; a row outside the image zeroes those
+    places (the others are never written).  Whole blocks of 16 channels x 16 pixels are
     transposed in registers, the last pixel block shifted back to end at ``wc``; the rest
     goes one value at a time."""
+    d = d0 + u0 * Cw
     if ih < 0 or ih >= H:
-        for e in range(d0, d0 + (pl + wc) * Cg):
-            sf[e] = 0
+        for v in range(wc):
+            for c in range(Cs):
+                sf[d + v * Cw + c] = 0
         return
-    src = plane0 + ih * W
-    d = d0 + pl * Cg
+    src = plane0 + ih * W + iw0
     c = 0
     if wc >= 16:
-        while c + 16 <= Cg:
-            for u0 in range(0, wc, 16):
-                u = min(u0, wc - 16)
-                transpose16(xf, src + c * H * W + u, H * W, sf, d + u * Cg + c, Cg)
+        while c + 16 <= Cs:
+            for v0 in range(0, wc, 16):
+                v = min(v0, wc - 16)
+                transpose16(xf, src + c * H * W + v, H * W, sf, d + v * Cw + c, Cw)
             c += 16
-    for cc in range(c, Cg):
-        for u in range(wc):
-            sf[d + u * Cg + cc] = xf[src + cc * H * W + u]
-
+    for cc in range(c, Cs):
+        for v in range(wc):
+            sf[d + v * Cw + cc] = xf[src + cc * H * W + v]
 
 @numba.njit(inline="always")
 def _dw_task(task, NT, N, P, TBn, R, KBn):
