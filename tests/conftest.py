@@ -38,6 +38,17 @@ def central_differences(f, arrays: dict, which: str, g, eps: float = 1e-6) -> np
     return grad
 
 
+def check_plan_by_differences(plan, x, w, b, dy, passes=("grad_input", "grad_weight")):
+    """A float64 plan's dX and dW (those of ``passes``) against float64 central
+    differences of its own forward pass."""
+    f = lambda x, w: plan.forward(x, w, b)  # noqa: E731
+    for name, got in [("x", plan.grad_input(dy, w) if "grad_input" in passes else None),
+                      ("w", plan.grad_weight(x, dy) if "grad_weight" in passes else None)]:
+        if got is not None:
+            np.testing.assert_allclose(got, central_differences(f, {"x": x, "w": w}, name, dy),
+                                       rtol=1e-6, atol=1e-8)
+
+
 def check_plan_against_torch(plan, rng, tol=1e-4, atol=1e-4) -> None:
     """A plan's three passes on random float32 arrays of its shapes against
     ``torch.nn.functional.conv2d`` and autograd (skipped without torch)."""

@@ -20,9 +20,9 @@ from fastconv.plan import ConvPlan
 
 from conftest import (
     assert_same_on_thread_counts,
-    central_differences,
     check_non_finite_reach,
     check_plan_against_torch,
+    check_plan_by_differences,
     generated_geometry,
     random_problem,
     reference_passes,
@@ -173,14 +173,7 @@ def test_grouped_gradients_match_finite_differences(rng):
         assert set(forced) == set(algorithms.PASSES)
         plan = fc.conv2d_plan(x.shape, w.shape, **conv, groups=G, dtype=np.float64,
                               algorithm=forced)
-        f = lambda x, w: plan.forward(x, w, b)  # noqa: B023, E731
-        arrays = {"x": x, "w": w}
-        np.testing.assert_allclose(plan.grad_input(dy, w),
-                                   central_differences(f, arrays, "x", dy), rtol=1e-6,
-                                   atol=1e-8)
-        np.testing.assert_allclose(plan.grad_weight(x, dy),
-                                   central_differences(f, arrays, "w", dy), rtol=1e-6,
-                                   atol=1e-8)
+        check_plan_by_differences(plan, x, w, b, dy)
 
 
 def test_grouped_empty_batch():

@@ -17,9 +17,9 @@ from fastconv.algorithms import grouped_dw
 
 from conftest import (
     assert_same_on_thread_counts,
-    central_differences,
     check_non_finite_reach,
     check_plan_against_torch,
+    check_plan_by_differences,
     generated_geometry,
     random_problem,
 )
@@ -97,10 +97,7 @@ def test_channel_lane_dw_matches_torch_and_finite_differences(rng):
     conv = dict(stride=(1, 2), padding=1, dilation=(2, 1), groups=2)
     x, w, b, dy = random_problem(rng, 1, 4, 5, 11, 32, 3, 3, conv)
     plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
-    f = lambda x, w: plan.forward(x, w, b)  # noqa: E731
-    np.testing.assert_allclose(plan.grad_weight(x, dy),
-                               central_differences(f, {"x": x, "w": w}, "w", dy), rtol=1e-6,
-                               atol=1e-8)
+    check_plan_by_differences(plan, x, w, b, dy, passes=("grad_weight",))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
