@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from . import _checks, config
@@ -32,6 +33,13 @@ def _batch_chunks(N: int, per_sample: int, budget: int | None = None) -> int:
     depend on the thread count."""
     budget = config.DW_CHUNK_BYTES if budget is None else budget
     return -(-N // max(1, budget // per_sample))
+
+
+def _task_runs(tasks: int) -> int:
+    """How many runs a kernel cuts its ``tasks`` into, each run with a scratch of its own
+    and its tasks in order: ``config.GROUPED_TASKS_PER_THREAD`` per thread (the scratch
+    count stays small while threads balance), at most one per task, at least one."""
+    return max(1, min(tasks, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
 
 
 def _sum_chunks(part: np.ndarray) -> np.ndarray:

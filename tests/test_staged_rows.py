@@ -22,8 +22,8 @@ FORCED = {"forward": "direct-channel-tile"}
 
 
 def _forward_staged(geo) -> bool:
-    return CT._staged(CT.TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw), geo.S,
-                      geo.W, geo.pl)
+    rows = CT.TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw)
+    return CT._staged(rows, CT._staged_columns(rows, geo.S, geo.W, geo.pl)[3])
 
 
 def _grid():
@@ -107,7 +107,7 @@ def test_staged_rows_run_where_rows_are_long_and_keep_the_tile_in_registers():
         CT.conv_rows_staged.py_func)
     f(np.zeros((1, 16, 4, 20), np.float32), np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32),
       np.zeros((1, CT.KB), np.float32), np.zeros((1, 8, 2, 18), np.float32),
-      CT.TileMap(2, 18, 1, 1, 1, 1), 0, 0, np.zeros((1, 3, 20, 16), np.float32))
+      CT.TileMap(2, 18, 1, 1, 1, 1), 0, (0, 0, 20), np.zeros((1, 3, 20, 16), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     # The 7-pixel x 32-channel tile: two vectors of 7 packed FMAs a step, no spills.
     loops = [b for b in re.split(r"\n(?=\.LBB)", asm)

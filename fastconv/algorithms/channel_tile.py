@@ -12,7 +12,6 @@ import numba
 import numpy as np
 from numba import prange
 
-from .. import config
 from .._jit import parallel_kernel, stack_tile, transpose16
 from ..geometry import ConvGeometry
 from ..kernels import _chunk_task
@@ -22,6 +21,7 @@ from ..layouts import (
     _batch_chunks,
     _pack_input,
     _sum_chunks,
+    _task_runs,
     delta_layout,
     pack_deltas,
 )
@@ -43,44 +43,45 @@ def prepare(geo, w, pass_):
 
 def forward(geo, x, wb, b):
     rows = TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw)
-    if not _staged(rows, geo.S, geo.W, geo.pl):
+    Wst, u0, iw0, wc = _staged_columns(rows, geo.S, geo.W, geo.pl)
+    if not _staged(rows, wc):
         return packed_forward(geo, _pack_input(x, geo), wb, b)
-    bb = np.zeros((geo.G, wb.shape[1] * KB), x.dtype)
-    if b is not None:
-        bb[:, :geo.Kg] = b.reshape(geo.G, geo.Kg)
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
-    conv_rows_staged(np.ascontiguousarray(x), wb, bb, y, rows, geo.pt, geo.pl,
-                     _staging(geo.N, geo.G, rows, geo.R, geo.S, geo.Cg, x.dtype))
+    scratch = np.empty((_task_runs(geo.N * geo.OH * geo.G), geo.R, Wst, geo.Cg), x.dtype)
+    conv_rows_staged(np.ascontiguousarray(x), wb, _blocked_bias(geo, wb, b, x.dtype), y,
+                     rows, geo.pt, (u0, iw0, wc), scratch)
     return y
 
 
-def _staged(rows, S: int, W: int, pl: int) -> bool:
-    """Whether :func:`conv_rows_staged` runs the outputs ``rows`` (a :class:`TileMap`) of a
-    filter ``S`` wide, reading an input ``W`` wide padded by ``pl`` on the left: where
+def _blocked_bias(geo: ConvGeometry, wb: np.ndarray, b, dtype) -> np.ndarray:
+    """The bias as the forward kernels read it, ``(G, KBn*KB)`` like the blocked weights
+    ``wb``, zero past ``Kg`` (and everywhere without a bias)."""
+    bb = np.zeros((geo.G, wb.shape[1] * KB), dtype)
+    if b is not None:
+        bb[:, :geo.Kg] = b.reshape(geo.G, geo.Kg)
+    return bb
+
+
+def _staged(rows, wc: int) -> bool:
+    """Whether :func:`conv_rows_staged` runs the outputs ``rows`` (a :class:`TileMap`),
+    its staged rows holding ``wc`` input columns (:func:`_staged_columns`): where
     :func:`conv_tiles` would run row tiles (rows of at least ``TW`` pixels that its
-    flattened tiles would not save a tenth of), and the input rows it reads hold at least
-    16 pixels, so that its layout transposes 16 x 16 blocks (with 14-pixel rows and 256
-    channels, one value at a time, it ran 0.95x the packed pass)."""
+    flattened tiles would not save a tenth of, its own rule), and the input rows it reads
+    hold at least 16 pixels, so that its layout transposes 16 x 16 blocks (with 14-pixel
+    rows and 256 channels, one value at a time, it ran 0.95x the packed pass)."""
     TT, TR = -(-rows.OH * rows.OW // TW), -(-rows.OW // TW)
-    return (rows.OW >= TW and 10 * TT >= 9 * rows.OH * TR
-            and _staged_columns(rows, S, W, pl)[2] >= 16)
+    return rows.OW >= TW and 10 * TT >= 9 * rows.OH * TR and wc >= 16
 
 
 def _staged_columns(rows, S: int, W: int, pl: int) -> tuple:
-    """``(Wst, u0, wc)``: a staged row's width, and its columns ``u0 .. u0 + wc - 1`` that
-    hold input columns (the others are padding), for the outputs ``rows`` (see
-    :func:`conv_rows_staged`)."""
+    """``(Wst, u0, iw0, wc)`` for the outputs ``rows`` (a :class:`TileMap`) of a filter
+    ``S`` wide, reading an input ``W`` wide padded by ``pl`` on the left: a staged row's
+    width, and its columns ``u0 .. u0 + wc - 1``, which hold input columns ``iw0 ..
+    iw0 + wc - 1`` (the others are padding; see :func:`conv_rows_staged`)."""
     Wst = (rows.OW - 1) * rows.sw + (S - 1) * rows.dlw + 1
     shift = pl - rows.xw0  # staged column u holds input column u - shift
     u0 = max(0, shift)
-    return Wst, u0, max(0, min(Wst, W + shift) - u0)
-
-
-def _staging(N: int, G: int, rows, R: int, S: int, Cw: int, dtype) -> np.ndarray:
-    """The scratch of :func:`conv_rows_staged`: ``(Q, R, Wst, Cw)``, one for each run of
-    tasks."""
-    Q = max(1, min(N * rows.OH * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
-    return np.empty((Q, R, (rows.OW - 1) * rows.sw + (S - 1) * rows.dlw + 1, Cw), dtype)
+    return Wst, u0, u0 - shift, max(0, min(Wst, W + shift) - u0)
 
 
 def grad_input(geo, dy, wp):
@@ -200,10 +201,7 @@ def packed_forward(geo: ConvGeometry, xp: np.ndarray, wb: np.ndarray, b, ws=_FRE
     the blocked weights (:func:`prepare`); ``y`` is the array ``"y"`` of workspace ``ws``.
     With ``pool_order``, y (N, K, 4, OH/2 * OW/2) in pool order: each plane a convolution
     of twice the stride (see "Pool order" in :mod:`fastconv.layouts`)."""
-    G, Kg = geo.G, geo.Kg
-    bb = np.zeros((G, wb.shape[1] * KB), xp.dtype)
-    if b is not None:
-        bb[:, :Kg] = b.reshape(G, Kg)
+    bb = _blocked_bias(geo, wb, b, xp.dtype)
     if not pool_order:
         y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), xp.dtype)
         conv_tiles(xp, wb, bb, y, TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw),
@@ -480,13 +478,13 @@ def conv_tiles(x, w, b, y, tiles, border):
 
 
 @parallel_kernel
-def conv_rows_staged(x, w, b, y, tiles, pt, pl, scratch):
+def conv_rows_staged(x, w, b, y, tiles, pt, columns, scratch):
     """:func:`conv_tiles` from NCHW input, each task laying out the input rows it reads:
     the forward pass of the functional API.
 
     ``tiles`` (:class:`TileMap`) says which outputs, and where they read in the input
-    padded by ``pt`` rows and ``pl`` columns; for ``i < OH``, ``j < OW`` and every output
-    channel ``g*Ko + ko``::
+    padded by ``pt`` rows and ``pl`` columns (``pl`` given through ``columns``); for ``i <
+    OH``, ``j < OW`` and every output channel ``g*Ko + ko``::
 
         y[n, g*Ko + ko, yh0 + i*ysh, yw0 + j*ysw] = b[g, ko] + sum_{r, s, c < Cs}
             x[n, g*Cs + c, xh0 + i*sh + r*dlh - pt, xw0 + j*sw + s*dlw - pl]
@@ -499,6 +497,8 @@ def conv_rows_staged(x, w, b, y, tiles, pt, pl, scratch):
                                  weights of channels past ``Cs`` meet zeros).
     b : (G, KBn*KB)              bias (zeros for none).
     y : (N, G*Ko, Hy, Wy)        NCHW; only the pixels named above are written.
+    columns : (u0, iw0, wc)      staged columns ``u0 .. u0 + wc - 1`` hold input columns
+                                 ``iw0 ..`` (:func:`_staged_columns`), the others padding.
     scratch : (Q, R, Wst, Cw)    a run's staged rows, ``Wst = (OW-1)*sw + (S-1)*dlw + 1``;
                                  ``OW >= TW``.
 
@@ -519,9 +519,7 @@ def conv_rows_staged(x, w, b, y, tiles, pt, pl, scratch):
     Q, Wst = scratch.shape[0], scratch.shape[2]
     Cs, Ko = Cx // G, K // G
     TR = (OW + TW - 1) // TW
-    shift = pl - xw0  # staged column u holds input column u - shift
-    u0 = max(0, shift)
-    wc = max(0, min(Wst, W + shift) - u0)
+    u0, iw0, wc = columns
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     NT = N * OH * G
@@ -539,7 +537,7 @@ def conv_rows_staged(x, w, b, y, tiles, pt, pl, scratch):
             n = rest // OH
             for r in range(R):
                 _stage_row(xf, (n * Cx + g * Cs) * H * W, H, W, xh0 + i * sh + r * dlh - pt,
-                           u0, u0 - shift, wc, Cs, Cw, sf, r * Wst * Cw)
+                           u0, iw0, wc, Cs, Cw, sf, r * Wst * Cw)
             for kb in range(KBn):
                 kn = min(KB, Ko - kb * KB)
                 for tt in range(TR):

@@ -77,7 +77,7 @@ from .. import config
 from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
 from ..geometry import ConvGeometry, _dx_joins, _dx_phases
 from ..kernels import _finite, _phase_fill
-from ..layouts import _batch_chunks, _sum_chunks
+from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .pixel import (
     DK,
     DT,
@@ -337,8 +337,7 @@ def grad_input(geo, dy, wd):
                            <= config.GROUPED_DX_FUSED_BYTES):
         make = np.empty if fz.covered else np.zeros
         dx = make((geo.N, geo.C, geo.H, geo.W), dy.dtype)
-        Q = max(1, min(geo.N * geo.G,
-                       config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+        Q = _task_runs(geo.N * geo.G)
         grid = np.empty((Q, geo.Kg, 1, 1, fz.Hd + 1, fz.Wd), dy.dtype)
         outs = np.empty((Q, int(fz.obase[-1]) + PX), dy.dtype)
         grouped_dx_phases(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), geo.OW,
@@ -357,7 +356,7 @@ def _forward(geo, x, wp, b):
     rows = _rows(geo)
     bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((geo.N, geo.K, rows.OH, rows.OW), x.dtype)
-    Q = max(1, min(geo.N * geo.G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    Q = _task_runs(geo.N * geo.G)
     scratch = np.empty((Q, *rows.grid), x.dtype)
     grouped_pixel_tiles(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W),
                         geo.W, geo.pt, geo.pl, rows.toff, wp, bias, y, scratch)
@@ -378,7 +377,7 @@ def grad_weight(geo, x, dy):
     P = _batch_chunks(geo.N, geo.K * rows.OH * rows.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
-    Q = max(1, min(P * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    Q = _task_runs(P * G)
     grid = np.empty((Q, nimg, *rows.grid), x.dtype)
     # Each task's deltas as the rows of ``tt``; wide rows are zero in the dropped columns,
     # which read input pixels: an inf or NaN there times such a zero would be a NaN that

@@ -53,7 +53,7 @@ from numba import prange
 
 from .. import config
 from .._jit import parallel_kernel, serial_kernel, stack_tile, transpose16
-from ..layouts import _batch_chunks, _sum_chunks
+from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .grouped import (
     _group_planes,
     _rows,
@@ -88,7 +88,7 @@ def grad_weight(geo, x, dy):
     P = _batch_chunks(geo.N, geo.K * geo.OH * geo.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
-    Q = max(1, min(P * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    Q = _task_runs(P * G)
     grid = np.empty((Q, nimg, *rows.grid), x.dtype)
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
     part = np.empty((P, G, KBn, TBn, TB, VL), dy.dtype)

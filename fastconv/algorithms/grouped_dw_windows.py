@@ -52,13 +52,12 @@ sums, which are added in a fixed order: results do not depend on the thread coun
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import config
 from .._jit import interleave_run, parallel_kernel, serial_kernel, stack_tile
-from ..layouts import _batch_chunks, _sum_chunks
+from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .grouped import slower  # noqa: F401  (the same rule: large groups fill the channel tile)
 
 NAME = "grouped-dw-windows"
@@ -103,7 +102,7 @@ def grad_weight(geo, x, dy):
     P = _batch_chunks(geo.N, geo.K * geo.OH * geo.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
-    Q = max(1, min(P * G, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    Q = _task_runs(P * G)
     xh = np.empty((Q, nimg, Hp * Wp * CG), x.dtype)
     part = np.empty((P, G, KBn, RBn, KB * RB * 2, 16), dy.dtype)
     grouped_window_dw(np.ascontiguousarray(x).reshape(geo.N * geo.C * geo.H * geo.W),

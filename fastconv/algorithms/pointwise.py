@@ -38,14 +38,13 @@ NaN reaches exactly the sums it enters.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, serial_kernel, transpose16
-from ..layouts import _batch_chunks, _sum_chunks
-from .grouped_dw import TB, VL, _lanes_products
+from .._jit import parallel_kernel, serial_kernel
+from ..layouts import _batch_chunks, _sum_chunks, _task_runs
+from .grouped_dw import TB, VL, _lanes_deltas, _lanes_products
 
 NAME = "pointwise-dw"
 
@@ -85,7 +84,7 @@ def grad_weight(geo, x, dy):
     RBn, LBn = -(-NA // TA), -(-NB // VL)
     P = _batch_chunks(N, (NA + NB) * M * x.itemsize, config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-N // P)  # the most samples in a chunk
-    Q = max(1, min(P * LBn, config.GROUPED_TASKS_PER_THREAD * numba.get_num_threads()))
+    Q = _task_runs(P * LBn)
     scratch = np.empty((Q, nimg, 1, M, VL), x.dtype)
     part = np.empty((P, RBn, LBn, TA, VL), x.dtype)
     # The tile reads row i of block rb of A at roff[0, rb*TA + i] (rows past NA: the last).
@@ -109,14 +108,15 @@ def pointwise_dw(a, b, NA, NB, M, roff, scratch, part):
     part : (P, RBn, LBn, TA, VL)    one sum per chunk, overwritten.
 
     Task (h, lb): ``b``'s block ``lb`` of each image of the chunk transposed to
-    pixel-major (blocks of 16 pixels in registers), then every row block of ``a``
+    pixel-major as the channel-lane grouped dW transposes its deltas
+    (:func:`fastconv.algorithms.grouped_dw._lanes_deltas`; a last, partial block one value
+    at a time, its lanes past ``NB`` repeating the last), then every row block of ``a``
     (:func:`_pointwise_tile`).
     """
     N = a.shape[0]
     P, RBn, LBn = part.shape[:3]
     Q = scratch.shape[0]
     NT = P * LBn
-    done = M // VL * VL
     for q in prange(Q):
         bt = scratch[q]
         for task in range(q * NT // Q, (q + 1) * NT // Q):
@@ -127,11 +127,7 @@ def pointwise_dw(a, b, NA, NB, M, roff, scratch, part):
             for n in range(n0, n1):
                 dst = bt[n - n0].reshape(M * VL)
                 if j0 + VL <= NB:
-                    for u in range(0, done, VL):
-                        transpose16(b[n], j0 * M + u, M, dst, u * VL, VL)
-                    for u in range(done, M):
-                        for j in range(VL):
-                            dst[u * VL + j] = b[n, (j0 + j) * M + u]
+                    _lanes_deltas(b[n], j0, M, dst)
                 else:
                     for u in range(M):
                         for j in range(VL):

@@ -126,7 +126,7 @@ def _to_batch(a, geo):
     dh, dw = geo.dlh, geo.dlw
     out = np.empty((N * dh * dw, C, H // dh, W // dw), a.dtype)
     phases_to_batch(np.ascontiguousarray(a).reshape(a.size), N, C, H, W, dh, dw,
-                   out.reshape(out.size))
+                    out.reshape(out.size))
     return out
 
 
@@ -137,7 +137,7 @@ def _from_batch(a, geo):
     dh, dw = geo.dlh, geo.dlw
     out = np.empty((NP // (dh * dw), C, Hs * dh, Ws * dw), a.dtype)
     batch_to_phases(np.ascontiguousarray(a).reshape(a.size), NP // (dh * dw), C, Hs, Ws,
-                   dh, dw, out.reshape(out.size))
+                    dh, dw, out.reshape(out.size))
     return out
 
 
