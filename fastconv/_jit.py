@@ -322,6 +322,31 @@ def store_row(typingctx, dst, do, row, n):
 
 
 @intrinsic
+def load_row(typingctx, row, src, so, lanes):
+    """``row[v] = src[so + v]`` for each lane ``v < 16`` whose bit is set in the integer
+    ``lanes``, else 0: one masked vector load (``vmovups`` under a ``k`` mask, zeroing)
+    stored whole into ``row``.  A masked-out lane reads nothing, so ``so + v`` may lie
+    outside ``src`` for those lanes (a zero-padded border read in place).  ``row`` may be a
+    row of a :func:`stack_tile`, which then stays in registers.  Same rules as
+    :func:`_copy16`."""
+    if not _takes((row, src), (so, lanes)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        r_arr, s_arr, so_, lanes_ = _operands(context, builder, signature, args)
+        vec, ptr, _, load, _ = _masked_ops(context, builder, signature.args[0].dtype)
+        m = builder.bitcast(builder.trunc(lanes_, ir.IntType(16)),
+                            ir.VectorType(ir.IntType(1), 16))
+        builder.store(load(ptr(s_arr, so_), m), ptr(r_arr, ir.Constant(ir.IntType(64), 0)),
+                      align=signature.args[0].dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.void(row, src, so, lanes), codegen
+
+
+@intrinsic
 def _split32(typingctx, dst, de, do, src, so, n):
     """``dst[de + u] = src[so + 2u]`` and ``dst[do + u] = src[so + 2u + 1]`` for the first
     ``min(n, 32)`` elements of ``src`` from ``so``: two masked loads, two two-vector

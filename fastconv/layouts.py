@@ -94,6 +94,23 @@ class _Fresh:
 
 _FRESH = _Fresh()
 
+#: The page whose offsets :func:`empty_apart` spaces (the 12 address bits a core compares
+#: between loads and stores in flight).
+_PAGE = 4096
+
+
+def empty_apart(shape, dtype, other: np.ndarray) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``shape`` and ``dtype`` whose data start
+    ``config.APART_BYTES`` after ``other``'s modulo 4 KiB: the output of a kernel that
+    stores each plane at the offsets it has just read from ``other``'s (see
+    ``config.APART_BYTES``).  A view into a buffer one page longer."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = np.empty(n + _PAGE // dtype.itemsize, dtype)
+    want = (other.ctypes.data + config.APART_BYTES - buf.ctypes.data) % _PAGE
+    skip = want // dtype.itemsize
+    return buf[skip:skip + n].reshape(shape)
+
 
 def _channels_last(a: np.ndarray, G: int, CgP: int, pads=(0, 0, 0, 0), ws=_FRESH,
                    name="") -> np.ndarray:

@@ -232,6 +232,22 @@ def test_depthwise_row_kernel_keeps_its_tile_in_registers():
     assert re.search(r"vmovups\s+%zmm\d+, -?\w*\(%r[\w,%]+\)\s*\{%k\d\}", asm)
 
 
+def test_depthwise_in_place_kernel_masks_its_loads_and_keeps_its_tile_in_registers():
+    f = _serial(DW._plane_3x3)
+    H = W = 14
+    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.ones(9, np.float32), np.float32(0),
+      np.zeros(H * W, np.float32), 0, H, W)
+    asm = f.inspect_asm(f.signatures[0])
+    # One filter column a step: TR + 2 input rows loaded under a zeroing lane mask (the
+    # padding read in place) for 3*TR packed FMAs on accumulators in registers.
+    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
+    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) >= 3 * DW.TR), key=len)
+    masked = re.findall(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}", loop)
+    assert len(masked) >= DW.TR + 2
+    assert not NO_SPILL.search(loop)
+    assert "vgather" not in asm and "vscatter" not in asm
+
+
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
     f = _serial(DW._rows_dots)
     P, OH = 16, 14

@@ -218,3 +218,30 @@ def test_depthwise_layers_are_planned_on_it():
     with pytest.raises(ValueError, match="depthwise"):
         fc.conv2d_plan((2, 32, 9, 9), (32, 2, 3, 3), padding=1, groups=16, algorithm=DW)
     assert algorithms.why_not(algorithms.BY_NAME[DW], grouped, np.float32, "forward")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
+    """3x3 stride-1 layers read their planes in place up to a size, through a zero-padded
+    copy above it: each path on planes narrower than, as wide as and wider than a vector,
+    shorter than a row tile, with padding of 0-2 on either side."""
+    from fastconv import config
+    from fastconv.algorithms import depthwise
+
+    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
+    for N, C, H, W, M, pads in [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
+                                (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0))]:
+        geo = ConvGeometry(N, C, H, W, C * M, 3, 3, C, 1, 1, 1, 1, *pads,
+                           H + pads[0] + pads[1] - 2, W + pads[2] + pads[3] - 2)
+        plan = ConvPlan(geo, dtype, DW)
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((C * M, 1, 3, 3)).astype(dtype)
+        b = rng.standard_normal(C * M).astype(dtype)
+        prepared = depthwise.prepare(geo, w, "forward")
+        assert isinstance(prepared, depthwise.InPlaceWeights) == in_place
+        want = ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)), stride=(1, 1),
+                                  pads=pads, dilation=(1, 1), groups=C)
+        tol = 1e-10 if dtype == np.float64 else 2e-5
+        np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
+                                   atol=tol * max(1.0, float(np.abs(want).max())))

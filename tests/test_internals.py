@@ -187,3 +187,23 @@ def test_interleave_run_writes_exactly_its_pixels_channel_minor(dtype):
         for u, r in itertools.product(range(n), range(8)):
             want[5 + 8 * u + r] = src[3 + r * 50 + u]
         np.testing.assert_array_equal(d, want, err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("apart", [0, 2048, 4000])
+def test_empty_apart_places_the_output_at_its_page_offset_from_the_input(apart, dtype,
+                                                                        monkeypatch):
+    from fastconv import config
+    from fastconv.layouts import empty_apart
+
+    monkeypatch.setattr(config, "APART_BYTES", apart)
+    for skew in range(0, 4096, 464):
+        buf = np.zeros(3000, dtype)
+        other = buf[skew // buf.itemsize:]
+        a = empty_apart((3, 5, 7), dtype, other)
+        assert a.shape == (3, 5, 7) and a.dtype == dtype
+        assert a.flags.c_contiguous and a.flags.writeable
+        want = apart - apart % a.itemsize
+        assert (a.ctypes.data - other.ctypes.data) % 4096 == want
+        a[...] = 1  # every element inside its buffer
+        assert a.sum() == 105
