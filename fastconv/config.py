@@ -23,6 +23,11 @@ DW_PIXEL_CHUNK_BYTES = 1024 * 1024
 #: dW (the channel tile would have only C*R*S steps per register tile).
 PIXEL_MAX_C = 4
 
+#: Output rows per task of the pixel forward pass at stride 2 (:func:`fastconv.algorithms.
+#: pixel.conv_pixel_bands`), each task laying out the input rows of its band: the 7x7
+#: stem's bands read 11 rows for 8.
+PIXEL_BAND_ROWS = 8
+
 #: Winograd's dW sums its tiles in this many chunks (fewer for small problems), each into
 #: its own buffer: fixed by the shapes, so results do not depend on the thread count.
 #: MNIST conv2's dW: 4 chunks 0.96x the time of 8, 2 the same as 4.

@@ -119,32 +119,45 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
             if flat and abs(q - pl) < W:
                 _shifted_plane_flat(xs, dst[n, c, s].reshape(Hp * W), H, W, pt, q - pl)
                 continue
-            j0 = min(OW, max(0, (pl - q + sw - 1) // sw))
-            j1 = max(j0, min(OW, (W - 1 + pl - q) // sw + 1))
-            u0 = j0 * sw + q - pl
+            j0, j1 = _row_span(W, OW, pl - q, sw)
             for h in range(Hp):
-                drow = dst[n, c, s, h]
                 # padded row 2*(h % Hh) + h // Hh, without dividing
                 ih = (h if Hh == 0 else 2 * h if h < Hh else 2 * (h - Hh) + 1) - pt
-                if ih < 0 or ih >= H:
-                    for j in range(OW):
-                        drow[j] = 0
-                    continue
-                for j in range(j0):
-                    drow[j] = 0
-                for j in range(j1, OW):
-                    drow[j] = 0
-                if sw == 1:
-                    # Unsigned indices: no negative-index wraparound, so this vectorises
-                    # (about 4x faster than the general loop below).
-                    b = np.uint64(ih * W + u0)
-                    for j in range(np.uint64(0), np.uint64(j1 - j0)):
-                        drow[np.uint64(j0) + j] = xs[b + j]
-                else:
-                    b = np.uint64(ih * W + u0)
-                    usw = np.uint64(sw)
-                    for j in range(np.uint64(0), np.uint64(j1 - j0)):
-                        drow[np.uint64(j0) + j] = xs[b + j * usw]
+                _shifted_row(dst[n, c, s, h], xs, ih, H, W, j0, j1, j0 * sw + q - pl, sw)
+
+
+@numba.njit(inline="always")
+def _row_span(W, OW, dl, sw):
+    """The output columns ``[j0, j1)`` whose input column ``j*sw - dl`` lies in ``[0,
+    W)``, for ``j < OW``."""
+    j0 = min(OW, max(0, (dl + sw - 1) // sw))
+    return j0, max(j0, min(OW, (W - 1 + dl) // sw + 1))
+
+
+@numba.njit(inline="always")
+def _shifted_row(drow, xs, ih, H, W, j0, j1, u0, sw):
+    """``drow[j] = xs[ih*W + u0 + (j - j0)*sw]`` for ``j`` in ``[j0, j1)``, zero for the
+    other ``j < drow.size`` and for the whole row if input row ``ih`` lies outside ``[0,
+    H)``: one row of a plane as the pixel kernels read it."""
+    OW = drow.shape[0]
+    if ih < 0 or ih >= H:
+        for j in range(OW):
+            drow[j] = 0
+        return
+    for j in range(j0):
+        drow[j] = 0
+    for j in range(j1, OW):
+        drow[j] = 0
+    b = np.uint64(ih * W + u0)
+    if sw == 1:
+        # Unsigned indices: no negative-index wraparound, so this vectorises (about 4x
+        # faster than the general loop below).
+        for j in range(np.uint64(0), np.uint64(j1 - j0)):
+            drow[np.uint64(j0) + j] = xs[b + j]
+    else:
+        usw = np.uint64(sw)
+        for j in range(np.uint64(0), np.uint64(j1 - j0)):
+            drow[np.uint64(j0) + j] = xs[b + j * usw]
 
 
 @parallel_kernel

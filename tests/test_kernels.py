@@ -138,12 +138,13 @@ def _pixel_cases():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, monkeypatch):
     """Few input channels and rows of >= 16 output pixels: the forward pass and dW run
-    the pixel-vectorised kernels (asserted), on column phases for column strides > 1, and
-    dW reads the NCHW deltas; the shifted last vector of each row included."""
+    the pixel-vectorised kernels (asserted; at stride 2 the forward pass in bands of rows),
+    on column phases for column strides > 1, and dW reads the NCHW deltas; the shifted
+    last vector of each row included."""
     from fastconv.algorithms import pixel as kernels
 
     calls = []
-    for name in ("conv_pixel_tiles", "conv_dw_pixels"):
+    for name in ("conv_pixel_tiles", "conv_pixel_bands", "conv_dw_pixels"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
                             lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
@@ -151,12 +152,39 @@ def test_pixel_kernels_against_reference(N, C, H, W, K, R, S, conv, dtype, rng, 
     x, w, b, dy = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
     y = fc.conv2d(x, w, b, **conv)
     dw = fc.conv2d_grad_weight(x, dy, w.shape, **conv)
-    assert set(calls) == {"conv_pixel_tiles", "conv_dw_pixels"}
+    geo = fc.conv_geometry(x.shape, w.shape, **conv)
+    bands = (geo.sh, geo.sw) == (2, 2) and geo.OW >= kernels.PX
+    assert set(calls) == {"conv_pixel_bands" if bands else "conv_pixel_tiles", "conv_dw_pixels"}
     want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, dy)), conv)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
     for got, ref in ((y, want[0]), (dw, want[2])):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, ref, **tol)
+
+
+@pytest.mark.parametrize("band", [1, 3, 8, 100])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_stride_2_pixel_forward_in_bands_matches_the_reference(band, dtype, rng, monkeypatch):
+    """The stride-2 pixel forward pass lays out each band's input rows in its own task:
+    bands of one row, of a size that leaves a short last band, and wider than the output;
+    padding wider than the filter reaches, dilation, K off the 8-channel blocks."""
+    from fastconv import config
+    from fastconv.algorithms import pixel
+
+    monkeypatch.setattr(config, "PIXEL_BAND_ROWS", band)
+    for N, C, H, W, K, R, S, conv in [
+            (2, 3, 37, 36, 10, 7, 7, dict(padding=3)),
+            (1, 2, 20, 41, 9, 3, 4, dict(padding=(2, 1), dilation=(2, 1))),
+            (1, 1, 9, 33, 3, 3, 3, dict(padding=(4, 5))),
+            (2, 4, 12, 40, 17, 5, 5, dict(padding=(0, 2), dilation=(1, 2)))]:
+        conv = dict(stride=2, groups=1, **dict(dict(padding=0, dilation=1), **conv))
+        x, w, b, _ = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+        geo = fc.conv_geometry(x.shape, w.shape, **conv)
+        y = pixel._forward_pixels(x, w, b, geo)
+        want = reference_passes(*(a.astype(np.float64) for a in (x, w, b, np.zeros(
+            (N, K, geo.OH, geo.OW)))), conv)[0]
+        tol = 1e-10 if dtype == np.float64 else 2e-4
+        np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("stride, joined", [(1, True), ((1, 2), True), ((2, 2), True),

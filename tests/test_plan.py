@@ -102,6 +102,8 @@ GEOMETRIES = [  # (N, C, H, W, K, R, S, conv): every algorithm supports some pas
     (2, 16, 16, 18, 5, 5, 5, dict(padding=(1, 3))),
     (3, 1, 20, 20, 8, 5, 5, dict(padding=2)),
     (2, 3, 17, 19, 6, 3, 3, dict(stride=2, padding=1)),
+    (2, 3, 37, 36, 10, 7, 7, dict(stride=2, padding=3)),  # a stem: pixel bands, 3 of 8 rows
+    (1, 2, 20, 41, 9, 3, 4, dict(stride=2, padding=(2, 1), dilation=(2, 1))),
     (2, 3, 12, 40, 5, 3, 2, dict(stride=(1, 3), padding=(1, 0), dilation=(2, 1))),
     (2, 24, 9, 10, 16, 1, 1, {}),
     (2, 32, 9, 9, 12, 3, 3, dict(padding=1)),

@@ -15,10 +15,19 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import parallel_kernel, stack_tile
+from .._jit import copy_run, parallel_kernel, split_run, stack_tile
 from ..geometry import ConvGeometry, conv_geometry
 from ..kernels import _chunk_task
-from ..layouts import _FRESH, PixelInput, PooledDeltas, _batch_chunks, _pixel_input, _sum_chunks
+from ..layouts import (
+    _FRESH,
+    PixelInput,
+    PooledDeltas,
+    _batch_chunks,
+    _parity_taps,
+    _pixel_input,
+    _sum_chunks,
+    _task_runs,
+)
 
 NAME = "pixel"
 
@@ -107,25 +116,54 @@ def _grad_weight_pixel_input(px: PixelInput, dy, geo: ConvGeometry) -> np.ndarra
 
 
 def _forward_pixels(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
-    """y (N, K, OH, OW) by :func:`kernels.conv_pixel_tiles`; ``x``, ``w``, ``b`` in the
-    result dtype; ``y`` is the array ``"y"`` of workspace ``ws``."""
+    """y (N, K, OH, OW) by :func:`conv_pixel_bands` (stride 2, rows of at least ``PX``
+    pixels) or :func:`conv_pixel_tiles`; ``x``, ``w``, ``b`` in the result dtype; ``y`` is
+    the array ``"y"`` of workspace ``ws``."""
+    if (geo.sh, geo.sw) == (2, 2) and geo.OW >= PX:
+        return _forward_bands(x, w, b, geo, ws)
     y = _forward_pixel_input(_pixel_input(x, geo), w, b, geo, ws)
     return y.reshape(geo.N, geo.K, geo.OH, geo.OW)
+
+
+def _pixel_weights(w, b, taps, K: int):
+    """The weights (KPn, T, KP) and bias (KPn*KP,) as the pixel forward kernels read them:
+    taps in the order ``taps``, channels blocked by ``KP``, zero past ``K``."""
+    T = taps.shape[0]
+    KPn = -(-K // KP)
+    wp = np.zeros((KPn * KP, T), w.dtype)
+    wp[:K] = w.reshape(K, T)[:, taps]
+    wp = np.ascontiguousarray(wp.reshape(KPn, KP, T).transpose(0, 2, 1))
+    bp = np.zeros(KPn * KP, w.dtype)
+    if b is not None:
+        bp[:K] = b
+    return wp, bp
 
 
 def _forward_pixel_input(px: PixelInput, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """y (N, K, px.OH, px.OW), the output in the rows of ``px``, by
     :func:`kernels.conv_pixel_tiles`; ``y`` is the array ``"y"`` of workspace ``ws``."""
-    N, C, K, R, S = geo.N, geo.C, geo.K, geo.R, geo.S
-    KPn = -(-K // KP)
-    wp = np.zeros((KPn * KP, C * R * S), w.dtype)
-    wp[:K] = w.reshape(K, C * R * S)[:, px.taps]
-    wp = np.ascontiguousarray(wp.reshape(KPn, KP, C * R * S).transpose(0, 2, 1))
-    bp = np.zeros(KPn * KP, w.dtype)
-    if b is not None:
-        bp[:K] = b
-    y = ws.empty("y", (N, K, px.OH, px.OW), w.dtype)
+    wp, bp = _pixel_weights(w, b, px.taps, geo.K)
+    y = ws.empty("y", (geo.N, geo.K, px.OH, px.OW), w.dtype)
     conv_pixel_tiles(px.xf, px.toff, wp, bp, y)
+    return y
+
+
+def _forward_bands(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+    """y (N, K, OH, OW) of a stride-2 layer by :func:`conv_pixel_bands`: bands of
+    ``config.PIXEL_BAND_ROWS`` output rows, each task laying out the input rows its band
+    reads (``Hb`` rows of every parity plane of :func:`layouts._parity_input`)."""
+    band = max(1, min(config.PIXEL_BAND_ROWS, geo.OH))
+    Hb = band + (geo.R - 1) * geo.dlh // 2
+    qs, taps, toff = _parity_taps(geo.C, geo.R, geo.S, geo.dlh, geo.dlw, Hb, geo.OW,
+                                  ((0, 0),))
+    wp, bp = _pixel_weights(w, b, taps, geo.K)
+    y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), w.dtype)
+    Q = _task_runs(geo.N * -(-geo.OH // band))
+    scratch = np.empty((Q, geo.C * len(qs) * 2 * Hb * geo.OW), w.dtype)
+    Wr = 2 * (geo.OW + int(qs[-1]) // 2 + 1) + 2 * (geo.pl // 2)  # even, > pl
+    rows = np.empty((Q, 2 * Wr), w.dtype)
+    conv_pixel_bands(np.ascontiguousarray(x).reshape(geo.N, geo.C, -1), geo.W, geo.pt,
+                     geo.pl, qs, toff[0], wp, bp, y, scratch, rows, band)
     return y
 
 
@@ -190,64 +228,139 @@ def conv_pixel_tiles(x, toff, w, b, y):
         n = rest // OH
         k0 = kt * KP
         kn = min(KP, K - k0)
-        xn = x[n]
-        wk = w[kt]
-        ti = toff[i]
         urow = np.uint64(((n * K + k0) * OH + i) * OW)  # y[n, k0, i, 0] in yf
-        acc = stack_tile(16, PX, y.dtype)  # 2*KP rows: kk the first vector, KP + kk the second
-        for jt in range((OW + 2 * PX - 1) // (2 * PX)):
-            ua = np.uint64(min(jt * 2 * PX, OW - PX))
-            ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
-            for kk in range(2 * KP):
-                for p in range(PX):
-                    acc[kk, p] = 0
-            for t in range(T):
-                oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
-                ob = oa + ud
-                wv = wk[t]
-                # KP broadcast weights times two vectors of PX inputs: 2*KP packed FMAs.
-                w0 = wv[0]
-                w1 = wv[1]
-                w2 = wv[2]
-                w3 = wv[3]
-                w4 = wv[4]
-                w5 = wv[5]
-                w6 = wv[6]
-                w7 = wv[7]
-                for p in range(PX):
-                    up = np.uint64(p)
-                    xa = xn[oa + up]
-                    xb = xn[ob + up]
-                    acc[0, p] += w0 * xa
-                    acc[1, p] += w1 * xa
-                    acc[2, p] += w2 * xa
-                    acc[3, p] += w3 * xa
-                    acc[4, p] += w4 * xa
-                    acc[5, p] += w5 * xa
-                    acc[6, p] += w6 * xa
-                    acc[7, p] += w7 * xa
-                    acc[8, p] += w0 * xb
-                    acc[9, p] += w1 * xb
-                    acc[10, p] += w2 * xb
-                    acc[11, p] += w3 * xb
-                    acc[12, p] += w4 * xb
-                    acc[13, p] += w5 * xb
-                    acc[14, p] += w6 * xb
-                    acc[15, p] += w7 * xb
-            # npx == PX (OW >= PX), but LLVM cannot know it: a loop of constant trip count
-            # this short is fully unrolled into scalar stores, and Numba runs no SLP
-            # vectoriser to merge them again.  With this bound the loop vectoriser turns each
-            # row into vector stores (1.4-1.6x on the whole kernel for conv1-sized layers).
-            npx = min(PX, OW)
-            ya = urow + ua
-            _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 4, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 5, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 6, kn, b, k0, ya, ud, ustep, npx)
-            _pixel_row(yf, acc, 7, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_span(x[n], toff[i], w[kt], kn, b, k0, yf, urow, ustep, OW)
+
+
+@parallel_kernel
+def conv_pixel_bands(x, W, pt, pl, qs, toff, w, b, y, scratch, rows, band):
+    """The forward pass of :func:`conv_pixel_tiles` for a stride-2 layer (the 7x7 stem),
+    ``band`` output rows per task, each task laying out the input its rows read.
+
+    x : (N, C, H*W)          NCHW input, C-contiguous.
+    qs : (nq,) int64         the column offsets of the parity planes
+                             (``layouts._parity_taps``).
+    toff : (T,) int64        each tap's offset into a band's layout, in which output pixel
+                             ``m = i*OW + j`` of the band reads ``toff[t] + m``.
+    w : (KPn, T, KP)         weights, taps in ``_parity_taps``' order;  b : (KPn*KP,).
+    y : (N, K, OH, OW)       NCHW output, C-contiguous, ``OW >= PX``.
+    scratch : (Q, C*nq*2*Hb*OW)  a band's layout per run of tasks.
+    rows : (Q, 2*Wr)         a padded input row (``Wr`` even, ``Wr >= 2*OW + max(qs)``,
+                             ``Wr > pl``) and its even and odd columns, per run.
+
+    A band's layout is :func:`layouts._parity_input`'s, cut to the ``Hb`` rows its band
+    reads: plane ``(c, iq, p)`` row ``v`` holds padded input row ``2*(i0 + v) + p`` at the
+    columns ``2j + qs[iq]``: the row's even or odd columns (one split, :func:`split_run`)
+    from ``qs[iq] // 2`` on, copied as vectors.  The band's rows are then one run of
+    ``band*OW`` pixels for :func:`_pixel_span`, as an image's are in the whole layout.
+    Laid out by the task that reads it, the layout stays in that core's cache; laid out
+    for the whole image first, every task read what other cores had written.  Parallel
+    over (n, band) in ``Q`` runs; each task owns its outputs.
+    """
+    N, C = x.shape[0], x.shape[1]
+    H = x.shape[2] // W
+    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    KPn = w.shape[0]
+    nq = qs.shape[0]
+    Q = scratch.shape[0]
+    Hb = scratch.shape[1] // (C * nq * 2 * OW)
+    NB = (OH + band - 1) // band
+    tasks = N * NB
+    yf = y.reshape(y.size)
+    ustep = np.uint64(OH * OW)
+    Wr = rows.shape[1] // 2  # the padded row's width, even
+    half = Wr // 2
+    for g in prange(Q):
+        sg = scratch[g]
+        rg = rows[g]
+        rg[:Wr] = 0  # the padding columns; each row is copied in between
+        for task in range(g * tasks // Q, (g + 1) * tasks // Q):
+            n = task // NB
+            i0 = (task % NB) * band
+            for c in range(C):
+                for v in range(Hb):
+                    for p in range(2):
+                        ih = 2 * (i0 + v) + p - pt
+                        if 0 <= ih < H:
+                            # the padded row, split into its even and odd columns
+                            copy_run(rg, pl, x[n, c], ih * W, min(W, Wr - pl))
+                            split_run(rg, Wr, Wr + half, rg, 0, Wr)
+                        for iq in range(nq):
+                            q = qs[iq]
+                            at = (((c * nq + iq) * 2 + p) * Hb + v) * OW
+                            if 0 <= ih < H:
+                                copy_run(sg, at, rg, Wr + (q % 2) * half + q // 2, OW)
+                            else:
+                                for j in range(OW):
+                                    sg[at + j] = 0
+            M = min(band, OH - i0) * OW
+            for kt in range(KPn):
+                k0 = kt * KP
+                urow = np.uint64(((n * K + k0) * OH + i0) * OW)  # y[n, k0, i0, 0] in yf
+                _pixel_span(sg, toff, w[kt], min(KP, K - k0), b, k0, yf, urow, ustep, M)
+
+
+@numba.njit(inline="always")
+def _pixel_span(xn, ti, wk, kn, b, k0, yf, urow, ustep, OW):
+    """The tiles of :func:`conv_pixel_tiles` along one run of ``OW >= PX`` output
+    pixels (a row, or rows joined), for channels ``k0 .. k0 + kn``: pixel ``j`` reads tap
+    ``t`` at ``xn[ti[t] + j]``, weights ``wk`` (T, KP), and channel ``k0 + kk`` is stored
+    at ``yf[urow + kk*ustep + j]`` with its bias ``b[k0 + kk]``."""
+    T = wk.shape[0]
+    acc = stack_tile(16, PX, yf.dtype)  # 2*KP rows: kk the first vector, KP + kk the second
+    for jt in range((OW + 2 * PX - 1) // (2 * PX)):
+        ua = np.uint64(min(jt * 2 * PX, OW - PX))
+        ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
+        for kk in range(2 * KP):
+            for p in range(PX):
+                acc[kk, p] = 0
+        for t in range(T):
+            oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
+            ob = oa + ud
+            wv = wk[t]
+            # KP broadcast weights times two vectors of PX inputs: 2*KP packed FMAs.
+            w0 = wv[0]
+            w1 = wv[1]
+            w2 = wv[2]
+            w3 = wv[3]
+            w4 = wv[4]
+            w5 = wv[5]
+            w6 = wv[6]
+            w7 = wv[7]
+            for p in range(PX):
+                up = np.uint64(p)
+                xa = xn[oa + up]
+                xb = xn[ob + up]
+                acc[0, p] += w0 * xa
+                acc[1, p] += w1 * xa
+                acc[2, p] += w2 * xa
+                acc[3, p] += w3 * xa
+                acc[4, p] += w4 * xa
+                acc[5, p] += w5 * xa
+                acc[6, p] += w6 * xa
+                acc[7, p] += w7 * xa
+                acc[8, p] += w0 * xb
+                acc[9, p] += w1 * xb
+                acc[10, p] += w2 * xb
+                acc[11, p] += w3 * xb
+                acc[12, p] += w4 * xb
+                acc[13, p] += w5 * xb
+                acc[14, p] += w6 * xb
+                acc[15, p] += w7 * xb
+        # npx == PX (OW >= PX), but LLVM cannot know it: a loop of constant trip count
+        # this short is fully unrolled into scalar stores, and Numba runs no SLP
+        # vectoriser to merge them again.  With this bound the loop vectoriser turns each
+        # row into vector stores (1.4-1.6x on the whole kernel for conv1-sized layers).
+        npx = min(PX, OW)
+        ya = urow + ua
+        _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 4, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 5, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 6, kn, b, k0, ya, ud, ustep, npx)
+        _pixel_row(yf, acc, 7, kn, b, k0, ya, ud, ustep, npx)
 
 
 @numba.njit(inline="always")
