@@ -119,7 +119,7 @@ def _forward_pixels(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
     """y (N, K, OH, OW) by :func:`conv_pixel_bands` (stride 2, rows of at least ``PX``
     pixels) or :func:`conv_pixel_tiles`; ``x``, ``w``, ``b`` in the result dtype; ``y`` is
     the array ``"y"`` of workspace ``ws``."""
-    if (geo.sh, geo.sw) == (2, 2) and geo.OW >= PX:
+    if _in_bands(geo):
         return _forward_bands(x, w, b, geo, ws)
     y = _forward_pixel_input(_pixel_input(x, geo), w, b, geo, ws)
     return y.reshape(geo.N, geo.K, geo.OH, geo.OW)
@@ -148,22 +148,37 @@ def _forward_pixel_input(px: PixelInput, w, b, geo: ConvGeometry, ws=_FRESH) -> 
     return y
 
 
-def _forward_bands(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
-    """y (N, K, OH, OW) of a stride-2 layer by :func:`conv_pixel_bands`: bands of
-    ``config.PIXEL_BAND_ROWS`` output rows, each task laying out the input rows its band
-    reads (``Hb`` rows of every parity plane of :func:`layouts._parity_input`)."""
+def _in_bands(geo: ConvGeometry) -> bool:
+    """Whether the forward pass runs in bands of output rows, each task laying out its own
+    input (:func:`conv_pixel_bands`): stride 2, rows of at least ``PX`` pixels."""
+    return (geo.sh, geo.sw) == (2, 2) and geo.OW >= PX
+
+
+def _band_layout(geo: ConvGeometry, dtype):
+    """What :func:`conv_pixel_bands` needs besides its operands: the rows per band, the
+    column offsets ``qs``, the taps' order and offsets (``_parity_taps``, planes of the
+    band's ``Hb`` rows), the runs ``Q`` of its ``N * bands`` tasks, and its scratch: a
+    band's layout and a padded row (``Wr`` even, ``>= 2*OW + max(qs)``, ``> pl``) per
+    run."""
     band = max(1, min(config.PIXEL_BAND_ROWS, geo.OH))
     Hb = band + (geo.R - 1) * geo.dlh // 2
     qs, taps, toff = _parity_taps(geo.C, geo.R, geo.S, geo.dlh, geo.dlw, Hb, geo.OW,
                                   ((0, 0),))
+    Q = _task_runs(geo.N * -(-geo.OH // band))
+    scratch = np.empty((Q, geo.C * len(qs) * 2 * Hb * geo.OW), dtype)
+    Wr = 2 * (geo.OW + int(qs[-1]) // 2 + 1) + 2 * (geo.pl // 2)
+    return band, qs, taps, toff[0], scratch, np.empty((Q, 2 * Wr), dtype)
+
+
+def _forward_bands(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
+    """y (N, K, OH, OW) of a stride-2 layer by :func:`conv_pixel_bands`: bands of
+    ``config.PIXEL_BAND_ROWS`` output rows, each task laying out the input rows its band
+    reads (``Hb`` rows of every parity plane of :func:`layouts._parity_input`)."""
+    band, qs, taps, toff, scratch, rows = _band_layout(geo, w.dtype)
     wp, bp = _pixel_weights(w, b, taps, geo.K)
     y = ws.empty("y", (geo.N, geo.K, geo.OH, geo.OW), w.dtype)
-    Q = _task_runs(geo.N * -(-geo.OH // band))
-    scratch = np.empty((Q, geo.C * len(qs) * 2 * Hb * geo.OW), w.dtype)
-    Wr = 2 * (geo.OW + int(qs[-1]) // 2 + 1) + 2 * (geo.pl // 2)  # even, > pl
-    rows = np.empty((Q, 2 * Wr), w.dtype)
     conv_pixel_bands(np.ascontiguousarray(x).reshape(geo.N, geo.C, -1), geo.W, geo.pt,
-                     geo.pl, qs, toff[0], wp, bp, y, scratch, rows, band)
+                     geo.pl, qs, toff, wp, bp, y, scratch, rows, band)
     return y
 
 
@@ -268,36 +283,48 @@ def conv_pixel_bands(x, W, pt, pl, qs, toff, w, b, y, scratch, rows, band):
     tasks = N * NB
     yf = y.reshape(y.size)
     ustep = np.uint64(OH * OW)
-    Wr = rows.shape[1] // 2  # the padded row's width, even
-    half = Wr // 2
     for g in prange(Q):
         sg = scratch[g]
         rg = rows[g]
-        rg[:Wr] = 0  # the padding columns; each row is copied in between
+        rg[:rows.shape[1] // 2] = 0  # the padding columns; each row is copied in between
         for task in range(g * tasks // Q, (g + 1) * tasks // Q):
             n = task // NB
             i0 = (task % NB) * band
-            for c in range(C):
-                for v in range(Hb):
-                    for p in range(2):
-                        ih = 2 * (i0 + v) + p - pt
-                        if 0 <= ih < H:
-                            # the padded row, split into its even and odd columns
-                            copy_run(rg, pl, x[n, c], ih * W, min(W, Wr - pl))
-                            split_run(rg, Wr, Wr + half, rg, 0, Wr)
-                        for iq in range(nq):
-                            q = qs[iq]
-                            at = (((c * nq + iq) * 2 + p) * Hb + v) * OW
-                            if 0 <= ih < H:
-                                copy_run(sg, at, rg, Wr + (q % 2) * half + q // 2, OW)
-                            else:
-                                for j in range(OW):
-                                    sg[at + j] = 0
+            _parity_band(x[n], H, W, pt, pl, qs, i0, Hb, OW, sg, rg)
             M = min(band, OH - i0) * OW
             for kt in range(KPn):
                 k0 = kt * KP
                 urow = np.uint64(((n * K + k0) * OH + i0) * OW)  # y[n, k0, i0, 0] in yf
                 _pixel_span(sg, toff, w[kt], min(KP, K - k0), b, k0, yf, urow, ustep, M)
+
+
+@numba.njit(inline="always")
+def _parity_band(xn, H, W, pt, pl, qs, i0, Hb, OW, sg, rg):
+    """Lay out the rows of a stride-2 band that start at output row ``i0`` (see
+    :func:`conv_pixel_bands`): plane ``(c, iq, p)`` row ``v`` of ``sg`` gets padded input
+    row ``2*(i0 + v) + p`` of ``xn`` (C, H*W) at the columns ``2j + qs[iq]``, ``j < OW``.
+    ``rg`` (2*Wr): a padded input row, zero outside ``[pl, pl + W)``, and its even and odd
+    columns."""
+    C = xn.shape[0]
+    nq = qs.shape[0]
+    Wr = rg.shape[0] // 2
+    half = Wr // 2
+    for c in range(C):
+        for v in range(Hb):
+            for p in range(2):
+                ih = 2 * (i0 + v) + p - pt
+                if 0 <= ih < H:
+                    # the padded row, split into its even and odd columns
+                    copy_run(rg, pl, xn[c], ih * W, min(W, Wr - pl))
+                    split_run(rg, Wr, Wr + half, rg, 0, Wr)
+                for iq in range(nq):
+                    q = qs[iq]
+                    at = (((c * nq + iq) * 2 + p) * Hb + v) * OW
+                    if 0 <= ih < H:
+                        copy_run(sg, at, rg, Wr + (q % 2) * half + q // 2, OW)
+                    else:
+                        for j in range(OW):
+                            sg[at + j] = 0
 
 
 @numba.njit(inline="always")
