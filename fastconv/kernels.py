@@ -104,26 +104,29 @@ def shifted_planes(src, W, dst, pt, pl, sw, qoff, Hh):
 
     src : (N, C, H*W)      the input ``x``, C-contiguous, each plane flattened.
     dst : (N, C, S, Hp, OW), every element written.
+
+    One task per output plane ``(n, c, s)``: an RGB image's layout is 21 tasks for the
+    7x7 stem, where one per input plane gave the two cores 2 and 1.
     """
     N, C = src.shape[:2]
     H = src.shape[2] // W
     S, Hp, OW = dst.shape[2:]
     flat = sw == 1 and Hh == 0 and OW == W  # rows as wide as the input's: see below
-    for task in prange(N * C):
-        n = task // C
-        c = task % C
+    for task in prange(N * C * S):
+        s = task % S
+        c = (task // S) % C
+        n = task // (S * C)
         xs = src[n, c]
-        for s in range(S):
-            # Output columns [j0, j1) read input columns j*sw + qoff[s] - pl inside [0, W).
-            q = qoff[s]
-            if flat and abs(q - pl) < W:
-                _shifted_plane_flat(xs, dst[n, c, s].reshape(Hp * W), H, W, pt, q - pl)
-                continue
-            j0, j1 = _row_span(W, OW, pl - q, sw)
-            for h in range(Hp):
-                # padded row 2*(h % Hh) + h // Hh, without dividing
-                ih = (h if Hh == 0 else 2 * h if h < Hh else 2 * (h - Hh) + 1) - pt
-                _shifted_row(dst[n, c, s, h], xs, ih, H, W, j0, j1, j0 * sw + q - pl, sw)
+        # Output columns [j0, j1) read input columns j*sw + qoff[s] - pl inside [0, W).
+        q = qoff[s]
+        if flat and abs(q - pl) < W:
+            _shifted_plane_flat(xs, dst[n, c, s].reshape(Hp * W), H, W, pt, q - pl)
+            continue
+        j0, j1 = _row_span(W, OW, pl - q, sw)
+        for h in range(Hp):
+            # padded row 2*(h % Hh) + h // Hh, without dividing
+            ih = (h if Hh == 0 else 2 * h if h < Hh else 2 * (h - Hh) + 1) - pt
+            _shifted_row(dst[n, c, s, h], xs, ih, H, W, j0, j1, j0 * sw + q - pl, sw)
 
 
 @numba.njit(inline="always")
