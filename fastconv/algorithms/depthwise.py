@@ -587,6 +587,26 @@ def _rows1(acc, src, b, P, w0):
         acc[6, uu] += w0 * x6
 
 
+@numba.njit(inline="always")
+def _store_rows(out, at, pitch, acc, nj, nv):
+    """The first ``nv`` rows of the ``TR x VL`` tile ``acc`` to ``out[at + v*pitch:]``,
+    ``nj`` lanes each, every row straight from its registers under a mask (a store loop
+    over a runtime row count would index the tile at runtime and keep it in memory)."""
+    store_row(out, at, acc[0], nj)
+    if nv > 1:
+        store_row(out, at + pitch, acc[1], nj)
+    if nv > 2:
+        store_row(out, at + 2 * pitch, acc[2], nj)
+    if nv > 3:
+        store_row(out, at + 3 * pitch, acc[3], nj)
+    if nv > 4:
+        store_row(out, at + 4 * pitch, acc[4], nj)
+    if nv > 5:
+        store_row(out, at + 5 * pitch, acc[5], nj)
+    if nv > 6:
+        store_row(out, at + 6 * pitch, acc[6], nj)
+
+
 @serial_kernel
 def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc, tile):
     """``out[o0 + i*orow + j*ocol] = bias + sum_g sum_(e < rows_g) wk[w0[g] + e] *
@@ -643,21 +663,7 @@ def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc,
             nv = min(TR, OHc - i0)
             at = o0 + i0 * orow + j0 * ocol
             if ocol == 1:
-                # Each row straight from its registers under a mask (a store loop over a
-                # runtime row count would index the tile at runtime and keep it in memory).
-                store_row(out, at, acc[0], nj)
-                if nv > 1:
-                    store_row(out, at + 1 * orow, acc[1], nj)
-                if nv > 2:
-                    store_row(out, at + 2 * orow, acc[2], nj)
-                if nv > 3:
-                    store_row(out, at + 3 * orow, acc[3], nj)
-                if nv > 4:
-                    store_row(out, at + 4 * orow, acc[4], nj)
-                if nv > 5:
-                    store_row(out, at + 5 * orow, acc[5], nj)
-                if nv > 6:
-                    store_row(out, at + 6 * orow, acc[6], nj)
+                _store_rows(out, at, orow, acc, nj, nv)
             else:
                 for u in range(VL):
                     tile[0 * VL + u] = acc[0, u]
@@ -744,20 +750,7 @@ def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
                     acc[6, u] += w0 * xr[6, u] + w1 * xr[7, u] + w2 * xr[8, u]
             nj = min(VL, OW - j0)
             nv = min(TR, OH - i0)
-            at = yo + i0 * OW + j0
-            store_row(y, at, acc[0], nj)
-            if nv > 1:
-                store_row(y, at + OW, acc[1], nj)
-            if nv > 2:
-                store_row(y, at + 2 * OW, acc[2], nj)
-            if nv > 3:
-                store_row(y, at + 3 * OW, acc[3], nj)
-            if nv > 4:
-                store_row(y, at + 4 * OW, acc[4], nj)
-            if nv > 5:
-                store_row(y, at + 5 * OW, acc[5], nj)
-            if nv > 6:
-                store_row(y, at + 6 * OW, acc[6], nj)
+            _store_rows(y, yo + i0 * OW + j0, OW, acc, nj, nv)
 
 
 @parallel_kernel
