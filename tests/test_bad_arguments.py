@@ -21,8 +21,19 @@ from fastconv import data, models, nn, ops, optim, pool, train
 from fastconv.linalg import matmul
 
 NAN, INF = float("nan"), float("inf")
-TOY = object()  # stands for the folder of a small dataset (the toy_dir fixture)
-TOY_FILE = object()  # and for one IDX file in it
+class _Placeholder:
+    """A stand-in for a path that exists only inside a test, named in the test ids (an
+    ``object()`` there would put its address in them, which differs between processes)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+TOY = _Placeholder("TOY")  # stands for the folder of a small dataset (the toy_dir fixture)
+TOY_FILE = _Placeholder("TOY_FILE")  # and for one IDX file in it
 
 X = np.zeros((2, 4, 9, 8))
 W = np.zeros((6, 2, 3, 3))
