@@ -7,6 +7,11 @@ import contextlib
 import os
 from pathlib import Path
 
+# The tests run in two processes (pytest-xdist) on a machine of two cores, and some start
+# training runs of their own: threads that wait for work sleep instead of spinning, or the
+# processes' OpenMP threads take turns on each core.  Set before any kernel starts threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

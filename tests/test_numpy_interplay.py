@@ -43,8 +43,10 @@ _PROBE = textwrap.dedent("""
 
 
 def _idle_cpu_ms(work: str, **env) -> float:
+    # libgomp's default wait policy, not the passive one conftest sets for the test run.
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", _PROBE, work], capture_output=True,
-                         text=True, check=True, env={**os.environ, **env})
+                         text=True, check=True, env={**base, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
