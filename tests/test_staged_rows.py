@@ -1,6 +1,7 @@
 """The channel tile's forward pass from NCHW input (``conv_rows_staged``: each task lays
-out the input rows it reads), forced through plans on geometries where it runs: against
-the reference in float32 and float64, with non-finite values and on any thread count."""
+out the input rows it reads; ``conv_images_staged``: each thread lays out one image at a
+time), forced through plans on geometries where each runs: against the reference in
+float32 and float64, with non-finite values and on any thread count."""
 
 from __future__ import annotations
 
@@ -108,6 +109,124 @@ def test_staged_rows_run_where_rows_are_long_and_keep_the_tile_in_registers():
     f(np.zeros((1, 16, 4, 20), np.float32), np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32),
       np.zeros((1, CT.KB), np.float32), np.zeros((1, 8, 2, 18), np.float32),
       CT.TileMap(2, 18, 1, 1, 1, 1), 0, (0, 0, 20), np.zeros((1, 3, 20, 16), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # The 7-pixel x 32-channel tile: two vectors of 7 packed FMAs a step, no spills.
+    loops = [b for b in re.split(r"\n(?=\.LBB)", asm)
+             if len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", b)) >= 2 * CT.TW]
+    assert loops
+    assert not any(re.search(r"zmm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*zmm", b) for b in loops)
+    assert "vgather" not in asm
+
+
+# ---- conv_images_staged: a whole image laid out at a time, where tiles are flattened ----
+
+def _forward_by_image(geo, threads=2) -> bool:
+    return not _forward_staged(geo) and CT._by_image(geo, threads)
+
+
+def _image_grid():
+    shapes = [  # (N, C, H, W, K, G, R, S)
+        (2, 32, 32, 32, 40, 1, 3, 3),   # two blocks of 16 channels; K past one block of 32
+        (4, 20, 9, 33, 70, 1, 3, 2),    # 16 channels transposed, 4 one at a time; K past
+                                        # two blocks of 32
+        (2, 32, 10, 16, 24, 2, 3, 3),   # two groups of 16; 16-pixel rows: one block
+        (2, 16, 6, 18, 8, 1, 5, 5),     # a 5x5 filter, the last pixel block shifted back
+    ]
+    for shape, stride, padding, dilation in itertools.product(
+            shapes, [1, 2, (1, 3), (2, 5)], [0, 1, (4, 0)], [1, (2, 1), (1, 2)]):
+        N, C, H, W, K, G, R, S = shape
+        conv = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
+        try:
+            geo = fc.conv_geometry((N, C, H, W), (K, C // G, R, S), **conv)
+        except ValueError:
+            continue
+        if _forward_by_image(geo):
+            yield geo, pytest.param(shape, conv, id=f"{shape}-s{stride}-p{padding}-d{dilation}")
+
+
+IMAGE_GEOS, IMAGE_GRID = zip(*_image_grid(), strict=True)
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads (or one, where numba has one), restored after: the image rule depends on
+    the thread count."""
+    threads = fc.get_num_threads()
+    fc.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield fc.get_num_threads()
+    fc.set_num_threads(threads)
+
+
+def test_the_grid_runs_the_image_kernel_often():
+    assert len(IMAGE_GEOS) >= 30
+    assert sum(CT._flat(g.OH, g.OW) for g in IMAGE_GEOS) >= 20
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, conv", list(IMAGE_GRID))
+def test_staged_images_match_the_reference(shape, conv, dtype, rng, two_threads):
+    N, C, H, W, K, G, R, S = shape
+    x, w, b, _ = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype, algorithm=FORCED)
+    g = plan.geometry
+    assert CT._image_runs(g) == two_threads
+    want = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b, stride=(g.sh, g.sw),
+                              pads=g.pads, dilation=(g.dlh, g.dlw), groups=G)
+    got = plan.forward(x, w, b)
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def test_the_image_rule_wants_a_thread_for_every_image_and_rows_of_16():
+    geo = fc.conv_geometry((16, 64, 32, 32), (128, 64, 3, 3), stride=2, padding=1)
+    assert _forward_by_image(geo)  # 3x3 stride 2 onto 16-pixel rows: flat tiles
+    assert CT._by_image(geo, 4) and CT._by_image(geo, 16)
+    assert not CT._by_image(geo, 32)  # fewer images than threads
+    five = fc.conv_geometry((5, 64, 32, 32), (128, 64, 3, 3), stride=2, padding=1)
+    assert CT._by_image(five, 1) and not CT._by_image(five, 2)  # 3 images against 2
+    nine = fc.conv_geometry((9, 64, 32, 32), (128, 64, 3, 3), stride=2, padding=1)
+    assert CT._by_image(nine, 2)  # 5 against 4
+    narrow = fc.conv_geometry((16, 256, 14, 14), (256, 256, 3, 3), stride=2, padding=1)
+    assert not CT._by_image(narrow, 2)  # 14-pixel rows: one value at a time
+    few = fc.conv_geometry((16, 8, 32, 32), (64, 8, 3, 3), stride=2, padding=1)
+    assert not CT._by_image(few, 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_reaches_exactly_the_outputs_it_touches_by_image(bad, rng,
+                                                                             two_threads):
+    conv = dict(stride=2, padding=1, dilation=1, groups=1)
+    x, w, b, _ = random_problem(rng, 2, 20, 9, 32, 8, 3, 3, conv)
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
+    assert CT._image_runs(plan.geometry) == two_threads
+    n = dict(stride=(2, 2), pads=plan.geometry.pads)
+    for index in [(1, 3, 0, 0), (0, 17, 8, 31), (1, 0, 4, 16)]:
+        xb = x.copy()
+        xb[index] = bad
+        where = np.zeros(x.shape)
+        where[index] = 1
+        touched = ref.conv2d_forward(where, np.ones(w.shape), **n) > 0
+        got = plan.forward(xb, w, b)
+        assert np.array_equal(~np.isfinite(got), touched)
+        want = ref.conv2d_forward(np.where(where > 0, 0.0, x), w, b, **n)
+        np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+
+
+def test_staged_images_do_not_depend_on_the_thread_count(rng):
+    conv = dict(stride=2, padding=1, dilation=1, groups=1)
+    x, w, b, _ = random_problem(rng, 4, 32, 20, 32, 40, 3, 3, conv, np.float32)
+    plan = fc.conv2d_plan(x.shape, w.shape, **conv, algorithm=FORCED)
+    assert all(CT._by_image(plan.geometry, q) for q in (1, 2))
+    assert_same_on_thread_counts(lambda: plan.forward(x, w, b))
+
+
+def test_the_image_kernel_keeps_its_tile_in_registers():
+    f = numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(
+        CT.conv_images_staged.py_func)
+    f(np.zeros((2, 16, 16, 16), np.float32), np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32),
+      np.zeros((1, CT.KB), np.float32), np.zeros((2, 8, 8, 8), np.float32),
+      CT.TileMap(8, 8, 2, 2, 1, 1), (1, 1), np.zeros((2, 1, 18, 18, 16), np.float32))
     asm = f.inspect_asm(f.signatures[0])
     # The 7-pixel x 32-channel tile: two vectors of 7 packed FMAs a step, no spills.
     loops = [b for b in re.split(r"\n(?=\.LBB)", asm)
