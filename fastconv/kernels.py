@@ -179,7 +179,7 @@ def phase_grid(src, W, dst, pt, pl):
     for task in prange(N * C):
         n = task // C
         c = task % C
-        _phase_fill(src[n, c], W, dst[n, c], pt, pl)
+        _phase_fill(src[n, c], W, dst[n, c], pt, pl, False)
 
 
 @numba.njit(inline="always")
@@ -193,12 +193,16 @@ def _finite(a) -> bool:
 
 
 @numba.njit(inline="always")
-def _phase_fill(xs, W, dst, pt, pl):
+def _phase_fill(xs, W, dst, pt, pl, zeroed):
     """One plane ``xs`` (H*W,) into its stride phases ``dst`` (sh, sw, Hr, Wq),
-    C-contiguous, every element written: ``dst[p, q, v, u] = x[v*sh + p - pt, u*sw + q -
-    pl]`` inside the plane, else zero.
+    C-contiguous: ``dst[p, q, v, u] = x[v*sh + p - pt, u*sw + q - pl]`` inside the plane,
+    else zero.
 
-    ``dst`` is zeroed in one run, then each input row goes to its phase rows.  Rows are
+    ``dst`` is zeroed in one run, then each input row goes to its phase rows.  With
+    ``zeroed`` the caller promises that the elements no input row reaches are zero already
+    (a scratch zeroed once and filled only with planes of this shape: the same elements
+    are padding in every one), and the zeroing is skipped: it took half of the layout of
+    a 14 x 14 plane (32 groups of 8 channels, batch 16: 0.29 -> 0.16 ms).  Rows are
     short (14-28 pixels in the layers this serves), too short for a vector loop with a
     scalar remainder, so they are copied as masked vectors (:func:`fastconv._jit.copy_run`;
     at ``sw == 2`` :func:`fastconv._jit.split_run`, the even and odd columns split by two
@@ -208,8 +212,9 @@ def _phase_fill(xs, W, dst, pt, pl):
     H = xs.shape[0] // W
     sh, sw, Hr, Wq = dst.shape
     flat = dst.reshape(dst.size)
-    for u in range(flat.size):
-        flat[u] = 0
+    if not zeroed:
+        for u in range(flat.size):
+            flat[u] = 0
     # Padded row ih + pt is row v of row phase p, stepped row by row: two integer divisions
     # a row took 3.7x as long as the copies of a 14 x 14 plane.
     p = pt % sh

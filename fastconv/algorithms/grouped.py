@@ -338,7 +338,7 @@ def grad_input(geo, dy, wd):
         make = np.empty if fz.covered else np.zeros
         dx = make((geo.N, geo.C, geo.H, geo.W), dy.dtype)
         Q = _task_runs(geo.N * geo.G)
-        grid = np.empty((Q, geo.Kg, 1, 1, fz.Hd + 1, fz.Wd), dy.dtype)
+        grid = np.zeros((Q, geo.Kg, 1, 1, fz.Hd + 1, fz.Wd), dy.dtype)  # pads: zero
         outs = np.empty((Q, int(fz.obase[-1]) + PX), dy.dtype)
         grouped_dx_phases(np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), geo.OW,
                           fz.pads[0], fz.pads[2], fz.toff, fz.t0, wd.joined, fz.cnth,
@@ -357,7 +357,7 @@ def _forward(geo, x, wp, b):
     bias = np.zeros(geo.K, x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((geo.N, geo.K, rows.OH, rows.OW), x.dtype)
     Q = _task_runs(geo.N * geo.G)
-    scratch = np.empty((Q, *rows.grid), x.dtype)
+    scratch = np.zeros((Q, *rows.grid), x.dtype)  # its padding stays zero
     grouped_pixel_tiles(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W),
                         geo.W, geo.pt, geo.pl, rows.toff, wp, bias, y, scratch)
     if not rows.wide:
@@ -378,7 +378,7 @@ def grad_weight(geo, x, dy):
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
     Q = _task_runs(P * G)
-    grid = np.empty((Q, nimg, *rows.grid), x.dtype)
+    grid = np.zeros((Q, nimg, *rows.grid), x.dtype)  # its padding stays zero
     # Each task's deltas as the rows of ``tt``; wide rows are zero in the dropped columns,
     # which read input pixels: an inf or NaN there times such a zero would be a NaN that
     # no real product makes (such an input goes to the next algorithm).
@@ -448,11 +448,13 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
 def _group_planes(src, n, c0, W, dst, pt, pl, check):
     """Planes ``c0 .. c0 + len(dst) - 1`` of image ``n`` of ``src`` (N, C, H*W) into their
     stride phases ``dst[c]`` (:func:`fastconv.kernels._phase_fill`): one group's input or
-    deltas, as every grouped kernel lays them out.  With ``check``, whether those planes
-    hold no inf or NaN (True without)."""
+    deltas, as every grouped kernel lays them out.  ``dst`` is part of a run's scratch,
+    zeroed by the wrapper and filled only with planes of this shape, so its padding is
+    zero and never written.  With ``check``, whether those planes hold no inf or NaN (True
+    without)."""
     finite = True
     for c in range(dst.shape[0]):
-        _phase_fill(src[n, c0 + c], W, dst[c], pt, pl)
+        _phase_fill(src[n, c0 + c], W, dst[c], pt, pl, True)
         if check and not _finite(src[n, c0 + c]):
             finite = False
     return finite

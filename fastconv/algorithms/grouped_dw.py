@@ -89,7 +89,7 @@ def grad_weight(geo, x, dy):
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
     Q = _task_runs(P * G)
-    grid = np.empty((Q, nimg, *rows.grid), x.dtype)
+    grid = np.zeros((Q, nimg, *rows.grid), x.dtype)  # its padding stays zero
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
     part = np.empty((P, G, KBn, TBn, TB, VL), dy.dtype)
     grouped_dw_lanes(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
