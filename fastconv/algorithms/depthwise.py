@@ -57,8 +57,9 @@ With dilation ``dlh > sh`` every group is one row.
 * **dW** runs the forward pass's row groups as dot products: ``dw[k, slot g+e] += sum_(i,
   j) dyw[i*DP + j] * src[base[g] + (i + e)*P + j]``, ``dyw`` being the deltas in rows of
   whole vectors, zero past ``OW`` and past ``OH`` (:func:`_dots3` and its siblings).  An
-  inf or NaN input times such a zero would be a NaN that no real product makes: a plane
-  holding one runs the real pixels only (:func:`_dots_exact`).
+  inf or NaN input times such a zero would be a NaN that no real product makes: a task
+  whose sums come out inf or NaN runs again over the real pixels only
+  (:func:`_dots_exact`).
 
 Non-finite values: the forward pass multiplies the zero padding as the reference does; dX
 with an inf or NaN weight hands over to the next algorithm (the channel tile's exact path:
@@ -1158,6 +1159,12 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
     channel within an image: the planes it reads lie one after another in memory (task by
     task, each plane would start a new stream ``C*H*W`` elements from the last), and a
     channel multiplier's ``M`` channels share one copy of their input plane.
+
+    An inf or NaN input makes every sum that reads it an inf or NaN, also where it meets
+    only the zero deltas past ``OW`` or ``OH``, which no real product makes.  So a task
+    whose sums are all finite read no such input and is exact; one with an inf or NaN
+    sum runs its planes again over the real pixels only (:func:`_dots_exact`).  A check
+    of every plane for inf and NaN before its dots had taken a tenth of the pass.
     """
     N, C = x.shape[0], x.shape[1]
     K = dy.shape[1]
@@ -1184,23 +1191,40 @@ def dw_grad_weight(x, dy, base, w0, ends, slot, part, src, dyw, acc, H, W, OW, p
                     c = k // Mult
                     if c != c_in:
                         _phase_plane(x[n, c], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
-                        finite = _finite(x[n, c])
                         c_in = c
-                    dyk = dy[n, k]
-                    dk = dyk
-                    if not direct:
-                        for i in range(OH):
-                            copy_run(dq, i * DP, dyk, i * OW, OW)
-                        dk = dq
-                    aq = acc[q, a0 + k - k0]
-                    if finite:
-                        _rows_dots(sq, Wq, dk, DP, base, w0, ends[0], aq, OH, nblk)
-                    else:
-                        _dots_exact(sq, slot, dk, DP, Wq, aq, OH, OW)
+                    _rows_dots(sq, Wq, _dw_deltas(dy[n, k], dq, OH, OW, DP, direct), DP, base,
+                               w0, ends[0], acc[q, a0 + k - k0], OH, nblk)
             for k in range(k0, k1):
                 aq = acc[q, a0 + k - k0]
-                for t in range(T):
-                    s = aq[t, 0]
-                    for u in range(1, VL):
-                        s += aq[t, u]
-                    part[p, k, t] = s
+                _lane_sums(aq, part[p, k])
+                if not _finite(part[p, k]):
+                    # An inf or NaN among the inputs: again over the real pixels only.
+                    for t in range(T):
+                        for u in range(VL):
+                            aq[t, u] = 0
+                    for n in range(p * N // P, (p + 1) * N // P):
+                        _phase_plane(x[n, k // Mult], H, W, sq, pt, pl, sh, sw, nb, Hq, Wq)
+                        _dots_exact(sq, slot, _dw_deltas(dy[n, k], dq, OH, OW, DP, direct), DP,
+                                    Wq, aq, OH, OW)
+                    _lane_sums(aq, part[p, k])
+
+
+@numba.njit(inline="always")
+def _dw_deltas(dyk, dq, OH, OW, DP, direct):
+    """One plane of deltas ``dyk`` (OH*OW,) as the dots read them, rows ``DP`` apart:
+    itself where ``direct``, else copied into ``dq`` (zero past ``OW`` and ``OH``)."""
+    if direct:
+        return dyk
+    for i in range(OH):
+        copy_run(dq, i * DP, dyk, i * OW, OW)
+    return dq
+
+
+@numba.njit(inline="always")
+def _lane_sums(aq, out):
+    """``out[t]`` = the sum of ``aq[t]``'s lanes, in lane order, for every ``t < len(out)``."""
+    for t in range(out.shape[0]):
+        s = aq[t, 0]
+        for u in range(1, VL):
+            s += aq[t, u]
+        out[t] = s
