@@ -55,29 +55,28 @@ def test_the_grid_runs_the_staged_kernel_often():
     assert len(GEOS) >= 40
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape, conv", list(GRID))
-def test_staged_rows_match_the_reference(shape, conv, dtype, rng):
+def _forced_plan(shape, conv, dtype, rng):
+    """x, w, b and a plan forced onto the channel tile for ``shape`` (N, C, H, W, K, G, R, S)."""
     N, C, H, W, K, G, R, S = shape
     x, w, b, _ = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
-    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype, algorithm=FORCED)
+    return x, w, b, fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype, algorithm=FORCED)
+
+
+def _assert_matches_the_reference(x, w, b, plan):
     g = plan.geometry
     want = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b, stride=(g.sh, g.sw),
-                              pads=g.pads, dilation=(g.dlh, g.dlw), groups=G)
+                              pads=g.pads, dilation=(g.dlh, g.dlw), groups=g.G)
     got = plan.forward(x, w, b)
-    tol = 1e-10 if dtype == np.float64 else 2e-5
-    assert got.dtype == dtype
+    tol = 1e-10 if x.dtype == np.float64 else 2e-5
+    assert got.dtype == x.dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_non_finite_input_reaches_exactly_the_outputs_it_touches(bad, rng):
-    conv = dict(stride=2, padding=1, dilation=1, groups=1)
-    x, w, b, _ = random_problem(rng, 2, 20, 9, 28, 8, 3, 3, conv)
-    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
-    assert _forward_staged(plan.geometry)
+def _assert_non_finite_reach(x, w, b, plan, bad, indices):
+    """An inf or NaN at each of ``indices`` of ``x`` makes exactly the outputs it touches
+    non-finite, and leaves the others as they are without it (stride 2, padding 1)."""
     n = dict(stride=(2, 2), pads=plan.geometry.pads)
-    for index in [(1, 3, 0, 0), (0, 17, 8, 27), (1, 0, 4, 16)]:
+    for index in indices:
         xb = x.copy()
         xb[index] = bad
         where = np.zeros(x.shape)
@@ -87,6 +86,21 @@ def test_a_non_finite_input_reaches_exactly_the_outputs_it_touches(bad, rng):
         assert np.array_equal(~np.isfinite(got), touched)
         want = ref.conv2d_forward(np.where(where > 0, 0.0, x), w, b, **n)
         np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, conv", list(GRID))
+def test_staged_rows_match_the_reference(shape, conv, dtype, rng):
+    x, w, b, plan = _forced_plan(shape, conv, dtype, rng)
+    _assert_matches_the_reference(x, w, b, plan)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_reaches_exactly_the_outputs_it_touches(bad, rng):
+    conv = dict(stride=2, padding=1, dilation=1, groups=1)
+    x, w, b, plan = _forced_plan((2, 20, 9, 28, 8, 1, 3, 3), conv, np.float64, rng)
+    assert _forward_staged(plan.geometry)
+    _assert_non_finite_reach(x, w, b, plan, bad, [(1, 3, 0, 0), (0, 17, 8, 27), (1, 0, 4, 16)])
 
 
 def test_staged_rows_do_not_depend_on_the_thread_count(rng):
@@ -165,17 +179,9 @@ def test_the_grid_runs_the_image_kernel_often():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, conv", list(IMAGE_GRID))
 def test_staged_images_match_the_reference(shape, conv, dtype, rng, two_threads):
-    N, C, H, W, K, G, R, S = shape
-    x, w, b, _ = random_problem(rng, N, C, H, W, K, R, S, conv, dtype)
-    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=dtype, algorithm=FORCED)
-    g = plan.geometry
-    assert CT._image_runs(g) == two_threads
-    want = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b, stride=(g.sh, g.sw),
-                              pads=g.pads, dilation=(g.dlh, g.dlw), groups=G)
-    got = plan.forward(x, w, b)
-    tol = 1e-10 if dtype == np.float64 else 2e-5
-    assert got.dtype == dtype
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+    x, w, b, plan = _forced_plan(shape, conv, dtype, rng)
+    assert CT._image_runs(plan.geometry) == two_threads
+    _assert_matches_the_reference(x, w, b, plan)
 
 
 def test_the_image_rule_wants_a_thread_for_every_image_and_rows_of_16():
@@ -197,20 +203,9 @@ def test_the_image_rule_wants_a_thread_for_every_image_and_rows_of_16():
 def test_a_non_finite_input_reaches_exactly_the_outputs_it_touches_by_image(bad, rng,
                                                                              two_threads):
     conv = dict(stride=2, padding=1, dilation=1, groups=1)
-    x, w, b, _ = random_problem(rng, 2, 20, 9, 32, 8, 3, 3, conv)
-    plan = fc.conv2d_plan(x.shape, w.shape, **conv, dtype=np.float64, algorithm=FORCED)
+    x, w, b, plan = _forced_plan((2, 20, 9, 32, 8, 1, 3, 3), conv, np.float64, rng)
     assert CT._image_runs(plan.geometry) == two_threads
-    n = dict(stride=(2, 2), pads=plan.geometry.pads)
-    for index in [(1, 3, 0, 0), (0, 17, 8, 31), (1, 0, 4, 16)]:
-        xb = x.copy()
-        xb[index] = bad
-        where = np.zeros(x.shape)
-        where[index] = 1
-        touched = ref.conv2d_forward(where, np.ones(w.shape), **n) > 0
-        got = plan.forward(xb, w, b)
-        assert np.array_equal(~np.isfinite(got), touched)
-        want = ref.conv2d_forward(np.where(where > 0, 0.0, x), w, b, **n)
-        np.testing.assert_allclose(got[~touched], want[~touched], rtol=1e-12)
+    _assert_non_finite_reach(x, w, b, plan, bad, [(1, 3, 0, 0), (0, 17, 8, 31), (1, 0, 4, 16)])
 
 
 def test_staged_images_do_not_depend_on_the_thread_count(rng):

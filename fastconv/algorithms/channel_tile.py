@@ -571,10 +571,7 @@ def conv_rows_staged(x, w, b, y, tiles, pt, columns, scratch):
     yf = y.reshape(-1)
     NT = N * OH * G
     for q in prange(Q):
-        st = scratch[q]
-        sf = st.reshape(st.size)
-        for u in range(sf.size):
-            sf[u] = 0
+        sf = _zeroed(scratch[q])
         acc = stack_tile(TW, KB, y.dtype)
         yt = stack_tile(1, 7, np.int64)
         for task in range(q * NT // Q, (q + 1) * NT // Q):
@@ -645,10 +642,7 @@ def conv_images_staged(x, w, b, y, tiles, pads, scratch):
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     for q in prange(Q):
-        st = scratch[q]
-        sf = st.reshape(st.size)
-        for u in range(sf.size):
-            sf[u] = 0
+        sf = _zeroed(scratch[q])
         acc = stack_tile(TW, KB, y.dtype)
         yt = stack_tile(1, 7, np.int64)
         for n in range(q * N // Q, (q + 1) * N // Q):
@@ -663,6 +657,15 @@ def conv_images_staged(x, w, b, y, tiles, pads, scratch):
                                   min(KB, Ko - kb * KB), b, yf,
                                   (n * K + g * Ko + kb * KB) * Hy * Wy, Wy, Hy * Wy, tiles, i,
                                   0, per_band, flat, acc, yt)
+
+
+@numba.njit(inline="always")
+def _zeroed(st):
+    """A run's scratch ``st``, zeroed, as one flat array."""
+    sf = st.reshape(st.size)
+    for u in range(sf.size):
+        sf[u] = 0
+    return sf
 
 
 @numba.njit(inline="always")
