@@ -58,10 +58,13 @@ DEPTHWISE_GROUPS_PER_THREAD = 2
 APART_BYTES = 2048
 
 #: The depthwise forward pass of a 3x3, stride-1 layer reads each input plane in place
-#: (masked loads, no zero-padded copy) while a plane takes at most this many bytes.  On
-#: 14-56 pixel planes that ran 1.05-1.33x faster than through the copy; 112x112 planes (50
-#: KB in float32, past a core's L1) ran 0.8-1.0x.
+#: (masked loads, no zero-padded copy) while a plane takes at most this many bytes, or
+#: the whole input at most ``DEPTHWISE_IN_PLACE_INPUT_BYTES``.  On 14-56 pixel planes that
+#: ran 1.05-1.33x faster than through the copy.  112x112 planes (50 KB in float32, past a
+#: core's L1) ran 1.1-1.26x at batch 1-4 (32 channels, 1.6-6.4 MB), but 0.91x at batch 8
+#: and 16 (13-26 MB), where the copy's one pass over each plane streams better.
 DEPTHWISE_IN_PLACE_BYTES = 32 * 1024
+DEPTHWISE_IN_PLACE_INPUT_BYTES = 8 * 1024 * 1024
 
 #: The grouped forward kernel cuts its (image, group) tasks into this many runs per thread,
 #: each with its own scratch phase grid (the results do not depend on it: each task owns

@@ -230,6 +230,7 @@ def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkey
     from fastconv.algorithms import depthwise
 
     monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
+    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_INPUT_BYTES", 0)
     for N, C, H, W, M, pads in [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
                                 (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0))]:
         geo = ConvGeometry(N, C, H, W, C * M, 3, 3, C, 1, 1, 1, 1, *pads,
@@ -245,3 +246,17 @@ def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkey
         tol = 1e-10 if dtype == np.float64 else 2e-5
         np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(want).max())))
+
+
+def test_large_planes_are_read_in_place_while_the_whole_input_is_small():
+    from fastconv.algorithms import depthwise
+
+    def geo(N, C, H):
+        return fc.conv_geometry((N, C, H, H), (C, 1, 3, 3), padding=1, groups=C)
+
+    # 112 x 112 planes (49 KB): in place at batch 1 (1.6 MB), copied at batch 16 (26 MB).
+    assert depthwise._in_place(geo(1, 32, 112), np.float32)
+    assert not depthwise._in_place(geo(16, 32, 112), np.float32)
+    assert depthwise._in_place(geo(64, 64, 28), np.float32)  # small planes: any batch
+    assert not depthwise._in_place(fc.conv_geometry((1, 8, 28, 28), (8, 1, 3, 3), stride=2,
+                                                    padding=1, groups=8), np.float32)

@@ -244,9 +244,12 @@ class InPlaceWeights(NamedTuple):
 def _in_place(geo: ConvGeometry, dtype) -> bool:
     """Whether the forward pass reads the input in place (:func:`dw_forward_3x3`): a 3x3
     layer at stride 1, undilated, with planes of at most
-    ``config.DEPTHWISE_IN_PLACE_BYTES``."""
+    ``config.DEPTHWISE_IN_PLACE_BYTES`` or an input of at most
+    ``config.DEPTHWISE_IN_PLACE_INPUT_BYTES``."""
+    plane = geo.H * geo.W * np.dtype(dtype).itemsize
     return ((geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) == (3, 3, 1, 1, 1, 1)
-            and geo.H * geo.W * np.dtype(dtype).itemsize <= config.DEPTHWISE_IN_PLACE_BYTES)
+            and (plane <= config.DEPTHWISE_IN_PLACE_BYTES
+                 or geo.N * geo.C * plane <= config.DEPTHWISE_IN_PLACE_INPUT_BYTES))
 
 
 def forward(geo, x, wt, b):
