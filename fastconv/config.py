@@ -96,6 +96,13 @@ GROUPED_MAX_CG = 32
 #: direct dW).
 SPACE_TO_BATCH_DW_MAX_BYTES = 16 * 1024 * 1024
 
+#: ... and only with at least this many input channels per group.  With fewer, the direct
+#: dW (``nchw-delta-dw``) ran faster than the phases' Winograd dW, whose transforms weigh
+#: more against the products (3x3, dilation 2, 28 x 28, batch 16: 64 channels 5.7 against
+#: 7.3 ms; 32 channels on 56 x 56 5.5 against 7.0 ms); with 128 channels (batch 8) the
+#: phases ran 1.13x faster, with 256 as fast.
+SPACE_TO_BATCH_DW_MIN_C = 128
+
 #: Problems of at most this many multiply-adds per pass run the serial direct kernels
 #: (:mod:`fastconv.algorithms.small`): below it, a parallel region and a layout pass cost
 #: more than the arithmetic.

@@ -50,7 +50,9 @@ WINO3 = "winograd-f4x4-3x3"
     # grouped, few channels per group
     ((8, 64, 28, 28), (64, 4, 3, 3), dict(padding=1, groups=16), np.float32, (GR, GR, GR)),
     # dilated: Winograd on the dilation phases stacked in the batch
-    ((8, 32, 28, 28), (32, 32, 3, 3), dict(padding=2, dilation=2), np.float32, (S2B, S2B, S2B)),
+    ((8, 32, 28, 28), (32, 32, 3, 3), dict(padding=2, dilation=2), np.float32, (S2B, S2B, NCHW)),
+    ((2, 128, 28, 28), (32, 128, 3, 3), dict(padding=2, dilation=2), np.float32,
+     (S2B, S2B, S2B)),
     ((8, 64, 56, 56), (64, 8, 3, 3), dict(stride=2, padding=1, groups=8), np.float64,
      (GR, GR, GRW)),
 ])

@@ -142,15 +142,20 @@ def test_the_phase_layout_round_trips(dl, dtype, rng):
 
 
 def test_dilated_layers_are_planned_on_it_where_winograd_runs_the_phases():
-    plan = fc.conv2d_plan((16, 64, 28, 28), (64, 64, 3, 3), padding=2, dilation=2)
+    plan = fc.conv2d_plan((8, 128, 28, 28), (128, 128, 3, 3), padding=2, dilation=2)
     assert set(plan.algorithms.values()) == {S2B}
+    # fewer input channels: the phases' Winograd dW is slower than the direct dW
+    few = fc.conv2d_plan((16, 64, 28, 28), (64, 64, 3, 3), padding=2, dilation=2)
+    assert few.algorithms["forward"] == few.algorithms["grad_input"] == S2B
+    assert few.algorithms["grad_weight"] != S2B
+    assert 64 < config.SPACE_TO_BATCH_DW_MIN_C <= 128
     # float64: no Winograd on the phases
     assert S2B not in fc.conv2d_plan((16, 64, 28, 28), (64, 64, 3, 3), padding=2, dilation=2,
                                      dtype=np.float64).algorithms.values()
     # a dW whose input and deltas outgrow the budget stays on the direct kernels
-    big = fc.conv2d_plan((16, 64, 56, 56), (64, 64, 3, 3), padding=4, dilation=4)
+    big = fc.conv2d_plan((8, 128, 56, 56), (128, 128, 3, 3), padding=4, dilation=4)
     assert big.algorithms["forward"] == S2B and big.algorithms["grad_weight"] != S2B
-    assert 2 * 16 * 64 * 56 * 56 * 4 > config.SPACE_TO_BATCH_DW_MAX_BYTES
+    assert 2 * 8 * 128 * 56 * 56 * 4 > config.SPACE_TO_BATCH_DW_MAX_BYTES
     for shape, conv, why in [((2, 16, 12, 12), dict(padding=1), "dilation > 1"),
                              ((2, 16, 12, 12), dict(stride=2, dilation=2), "stride 1"),
                              ((2, 16, 11, 12), dict(dilation=2), "got 11x12"),

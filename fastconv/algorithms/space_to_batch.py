@@ -73,6 +73,10 @@ def slower(geo, dtype, pass_):
         return (f"its undilated phases would run on {inner.NAME}, where the layout passes "
                 "cost more than they save")
     nbytes = geo.N * (geo.C * geo.H * geo.W + geo.K * geo.OH * geo.OW) * np.dtype(dtype).itemsize
+    if pass_ == "grad_weight" and geo.Cg < config.SPACE_TO_BATCH_DW_MIN_C:
+        return (f"its dW on the phases ran slower than the direct dW with fewer than "
+                f"config.SPACE_TO_BATCH_DW_MIN_C = {config.SPACE_TO_BATCH_DW_MIN_C} input "
+                f"channels; got {geo.Cg}")
     if pass_ == "grad_weight" and nbytes > config.SPACE_TO_BATCH_DW_MAX_BYTES:
         return (f"its dW lays out {nbytes} bytes of input and deltas, more than "
                 f"config.SPACE_TO_BATCH_DW_MAX_BYTES = {config.SPACE_TO_BATCH_DW_MAX_BYTES}")
