@@ -27,28 +27,30 @@ def _forward_staged(geo) -> bool:
     return CT._staged(rows, CT._staged_columns(rows, geo.S, geo.W, geo.pl)[3])
 
 
-def _grid():
-    shapes = [  # (N, C, H, W, K, G, R, S)
-        (2, 32, 7, 40, 40, 1, 3, 3),    # two blocks of 16 channels; 40-pixel rows: a
-                                        # shifted last block of 16 pixels
-        (1, 20, 6, 33, 70, 1, 3, 2),    # 16 channels transposed, 4 one at a time; K past
-                                        # two blocks of 32
-        (2, 8, 5, 24, 16, 1, 5, 5),     # fewer than 16 channels: every value one at a time
-        (1, 32, 9, 20, 24, 2, 3, 3),    # two groups of 16
-    ]
+def _grid(shapes, strides, runs):
+    """(geometry, test parameter) for each of ``shapes`` (N, C, H, W, K, G, R, S) under
+    each of ``strides``, paddings 0, 1, (4, 0) and dilations 1, (2, 1), (1, 2) that
+    ``runs(geometry)`` says the kernel under test runs."""
     for shape, stride, padding, dilation in itertools.product(
-            shapes, [1, 2, (1, 3)], [0, 1, (4, 0)], [1, (2, 1), (1, 2)]):
+            shapes, strides, [0, 1, (4, 0)], [1, (2, 1), (1, 2)]):
         N, C, H, W, K, G, R, S = shape
         conv = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
         try:
             geo = fc.conv_geometry((N, C, H, W), (K, C // G, R, S), **conv)
         except ValueError:
             continue
-        if _forward_staged(geo):
+        if runs(geo):
             yield geo, pytest.param(shape, conv, id=f"{shape}-s{stride}-p{padding}-d{dilation}")
 
 
-GEOS, GRID = zip(*_grid(), strict=True)
+GEOS, GRID = zip(*_grid([  # (N, C, H, W, K, G, R, S)
+    (2, 32, 7, 40, 40, 1, 3, 3),    # two blocks of 16 channels; 40-pixel rows: a shifted
+                                    # last block of 16 pixels
+    (1, 20, 6, 33, 70, 1, 3, 2),    # 16 channels transposed, 4 one at a time; K past two
+                                    # blocks of 32
+    (2, 8, 5, 24, 16, 1, 5, 5),     # fewer than 16 channels: every value one at a time
+    (1, 32, 9, 20, 24, 2, 3, 3),    # two groups of 16
+], [1, 2, (1, 3)], _forward_staged), strict=True)
 
 
 def test_the_grid_runs_the_staged_kernel_often():
@@ -118,13 +120,19 @@ def test_staged_rows_run_where_rows_are_long_and_keep_the_tile_in_registers():
                                                 stride=2, padding=1))
     assert not _forward_staged(fc.conv_geometry((16, 64, 32, 32), (128, 64, 3, 3),
                                                 stride=2, padding=1))
-    f = numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(
-        CT.conv_rows_staged.py_func)
-    f(np.zeros((1, 16, 4, 20), np.float32), np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32),
-      np.zeros((1, CT.KB), np.float32), np.zeros((1, 8, 2, 18), np.float32),
-      CT.TileMap(2, 18, 1, 1, 1, 1), 0, (0, 0, 20), np.zeros((1, 3, 20, 16), np.float32))
+    _assert_tile_in_registers(
+        CT.conv_rows_staged, np.zeros((1, 16, 4, 20), np.float32),
+        np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32), np.zeros((1, CT.KB), np.float32),
+        np.zeros((1, 8, 2, 18), np.float32), CT.TileMap(2, 18, 1, 1, 1, 1), 0, (0, 0, 20),
+        np.zeros((1, 3, 20, 16), np.float32))
+
+
+def _assert_tile_in_registers(kernel, *args):
+    """``kernel``, compiled afresh for ``args``, keeps the 7-pixel x 32-channel tile in
+    registers: two vectors of 7 packed FMAs a step, no spills, no gathers."""
+    f = numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(kernel.py_func)
+    f(*args)
     asm = f.inspect_asm(f.signatures[0])
-    # The 7-pixel x 32-channel tile: two vectors of 7 packed FMAs a step, no spills.
     loops = [b for b in re.split(r"\n(?=\.LBB)", asm)
              if len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", b)) >= 2 * CT.TW]
     assert loops
@@ -138,27 +146,13 @@ def _forward_by_image(geo, threads=2) -> bool:
     return not _forward_staged(geo) and CT._by_image(geo, threads)
 
 
-def _image_grid():
-    shapes = [  # (N, C, H, W, K, G, R, S)
-        (2, 32, 32, 32, 40, 1, 3, 3),   # two blocks of 16 channels; K past one block of 32
-        (4, 20, 9, 33, 70, 1, 3, 2),    # 16 channels transposed, 4 one at a time; K past
-                                        # two blocks of 32
-        (2, 32, 10, 16, 24, 2, 3, 3),   # two groups of 16; 16-pixel rows: one block
-        (2, 16, 6, 18, 8, 1, 5, 5),     # a 5x5 filter, the last pixel block shifted back
-    ]
-    for shape, stride, padding, dilation in itertools.product(
-            shapes, [1, 2, (1, 3), (2, 5)], [0, 1, (4, 0)], [1, (2, 1), (1, 2)]):
-        N, C, H, W, K, G, R, S = shape
-        conv = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
-        try:
-            geo = fc.conv_geometry((N, C, H, W), (K, C // G, R, S), **conv)
-        except ValueError:
-            continue
-        if _forward_by_image(geo):
-            yield geo, pytest.param(shape, conv, id=f"{shape}-s{stride}-p{padding}-d{dilation}")
-
-
-IMAGE_GEOS, IMAGE_GRID = zip(*_image_grid(), strict=True)
+IMAGE_GEOS, IMAGE_GRID = zip(*_grid([  # (N, C, H, W, K, G, R, S)
+    (2, 32, 32, 32, 40, 1, 3, 3),   # two blocks of 16 channels; K past one block of 32
+    (4, 20, 9, 33, 70, 1, 3, 2),    # 16 channels transposed, 4 one at a time; K past two
+                                    # blocks of 32
+    (2, 32, 10, 16, 24, 2, 3, 3),   # two groups of 16; 16-pixel rows: one block
+    (2, 16, 6, 18, 8, 1, 5, 5),     # a 5x5 filter, the last pixel block shifted back
+], [1, 2, (1, 3), (2, 5)], _forward_by_image), strict=True)
 
 
 @pytest.fixture
@@ -217,15 +211,8 @@ def test_staged_images_do_not_depend_on_the_thread_count(rng):
 
 
 def test_the_image_kernel_keeps_its_tile_in_registers():
-    f = numba.njit(parallel=True, fastmath=_jit.FASTMATH, cache=False)(
-        CT.conv_images_staged.py_func)
-    f(np.zeros((2, 16, 16, 16), np.float32), np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32),
-      np.zeros((1, CT.KB), np.float32), np.zeros((2, 8, 8, 8), np.float32),
-      CT.TileMap(8, 8, 2, 2, 1, 1), (1, 1), np.zeros((2, 1, 18, 18, 16), np.float32))
-    asm = f.inspect_asm(f.signatures[0])
-    # The 7-pixel x 32-channel tile: two vectors of 7 packed FMAs a step, no spills.
-    loops = [b for b in re.split(r"\n(?=\.LBB)", asm)
-             if len(re.findall(r"vfmadd\d+ps\s[^\n]*zmm", b)) >= 2 * CT.TW]
-    assert loops
-    assert not any(re.search(r"zmm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*zmm", b) for b in loops)
-    assert "vgather" not in asm
+    _assert_tile_in_registers(
+        CT.conv_images_staged, np.zeros((2, 16, 16, 16), np.float32),
+        np.zeros((1, 1, 3, 3, 16, CT.KB), np.float32), np.zeros((1, CT.KB), np.float32),
+        np.zeros((2, 8, 8, 8), np.float32), CT.TileMap(8, 8, 2, 2, 1, 1), (1, 1),
+        np.zeros((2, 1, 18, 18, 16), np.float32))
