@@ -193,6 +193,16 @@ def _finite(a) -> bool:
 
 
 @numba.njit(inline="always")
+def _zeroed(a):
+    """``a`` (any C-contiguous shape), zeroed, as one flat array: a run's scratch, zeroed
+    once before its tasks."""
+    flat = a.reshape(a.size)
+    for u in range(flat.size):
+        flat[u] = 0
+    return flat
+
+
+@numba.njit(inline="always")
 def _phase_fill(xs, W, dst, pt, pl, zeroed):
     """One plane ``xs`` (H*W,) into its stride phases ``dst`` (sh, sw, Hr, Wq),
     C-contiguous: ``dst[p, q, v, u] = x[v*sh + p - pt, u*sw + q - pl]`` inside the plane,
@@ -211,10 +221,7 @@ def _phase_fill(xs, W, dst, pt, pl, zeroed):
     slower still)."""
     H = xs.shape[0] // W
     sh, sw, Hr, Wq = dst.shape
-    flat = dst.reshape(dst.size)
-    if not zeroed:
-        for u in range(flat.size):
-            flat[u] = 0
+    flat = dst.reshape(dst.size) if zeroed else _zeroed(dst)
     # Padded row ih + pt is row v of row phase p, stepped row by row: two integer divisions
     # a row took 3.7x as long as the copies of a 14 x 14 plane.
     p = pt % sh

@@ -14,7 +14,7 @@ from numba import prange
 
 from .._jit import parallel_kernel, stack_tile, transpose16
 from ..geometry import ConvGeometry, _dx_joins
-from ..kernels import _chunk_task
+from ..kernels import _chunk_task, _zeroed
 from ..layouts import (
     _FRESH,
     DeltaLayout,
@@ -44,21 +44,22 @@ def prepare(geo, w, pass_):
 def forward(geo, x, wb, b):
     rows = TileMap(geo.OH, geo.OW, geo.sh, geo.sw, geo.dlh, geo.dlw)
     Wst, u0, iw0, wc = _staged_columns(rows, geo.S, geo.W, geo.pl)
+    staged = _staged(rows, wc)
+    Q = 0 if staged else _image_runs(geo)
+    if not (staged or Q):
+        return packed_forward(geo, _pack_input(x, geo), wb, b)
     y = np.empty((geo.N, geo.K, geo.OH, geo.OW), x.dtype)
     bb = _blocked_bias(geo, wb, b, x.dtype)
-    if _staged(rows, wc):
+    if staged:
         scratch = np.empty((_task_runs(geo.N * geo.OH * geo.G), geo.R, Wst, wb.shape[4]),
                            x.dtype)
         conv_rows_staged(np.ascontiguousarray(x), wb, bb, y, rows, geo.pt, (u0, iw0, wc),
                          scratch)
-        return y
-    Q = _image_runs(geo)
-    if Q:
+    else:
         scratch = np.empty((Q, geo.G, geo.H + geo.pt + geo.pb, geo.W + geo.pl + geo.pr,
                             wb.shape[4]), x.dtype)
         conv_images_staged(np.ascontiguousarray(x), wb, bb, y, rows, (geo.pt, geo.pl), scratch)
-        return y
-    return packed_forward(geo, _pack_input(x, geo), wb, b)
+    return y
 
 
 def _image_runs(geo: ConvGeometry) -> int:
@@ -660,15 +661,6 @@ def conv_images_staged(x, w, b, y, tiles, pads, scratch):
                                   min(KB, Ko - kb * KB), b, yf,
                                   (n * K + g * Ko + kb * KB) * Hy * Wy, Wy, Hy * Wy, tiles, i,
                                   0, per_band, flat, acc, yt)
-
-
-@numba.njit(inline="always")
-def _zeroed(st):
-    """A run's scratch ``st``, zeroed, as one flat array."""
-    sf = st.reshape(st.size)
-    for u in range(sf.size):
-        sf[u] = 0
-    return sf
 
 
 @numba.njit(inline="always")

@@ -57,6 +57,7 @@ from numba import prange
 
 from .. import config
 from .._jit import interleave_run, parallel_kernel, serial_kernel, stack_tile
+from ..kernels import _zeroed
 from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .grouped import slower  # noqa: F401  (the same rule: large groups fill the channel tile)
 
@@ -146,9 +147,7 @@ def grouped_window_dw(x, C, H, W, pt, pl, sh, sw, hc, wc, Wp, dy, ro, xh, part):
     NT = P * G
     for q in prange(Q):
         xq = xh[q]
-        flat = xq.reshape(xq.size)
-        for u in range(flat.size):  # the padding, never written again
-            flat[u] = 0
+        _zeroed(xq)  # the padding, never written again
         for task in range(q * NT // Q, (q + 1) * NT // Q):
             g = task % G
             p = task // G
