@@ -287,10 +287,12 @@ class GradientSync:
     """A model's gradients, averaged over the ranks during its backward pass.
 
     The gradients live in one flat, preallocated buffer in reverse parameter order (the
-    order backward produces them).  :meth:`train_step` arms a hook that
-    ``nn.Sequential.backward`` calls after each layer: the hook copies that layer's
-    gradients into the buffer, scaled by ``n_r / n``, so that the sum over ranks is the
-    mean gradient of the global batch.  Two methods sum the buffers:
+    order backward produces them).  :meth:`train_step` scales the loss's deltas by
+    ``n_r / n``, so that every gradient backward makes is this rank's share of the mean
+    gradient of the global batch, and the sum over ranks is that mean.  Layers that can
+    (``Linear``, which holds most of the two-conv network's weights) write their gradients
+    straight into the buffer; a hook that ``nn.Sequential.backward`` calls after each layer
+    copies the others in.  Two methods sum the buffers:
 
     ``'shared'`` (every rank on one machine)
         Each rank's buffer is its segment of one MPI shared-memory window
@@ -342,8 +344,9 @@ class GradientSync:
         ``wait`` (after backward until every gradient is reduced: the last bucket's
         allreduce, or the whole shared-memory reduction, with any wait for a slower rank),
         ``in_flight`` (from the first bucket's start to the end of backward), ``bytes``
-        (of gradients reduced), ``overlapped_bytes`` (of those, the buckets whose allreduce
-        started and finished during backward), and ``steps``.
+        (of gradients reduced), ``copied_bytes`` (of those, copied into the buffer: the
+        rest was written there by its layer), ``overlapped_bytes`` (of those, the buckets
+        whose allreduce started and finished during backward), and ``steps``.
     """
 
     def __init__(self, model, comm: Communicator, bucket_mb: float = BUCKET_MB,
@@ -393,6 +396,13 @@ class GradientSync:
                 if self.offsets[i + 1] - start >= limit or i == len(params) - 1:
                     self.buckets.append((start, int(self.offsets[i + 1])))
                     start = int(self.offsets[i + 1])
+        # Each parameter's place in the buffer, and the same views by module, which
+        # train_step offers the layers to write their gradients into (Module._grad_into).
+        self._views = [self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(p.shape)
+                       for i, p in enumerate(params)]
+        self._into = {}
+        for p, view in zip(params, self._views, strict=True):
+            self._into.setdefault(id(p.module), (p.module, {}))[1][p.key] = view
         # Which parameters each top-level layer holds (children included).
         index = {(id(p.module), p.key): i for i, p in enumerate(params)}
         self._of_layer = {}
@@ -400,7 +410,7 @@ class GradientSync:
             self._of_layer[id(layer)] = [index[(id(p.module), p.key)]
                                          for p in layer.parameters()]
         self.timers = dict.fromkeys(("copy", "mpi", "wait", "in_flight", "steps", "bytes",
-                                     "overlapped_bytes"), 0.0)
+                                     "copied_bytes", "overlapped_bytes"), 0.0)
         self._progress = None
         if progress and comm.distributed and self._shared is None:
             from mpi4py import MPI
@@ -417,6 +427,7 @@ class GradientSync:
                 g = p.module.grads.get(p.key)
                 if g is not None and np.shares_memory(g, self.flat):
                     p.module.grads[p.key] = g.copy()
+            self._views, self._into = [], {}
             self._shared.free()
             self._shared, self.flat = None, None
 
@@ -437,13 +448,25 @@ class GradientSync:
             logits = model(x)
             loss = float(loss_fn(logits, y))
             hits = int((logits.argmax(axis=1) == y).sum())
-        self._begin(n_r / n, (loss * n_r, hits))
+        # The weight n_r / n is applied to the loss's deltas (a (n_r, classes) array): every
+        # gradient backward makes is then already this rank's share of the mean, and the
+        # layers that can (Linear) write theirs straight into the buffer.  For equal
+        # shards the weight is 1/R, a power of two for R = 2, 4, ...: exact.
+        self._begin(1.0, (loss * n_r, hits))
         if n_r:
+            dy = loss_fn.backward()
+            if n_r != n:
+                dy = dy * dy.dtype.type(n_r / n)
+            for module, views in self._into.values():
+                module._grad_into = views
             try:
-                model.backward(loss_fn.backward())
+                model.backward(dy)
             except BaseException:
                 self.model._grad_hook = None
                 raise
+            finally:
+                for module, _ in self._into.values():
+                    module._grad_into = None
         total = self._end()
         return float(total[0] / n), int(round(total[1]))
 
@@ -494,13 +517,17 @@ class GradientSync:
         """Copy parameter i's gradient into the buffer, times the rank's weight."""
         if self._ready[i]:
             return
-        p = self.params[i]
-        out = self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(p.shape)
-        g = p.grad
-        if g is None:  # no gradient on this rank: it adds zeros
+        out, g = self._views[i], self.params[i].grad
+        if g is out:  # the layer wrote it there (train_step)
+            pass
+        elif g is None:  # no gradient on this rank: it adds zeros
             out.fill(0)
+        elif self._weight == 1.0:
+            np.copyto(out, g, casting="same_kind")
+            self.timers["copied_bytes"] += out.nbytes
         else:
             np.multiply(g, self._weight, out=out, casting="same_kind")
+            self.timers["copied_bytes"] += out.nbytes
         self._ready[i] = True
         self._pending[self._bucket_of[i]] -= 1
 

@@ -217,6 +217,21 @@ class Module:
     def _forget(self) -> None:
         """Drop what forward kept for backward."""
 
+    #: Arrays, by parameter key, that the next backward may write this module's gradients
+    #: into instead of new arrays (set for one backward by :class:`fastconv.dist.
+    #: GradientSync`: views of its flat buffer, so that no copy follows).
+    _grad_into: dict[str, np.ndarray] | None = None
+
+    def _grad_target(self, key: str, dtype) -> np.ndarray | None:
+        """Where a layer may write the gradient of ``key`` it is about to compute in
+        ``dtype`` (then handed to :meth:`_accumulate` as usual), or None for a new array:
+        only while no gradient is held, since a held one is added to."""
+        into = self._grad_into
+        if into is None or self.grads.get(key) is not None:
+            return None
+        out = into.get(key)
+        return out if out is not None and out.dtype == dtype else None
+
     def _accumulate(self, key: str, g: np.ndarray) -> None:
         """Add the gradient ``g`` (a new array the caller hands over) to ``grads[key]``:
         stored as it is when no gradient is held (after :meth:`zero_grad`), else added in
@@ -798,9 +813,11 @@ class Linear(Module):
         dy = np.asarray(dy)
         expected = (self._x.shape[0], self.out_features)
         _check_grad_output(self, dy, expected)
-        self._accumulate("weight", matmul(dy.T, self._x))
+        dtype = np.result_type(dy.dtype, self._x.dtype)  # matmul's, where it is float
+        self._accumulate("weight", matmul(dy.T, self._x,
+                                          out=self._grad_target("weight", dtype)))
         if "bias" in self.params:
-            self._accumulate("bias", dy.sum(axis=0))
+            self._accumulate("bias", dy.sum(axis=0, out=self._grad_target("bias", dy.dtype)))
         return matmul(dy, self.params["weight"])
 
     def _forget(self):

@@ -277,7 +277,13 @@ SPECS = [
                (np.zeros((1, 3, 4)), ValueError, "a.shape = (1, 3, 4)")]),
         ("b", [(None, TypeError, "b must be"), (np.zeros((4, 64), object), TypeError, "b must be"),
                (np.zeros((5, 64)), ValueError, "b.shape = (5, 64)"),
-               (np.zeros(4), ValueError, "b.shape = (4,)")])]),
+               (np.zeros(4), ValueError, "b.shape = (4,)")]),
+        ("out", [([[0.0] * 64] * 3, TypeError, "out must be a NumPy array"),
+                 (np.zeros((3, 63)), ValueError, "shape (3, 64) and dtype float64"),
+                 (np.zeros((3, 64), np.float32), ValueError, "got shape (3, 64) and dtype "
+                  "float32"),
+                 (np.zeros((64, 3)).T, ValueError, "C-contiguous"),
+                 (np.broadcast_to(np.ones(64), (3, 64)), ValueError, "writeable")])]),
     Spec("conv2d_plan", fc.conv2d_plan,
          dict(input_shape=X.shape, weight_shape=W.shape, **STEP, dtype=np.float64), [
              ("input_shape", SHAPE4), ("weight_shape", SHAPE4), *_conv_args(),

@@ -56,6 +56,25 @@ def test_non_contiguous_operands_and_the_linear_layer_shapes(kernel_calls):
     assert len(kernel_calls) == 4
 
 
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float64)])
+@pytest.mark.parametrize("Nc", [64, 100, 30])
+def test_out_receives_the_product_and_is_returned(dtypes, Nc, kernel_calls):
+    rng = np.random.default_rng(Nc)
+    a = rng.standard_normal((7, 9)).astype(dtypes[0])
+    b = rng.standard_normal((9, Nc)).astype(dtypes[1])
+    out = np.full((7, Nc), np.nan, dtypes[0])
+    got = matmul(a, b, out=out)
+    assert got is out
+    _check(a, b, out)
+    assert bool(kernel_calls) == (dtypes[0] == np.float32 and Nc >= K.MC)
+
+
+def test_out_may_not_overlap_the_operands():
+    a = np.ones((64, 64), np.float32)
+    with pytest.raises(ValueError, match="must not share memory with a or b"):
+        matmul(a, a.copy(), out=a)
+
+
 @pytest.mark.parametrize("dtypes", [(np.float64, np.float64), (np.float32, np.float64),
                                     (np.float32, np.int64)])
 def test_other_dtypes_run_on_numpy_in_numpy_result_dtype(dtypes, kernel_calls):
@@ -122,3 +141,37 @@ def test_linear_backward_checks_the_delta_shape(shape):
     with pytest.raises(ValueError, match=r"grad_output of shape .*\(4, 10\)"):
         lin.backward(np.ones(shape, np.float32))
     assert "weight" not in lin.grads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_writes_its_gradients_into_offered_arrays(dtype):
+    """``Module._grad_into`` (what fastconv.dist.GradientSync offers): written in place
+    while no gradient is held, added to a held one, ignored in another dtype."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 70)).astype(dtype)
+    dy = rng.standard_normal((5, 64)).astype(dtype)
+    plain = Linear(70, 64, dtype=dtype)
+    plain(x)
+    plain.backward(dy)
+    lin = Linear(70, 64, dtype=dtype)
+    offered = {"weight": np.full((64, 70), np.nan, dtype), "bias": np.full(64, np.nan, dtype)}
+    lin._grad_into = offered
+    lin(x)
+    lin.backward(dy)
+    for k in offered:
+        assert lin.grads[k] is offered[k]
+        np.testing.assert_array_equal(offered[k], plain.grads[k])
+    lin(x)
+    lin.backward(dy)  # held: added, still in the offered arrays
+    for k in offered:
+        assert lin.grads[k] is offered[k]
+        np.testing.assert_allclose(offered[k], 2 * plain.grads[k], rtol=1e-6)
+    lin.zero_grad()
+    other = np.float64 if dtype == np.float32 else np.float32
+    lin._grad_into = {k: v.astype(other) for k, v in offered.items()}
+    lin(x)
+    lin.backward(dy)
+    for k in offered:
+        assert lin.grads[k].dtype == dtype and not np.shares_memory(lin.grads[k],
+                                                                     lin._grad_into[k])
+        np.testing.assert_array_equal(lin.grads[k], plain.grads[k])
