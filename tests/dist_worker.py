@@ -11,7 +11,8 @@
         each rank's gradient of its half of a batch, averaged by allreduce_gradients and by
         GradientSync with each method (Iallreduce without its progress thread, and the
         shared-memory window), against the whole batch's gradient that every rank also
-        computes alone; then GradientSync.close; prints "api ok" from rank 0.
+        computes alone; then GradientSync.close; a BatchNorm2d's buffers made equal by
+        broadcast_parameters; prints "api ok" from rank 0.
 """
 
 import hashlib
@@ -70,6 +71,17 @@ def api():
         assert "closed" in str(e)
     else:
         raise AssertionError("a closed GradientSync ran a step")
+    # BatchNorm2d's running statistics follow each rank's shard until
+    # broadcast_parameters gives every rank rank 0's parameters and buffers
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    bn(x[mine])
+    mean = bn[1].buffers()[0]
+    assert len({m.tobytes() for m in comm.comm.allgather(mean)}) == 2
+    root_mean = comm.comm.bcast(mean.copy())
+    comm.broadcast_parameters(bn)
+    np.testing.assert_array_equal(mean, root_mean)
+    state = hashlib.sha256(b"".join(a.tobytes() for a in bn.state_dict().values()))
+    assert len(set(comm.comm.allgather(state.hexdigest()))) == 1
     if comm.is_root:
         print("api ok")
 
