@@ -248,6 +248,26 @@ def test_depthwise_in_place_kernel_masks_its_loads_and_keeps_its_tile_in_registe
     assert "vgather" not in asm and "vscatter" not in asm
 
 
+def test_depthwise_in_place_dw_kernel_masks_its_loads_and_keeps_its_sums_in_registers():
+    f = _serial(DW._plane_dw_3x3)
+    H = W = 14
+    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.zeros(H * W, np.float32), 0, H, W,
+      np.zeros((9, DW.VL), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # A tile step: TR delta rows and, per filter column, TR + 2 input rows loaded under a
+    # zeroing lane mask, for 9*TR packed FMAs on 9 sums.  The 9 sums, 7 delta rows and 9
+    # input rows fill 25 of the 32 registers, and LLVM moves a few vectors to the stack
+    # and back in each step (8 and 8 in this build): bounded here, since a tile kept in
+    # memory would take one stack load and store per FMA.
+    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
+    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) >= 9 * DW.TR), key=len)
+    masked = re.findall(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}", loop)
+    assert len(packed.findall(loop)) == 9 * DW.TR
+    assert len(masked) >= DW.TR + 3 * (DW.TR + 2)
+    assert len(NO_SPILL.findall(loop)) <= 16
+    assert "vgather" not in asm and "vscatter" not in asm
+
+
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
     f = _serial(DW._rows_dots)
     P, OH = 16, 14

@@ -164,9 +164,10 @@ def test_a_non_finite_value_reaches_exactly_the_outputs_it_touches(bad, conv, H,
     x = np.abs(x) + 0.5  # positive data: an inf stays inf, no inf - inf
     w, dy = np.abs(w) + 0.5, np.abs(dy) + 0.5
     plan = fc.conv2d_plan(x.shape, w.shape, **conv, groups=C, dtype=np.float64, algorithm=DW)
-    # An input pixel at a row end: the wide rows' extra columns read it too.
+    # An input pixel at a row end: the wide rows' extra columns read it too; one in the
+    # last row: dW's last row tile reads it also for delta rows past OH (zero).
     check_non_finite_reach(plan, x, w, dy, bad, [(1, 6, h, v) for h, v in [(4, 0), (3, W - 1),
-                                                                          (0, 5)]],
+                                                                          (0, 5), (H - 1, 2)]],
                            (0, 13, 1, dy.shape[3] - 1))
 
 
@@ -222,17 +223,18 @@ def test_depthwise_layers_are_planned_on_it():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
-    """3x3 stride-1 layers read their planes in place up to a size, through a zero-padded
-    copy above it: each path on planes narrower than, as wide as and wider than a vector,
-    shorter than a row tile, with padding of 0-2 on either side."""
+def test_both_3x3_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
+    """3x3 stride-1 layers read their planes in place up to a size (forward and dW),
+    through a zero-padded copy above it: each path on planes narrower than, as wide as and
+    wider than a vector, shorter than a row tile, with padding of 0-2 on either side."""
     from fastconv import config
     from fastconv.algorithms import depthwise
 
     monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
     monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_INPUT_BYTES", 0)
     for N, C, H, W, M, pads in [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
-                                (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0))]:
+                                (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0)),
+                                (3, 2, 9, 17, 3, (1, 1, 1, 1)), (1, 1, 30, 12, 1, (2, 2, 0, 0))]:
         geo = ConvGeometry(N, C, H, W, C * M, 3, 3, C, 1, 1, 1, 1, *pads,
                            H + pads[0] + pads[1] - 2, W + pads[2] + pads[3] - 2)
         plan = ConvPlan(geo, dtype, DW)
@@ -246,6 +248,16 @@ def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkey
         tol = 1e-10 if dtype == np.float64 else 2e-5
         np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(want).max())))
+        dy = rng.standard_normal(want.shape).astype(dtype)
+        want = ref.conv2d_grad_weight(x.astype(np.float64), dy.astype(np.float64), w.shape,
+                                      stride=(1, 1), pads=pads, dilation=(1, 1), groups=C)
+        calls, kernel = [], depthwise.dw_grad_weight_3x3
+        monkeypatch.setattr(depthwise, "dw_grad_weight_3x3",
+                            lambda *a, k=kernel, c=calls: c.append(1) or k(*a))
+        np.testing.assert_allclose(plan.grad_weight(x, dy), want, rtol=tol,
+                                   atol=tol * max(1.0, float(np.abs(want).max())))
+        assert bool(calls) == in_place
+        monkeypatch.setattr(depthwise, "dw_grad_weight_3x3", kernel)
 
 
 def test_large_planes_are_read_in_place_while_the_whole_input_is_small():

@@ -61,6 +61,13 @@ With dilation ``dlh > sh`` every group is one row.
   whose sums come out inf or NaN runs again over the real pixels only
   (:func:`_dots_exact`).
 
+* **dW, 3x3 at stride 1, in place** (where the forward pass reads in place,
+  :func:`_in_place`): no scratch plane and no copy of the deltas.  Each tile loads its
+  ``TR`` delta rows and, per filter column, its ``TR + 2`` input rows straight from
+  ``dy`` and ``x`` under lane and row masks, for the column's three taps
+  (:func:`_plane_dw_3x3`); a task whose sums are not finite runs again one product per
+  term (:func:`_plane_dw_exact`).
+
 Non-finite values: the forward pass multiplies the zero padding as the reference does; dX
 with an inf or NaN weight hands over to the next algorithm (the channel tile's exact path:
 ``inf * 0`` on the deltas' border would make NaNs that no real delta touches).
@@ -378,6 +385,15 @@ def grad_input(geo, dy, wd):
 
 
 def grad_weight(geo, x, dy):
+    if _in_place(geo, x.dtype):
+        P = min(geo.N, max(1, -(-config.DEPTHWISE_DW_TASKS // geo.K)))  # batch chunks
+        Q = _groups(P * geo.K)
+        acc = np.empty((Q, -(-P * geo.K // Q), 9, VL), x.dtype)
+        part = np.empty((P, geo.K, 9), x.dtype)
+        dw_grad_weight_3x3(np.ascontiguousarray(x).reshape(geo.N, geo.C, -1),
+                           np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), part, acc,
+                           geo.H, geo.W, geo.OW, geo.pt, geo.pl)
+        return (part.sum(axis=0) if P > 1 else part[0]).reshape(geo.K, 1, 3, 3)
     pl_ = _planes(geo)
     g = _forward_groups(geo)
     K, N = geo.K, geo.N
@@ -1231,3 +1247,178 @@ def _lane_sums(aq, out):
         for u in range(1, VL):
             s += aq[t, u]
         out[t] = s
+
+
+# ---- dW of a 3x3, stride-1 layer, read in place ------------------------------------------
+
+
+@numba.njit(inline="always")
+def _dw_column(a, d, xr, x, o, W, rows, lanes):
+    """The three taps ``r`` of one filter column: ``a[r] += sum_(v < TR) d[v] * (input row
+    v + r)``, the ``TR + 2`` input rows loaded into ``xr`` from ``x[o:]``, ``W`` apart,
+    under the column mask ``lanes`` and the row mask ``rows`` (bit ``e``: row ``e`` lies
+    in the plane, else it is zero): each row serves up to three taps."""
+    m0 = lanes if rows & 1 else 0
+    m1 = lanes if rows & 2 else 0
+    m2 = lanes if rows & 4 else 0
+    m3 = lanes if rows & 8 else 0
+    m4 = lanes if rows & 16 else 0
+    m5 = lanes if rows & 32 else 0
+    m6 = lanes if rows & 64 else 0
+    m7 = lanes if rows & 128 else 0
+    m8 = lanes if rows & 256 else 0
+    load_row(xr[0], x, o, m0)
+    load_row(xr[1], x, o + W, m1)
+    load_row(xr[2], x, o + 2 * W, m2)
+    load_row(xr[3], x, o + 3 * W, m3)
+    load_row(xr[4], x, o + 4 * W, m4)
+    load_row(xr[5], x, o + 5 * W, m5)
+    load_row(xr[6], x, o + 6 * W, m6)
+    load_row(xr[7], x, o + 7 * W, m7)
+    load_row(xr[8], x, o + 8 * W, m8)
+    for u in range(VL):
+        a[0, u] += d[0, u] * xr[0, u] + d[1, u] * xr[1, u] + d[2, u] * xr[2, u] + \
+            d[3, u] * xr[3, u] + d[4, u] * xr[4, u] + d[5, u] * xr[5, u] + d[6, u] * xr[6, u]
+        a[1, u] += d[0, u] * xr[1, u] + d[1, u] * xr[2, u] + d[2, u] * xr[3, u] + \
+            d[3, u] * xr[4, u] + d[4, u] * xr[5, u] + d[5, u] * xr[6, u] + d[6, u] * xr[7, u]
+        a[2, u] += d[0, u] * xr[2, u] + d[1, u] * xr[3, u] + d[2, u] * xr[4, u] + \
+            d[3, u] * xr[5, u] + d[4, u] * xr[6, u] + d[5, u] * xr[7, u] + d[6, u] * xr[8, u]
+
+
+@numba.njit(inline="always")
+def _col_lanes(c0, W, nj):
+    """The lanes ``u < nj`` whose input column ``c0 + u`` lies in ``0 <= c < W``."""
+    lo = max(0, -c0)
+    hi = min(nj, W - c0)
+    return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+
+
+@serial_kernel
+def _plane_dw_3x3(x, xo, H, W, pt, pl, dy, do, OH, OW, acc):
+    """``acc[r*3 + s, lane] += sum_(i < OH, j < OW) dy[do + i*OW + j] * x[xo + (i + r -
+    pt)*W + j + s - pl]``, lane ``j % VL``, a term being zero where its input pixel lies
+    outside the ``H x W`` plane: dW's dot products of one plane of a 3x3, stride-1 layer,
+    both planes read in place.
+
+    x, dy : flat arrays.    acc : (>= 9, VL) the sums, added to.
+
+    Tiles of ``TR`` delta rows by ``VL`` columns: the tile's delta rows (lanes ``j < OW``,
+    rows ``i < OH``) and, for each filter column, its ``TR + 2`` input rows, loaded under
+    lane masks (:func:`fastconv._jit.load_row`: a masked-out lane reads nothing and is
+    zero), 7 + 27 loads for 63 FMAs into 9 sums (one per tap) kept in registers for the
+    whole plane; each input row is loaded once per filter column and serves up to three
+    taps.  With the 7 delta and 9 input rows that is 25 of the 32 vector registers.
+    Past ``OH`` the deltas are zero; an inf or NaN input there makes the sum NaN, which
+    :func:`dw_grad_weight_3x3` recomputes exactly.
+    """
+    a0 = stack_tile(3, VL, acc.dtype)  # filter column 0, taps r = 0, 1, 2
+    a1 = stack_tile(3, VL, acc.dtype)
+    a2 = stack_tile(3, VL, acc.dtype)
+    d = stack_tile(TR, VL, acc.dtype)
+    xr = stack_tile(9, VL, acc.dtype)  # TR + 2 rows
+    for u in range(VL):
+        a0[0, u] = 0
+        a0[1, u] = 0
+        a0[2, u] = 0
+        a1[0, u] = 0
+        a1[1, u] = 0
+        a1[2, u] = 0
+        a2[0, u] = 0
+        a2[1, u] = 0
+        a2[2, u] = 0
+    for i0 in range(0, OH, TR):
+        h0 = i0 - pt  # the input row of the tile's first read
+        # bit e: input row h0 + e lies in the plane (rows 0 ... H - 1)
+        lo, hi = max(0, -h0), min(TR + 2, H - h0)
+        rows = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+        for j0 in range(0, OW, VL):
+            nj = min(VL, OW - j0)
+            dl = (1 << nj) - 1
+            o = do + i0 * OW + j0
+            load_row(d[0], dy, o, dl)
+            load_row(d[1], dy, o + OW, dl if i0 + 1 < OH else 0)
+            load_row(d[2], dy, o + 2 * OW, dl if i0 + 2 < OH else 0)
+            load_row(d[3], dy, o + 3 * OW, dl if i0 + 3 < OH else 0)
+            load_row(d[4], dy, o + 4 * OW, dl if i0 + 4 < OH else 0)
+            load_row(d[5], dy, o + 5 * OW, dl if i0 + 5 < OH else 0)
+            load_row(d[6], dy, o + 6 * OW, dl if i0 + 6 < OH else 0)
+            c0 = j0 - pl
+            xo0 = xo + h0 * W + c0
+            _dw_column(a0, d, xr, x, xo0, W, rows, _col_lanes(c0, W, nj))
+            _dw_column(a1, d, xr, x, xo0 + 1, W, rows, _col_lanes(c0 + 1, W, nj))
+            _dw_column(a2, d, xr, x, xo0 + 2, W, rows, _col_lanes(c0 + 2, W, nj))
+    for u in range(VL):
+        acc[0, u] += a0[0, u]
+        acc[1, u] += a1[0, u]
+        acc[2, u] += a2[0, u]
+        acc[3, u] += a0[1, u]
+        acc[4, u] += a1[1, u]
+        acc[5, u] += a2[1, u]
+        acc[6, u] += a0[2, u]
+        acc[7, u] += a1[2, u]
+        acc[8, u] += a2[2, u]
+
+
+@numba.njit(inline="always")
+def _plane_dw_exact(x, xo, H, W, pt, pl, dy, do, OH, OW, out):
+    """``out[r*3 + s] += sum_(i < OH, j < OW) dy[do + i*OW + j] * xp[i + r, j + s]`` over
+    the real pixels, ``xp`` the plane at ``x[xo:]`` zero-padded (``pt``, ``pl``): one
+    product per term, as the reference makes them."""
+    zero = out.dtype.type(0)
+    for r in range(3):
+        for s in range(3):
+            t = zero
+            for i in range(OH):
+                for j in range(OW):
+                    h, v = i + r - pt, j + s - pl
+                    xv = x[xo + h * W + v] if 0 <= h < H and 0 <= v < W else zero
+                    t += dy[do + i * OW + j] * xv
+            out[r * 3 + s] += t
+
+
+@parallel_kernel
+def dw_grad_weight_3x3(x, dy, part, acc, H, W, OW, pt, pl):
+    """dW of a 3x3, stride-1 layer per batch chunk, each plane read in place by
+    :func:`_plane_dw_3x3`: ``part[p, k, r*3 + s] = sum_{n in chunk p} sum_{i, j}
+    dy[n,k,i,j] * xp[n, k//M, i + r, j + s]``; dW is ``part.sum(axis=0)``.
+
+    x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   part : (P, K, 9), every element
+    written.   acc : (Q, >= ceil(P*K/Q), 9, VL) scratch.
+
+    The tasks and their order are :func:`dw_grad_weight`'s: task ``(p, k)`` sums its
+    planes in order into the lanes of ``acc``, then the lanes, so the result is the same
+    for any grouping.  A task whose sums are not all finite read an inf or NaN, maybe one
+    that met only the zero deltas past ``OH``: it runs its planes again, one product per
+    term (:func:`_plane_dw_exact`).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K = dy.shape[1]
+    OH = dy.shape[2] // OW
+    Mult = K // C
+    P = part.shape[0]
+    Q = acc.shape[0]
+    NT = P * K
+    xf = x.reshape(x.size)
+    dyf = dy.reshape(dy.size)
+    HW, OHW = H * W, OH * OW
+    for q in prange(Q):
+        t0, t1 = q * NT // Q, (q + 1) * NT // Q
+        for p in range(t0 // K, (t1 + K - 1) // K):
+            k0, k1 = max(t0 - p * K, 0), min(t1 - p * K, K)  # this chunk's channels
+            a0 = p * K + k0 - t0  # their sums: acc[q, a0 + k - k0]
+            for k in range(k0, k1):
+                for t in range(9):
+                    for u in range(VL):
+                        acc[q, a0 + k - k0, t, u] = 0
+            for n in range(p * N // P, (p + 1) * N // P):
+                for k in range(k0, k1):
+                    _plane_dw_3x3(xf, (n * C + k // Mult) * HW, H, W, pt, pl, dyf,
+                                  (n * K + k) * OHW, OH, OW, acc[q, a0 + k - k0])
+            for k in range(k0, k1):
+                _lane_sums(acc[q, a0 + k - k0], part[p, k])
+                if not _finite(part[p, k]):
+                    for t in range(9):
+                        part[p, k, t] = 0
+                    for n in range(p * N // P, (p + 1) * N // P):
+                        _plane_dw_exact(xf, (n * C + k // Mult) * HW, H, W, pt, pl, dyf,
+                                        (n * K + k) * OHW, OH, OW, part[p, k])
