@@ -375,6 +375,39 @@ def _split32(typingctx, dst, de, do, src, so, n):
 
 
 @intrinsic
+def load_split(typingctx, even, odd, src, so, lanes):
+    """``even[u] = src[so + 2u]`` and ``odd[u] = src[so + 2u + 1]`` for ``u < 16``, each
+    element read only where its bit ``v`` (``v = 2u`` or ``2u + 1``) is set in the 32-bit
+    integer ``lanes``, else 0: two masked loads of 16 and two two-vector shuffles
+    (``vpermt2ps``), the split of :func:`_split32` kept in registers.  A masked-out element
+    is not read, so ``so + v`` may lie outside ``src`` for those.  ``even`` and ``odd`` may
+    be rows of a :func:`stack_tile`.  Same rules as :func:`_copy16`."""
+    if not _takes((even, odd, src), (so, lanes)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        e_arr, o_arr, s_arr, so_, lanes_ = _operands(context, builder, signature, args)
+        _, ptr, _, load, _ = _masked_ops(context, builder, signature.args[0].dtype)
+        i16, i64 = ir.IntType(16), ir.IntType(64)
+        m16 = ir.VectorType(ir.IntType(1), 16)
+        lo = load(ptr(s_arr, so_), builder.bitcast(builder.trunc(lanes_, i16), m16))
+        hi = load(ptr(s_arr, builder.add(so_, ir.Constant(i64, 16))), builder.bitcast(
+            builder.trunc(builder.lshr(lanes_, ir.Constant(i64, 16)), i16), m16))
+        i32v = ir.VectorType(ir.IntType(32), 16)
+        align = signature.args[0].dtype.bitwidth // 8
+        zero = ir.Constant(i64, 0)
+        builder.store(builder.shuffle_vector(lo, hi, ir.Constant(i32v, list(range(0, 32, 2)))),
+                      ptr(e_arr, zero), align=align)
+        builder.store(builder.shuffle_vector(lo, hi, ir.Constant(i32v, list(range(1, 32, 2)))),
+                      ptr(o_arr, zero), align=align)
+        return context.get_dummy_value()
+
+    return types.void(even, odd, src, so, lanes), codegen
+
+
+@intrinsic
 def _merge32(typingctx, dst, do, src, se, so, n):
     """``dst[do + 2u] = src[se + u]`` and ``dst[do + 2u + 1] = src[so + u]`` for the first
     ``min(n, 32)`` elements of ``dst`` from ``do``: the inverse of :func:`_split32`, two

@@ -268,6 +268,25 @@ def test_depthwise_in_place_dw_kernel_masks_its_loads_and_keeps_its_sums_in_regi
     assert "vgather" not in asm and "vscatter" not in asm
 
 
+def test_depthwise_in_place_stride_2_dw_kernel_splits_its_rows_in_registers():
+    f = _serial(DW._plane_dw_3x3s2)
+    H = W = 28
+    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.zeros(14 * 14, np.float32), 0, 14, 14,
+      np.zeros((9, DW.VL), np.float32))
+    asm = f.inspect_asm(f.signatures[0])
+    # A tile step: TR delta rows, and 2*TR + 1 input rows each loaded as two pairs of
+    # masked vectors and split by three two-vector shuffles, for 9*TR packed FMAs; the
+    # spills bounded as in the stride-1 kernel.
+    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
+    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) >= 9 * DW.TR), key=len)
+    masked = re.findall(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}", loop)
+    assert len(packed.findall(loop)) == 9 * DW.TR
+    assert len(masked) >= DW.TR + 4 * (2 * DW.TR + 1)
+    assert len(re.findall(r"vperm[it]2ps", loop)) == 3 * (2 * DW.TR + 1)
+    assert len(NO_SPILL.findall(loop)) <= 16
+    assert "vgather" not in asm and "vscatter" not in asm
+
+
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
     f = _serial(DW._rows_dots)
     P, OH = 16, 14

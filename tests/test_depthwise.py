@@ -223,10 +223,10 @@ def test_depthwise_layers_are_planned_on_it():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_both_3x3_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
-    """3x3 stride-1 layers read their planes in place up to a size (forward and dW),
-    through a zero-padded copy above it: each path on planes narrower than, as wide as and
-    wider than a vector, shorter than a row tile, with padding of 0-2 on either side."""
+def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
+    """3x3 stride-1 layers read their planes in place up to a size, through a zero-padded
+    copy above it: each path on planes narrower than, as wide as and wider than a vector,
+    shorter than a row tile, with padding of 0-2 on either side."""
     from fastconv import config
     from fastconv.algorithms import depthwise
 
@@ -248,16 +248,56 @@ def test_both_3x3_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
         tol = 1e-10 if dtype == np.float64 else 2e-5
         np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(want).max())))
-        dy = rng.standard_normal(want.shape).astype(dtype)
-        want = ref.conv2d_grad_weight(x.astype(np.float64), dy.astype(np.float64), w.shape,
-                                      stride=(1, 1), pads=pads, dilation=(1, 1), groups=C)
-        calls, kernel = [], depthwise.dw_grad_weight_3x3
-        monkeypatch.setattr(depthwise, "dw_grad_weight_3x3",
-                            lambda *a, k=kernel, c=calls: c.append(1) or k(*a))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_both_3x3_dw_paths_match_the_reference(stride, in_place, dtype, rng, monkeypatch):
+    """dW of 3x3 layers at stride 1 and 2 reads its planes in place; the copy into
+    scratch planes (forced here) is what other layers run: each on planes narrower than,
+    as wide as and wider than a vector (of outputs; at stride 2 also of the split input),
+    shorter than a row tile and odd-sized, with padding of 0-2 on either side."""
+    from fastconv.algorithms import depthwise
+
+    if not in_place:
+        monkeypatch.setattr(depthwise, "_dw_in_place", lambda geo: False)
+    calls, kernel = [], depthwise.dw_grad_weight_3x3
+    monkeypatch.setattr(depthwise, "dw_grad_weight_3x3",
+                        lambda *a, k=kernel, c=calls: c.append(1) or k(*a))
+    for N, C, H, W, M, pads in [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
+                                (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0)),
+                                (3, 2, 9, 17, 3, (1, 1, 1, 1)), (1, 1, 30, 12, 1, (2, 2, 0, 0)),
+                                (1, 2, 31, 67, 1, (1, 1, 1, 1)), (2, 1, 1, 1, 1, (1, 1, 1, 1))]:
+        OH = (H + pads[0] + pads[1] - 3) // stride + 1
+        OW = (W + pads[2] + pads[3] - 3) // stride + 1
+        geo = ConvGeometry(N, C, H, W, C * M, 3, 3, C, stride, stride, 1, 1, *pads, OH, OW)
+        plan = ConvPlan(geo, dtype, DW)
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        dy = rng.standard_normal((N, C * M, OH, OW)).astype(dtype)
+        want = ref.conv2d_grad_weight(x.astype(np.float64), dy.astype(np.float64),
+                                      (C * M, 1, 3, 3), stride=(stride, stride), pads=pads,
+                                      dilation=(1, 1), groups=C)
+        tol = 1e-10 if dtype == np.float64 else 2e-5
         np.testing.assert_allclose(plan.grad_weight(x, dy), want, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(want).max())))
-        assert bool(calls) == in_place
-        monkeypatch.setattr(depthwise, "dw_grad_weight_3x3", kernel)
+    assert bool(calls) == in_place
+
+
+def test_dw_reads_3x3_planes_in_place_at_stride_1_and_2_of_any_size():
+    from fastconv.algorithms import depthwise
+
+    def geo(N, C, H, **conv):
+        return fc.conv_geometry((N, C, H, H), (C, 1, 3, 3), groups=C, **conv)
+
+    assert depthwise._dw_in_place(geo(16, 32, 112, padding=1))  # 26 MB: the forward copies
+    assert depthwise._dw_in_place(geo(32, 256, 28, padding=1, stride=2))
+    assert not depthwise._dw_in_place(geo(2, 8, 28, padding=1, stride=3))
+    assert not depthwise._dw_in_place(geo(2, 8, 28, padding=2, dilation=2))
+    assert not depthwise._dw_in_place(fc.conv_geometry((2, 8, 28, 28), (8, 1, 5, 5),
+                                                       padding=2, groups=8))
+    assert not depthwise._dw_in_place(fc.conv_geometry((2, 8, 28, 28), (8, 1, 3, 3),
+                                                       stride=(1, 2), padding=1, groups=8))
 
 
 def test_large_planes_are_read_in_place_while_the_whole_input_is_small():

@@ -170,6 +170,31 @@ def test_masked_copies_touch_exactly_their_elements(dtype):
 
 
 @numba.njit
+def _load_split(out, src, so, lanes):
+    tile = _jit.stack_tile(2, 16, out.dtype)
+    _jit.load_split(tile[0], tile[1], src, so, lanes)
+    for u in range(16):
+        out[0, u] = tile[0, u]
+        out[1, u] = tile[1, u]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_load_split_reads_exactly_the_masked_elements_into_two_registers(dtype):
+    """load_split: even and odd elements of 32 from ``so``, each only where its bit is set
+    (else 0), also where the unset elements lie outside the array."""
+    src = np.arange(1, 41, dtype=dtype)
+    rng = np.random.default_rng(0)
+    for so, lanes in [(0, (1 << 32) - 1), (8, (1 << 32) - 1), (3, 0b1011), (-1, (1 << 32) - 2),
+                      (20, (1 << 20) - 1), (0, 0), *((0, int(m)) for m in rng.integers(
+                          0, 1 << 32, 5))]:
+        out = np.full((2, 16), -7, dtype)
+        _load_split(out, src, so, lanes)
+        want = np.array([src[so + v] if lanes >> v & 1 else 0 for v in range(32)], dtype)
+        np.testing.assert_array_equal(out[0], want[0::2], err_msg=f"{so}, {lanes:b}")
+        np.testing.assert_array_equal(out[1], want[1::2], err_msg=f"{so}, {lanes:b}")
+
+
+@numba.njit
 def _interleave(dst, do, src, so, ss, n):
     _jit.interleave_run(dst, do, src, so, ss, n)
 
