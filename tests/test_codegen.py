@@ -248,43 +248,41 @@ def test_depthwise_in_place_kernel_masks_its_loads_and_keeps_its_tile_in_registe
     assert "vgather" not in asm and "vscatter" not in asm
 
 
-def test_depthwise_in_place_dw_kernel_masks_its_loads_and_keeps_its_sums_in_registers():
-    f = _serial(DW._plane_dw_3x3)
-    H = W = 14
-    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.zeros(H * W, np.float32), 0, H, W,
+def _in_place_dw_step(kernel, H, W, OH, OW):
+    """The assembly of an in-place depthwise dW kernel compiled for one plane, and its
+    tile step: the innermost loop of its 9*TR packed FMAs, with their count exact and
+    the stack traffic bounded.  The 9 sums and 7 delta rows, with the input rows, fill
+    25 of the 32 registers, and LLVM moves a few vectors to the stack and back in each
+    step (8-10 of each in this build); a tile kept in memory would take one stack load
+    and store per FMA."""
+    f = _serial(kernel)
+    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.zeros(OH * OW, np.float32), 0, OH, OW,
       np.zeros((9, DW.VL), np.float32))
     asm = f.inspect_asm(f.signatures[0])
-    # A tile step: TR delta rows and, per filter column, TR + 2 input rows loaded under a
-    # zeroing lane mask, for 9*TR packed FMAs on 9 sums.  The 9 sums, 7 delta rows and 9
-    # input rows fill 25 of the 32 registers, and LLVM moves a few vectors to the stack
-    # and back in each step (8 and 8 in this build): bounded here, since a tile kept in
-    # memory would take one stack load and store per FMA.
     packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
     loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) >= 9 * DW.TR), key=len)
-    masked = re.findall(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}", loop)
     assert len(packed.findall(loop)) == 9 * DW.TR
-    assert len(masked) >= DW.TR + 3 * (DW.TR + 2)
     assert len(NO_SPILL.findall(loop)) <= 16
     assert "vgather" not in asm and "vscatter" not in asm
+    return loop
+
+
+MASKED_LOAD = re.compile(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}")
+
+
+def test_depthwise_in_place_dw_kernel_masks_its_loads_and_keeps_its_sums_in_registers():
+    # A tile step: TR delta rows and, per filter column, TR + 2 input rows loaded under a
+    # zeroing lane mask.
+    loop = _in_place_dw_step(DW._plane_dw_3x3, 14, 14, 14, 14)
+    assert len(MASKED_LOAD.findall(loop)) >= DW.TR + 3 * (DW.TR + 2)
 
 
 def test_depthwise_in_place_stride_2_dw_kernel_splits_its_rows_in_registers():
-    f = _serial(DW._plane_dw_3x3s2)
-    H = W = 28
-    f(np.zeros(H * W, np.float32), 0, H, W, 1, 1, np.zeros(14 * 14, np.float32), 0, 14, 14,
-      np.zeros((9, DW.VL), np.float32))
-    asm = f.inspect_asm(f.signatures[0])
     # A tile step: TR delta rows, and 2*TR + 1 input rows each loaded as two pairs of
-    # masked vectors and split by three two-vector shuffles, for 9*TR packed FMAs; the
-    # spills bounded as in the stride-1 kernel.
-    packed = re.compile(r"vfmadd\d+ps\s[^\n]*zmm")
-    loop = min((b for b in _fma_loops(asm) if len(packed.findall(b)) >= 9 * DW.TR), key=len)
-    masked = re.findall(r"vmovups\s+-?\w*\(%r(?!sp)[^\n]*zmm\d+\s*\{%k\d\}\s*\{z\}", loop)
-    assert len(packed.findall(loop)) == 9 * DW.TR
-    assert len(masked) >= DW.TR + 4 * (2 * DW.TR + 1)
+    # masked vectors and split by three two-vector shuffles.
+    loop = _in_place_dw_step(DW._plane_dw_3x3s2, 28, 28, 14, 14)
+    assert len(MASKED_LOAD.findall(loop)) >= DW.TR + 4 * (2 * DW.TR + 1)
     assert len(re.findall(r"vperm[it]2ps", loop)) == 3 * (2 * DW.TR + 1)
-    assert len(NO_SPILL.findall(loop)) <= 16
-    assert "vgather" not in asm and "vscatter" not in asm
 
 
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():

@@ -710,6 +710,29 @@ def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc,
                         out[at + v * orow + j * ocol] = tile[v * VL + j]
 
 
+@numba.njit(inline="always")
+def _row_bits(h0, H):
+    """Bit ``e`` (``e < TR + 2``): input row ``h0 + e`` lies in the plane (``0 <= h < H``)."""
+    lo, hi = max(0, -h0), min(TR + 2, H - h0)
+    return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+
+
+@numba.njit(inline="always")
+def _input_rows(xr, x, o, W, rows, lanes):
+    """The ``TR + 2`` input rows of a tile into ``xr``, ``W`` apart from ``x[o:]``, under
+    the column mask ``lanes``; a row whose bit in ``rows`` is clear is zero and read
+    nothing (:func:`_row_bits`)."""
+    load_row(xr[0], x, o, lanes if rows & 1 else 0)
+    load_row(xr[1], x, o + W, lanes if rows & 2 else 0)
+    load_row(xr[2], x, o + 2 * W, lanes if rows & 4 else 0)
+    load_row(xr[3], x, o + 3 * W, lanes if rows & 8 else 0)
+    load_row(xr[4], x, o + 4 * W, lanes if rows & 16 else 0)
+    load_row(xr[5], x, o + 5 * W, lanes if rows & 32 else 0)
+    load_row(xr[6], x, o + 6 * W, lanes if rows & 64 else 0)
+    load_row(xr[7], x, o + 7 * W, lanes if rows & 128 else 0)
+    load_row(xr[8], x, o + 8 * W, lanes if rows & 256 else 0)
+
+
 @serial_kernel
 def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
     """``y[yo + i*OW + j] = bias + sum_(r, s < 3) wk[r*3 + s] * x[xo + (i + r - pt)*W + j + s
@@ -732,7 +755,7 @@ def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
         if OH >= TR:
             i0 = min(i0, OH - TR)
         h0 = i0 - pt  # the input row of the tile's first read
-        inside = h0 >= 0 and h0 + TR + 1 < H
+        rows = _row_bits(h0, H)
         for j0 in range(0, OW, VL):
             for u in range(VL):
                 acc[0, u] = bias
@@ -744,31 +767,7 @@ def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
                 acc[6, u] = bias
             for s in range(3):
                 c0 = j0 + s - pl  # the input column of lane 0
-                lo = max(0, -c0)
-                hi = min(VL, W - c0)
-                lanes = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
-                o = xo + h0 * W + c0
-                if inside:
-                    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = lanes
-                else:
-                    m0 = lanes if 0 <= h0 < H else 0
-                    m1 = lanes if 0 <= h0 + 1 < H else 0
-                    m2 = lanes if 0 <= h0 + 2 < H else 0
-                    m3 = lanes if 0 <= h0 + 3 < H else 0
-                    m4 = lanes if 0 <= h0 + 4 < H else 0
-                    m5 = lanes if 0 <= h0 + 5 < H else 0
-                    m6 = lanes if 0 <= h0 + 6 < H else 0
-                    m7 = lanes if 0 <= h0 + 7 < H else 0
-                    m8 = lanes if 0 <= h0 + 8 < H else 0
-                load_row(xr[0], x, o, m0)
-                load_row(xr[1], x, o + W, m1)
-                load_row(xr[2], x, o + 2 * W, m2)
-                load_row(xr[3], x, o + 3 * W, m3)
-                load_row(xr[4], x, o + 4 * W, m4)
-                load_row(xr[5], x, o + 5 * W, m5)
-                load_row(xr[6], x, o + 6 * W, m6)
-                load_row(xr[7], x, o + 7 * W, m7)
-                load_row(xr[8], x, o + 8 * W, m8)
+                _input_rows(xr, x, xo + h0 * W + c0, W, rows, _col_lanes(c0, W, VL))
                 w0 = wk[s]
                 w1 = wk[3 + s]
                 w2 = wk[6 + s]
@@ -1270,24 +1269,7 @@ def _dw_column(a, d, xr, x, o, W, rows, lanes):
     v + r)``, the ``TR + 2`` input rows loaded into ``xr`` from ``x[o:]``, ``W`` apart,
     under the column mask ``lanes`` and the row mask ``rows`` (bit ``e``: row ``e`` lies
     in the plane, else it is zero): each row serves up to three taps."""
-    m0 = lanes if rows & 1 else 0
-    m1 = lanes if rows & 2 else 0
-    m2 = lanes if rows & 4 else 0
-    m3 = lanes if rows & 8 else 0
-    m4 = lanes if rows & 16 else 0
-    m5 = lanes if rows & 32 else 0
-    m6 = lanes if rows & 64 else 0
-    m7 = lanes if rows & 128 else 0
-    m8 = lanes if rows & 256 else 0
-    load_row(xr[0], x, o, m0)
-    load_row(xr[1], x, o + W, m1)
-    load_row(xr[2], x, o + 2 * W, m2)
-    load_row(xr[3], x, o + 3 * W, m3)
-    load_row(xr[4], x, o + 4 * W, m4)
-    load_row(xr[5], x, o + 5 * W, m5)
-    load_row(xr[6], x, o + 6 * W, m6)
-    load_row(xr[7], x, o + 7 * W, m7)
-    load_row(xr[8], x, o + 8 * W, m8)
+    _input_rows(xr, x, o, W, rows, lanes)
     for u in range(VL):
         a[0, u] += d[0, u] * xr[0, u] + d[1, u] * xr[1, u] + d[2, u] * xr[2, u] + \
             d[3, u] * xr[3, u] + d[4, u] * xr[4, u] + d[5, u] * xr[5, u] + d[6, u] * xr[6, u]
@@ -1303,6 +1285,43 @@ def _col_lanes(c0, W, nj):
     lo = max(0, -c0)
     hi = min(nj, W - c0)
     return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+
+
+@numba.njit(inline="always")
+def _delta_rows(d, dy, o, OW, dl, left):
+    """The ``TR`` delta rows of a tile, ``OW`` apart from ``dy[o:]``, under the lane mask
+    ``dl``; rows from ``left`` on (past ``OH``) are zero."""
+    load_row(d[0], dy, o, dl)
+    load_row(d[1], dy, o + OW, dl if left > 1 else 0)
+    load_row(d[2], dy, o + 2 * OW, dl if left > 2 else 0)
+    load_row(d[3], dy, o + 3 * OW, dl if left > 3 else 0)
+    load_row(d[4], dy, o + 4 * OW, dl if left > 4 else 0)
+    load_row(d[5], dy, o + 5 * OW, dl if left > 5 else 0)
+    load_row(d[6], dy, o + 6 * OW, dl if left > 6 else 0)
+
+
+@numba.njit(inline="always")
+def _zero_sums(a0, a1, a2):
+    """Three tiles of three sums, zeroed (each row by a constant index: in registers)."""
+    for u in range(VL):
+        a0[0, u] = 0
+        a0[1, u] = 0
+        a0[2, u] = 0
+        a1[0, u] = 0
+        a1[1, u] = 0
+        a1[2, u] = 0
+        a2[0, u] = 0
+        a2[1, u] = 0
+        a2[2, u] = 0
+
+
+@numba.njit(inline="always")
+def _add_sums(acc, t, i, step):
+    """``acc[i + e*step] += t[e]`` for ``e < 3``: one tile's sums to their taps."""
+    for u in range(VL):
+        acc[i, u] += t[0, u]
+        acc[i + step, u] += t[1, u]
+        acc[i + 2 * step, u] += t[2, u]
 
 
 @serial_kernel
@@ -1328,47 +1347,23 @@ def _plane_dw_3x3(x, xo, H, W, pt, pl, dy, do, OH, OW, acc):
     a2 = stack_tile(3, VL, acc.dtype)
     d = stack_tile(TR, VL, acc.dtype)
     xr = stack_tile(9, VL, acc.dtype)  # TR + 2 rows
-    for u in range(VL):
-        a0[0, u] = 0
-        a0[1, u] = 0
-        a0[2, u] = 0
-        a1[0, u] = 0
-        a1[1, u] = 0
-        a1[2, u] = 0
-        a2[0, u] = 0
-        a2[1, u] = 0
-        a2[2, u] = 0
+    _zero_sums(a0, a1, a2)
     for i0 in range(0, OH, TR):
         h0 = i0 - pt  # the input row of the tile's first read
-        # bit e: input row h0 + e lies in the plane (rows 0 ... H - 1)
-        lo, hi = max(0, -h0), min(TR + 2, H - h0)
-        rows = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+        rows = _row_bits(h0, H)
         for j0 in range(0, OW, VL):
             nj = min(VL, OW - j0)
             dl = (1 << nj) - 1
             o = do + i0 * OW + j0
-            load_row(d[0], dy, o, dl)
-            load_row(d[1], dy, o + OW, dl if i0 + 1 < OH else 0)
-            load_row(d[2], dy, o + 2 * OW, dl if i0 + 2 < OH else 0)
-            load_row(d[3], dy, o + 3 * OW, dl if i0 + 3 < OH else 0)
-            load_row(d[4], dy, o + 4 * OW, dl if i0 + 4 < OH else 0)
-            load_row(d[5], dy, o + 5 * OW, dl if i0 + 5 < OH else 0)
-            load_row(d[6], dy, o + 6 * OW, dl if i0 + 6 < OH else 0)
+            _delta_rows(d, dy, o, OW, dl, OH - i0)
             c0 = j0 - pl
             xo0 = xo + h0 * W + c0
             _dw_column(a0, d, xr, x, xo0, W, rows, _col_lanes(c0, W, nj))
             _dw_column(a1, d, xr, x, xo0 + 1, W, rows, _col_lanes(c0 + 1, W, nj))
             _dw_column(a2, d, xr, x, xo0 + 2, W, rows, _col_lanes(c0 + 2, W, nj))
-    for u in range(VL):
-        acc[0, u] += a0[0, u]
-        acc[1, u] += a1[0, u]
-        acc[2, u] += a2[0, u]
-        acc[3, u] += a0[1, u]
-        acc[4, u] += a1[1, u]
-        acc[5, u] += a2[1, u]
-        acc[6, u] += a0[2, u]
-        acc[7, u] += a1[2, u]
-        acc[8, u] += a2[2, u]
+    _add_sums(acc, a0, 0, 3)  # filter column s: acc[r*3 + s]
+    _add_sums(acc, a1, 1, 3)
+    _add_sums(acc, a2, 2, 3)
 
 
 @numba.njit(inline="always")
@@ -1388,6 +1383,17 @@ def _s2_add(t, dv, xs):
         t[0, u] += dv[u] * xs[0, u]
         t[1, u] += dv[u] * xs[1, u]
         t[2, u] += dv[u] * xs[2, u]
+
+
+@numba.njit(inline="always")
+def _s2_pair(t0, t1, t2, dp, dc, xs, x, o, W, m01, m2, h, H):
+    """Input rows ``h`` (odd in the tile: tap row 1 of delta row ``dp``) and ``h + 1``
+    (even: tap row 0 of ``dc``, tap row 2 of ``dp``), read at ``x[o:]`` and ``W`` on."""
+    _s2_row(xs, x, o, m01, m2, 0 <= h < H)
+    _s2_add(t1, dp, xs)
+    _s2_row(xs, x, o + W, m01, m2, 0 <= h + 1 < H)
+    _s2_add(t0, dc, xs)
+    _s2_add(t2, dp, xs)
 
 
 @serial_kernel
@@ -1410,29 +1416,14 @@ def _plane_dw_3x3s2(x, xo, H, W, pt, pl, dy, do, OH, OW, acc):
     t2 = stack_tile(3, VL, acc.dtype)
     d = stack_tile(TR, VL, acc.dtype)
     xs = stack_tile(4, VL, acc.dtype)
-    for u in range(VL):
-        t0[0, u] = 0
-        t0[1, u] = 0
-        t0[2, u] = 0
-        t1[0, u] = 0
-        t1[1, u] = 0
-        t1[2, u] = 0
-        t2[0, u] = 0
-        t2[1, u] = 0
-        t2[2, u] = 0
+    _zero_sums(t0, t1, t2)
     for i0 in range(0, OH, TR):
         h0 = 2 * i0 - pt  # the input row of the tile's first read
         for j0 in range(0, OW, VL):
             nj = min(VL, OW - j0)
             dl = (1 << nj) - 1
             o = do + i0 * OW + j0
-            load_row(d[0], dy, o, dl)
-            load_row(d[1], dy, o + OW, dl if i0 + 1 < OH else 0)
-            load_row(d[2], dy, o + 2 * OW, dl if i0 + 2 < OH else 0)
-            load_row(d[3], dy, o + 3 * OW, dl if i0 + 3 < OH else 0)
-            load_row(d[4], dy, o + 4 * OW, dl if i0 + 4 < OH else 0)
-            load_row(d[5], dy, o + 5 * OW, dl if i0 + 5 < OH else 0)
-            load_row(d[6], dy, o + 6 * OW, dl if i0 + 6 < OH else 0)
+            _delta_rows(d, dy, o, OW, dl, OH - i0)
             c0 = 2 * j0 - pl  # the input column of filter column 0, lane 0
             lo, hi = max(0, -c0), min(2 * nj + 2, W - c0)
             lanes = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0  # columns c0 + v
@@ -1441,50 +1432,19 @@ def _plane_dw_3x3s2(x, xo, H, W, pt, pl, dy, do, OH, OW, acc):
             xo0 = xo + h0 * W + c0
             _s2_row(xs, x, xo0, m01, m2, 0 <= h0 < H)
             _s2_add(t0, d[0], xs)
-            _s2_row(xs, x, xo0 + W, m01, m2, 0 <= h0 + 1 < H)
-            _s2_add(t1, d[0], xs)
-            _s2_row(xs, x, xo0 + 2 * W, m01, m2, 0 <= h0 + 2 < H)
-            _s2_add(t0, d[1], xs)
-            _s2_add(t2, d[0], xs)
-            _s2_row(xs, x, xo0 + 3 * W, m01, m2, 0 <= h0 + 3 < H)
-            _s2_add(t1, d[1], xs)
-            _s2_row(xs, x, xo0 + 4 * W, m01, m2, 0 <= h0 + 4 < H)
-            _s2_add(t0, d[2], xs)
-            _s2_add(t2, d[1], xs)
-            _s2_row(xs, x, xo0 + 5 * W, m01, m2, 0 <= h0 + 5 < H)
-            _s2_add(t1, d[2], xs)
-            _s2_row(xs, x, xo0 + 6 * W, m01, m2, 0 <= h0 + 6 < H)
-            _s2_add(t0, d[3], xs)
-            _s2_add(t2, d[2], xs)
-            _s2_row(xs, x, xo0 + 7 * W, m01, m2, 0 <= h0 + 7 < H)
-            _s2_add(t1, d[3], xs)
-            _s2_row(xs, x, xo0 + 8 * W, m01, m2, 0 <= h0 + 8 < H)
-            _s2_add(t0, d[4], xs)
-            _s2_add(t2, d[3], xs)
-            _s2_row(xs, x, xo0 + 9 * W, m01, m2, 0 <= h0 + 9 < H)
-            _s2_add(t1, d[4], xs)
-            _s2_row(xs, x, xo0 + 10 * W, m01, m2, 0 <= h0 + 10 < H)
-            _s2_add(t0, d[5], xs)
-            _s2_add(t2, d[4], xs)
-            _s2_row(xs, x, xo0 + 11 * W, m01, m2, 0 <= h0 + 11 < H)
-            _s2_add(t1, d[5], xs)
-            _s2_row(xs, x, xo0 + 12 * W, m01, m2, 0 <= h0 + 12 < H)
-            _s2_add(t0, d[6], xs)
-            _s2_add(t2, d[5], xs)
+            _s2_pair(t0, t1, t2, d[0], d[1], xs, x, xo0 + W, W, m01, m2, h0 + 1, H)
+            _s2_pair(t0, t1, t2, d[1], d[2], xs, x, xo0 + 3 * W, W, m01, m2, h0 + 3, H)
+            _s2_pair(t0, t1, t2, d[2], d[3], xs, x, xo0 + 5 * W, W, m01, m2, h0 + 5, H)
+            _s2_pair(t0, t1, t2, d[3], d[4], xs, x, xo0 + 7 * W, W, m01, m2, h0 + 7, H)
+            _s2_pair(t0, t1, t2, d[4], d[5], xs, x, xo0 + 9 * W, W, m01, m2, h0 + 9, H)
+            _s2_pair(t0, t1, t2, d[5], d[6], xs, x, xo0 + 11 * W, W, m01, m2, h0 + 11, H)
             _s2_row(xs, x, xo0 + 13 * W, m01, m2, 0 <= h0 + 13 < H)
             _s2_add(t1, d[6], xs)
             _s2_row(xs, x, xo0 + 14 * W, m01, m2, 0 <= h0 + 14 < H)
             _s2_add(t2, d[6], xs)
-    for u in range(VL):
-        acc[0, u] += t0[0, u]
-        acc[1, u] += t0[1, u]
-        acc[2, u] += t0[2, u]
-        acc[3, u] += t1[0, u]
-        acc[4, u] += t1[1, u]
-        acc[5, u] += t1[2, u]
-        acc[6, u] += t2[0, u]
-        acc[7, u] += t2[1, u]
-        acc[8, u] += t2[2, u]
+    _add_sums(acc, t0, 0, 1)  # tap row r: acc[r*3 + s]
+    _add_sums(acc, t1, 3, 1)
+    _add_sums(acc, t2, 6, 1)
 
 
 @numba.njit(inline="always")
