@@ -300,6 +300,37 @@ def test_dw_reads_3x3_planes_in_place_at_stride_1_and_2_of_any_size():
                                                        stride=(1, 2), padding=1, groups=8))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_both_5x5_stride_2_forward_paths_match_the_reference(in_place, dtype, rng,
+                                                             monkeypatch):
+    """5x5 stride-2 layers read their planes in place (each row split into its even and
+    odd columns in registers) up to a size, through the phase planes above it: planes
+    narrower and wider than a vector of outputs, shorter than a row tile, odd-sized, with
+    padding of 0-3."""
+    from fastconv import config
+    from fastconv.algorithms import depthwise
+
+    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
+    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_INPUT_BYTES", 0)
+    for N, C, H, W, M, pads in [(2, 3, 28, 28, 1, (2, 2, 2, 2)), (1, 3, 10, 17, 2, (0, 2, 2, 0)),
+                                (2, 2, 13, 40, 1, (3, 1, 0, 3)), (1, 2, 5, 5, 1, (0, 0, 0, 0)),
+                                (1, 1, 1, 1, 1, (2, 2, 2, 2)), (1, 2, 61, 70, 1, (2, 2, 2, 2))]:
+        OH, OW = (H + pads[0] + pads[1] - 5) // 2 + 1, (W + pads[2] + pads[3] - 5) // 2 + 1
+        geo = ConvGeometry(N, C, H, W, C * M, 5, 5, C, 2, 2, 1, 1, *pads, OH, OW)
+        plan = ConvPlan(geo, dtype, DW)
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((C * M, 1, 5, 5)).astype(dtype)
+        b = rng.standard_normal(C * M).astype(dtype)
+        prepared = depthwise.prepare(geo, w, "forward")
+        assert isinstance(prepared, depthwise.InPlaceWeights) == in_place
+        want = ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)), stride=(2, 2),
+                                  pads=pads, dilation=(1, 1), groups=C)
+        tol = 1e-10 if dtype == np.float64 else 2e-5
+        np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
+                                   atol=tol * max(1.0, float(np.abs(want).max())))
+
+
 def test_large_planes_are_read_in_place_while_the_whole_input_is_small():
     from fastconv.algorithms import depthwise
 
