@@ -221,34 +221,46 @@ def test_depthwise_layers_are_planned_on_it():
     assert algorithms.why_not(algorithms.BY_NAME[DW], grouped, np.float32, "forward")
 
 
+#: (R, stride): (N, C, H, W, M, (pt, pb, pl, pr)) for the in-place forward kernels.
+IN_PLACE_FORWARD = {
+    (3, 1): [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
+             (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0))],
+    (5, 2): [(2, 3, 28, 28, 1, (2, 2, 2, 2)), (1, 3, 10, 17, 2, (0, 2, 2, 0)),
+             (2, 2, 13, 40, 1, (3, 1, 0, 3)), (1, 2, 5, 5, 1, (0, 0, 0, 0)),
+             (1, 1, 1, 1, 1, (2, 2, 2, 2)), (1, 2, 61, 70, 1, (2, 2, 2, 2))],
+}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_both_3x3_forward_paths_match_the_reference(in_place, dtype, rng, monkeypatch):
-    """3x3 stride-1 layers read their planes in place up to a size, through a zero-padded
-    copy above it: each path on planes narrower than, as wide as and wider than a vector,
-    shorter than a row tile, with padding of 0-2 on either side."""
+@pytest.mark.parametrize("R, stride", list(IN_PLACE_FORWARD))
+def test_both_forward_paths_match_the_reference(R, stride, in_place, dtype, rng,
+                                                monkeypatch):
+    """3x3 stride-1 and 5x5 stride-2 layers read their planes in place up to a size
+    (at stride 2 each row split into its even and odd columns in registers), through the
+    zero-padded copy or phase planes above it: each path on planes narrower than, as wide
+    as and wider than a vector, shorter than a row tile, odd-sized, with padding of 0-3."""
     from fastconv import config
     from fastconv.algorithms import depthwise
 
     monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
     monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_INPUT_BYTES", 0)
-    for N, C, H, W, M, pads in [(2, 5, 14, 14, 1, (1, 1, 1, 1)), (1, 3, 5, 16, 2, (0, 2, 2, 0)),
-                                (2, 4, 19, 35, 1, (2, 0, 1, 2)), (1, 2, 3, 3, 1, (0, 0, 0, 0)),
-                                (3, 2, 9, 17, 3, (1, 1, 1, 1)), (1, 1, 30, 12, 1, (2, 2, 0, 0))]:
-        geo = ConvGeometry(N, C, H, W, C * M, 3, 3, C, 1, 1, 1, 1, *pads,
-                           H + pads[0] + pads[1] - 2, W + pads[2] + pads[3] - 2)
+    for N, C, H, W, M, pads in IN_PLACE_FORWARD[R, stride]:
+        OH = (H + pads[0] + pads[1] - R) // stride + 1
+        OW = (W + pads[2] + pads[3] - R) // stride + 1
+        geo = ConvGeometry(N, C, H, W, C * M, R, R, C, stride, stride, 1, 1, *pads, OH, OW)
         plan = ConvPlan(geo, dtype, DW)
         x = rng.standard_normal((N, C, H, W)).astype(dtype)
-        w = rng.standard_normal((C * M, 1, 3, 3)).astype(dtype)
+        w = rng.standard_normal((C * M, 1, R, R)).astype(dtype)
         b = rng.standard_normal(C * M).astype(dtype)
         prepared = depthwise.prepare(geo, w, "forward")
         assert isinstance(prepared, depthwise.InPlaceWeights) == in_place
-        want = ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)), stride=(1, 1),
-                                  pads=pads, dilation=(1, 1), groups=C)
+        want = ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)),
+                                  stride=(stride, stride), pads=pads, dilation=(1, 1),
+                                  groups=C)
         tol = 1e-10 if dtype == np.float64 else 2e-5
         np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(want).max())))
-
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [True, False])
@@ -298,37 +310,6 @@ def test_dw_reads_3x3_planes_in_place_at_stride_1_and_2_of_any_size():
                                                        padding=2, groups=8))
     assert not depthwise._dw_in_place(fc.conv_geometry((2, 8, 28, 28), (8, 1, 3, 3),
                                                        stride=(1, 2), padding=1, groups=8))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("in_place", [True, False])
-def test_both_5x5_stride_2_forward_paths_match_the_reference(in_place, dtype, rng,
-                                                             monkeypatch):
-    """5x5 stride-2 layers read their planes in place (each row split into its even and
-    odd columns in registers) up to a size, through the phase planes above it: planes
-    narrower and wider than a vector of outputs, shorter than a row tile, odd-sized, with
-    padding of 0-3."""
-    from fastconv import config
-    from fastconv.algorithms import depthwise
-
-    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
-    monkeypatch.setattr(config, "DEPTHWISE_IN_PLACE_INPUT_BYTES", 0)
-    for N, C, H, W, M, pads in [(2, 3, 28, 28, 1, (2, 2, 2, 2)), (1, 3, 10, 17, 2, (0, 2, 2, 0)),
-                                (2, 2, 13, 40, 1, (3, 1, 0, 3)), (1, 2, 5, 5, 1, (0, 0, 0, 0)),
-                                (1, 1, 1, 1, 1, (2, 2, 2, 2)), (1, 2, 61, 70, 1, (2, 2, 2, 2))]:
-        OH, OW = (H + pads[0] + pads[1] - 5) // 2 + 1, (W + pads[2] + pads[3] - 5) // 2 + 1
-        geo = ConvGeometry(N, C, H, W, C * M, 5, 5, C, 2, 2, 1, 1, *pads, OH, OW)
-        plan = ConvPlan(geo, dtype, DW)
-        x = rng.standard_normal((N, C, H, W)).astype(dtype)
-        w = rng.standard_normal((C * M, 1, 5, 5)).astype(dtype)
-        b = rng.standard_normal(C * M).astype(dtype)
-        prepared = depthwise.prepare(geo, w, "forward")
-        assert isinstance(prepared, depthwise.InPlaceWeights) == in_place
-        want = ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)), stride=(2, 2),
-                                  pads=pads, dilation=(1, 1), groups=C)
-        tol = 1e-10 if dtype == np.float64 else 2e-5
-        np.testing.assert_allclose(plan.forward(x, w, b), want, rtol=tol,
-                                   atol=tol * max(1.0, float(np.abs(want).max())))
 
 
 def test_large_planes_are_read_in_place_while_the_whole_input_is_small():

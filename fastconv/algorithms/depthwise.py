@@ -715,10 +715,26 @@ def _rows_plane(src, P, base, w0, ends, wk, bias, out, o0, orow, ocol, OHc, OWc,
 
 
 @numba.njit(inline="always")
+def _span_bits(start, n, size):
+    """Bit ``e`` for each ``e < n`` with ``0 <= start + e < size``: the rows or columns of
+    a run that lie in the plane, as a mask of lanes or rows."""
+    lo, hi = max(0, -start), min(n, size - start)
+    return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+
+
+@numba.njit(inline="always")
+def _tile_start(ti, rows, OH):
+    """The first output row of row tile ``ti`` of ``rows`` rows: the last tile starts
+    ``rows`` rows from the end (rows computed twice, stored the same), where ``OH`` holds
+    a whole tile."""
+    i0 = ti * rows
+    return min(i0, OH - rows) if OH >= rows else i0
+
+
+@numba.njit(inline="always")
 def _row_bits(h0, H):
     """Bit ``e`` (``e < TR + 2``): input row ``h0 + e`` lies in the plane (``0 <= h < H``)."""
-    lo, hi = max(0, -h0), min(TR + 2, H - h0)
-    return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+    return _span_bits(h0, TR + 2, H)
 
 
 @numba.njit(inline="always")
@@ -755,9 +771,7 @@ def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
     acc = stack_tile(TR, VL, y.dtype)
     xr = stack_tile(9, VL, y.dtype)  # TR + 2 rows
     for ti in range((OH + TR - 1) // TR):
-        i0 = ti * TR
-        if OH >= TR:
-            i0 = min(i0, OH - TR)
+        i0 = _tile_start(ti, TR, OH)
         h0 = i0 - pt  # the input row of the tile's first read
         rows = _row_bits(h0, H)
         for j0 in range(0, OW, VL):
@@ -827,12 +841,9 @@ def _plane_5x5s2(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
     xr = stack_tile(13, VL, y.dtype)  # 2*TR5 + 3 rows
     jk = stack_tile(1, VL, y.dtype)
     for ti in range((OH + TR5 - 1) // TR5):
-        i0 = ti * TR5
-        if OH >= TR5:
-            i0 = min(i0, OH - TR5)
+        i0 = _tile_start(ti, TR5, OH)
         h0 = 2 * i0 - pt  # the input row of the tile's first read
-        lo, hi = max(0, -h0), min(2 * TR5 + 3, H - h0)
-        rows = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+        rows = _span_bits(h0, 2 * TR5 + 3, H)
         for j0 in range(0, OW, VL):
             for u in range(VL):
                 acc[0, u] = bias
@@ -842,8 +853,7 @@ def _plane_5x5s2(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
                 acc[4, u] = bias
             for s in range(5):
                 c = 2 * j0 + s - pl - (s & 1)  # the first column of the row's 32 elements
-                lo, hi = max(0, -c), min(2 * VL, W - c)
-                lanes = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+                lanes = _span_bits(c, 2 * VL, W)
                 _split_rows(xr, jk, x, xo + h0 * W + c, W, rows, lanes, s & 1)
                 w0 = wk[s]
                 w1 = wk[5 + s]
@@ -1377,9 +1387,7 @@ def _dw_column(a, d, xr, x, o, W, rows, lanes):
 @numba.njit(inline="always")
 def _col_lanes(c0, W, nj):
     """The lanes ``u < nj`` whose input column ``c0 + u`` lies in ``0 <= c < W``."""
-    lo = max(0, -c0)
-    hi = min(nj, W - c0)
-    return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+    return _span_bits(c0, nj, W)
 
 
 @numba.njit(inline="always")
@@ -1520,8 +1528,7 @@ def _plane_dw_3x3s2(x, xo, H, W, pt, pl, dy, do, OH, OW, acc):
             o = do + i0 * OW + j0
             _delta_rows(d, dy, o, OW, dl, OH - i0)
             c0 = 2 * j0 - pl  # the input column of filter column 0, lane 0
-            lo, hi = max(0, -c0), min(2 * nj + 2, W - c0)
-            lanes = ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0  # columns c0 + v
+            lanes = _span_bits(c0, 2 * nj + 2, W)  # columns c0 + v
             m01 = lanes & ((1 << (2 * nj)) - 1)
             m2 = lanes >> 2
             xo0 = xo + h0 * W + c0
