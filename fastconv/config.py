@@ -57,9 +57,8 @@ DEPTHWISE_GROUPS_PER_THREAD = 2
 #: the heap has room, so the slow placement came and went from one process to the next.
 APART_BYTES = 2048
 
-#: The depthwise forward pass of a 3x3, stride-1 layer (and of a 5x5, stride-2 one)
-#: reads each input plane in place (masked loads, no zero-padded copy) while a plane
-#: takes at most this many bytes, or
+#: The depthwise forward pass of a 3x3, stride-1 layer reads each input plane in place
+#: (masked loads, no zero-padded copy) while a plane takes at most this many bytes, or
 #: the whole input at most ``DEPTHWISE_IN_PLACE_INPUT_BYTES``.  On 14-56 pixel planes that
 #: ran 1.05-1.33x faster than through the copy.  112x112 planes (50 KB in float32, past a
 #: core's L1) ran 1.1-1.26x at batch 1-4 (32 channels, 1.6-6.4 MB), but 0.91x at batch 8

@@ -285,21 +285,6 @@ def test_depthwise_in_place_stride_2_dw_kernel_splits_its_rows_in_registers():
     assert len(re.findall(r"vperm[it]2ps", loop)) == 3 * (2 * DW.TR + 1)
 
 
-def test_depthwise_in_place_5x5_stride_2_kernel_splits_its_rows_in_registers():
-    f = _serial(DW._plane_5x5s2)
-    f(np.zeros(28 * 28, np.float32), 0, 28, 28, 2, 2, np.ones(25, np.float32),
-      np.float32(0), np.zeros(14 * 14, np.float32), 0, 14, 14)
-    asm = f.inspect_asm(f.signatures[0])
-    # One filter column a step: 2*TR5 + 3 input rows, each two masked loads and one
-    # two-vector shuffle, for 5*TR5 packed FMAs on TR5 sums in registers.
-    loop = min(_fma_loops(asm), key=len)
-    assert len(PACKED_FMA.findall(loop)) == 5 * DW.TR5
-    assert len(MASKED_LOAD.findall(loop)) == 2 * (2 * DW.TR5 + 3)
-    assert len(re.findall(r"vperm[it]2ps", loop)) == 2 * DW.TR5 + 3
-    assert not NO_SPILL.search(loop)
-    assert "vgather" not in asm and "vscatter" not in asm
-
-
 def test_depthwise_dw_kernel_keeps_its_tile_in_registers():
     f = _serial(DW._rows_dots)
     P, OH = 16, 14

@@ -26,9 +26,6 @@ output pixel ``(i, j)`` reads ``src[base[t] + i*P + j]``:
   rows ``a, a + sh, ...`` at the columns ``q, q + sw, ...``, ``P = ceil(Wp/sw)``): tap
   ``(r, s)`` reads phase ``((r*dlh) % sh, (s*dlw) % sw)`` at row ``i + (r*dlh)//sh`` and
   column ``j + (s*dlw)//sw``.
-* **Forward, 5x5 at stride 2, in place** (the same sizes): each of a tile's input rows
-  loaded as 32 elements and split into its even or odd columns in registers per filter
-  column (:func:`_plane_5x5s2`).
 * **Forward, 3x3 at stride 1, in place** (planes of at most
   ``config.DEPTHWISE_IN_PLACE_BYTES``; MobileNet's layers): no scratch plane.  For each
   filter column the tile's ``TR + 2`` input rows are loaded straight from ``x`` under a
@@ -248,20 +245,19 @@ def prepare(geo, w, pass_):
 
 class InPlaceWeights(NamedTuple):
     """The forward pass's prepared weights when it reads the input in place
-    (:func:`_in_place`): ``w`` (K, R*S), each channel's taps row by row.  The choice is
+    (:func:`_in_place`): ``w`` (K, 9), each channel's taps row by row.  The choice is
     made once, in :func:`prepare`, and travels with the weights."""
 
     w: np.ndarray
 
 
 def _in_place(geo: ConvGeometry, dtype) -> bool:
-    """Whether the forward pass reads the input in place (:func:`dw_forward_in_place`): a
-    3x3 layer at stride 1 or a 5x5 one at stride 2, undilated, with planes of at most
+    """Whether the forward pass reads the input in place (:func:`dw_forward_3x3`): a 3x3
+    layer at stride 1, undilated, with planes of at most
     ``config.DEPTHWISE_IN_PLACE_BYTES`` or an input of at most
     ``config.DEPTHWISE_IN_PLACE_INPUT_BYTES``."""
     plane = geo.H * geo.W * np.dtype(dtype).itemsize
-    return ((geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) in ((3, 3, 1, 1, 1, 1),
-                                                               (5, 5, 2, 2, 1, 1))
+    return ((geo.R, geo.S, geo.sh, geo.sw, geo.dlh, geo.dlw) == (3, 3, 1, 1, 1, 1)
             and (plane <= config.DEPTHWISE_IN_PLACE_BYTES
                  or geo.N * geo.C * plane <= config.DEPTHWISE_IN_PLACE_INPUT_BYTES))
 
@@ -273,7 +269,7 @@ def forward(geo, x, wt, b):
     y = empty_apart((geo.N, K, geo.OH, geo.OW), x.dtype, x)
     Q = _groups(geo.N * C)
     if isinstance(wt, InPlaceWeights):
-        dw_forward_in_place(x.reshape(geo.N, C, -1), wt.w, bias,
+        dw_forward_3x3(x.reshape(geo.N, C, -1), wt.w, bias,
                        y.reshape(geo.N, K, -1), geo.H, geo.W, geo.OW, geo.pt, geo.pl, Q)
         return y
     pl_ = _planes(geo)
@@ -802,95 +798,12 @@ def _plane_3x3(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
             _store_rows(y, yo + i0 * OW + j0, OW, acc, nj, nv)
 
 
-#: Output rows per register tile of the in-place 5x5 stride-2 forward pass
-#: (:func:`_plane_5x5s2`): its 2*TR5 + 3 input rows, TR5 sums and 5 weights of a filter
-#: column fill 23 of the 32 vector registers.
-TR5 = 5
-
-
-@numba.njit(inline="always")
-def _split_rows(xr, jk, x, o, W, rows, lanes, odd):
-    """The ``2*TR5 + 3`` input rows of a stride-2 tile, ``W`` apart from ``x[o:]``, each
-    split (:func:`fastconv._jit.load_split`) into its even (``odd`` false) or odd elements
-    in ``xr[e]``, ``jk`` taking the other half; a row whose bit in ``rows`` is clear is
-    zero and read nothing."""
-    for e in range(2 * TR5 + 3):
-        m = lanes if rows >> e & 1 else 0
-        if odd:
-            load_split(jk[0], xr[e], x, o + e * W, m)
-        else:
-            load_split(xr[e], jk[0], x, o + e * W, m)
-
-
-@serial_kernel
-def _plane_5x5s2(x, xo, H, W, pt, pl, wk, bias, y, yo, OH, OW):
-    """``y[yo + i*OW + j] = bias + sum_(r, s < 5) wk[r*5 + s] * x[xo + (2i + r - pt)*W + 2j
-    + s - pl]`` for ``i < OH``, ``j < OW``, a term being zero where its input pixel lies
-    outside the ``H x W`` plane at ``x[xo:]``: one plane of a 5x5, stride-2 layer, read in
-    place.
-
-    Register tiles of ``TR5`` rows by ``VL`` columns.  For each filter column ``s`` the
-    tile's ``2*TR5 + 3`` input rows are loaded as 32 elements under a lane mask and split
-    in registers (:func:`fastconv._jit.load_split`): their even elements from column
-    ``2*j0 + s - pl`` on for even ``s``, their odd ones from one column before for odd
-    ``s``; each row then serves up to three output rows (tap rows ``e - 2v``), 13 row
-    splits for 25 FMAs.  The last tile of a plane starts ``TR5`` rows from its end (rows
-    computed twice, stored the same), as in :func:`_plane_3x3`.
-    """
-    acc = stack_tile(5, VL, y.dtype)  # TR5 rows
-    xr = stack_tile(13, VL, y.dtype)  # 2*TR5 + 3 rows
-    jk = stack_tile(1, VL, y.dtype)
-    for ti in range((OH + TR5 - 1) // TR5):
-        i0 = _tile_start(ti, TR5, OH)
-        h0 = 2 * i0 - pt  # the input row of the tile's first read
-        rows = _span_bits(h0, 2 * TR5 + 3, H)
-        for j0 in range(0, OW, VL):
-            for u in range(VL):
-                acc[0, u] = bias
-                acc[1, u] = bias
-                acc[2, u] = bias
-                acc[3, u] = bias
-                acc[4, u] = bias
-            for s in range(5):
-                c = 2 * j0 + s - pl - (s & 1)  # the first column of the row's 32 elements
-                lanes = _span_bits(c, 2 * VL, W)
-                _split_rows(xr, jk, x, xo + h0 * W + c, W, rows, lanes, s & 1)
-                w0 = wk[s]
-                w1 = wk[5 + s]
-                w2 = wk[10 + s]
-                w3 = wk[15 + s]
-                w4 = wk[20 + s]
-                for u in range(VL):
-                    acc[0, u] += w0 * xr[0, u] + w1 * xr[1, u] + w2 * xr[2, u] + \
-                        w3 * xr[3, u] + w4 * xr[4, u]
-                    acc[1, u] += w0 * xr[2, u] + w1 * xr[3, u] + w2 * xr[4, u] + \
-                        w3 * xr[5, u] + w4 * xr[6, u]
-                    acc[2, u] += w0 * xr[4, u] + w1 * xr[5, u] + w2 * xr[6, u] + \
-                        w3 * xr[7, u] + w4 * xr[8, u]
-                    acc[3, u] += w0 * xr[6, u] + w1 * xr[7, u] + w2 * xr[8, u] + \
-                        w3 * xr[9, u] + w4 * xr[10, u]
-                    acc[4, u] += w0 * xr[8, u] + w1 * xr[9, u] + w2 * xr[10, u] + \
-                        w3 * xr[11, u] + w4 * xr[12, u]
-            nj = min(VL, OW - j0)
-            at = yo + i0 * OW + j0
-            store_row(y, at, acc[0], nj)
-            if OH - i0 > 1:
-                store_row(y, at + OW, acc[1], nj)
-            if OH - i0 > 2:
-                store_row(y, at + 2 * OW, acc[2], nj)
-            if OH - i0 > 3:
-                store_row(y, at + 3 * OW, acc[3], nj)
-            if OH - i0 > 4:
-                store_row(y, at + 4 * OW, acc[4], nj)
-
-
 @parallel_kernel
-def dw_forward_in_place(x, w, b, y, H, W, OW, pt, pl, Q):
-    """The forward pass of a 3x3, stride-1 layer (``w`` (K, 9)) or a 5x5, stride-2 one
-    (``w`` (K, 25)), each plane read in place by :func:`_plane_3x3` or
-    :func:`_plane_5x5s2` (see the module's docstring).
+def dw_forward_3x3(x, w, b, y, H, W, OW, pt, pl, Q):
+    """The forward pass of a 3x3, stride-1 layer, each plane read in place by
+    :func:`_plane_3x3` (see the module's docstring).
 
-    x  : (N, C, H*W) C-contiguous.     w : (K, R*S) the weights, K = M*C, row by row.
+    x  : (N, C, H*W) C-contiguous.     w : (K, 9) the weights, K = M*C, row by row.
     b  : (K,).                         y : (N, K, OH*OW), every element written.
 
     The ``N*C`` planes are cut into ``Q`` runs; each plane's ``M`` output channels are
@@ -909,12 +822,8 @@ def dw_forward_in_place(x, w, b, y, H, W, OW, pt, pl, Q):
             c = task % C
             for mm in range(Mult):
                 k = c * Mult + mm
-                if w.shape[1] == 9:
-                    _plane_3x3(xf, task * H * W, H, W, pt, pl, w[k], b[k], yf,
-                               (n * K + k) * OH * OW, OH, OW)
-                else:
-                    _plane_5x5s2(xf, task * H * W, H, W, pt, pl, w[k], b[k], yf,
-                                 (n * K + k) * OH * OW, OH, OW)
+                _plane_3x3(xf, task * H * W, H, W, pt, pl, w[k], b[k], yf,
+                           (n * K + k) * OH * OW, OH, OW)
 
 
 @parallel_kernel
