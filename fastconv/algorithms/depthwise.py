@@ -103,7 +103,7 @@ from .._jit import (
 )
 from ..geometry import ConvGeometry, _dx_joins, _dx_phases
 from ..kernels import _finite
-from ..layouts import empty_apart
+from ..layouts import _sum_chunks, empty_apart
 
 NAME = "depthwise"
 
@@ -237,7 +237,7 @@ def prepare(geo, w, pass_):
     R*S)`` in row-group order; for dX, :class:`DxWeights`."""
     if pass_ == "forward":
         if _in_place(geo, w.dtype):
-            return InPlaceWeights(np.ascontiguousarray(w.reshape(geo.K, geo.R * geo.S)))
+            return InPlaceWeights(np.ascontiguousarray(w.reshape(geo.K, 9)))
         g = _forward_groups(geo)
         return np.ascontiguousarray(w.reshape(geo.K, geo.R * geo.S)[:, g.widx])
     return _dx_weights(geo, w)
@@ -397,36 +397,30 @@ def _dw_in_place(geo: ConvGeometry) -> bool:
 
 
 def grad_weight(geo, x, dy):
-    if _dw_in_place(geo):
-        P = min(geo.N, max(1, -(-config.DEPTHWISE_DW_TASKS // geo.K)))  # batch chunks
-        Q = _groups(P * geo.K)
-        acc = np.empty((Q, -(-P * geo.K // Q), 9, VL), x.dtype)
-        part = np.empty((P, geo.K, 9), x.dtype)
-        dw_grad_weight_3x3(np.ascontiguousarray(x).reshape(geo.N, geo.C, -1),
-                           np.ascontiguousarray(dy).reshape(geo.N, geo.K, -1), part, acc,
-                           geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh)
-        return (part.sum(axis=0) if P > 1 else part[0]).reshape(geo.K, 1, 3, 3)
-    pl_ = _planes(geo)
-    g = _forward_groups(geo)
     K, N = geo.K, geo.N
     T = geo.R * geo.S
+    P = min(N, max(1, -(-config.DEPTHWISE_DW_TASKS // K)))  # batch chunks
+    Q = _groups(P * K)
+    acc = np.empty((Q, -(-P * K // Q), T + 2, VL), x.dtype)  # no cache line shared
+    part = np.empty((P, K, T), x.dtype)
+    x3 = np.ascontiguousarray(x).reshape(N, geo.C, -1)
+    dy3 = np.ascontiguousarray(dy).reshape(N, K, -1)
+    if _dw_in_place(geo):
+        dw_grad_weight_3x3(x3, dy3, part, acc, geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh)
+        return _sum_chunks(part).reshape(K, 1, 3, 3)  # taps already in weight order
+    pl_ = _planes(geo)
+    g = _forward_groups(geo)
     nblk = -(-geo.OW // VL)
     DP = nblk * VL  # the deltas' row pitch: whole vectors, zero past OW
     OHt = -(-geo.OH // TR) * TR  # the deltas' rows: whole tiles, zero past OH
-    P = min(N, max(1, -(-config.DEPTHWISE_DW_TASKS // K)))  # batch chunks
-    Q = _groups(P * K)
     L = max(pl_.na * pl_.nb * pl_.Hq * pl_.Wq, _scratch_length(g, pl_.Wq, OHt, DP))
     src = np.zeros((Q, L + SEPARATE), x.dtype)
     dyw = np.zeros((Q, OHt * DP + SEPARATE), x.dtype)
-    acc = np.empty((Q, -(-P * K // Q), T + 2, VL), x.dtype)  # no cache line shared
-    part = np.empty((P, K, T), x.dtype)
-    dw_grad_weight(np.ascontiguousarray(x).reshape(N, geo.C, -1),
-                   np.ascontiguousarray(dy).reshape(N, K, -1), g.base, g.w0, g.ends, g.slot,
-                   part, src, dyw, acc, geo.H, geo.W, geo.OW, geo.pt, geo.pl, geo.sh, geo.sw,
-                   pl_.nb, pl_.Hq, pl_.Wq, DP, DP == geo.OW and OHt == geo.OH)
-    dw = part.sum(axis=0) if P > 1 else part[0]
+    dw_grad_weight(x3, dy3, g.base, g.w0, g.ends, g.slot, part, src, dyw, acc, geo.H, geo.W,
+                   geo.OW, geo.pt, geo.pl, geo.sh, geo.sw, pl_.nb, pl_.Hq, pl_.Wq, DP,
+                   DP == geo.OW and OHt == geo.OH)
     out = np.empty((K, T), x.dtype)
-    out[:, g.widx] = dw
+    out[:, g.widx] = _sum_chunks(part)
     return out.reshape(K, 1, geo.R, geo.S)
 
 
@@ -1274,7 +1268,7 @@ def _lane_sums(aq, out):
         out[t] = s
 
 
-# ---- dW of a 3x3, stride-1 layer, read in place ------------------------------------------
+# ---- dW of a 3x3 layer at stride 1 or 2, read in place -----------------------------------
 
 
 @numba.njit(inline="always")
@@ -1483,7 +1477,7 @@ def dw_grad_weight_3x3(x, dy, part, acc, H, W, OW, pt, pl, st):
     dW is ``part.sum(axis=0)``.
 
     x : (N, C, H*W), dy : (N, K, OH*OW) C-contiguous.   part : (P, K, 9), every element
-    written.   acc : (Q, >= ceil(P*K/Q), 9, VL) scratch.
+    written.   acc : (Q, >= ceil(P*K/Q), >= 9, VL) scratch.
 
     The tasks and their order are :func:`dw_grad_weight`'s: task ``(p, k)`` sums its
     planes in order into the lanes of ``acc``, then the lanes, so the result is the same
