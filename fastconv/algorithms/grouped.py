@@ -16,7 +16,10 @@ output *pixels*, which every group has plenty of, and a tile holds ``KT`` output
 channels of one group times two vectors of ``PX`` pixels: each step loads two input
 vectors (one tap of one input channel of the group) and multiplies them by ``KT``
 broadcast weights.  Nothing is padded except the last channel block of a group whose
-``Kg`` is not a multiple of ``KT``.
+``Kg`` is not a multiple of ``KT`` (a block of at most ``KH = KT/2`` channels runs a half
+tile).  ``KT = 8`` makes 16 FMAs a step for 2 vector loads and 8 broadcasts; the half
+tile's 8 FMAs take 2 vector loads and 4 broadcasts, and ran the 8 groups of 16 channels
+of ``bench/cases.py`` 13-15% slower on the Xeon host of ``docs/benchmarks.md``.
 
 The math
 --------
@@ -81,16 +84,26 @@ from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .pixel import (
     DK,
     DT,
-    KP,
     PX,
     _dw_pixel_tile,
-    _pixel_row,
 )
 
 NAME = "grouped"
 
-#: Output channels per forward tile (rows ``kk`` and ``KP + kk`` of the pixel tile).
-KT = 4
+#: Output channels per forward tile, in two register tiles of ``KH`` (float32: 16
+#: accumulators, two input vectors and ``KT`` broadcast weights a step).
+KT = 8
+
+#: Output channels per half tile: the blocks of float64 weights (whose vectors take two
+#: registers each, so that a whole tile would not fit the register file) and a block of
+#: at most ``KH`` channels.
+KH = 4
+
+
+def _block(dtype) -> int:
+    """Output channels per block of the forward weights in ``dtype``: ``KT``, or ``KH``
+    for float64."""
+    return KT if np.dtype(dtype).itemsize == 4 else KH
 
 
 def why_not(geo, dtype, pass_):
@@ -180,13 +193,14 @@ def prepare(geo, w, pass_):
 
 def _blocked(w: np.ndarray) -> np.ndarray:
     """Each group's filters, ``w`` (G, Kg, T) with ``T`` taps, as the forward kernel
-    reads them, ``(G, KTn, T, KT)``: the output channels in blocks of ``KT``, zero past
-    ``Kg``."""
+    reads them, ``(G, KTn, T, KB)``: the output channels in blocks of ``KB =
+    _block(w.dtype)``, zero past ``Kg``."""
     G, Kg, T = w.shape
-    KTn = -(-Kg // KT)
-    wp = np.zeros((G, KTn * KT, T), w.dtype)
+    KB = _block(w.dtype)
+    KTn = -(-Kg // KB)
+    wp = np.zeros((G, KTn * KB, T), w.dtype)
     wp[:, :Kg] = w
-    return np.ascontiguousarray(wp.reshape(G, KTn, KT, T).transpose(0, 1, 3, 2))
+    return np.ascontiguousarray(wp.reshape(G, KTn, KB, T).transpose(0, 1, 3, 2))
 
 
 class _DxPhase(NamedTuple):
@@ -290,7 +304,7 @@ def _dx_fused(geo: ConvGeometry):
 class _DxWeights(NamedTuple):
     """dX's prepared weights: each phase's filters (:func:`_blocked`), the same side by
     side for :func:`grouped_dx_phases` where it may run (``(G, KTn, phases, max T_p,
-    KT)``, zero past a phase's taps; else None), and whether every weight is finite."""
+    KB)``, zero past a phase's taps; else None), and whether every weight is finite."""
 
     phases: tuple
     joined: np.ndarray | None
@@ -312,7 +326,8 @@ def _dx_weights(geo: ConvGeometry, w: np.ndarray) -> _DxWeights:
     joined = None  # only the one-pass strided dX reads them
     if _dx_fused(geo) is not None:
         Tmax = max((a.shape[2] for a in phases), default=0)
-        joined = np.zeros((G, -(-Cg // KT), len(phases), Tmax, KT), w.dtype)
+        KB = _block(w.dtype)
+        joined = np.zeros((G, -(-Cg // KB), len(phases), Tmax, KB), w.dtype)
         for p, a in enumerate(phases):
             joined[:, :, p, :a.shape[2]] = a
     return _DxWeights(tuple(phases), joined, bool(np.isfinite(w).all()))
@@ -401,13 +416,14 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
     """Forward pass of a grouped convolution, vectorised over output pixels.
 
     ``y[n, k, i, j] = b[k] + sum_t xg[toff[i, t] + j] * w[g, kb, t, kk]``,
-    ``k = g*Kg + kb*KT + kk``, over the taps ``t = (c, r, s)`` of group ``g``, ``xg`` being
+    ``k = g*Kg + kb*KB + kk``, over the taps ``t = (c, r, s)`` of group ``g``, ``xg`` being
     group ``g``'s input planes of image ``n`` split into stride phases and flattened:
 
     x : (N, C, H*W)            NCHW input, each plane flattened, C-contiguous.
     W, pt, pl : int            the input's width, its top and left padding.
     toff : (OH, T) int64       where output row ``i`` reads tap ``t`` in ``xg``.
-    w : (G, KTn, T, KT)        weights (:func:`_blocked`), zero past ``Kg``.
+    w : (G, KTn, T, KB)        weights (:func:`_blocked`), zero past ``Kg``; ``KB`` is
+                               ``KT`` or ``KH``.
     b : (K,)                   bias.
     y : (N, K, OH, OW)         NCHW output, C-contiguous, ``OW >= PX``.
     scratch : (Q, Cg, sh, sw, Hr, Wq)   one group's phase grid for each of ``Q`` task groups.
@@ -415,14 +431,14 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
     Tasks are (image, group), cut into ``Q`` runs: a task splits its group's ``Cg`` planes
     into stride phases in its run's scratch (:func:`fastconv.kernels._phase_fill`, some
     tens of KB that stay in the core's cache), then computes every output of the group
-    from it, each block of ``KT`` channels and each row in turn.  The tile, the row
-    covering and the stores are those of
-    :func:`fastconv.algorithms.pixel.conv_pixel_tiles` with ``KT`` channels of one group
-    in place of ``KP`` channels: each step loads two vectors of ``PX`` inputs and makes
-    ``2*KT`` FMAs with ``KT`` broadcast weights.  Each task owns its outputs.
+    from it, each block of ``KB`` channels and each row in turn (:func:`_group_row`).  The
+    row covering and the stores are those of
+    :func:`fastconv.algorithms.pixel.conv_pixel_tiles`: each step loads two vectors of
+    ``PX`` inputs and makes ``2*KT`` FMAs with ``KT`` broadcast weights (``2*KH`` with
+    ``KH`` in a half tile).  Each task owns its outputs.
     """
     N, K, OH, OW = y.shape
-    G, KTn, T = w.shape[:3]
+    G, KTn, T, KB = w.shape
     Q, Cg = scratch.shape[:2]
     Kg = K // G
     yf = y.reshape(y.size)
@@ -436,8 +452,8 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
             g = task % G
             _group_planes(x, n, g * Cg, W, grid, pt, pl, False)
             for kt in range(KTn):
-                k0 = g * Kg + kt * KT
-                kn = min(KT, Kg - kt * KT)
+                k0 = g * Kg + kt * KB
+                kn = min(KB, Kg - kt * KB)
                 wk = w[g, kt]
                 for i in range(OH):
                     _group_row(xg, toff[i], wk, b, yf, np.uint64(((n * K + k0) * OH + i) * OW),
@@ -463,41 +479,106 @@ def _group_planes(src, n, c0, W, dst, pt, pl, check):
 @numba.njit(inline="always")
 def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
     """Output row ``urow`` (in ``yf``) of ``kn <= KT`` channels from ``k0``: the
-    :func:`grouped_pixel_tiles` tile over the row, two vectors at a time."""
-    acc = stack_tile(16, PX, yf.dtype)  # rows kk: the first vector, KP + kk: the second
+    :func:`grouped_pixel_tiles` tile over the row, two vectors at a time.
+
+    Four register tiles of ``KH = KT/2`` channels x ``PX`` pixels: ``a0`` and ``b0`` hold
+    channels ``k0 .. k0 + KH - 1`` over the first and the second vector, ``a1`` and ``b1``
+    the next ``KH`` channels.  A block of at most ``KH`` channels (a group's last, or any
+    block in float64, whose weights are blocked by ``KH``) runs the half tile.  Four small
+    tiles, not one of 16 rows: LLVM gives up proving that a stack array with that many
+    uses does not escape, and then reloads and stores every accumulator at each step."""
+    a0 = stack_tile(4, PX, yf.dtype)
+    b0 = stack_tile(4, PX, yf.dtype)
+    a1 = stack_tile(4, PX, yf.dtype)
+    b1 = stack_tile(4, PX, yf.dtype)
     for jt in range((OW + 2 * PX - 1) // (2 * PX)):
         ua = np.uint64(min(jt * 2 * PX, OW - PX))
         ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
-        for kk in range(KT):
+        for kk in range(KH):  # zeroed here, not in a helper (see the stores below)
             for p in range(PX):
-                acc[kk, p] = 0
-                acc[KP + kk, p] = 0
-        for t in range(T):
-            oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
-            ob = oa + ud
-            wv = wk[t]
-            w0 = wv[0]
-            w1 = wv[1]
-            w2 = wv[2]
-            w3 = wv[3]
+                a0[kk, p] = 0
             for p in range(PX):
-                up = np.uint64(p)
-                xa = xg[oa + up]
-                xb = xg[ob + up]
-                acc[0, p] += w0 * xa
-                acc[1, p] += w1 * xa
-                acc[2, p] += w2 * xa
-                acc[3, p] += w3 * xa
-                acc[KP + 0, p] += w0 * xb
-                acc[KP + 1, p] += w1 * xb
-                acc[KP + 2, p] += w2 * xb
-                acc[KP + 3, p] += w3 * xb
+                b0[kk, p] = 0
+        if kn > KH:
+            for kk in range(KH):
+                for p in range(PX):
+                    a1[kk, p] = 0
+                for p in range(PX):
+                    b1[kk, p] = 0
+            for t in range(T):
+                oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
+                ob = oa + ud
+                wv = wk[t]
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                w4 = wv[4]
+                w5 = wv[5]
+                w6 = wv[6]
+                w7 = wv[7]
+                for p in range(PX):
+                    up = np.uint64(p)
+                    xa = xg[oa + up]
+                    xb = xg[ob + up]
+                    a0[0, p] += w0 * xa
+                    a0[1, p] += w1 * xa
+                    a0[2, p] += w2 * xa
+                    a0[3, p] += w3 * xa
+                    a1[0, p] += w4 * xa
+                    a1[1, p] += w5 * xa
+                    a1[2, p] += w6 * xa
+                    a1[3, p] += w7 * xa
+                    b0[0, p] += w0 * xb
+                    b0[1, p] += w1 * xb
+                    b0[2, p] += w2 * xb
+                    b0[3, p] += w3 * xb
+                    b1[0, p] += w4 * xb
+                    b1[1, p] += w5 * xb
+                    b1[2, p] += w6 * xb
+                    b1[3, p] += w7 * xb
+        else:
+            for t in range(T):
+                oa = ua + np.uint64(ti[t])
+                ob = oa + ud
+                wv = wk[t]
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                for p in range(PX):
+                    up = np.uint64(p)
+                    xa = xg[oa + up]
+                    xb = xg[ob + up]
+                    a0[0, p] += w0 * xa
+                    a0[1, p] += w1 * xa
+                    a0[2, p] += w2 * xa
+                    a0[3, p] += w3 * xa
+                    b0[0, p] += w0 * xb
+                    b0[1, p] += w1 * xb
+                    b0[2, p] += w2 * xb
+                    b0[3, p] += w3 * xb
+        # The stores written out here, not in a helper: arrays handed to an inlined
+        # helper get reference-count calls (and a vzeroupper) around it, which took a
+        # quarter of a strided dX whose phases have 8-32 taps a step loop.
         npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
         ya = urow + ua
-        _pixel_row(yf, acc, 0, kn, b, k0, ya, ud, ustep, npx)
-        _pixel_row(yf, acc, 1, kn, b, k0, ya, ud, ustep, npx)
-        _pixel_row(yf, acc, 2, kn, b, k0, ya, ud, ustep, npx)
-        _pixel_row(yf, acc, 3, kn, b, k0, ya, ud, ustep, npx)
+        for kk in range(min(kn, KH)):
+            bk = b[k0 + kk]
+            yo = ya + np.uint64(kk) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a0[kk, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b0[kk, p] + bk
+        for kk in range(kn - KH):
+            bk = b[k0 + KH + kk]
+            yo = ya + np.uint64(KH + kk) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a1[kk, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b1[kk, p] + bk
 
 
 @serial_kernel
@@ -515,14 +596,14 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
 
     dy : (N, K, OH*OW)           deltas, C-contiguous.
     toff, t0 : int64             the phases' taps in a task's padded delta planes.
-    w : (G, KTn, phases, T, KT)  the phases' filters (:class:`_DxWeights`).
+    w : (G, KTn, phases, T, KB)  the phases' filters (:class:`_DxWeights`).
     dx : (N, C, H*W)             the phases' pixels written (the others zero already).
     grid : (Q, Kg, 1, 1, Hd + 1, Wd)   scratch: one group's padded delta planes.
     outs : (Q, >= obase[-1])     scratch: the phases' outputs, in wide rows.
 
     Tasks are (image, group), cut into ``Q`` runs: a task pads its group's ``Kg`` delta
     planes (:func:`fastconv.kernels._phase_fill`), computes each phase's ``Cg`` output
-    planes with the forward tile (:func:`_group_row`, ``KT`` channels at a time) into its
+    planes with the forward tile (:func:`_group_row`, ``KB`` channels at a time) into its
     scratch, then writes dx's rows: at ``sw == 2`` each row joined from its two column
     phases by masked vectors and shuffles (:func:`merge_run`), where a phase at a time
     would store every other element.  Each task owns its outputs.
@@ -530,11 +611,12 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
     N = dy.shape[0]
     C = dx.shape[1]
     G, KTn = w.shape[:2]
+    KB = w.shape[4]
     Q, Kg = grid.shape[:2]
     Cg = C // G
     Wd = grid.shape[5]
     nphase = t0.shape[0] - 1
-    zb = np.zeros(KT * KTn, dx.dtype)  # no bias
+    zb = np.zeros(KB * KTn, dx.dtype)  # no bias
     tasks = N * G
     for q in prange(Q):
         gq = grid[q]
@@ -549,8 +631,8 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
                 ti = toff[t0[p]:t0[p + 1]]
                 for kt in range(KTn):
                     _group_row_serial(xg, ti, w[g, kt, p], zb, oq,
-                                      np.uint64(obase[p] + kt * KT * L), kt * KT,
-                                      min(KT, Cg - kt * KT), L, t0[p + 1] - t0[p],
+                                      np.uint64(obase[p] + kt * KB * L), kt * KB,
+                                      min(KB, Cg - kt * KB), L, t0[p + 1] - t0[p],
                                       np.uint64(L))
             for c in range(Cg):
                 dxc = dx[n, g * Cg + c]
