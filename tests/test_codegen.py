@@ -321,8 +321,9 @@ def test_kernels_compile_for_512_bit_vectors_on_avx512_hosts():
     assert not _jit._codegen_target()  # once only: the code generator exists now
 
 
-def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers():
-    f = _serial(GD._lanes_tile)
+@pytest.mark.parametrize("tile", ["_lanes_tile", "_lanes_tile3"])
+def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers(tile):
+    f = _serial(getattr(GD, tile))
     f(np.zeros((2, 20 * 20), np.float32), np.zeros((2, 16, 16, GD.VL), np.float32),
       np.zeros((16, GD.TB), np.int64), 2, 0, np.zeros((GD.TB, GD.VL), np.float32))
     asm = f.inspect_asm(f.signatures[0])
@@ -333,6 +334,9 @@ def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers():
     assert len(re.findall(r"\{1to16\}", loop)) == GD.TB
     assert not NO_SPILL.search(loop)
     assert "vgather" not in asm
+    if tile == "_lanes_tile3":
+        # Eight row offsets stay in general registers: nothing is reloaded from the stack.
+        assert "(%rsp)" not in loop
 
 
 def test_grouped_window_dw_kernel_keeps_its_tile_in_registers():

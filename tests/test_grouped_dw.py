@@ -70,6 +70,26 @@ def test_channel_lane_dw_matches_the_reference(shape, conv, dtype, rng):
     _check(x, dy, (K, C // G, R, S), plan, dtype)
 
 
+@pytest.mark.parametrize("rows3", [True, False])
+@pytest.mark.parametrize("shape, conv", [
+    ((2, 32, 5, 18, 32, 2, 3, 3), dict(padding=1)),
+    ((2, 24, 7, 9, 48, 3, 3, 3), dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1))),
+    ((1, 20, 6, 17, 32, 2, 3, 3), dict(padding=0)),  # Cg*R = 30 rows: a part block
+])
+def test_both_channel_lane_dw_tiles_match_the_reference(shape, conv, rows3, monkeypatch,
+                                                         rng):
+    """Taps in rows of three consecutive inputs run the tile that reads each row at one
+    offset (``_lanes_tile3``); the generic tile, forced on the same layers, agrees."""
+    N, C, H, W, K, G, R, S = shape
+    conv = dict(conv, groups=G)
+    plan = fc.conv2d_plan((N, C, H, W), (K, C // G, R, S), **conv, algorithm=FORCED)
+    assert grouped_dw._rows3(plan.geometry)
+    if not rows3:
+        monkeypatch.setattr(grouped_dw, "_rows3", lambda geo: False)
+    x, _, _, dy = random_problem(rng, N, C, H, W, K, R, S, conv, np.float32)
+    _check(x, dy, (K, C // G, R, S), plan, np.float32)
+
+
 @given(N=st.integers(1, 3), G=st.integers(2, 4), Cg=st.integers(1, 5),
        Kg=st.sampled_from([16, 32]), H=st.integers(1, 8), W=st.integers(1, 30),
        R=st.integers(1, 4), S=st.integers(1, 4), sh=st.integers(1, 2), sw=st.integers(1, 3),

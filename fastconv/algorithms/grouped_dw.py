@@ -93,16 +93,26 @@ def grad_weight(geo, x, dy):
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
     part = np.empty((P, G, KBn, TBn, TB, VL), dy.dtype)
     grouped_dw_lanes(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
-                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, grid, d, part)
+                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, grid, d, part,
+                     _rows3(geo))
     dw = _sum_chunks(part).transpose(0, 1, 4, 2, 3).reshape(G, Kg, TBn * TB)[:, :, :T]
     return np.ascontiguousarray(dw).reshape(geo.K, geo.Cg, geo.R, geo.S)
+
+
+def _rows3(geo) -> bool:
+    """Whether the taps ``t = (c, r, s)`` come in rows of three whose inputs are
+    consecutive: ``S == 3`` (so that the blocks of ``TB = 24`` taps hold whole rows) at
+    stride and dilation 1 along the width, where tap ``(c, r, s)`` reads ``toff[i, (c, r,
+    0)] + s`` (:func:`fastconv.algorithms.grouped._rows`: ``sw == 1`` puts column ``s*dlw``
+    at offset ``s*dlw``)."""
+    return geo.S == 3 and geo.sw == 1 and geo.dlw == 1
 
 
 # ---- kernels ---------------------------------------------------------------------------
 
 
 @parallel_kernel
-def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part):
+def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, rows3):
     """dW of a grouped convolution, vectorised over output channels.
 
     ``part[p, g, kb, tb, a, k] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + kb*VL + k, i,
@@ -115,6 +125,9 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part):
     grid : (Q, nimg, Cg, sh, sw, Hq, Wq)   scratch: a chunk's phase planes of a group.
     d : (Q, nimg, OH, OW, VL)       scratch: a block's deltas, pixel-major.
     part : (P, G, KBn, TBn, TB, VL)
+    rows3 : bool                    whether the taps come in rows of 3 reading consecutive
+                                    inputs (:func:`_rows3`): the tile then reads each row
+                                    at one offset (:func:`_lanes_tile3`).
     """
     N, K, OH, OW = dy.shape
     P, G, KBn, TBn = part.shape[:4]
@@ -137,7 +150,10 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part):
                     _lanes_deltas(dy[n].reshape(K * OH * OW), k0, OH * OW,
                                   dq[n - n0].reshape(OH * OW * VL))
                 for tb in range(TBn):
-                    _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                    if rows3:
+                        _lanes_tile3(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                    else:
+                        _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
 
 
 @numba.njit(inline="always")
@@ -251,6 +267,102 @@ def _lanes_products(x, d, toff, nimg, tb, out):
                     acc[21, q] += e * x21
                     acc[22, q] += e * x22
                     acc[23, q] += e * x23
+    for a in range(TB):
+        for q in range(VL):
+            out[a, q] = acc[a, q]
+
+
+@serial_kernel
+def _lanes_tile3(x, d, toff, nimg, tb, out):
+    """:func:`_lanes_tile` for taps in rows of three consecutive inputs (:func:`_rows3`):
+    ``TB = 24`` taps as 8 rows, each read at its first tap's offset and the next two.
+    The generic tile holds 24 offsets, more than the 16 general registers: LLVM reloaded
+    12 of them from the stack at every step, 37 loads for 24 FMAs.  Eight offsets fit, and
+    the step is one delta vector and 24 broadcasts folded into their FMAs, their
+    displacements 0, 4 and 8 bytes from the row's offset: the 8 groups of 16 channels of
+    ``bench/cases.py`` (3x3, 28², batch 16) took 1.9-2.0 ms for dW, 2.2-2.3 with the
+    generic tile."""
+    OH = toff.shape[0]
+    acc = stack_tile(24, 16, out.dtype)  # TB rows of VL lanes: tap 3*row + column
+    for a in range(TB):
+        for q in range(VL):
+            acc[a, q] = 0
+    u1 = np.uint64(1)
+    u2 = np.uint64(2)
+    for n in range(nimg):
+        xn = x[n]
+        for i in range(OH):
+            ro = toff[i]
+            dr = d[n, i]
+            o0 = np.uint64(ro[tb * TB + 0])
+            o1 = np.uint64(ro[tb * TB + 3])
+            o2 = np.uint64(ro[tb * TB + 6])
+            o3 = np.uint64(ro[tb * TB + 9])
+            o4 = np.uint64(ro[tb * TB + 12])
+            o5 = np.uint64(ro[tb * TB + 15])
+            o6 = np.uint64(ro[tb * TB + 18])
+            o7 = np.uint64(ro[tb * TB + 21])
+            for j in range(dr.shape[0]):
+                dv = dr[j]
+                uj = np.uint64(j)
+                a0 = o0 + uj
+                a1 = o1 + uj
+                a2 = o2 + uj
+                a3 = o3 + uj
+                a4 = o4 + uj
+                a5 = o5 + uj
+                a6 = o6 + uj
+                a7 = o7 + uj
+                x00 = xn[a0]
+                x01 = xn[a0 + u1]
+                x02 = xn[a0 + u2]
+                x10 = xn[a1]
+                x11 = xn[a1 + u1]
+                x12 = xn[a1 + u2]
+                x20 = xn[a2]
+                x21 = xn[a2 + u1]
+                x22 = xn[a2 + u2]
+                x30 = xn[a3]
+                x31 = xn[a3 + u1]
+                x32 = xn[a3 + u2]
+                x40 = xn[a4]
+                x41 = xn[a4 + u1]
+                x42 = xn[a4 + u2]
+                x50 = xn[a5]
+                x51 = xn[a5 + u1]
+                x52 = xn[a5 + u2]
+                x60 = xn[a6]
+                x61 = xn[a6 + u1]
+                x62 = xn[a6 + u2]
+                x70 = xn[a7]
+                x71 = xn[a7 + u1]
+                x72 = xn[a7 + u2]
+                for q in range(VL):
+                    e = dv[q]
+                    acc[0, q] += e * x00
+                    acc[1, q] += e * x01
+                    acc[2, q] += e * x02
+                    acc[3, q] += e * x10
+                    acc[4, q] += e * x11
+                    acc[5, q] += e * x12
+                    acc[6, q] += e * x20
+                    acc[7, q] += e * x21
+                    acc[8, q] += e * x22
+                    acc[9, q] += e * x30
+                    acc[10, q] += e * x31
+                    acc[11, q] += e * x32
+                    acc[12, q] += e * x40
+                    acc[13, q] += e * x41
+                    acc[14, q] += e * x42
+                    acc[15, q] += e * x50
+                    acc[16, q] += e * x51
+                    acc[17, q] += e * x52
+                    acc[18, q] += e * x60
+                    acc[19, q] += e * x61
+                    acc[20, q] += e * x62
+                    acc[21, q] += e * x70
+                    acc[22, q] += e * x71
+                    acc[23, q] += e * x72
     for a in range(TB):
         for q in range(VL):
             out[a, q] = acc[a, q]
