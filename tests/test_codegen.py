@@ -321,20 +321,21 @@ def test_kernels_compile_for_512_bit_vectors_on_avx512_hosts():
     assert not _jit._codegen_target()  # once only: the code generator exists now
 
 
-@pytest.mark.parametrize("tile", ["_lanes_tile", "_lanes_tile3"])
-def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers(tile):
+@pytest.mark.parametrize("tile, taps", [("_lanes_tile", GD.TB), ("_lanes_tile3", GD.TB),
+                                        ("_lanes_tile7s2", GD.TB7)])
+def test_grouped_channel_lane_dw_tile_broadcasts_its_inputs_in_registers(tile, taps):
     f = _serial(getattr(GD, tile))
     f(np.zeros((2, 20 * 20), np.float32), np.zeros((2, 16, 16, GD.VL), np.float32),
-      np.zeros((16, GD.TB), np.int64), 2, 0, np.zeros((GD.TB, GD.VL), np.float32))
+      np.zeros((16, taps), np.int64), 2, 0, np.zeros((taps, GD.VL), np.float32))
     asm = f.inspect_asm(f.signatures[0])
-    # TB taps x VL channels: TB packed FMAs a step, each input a folded broadcast, no tile
-    # spills.
+    # taps x VL channels: a packed FMA per tap a step, each input a folded broadcast, no
+    # tile spills.
     loop = _innermost_fma_loop(asm)
-    assert len(PACKED_FMA.findall(loop)) == GD.TB
-    assert len(re.findall(r"\{1to16\}", loop)) == GD.TB
+    assert len(PACKED_FMA.findall(loop)) == taps
+    assert len(re.findall(r"\{1to16\}", loop)) == taps
     assert not NO_SPILL.search(loop)
     assert "vgather" not in asm
-    if tile == "_lanes_tile3":
+    if tile != "_lanes_tile":
         # Eight row offsets stay in general registers: nothing is reloaded from the stack.
         assert "(%rsp)" not in loop
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
+from fastconv import algorithms
 from fastconv import reference as ref
 from fastconv.algorithms import grouped_dw
 
@@ -70,24 +71,40 @@ def test_channel_lane_dw_matches_the_reference(shape, conv, dtype, rng):
     _check(x, dy, (K, C // G, R, S), plan, dtype)
 
 
-@pytest.mark.parametrize("rows3", [True, False])
-@pytest.mark.parametrize("shape, conv", [
-    ((2, 32, 5, 18, 32, 2, 3, 3), dict(padding=1)),
-    ((2, 24, 7, 9, 48, 3, 3, 3), dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1))),
-    ((1, 20, 6, 17, 32, 2, 3, 3), dict(padding=0)),  # Cg*R = 30 rows: a part block
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("shape, conv, tile", [
+    ((2, 32, 5, 18, 32, 2, 3, 3), dict(padding=1), 1),
+    ((2, 24, 7, 9, 48, 3, 3, 3), dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1)), 1),
+    ((1, 20, 6, 17, 32, 2, 3, 3), dict(padding=0), 1),  # Cg*R = 30 rows: a part block
+    ((2, 3, 20, 37, 32, 1, 7, 7), dict(stride=2, padding=3), 2),  # a stem: one group
+    ((1, 4, 9, 30, 32, 2, 2, 7), dict(stride=(1, 2), padding=(0, 2), dilation=(3, 1)), 2),
 ])
-def test_both_channel_lane_dw_tiles_match_the_reference(shape, conv, rows3, monkeypatch,
-                                                         rng):
-    """Taps in rows of three consecutive inputs run the tile that reads each row at one
-    offset (``_lanes_tile3``); the generic tile, forced on the same layers, agrees."""
+def test_each_channel_lane_dw_tile_matches_the_reference(shape, conv, tile, generic,
+                                                         monkeypatch, rng):
+    """Taps in rows of three consecutive inputs run ``_lanes_tile3``, rows of seven at
+    stride 2 ``_lanes_tile7s2``, each reading a row at one or two offsets; the generic
+    tile, forced on the same layers, agrees."""
     N, C, H, W, K, G, R, S = shape
     conv = dict(conv, groups=G)
     plan = fc.conv2d_plan((N, C, H, W), (K, C // G, R, S), **conv, algorithm=FORCED)
-    assert grouped_dw._rows3(plan.geometry)
-    if not rows3:
-        monkeypatch.setattr(grouped_dw, "_rows3", lambda geo: False)
+    assert grouped_dw._tile(plan.geometry) == tile
+    if generic:
+        monkeypatch.setattr(grouped_dw, "_tile", lambda geo: 0)
     x, _, _, dy = random_problem(rng, N, C, H, W, K, R, S, conv, np.float32)
     _check(x, dy, (K, C // G, R, S), plan, np.float32)
+
+
+def test_a_stem_runs_its_dw_on_the_channel_lanes_and_other_dense_layers_do_not():
+    stem = fc.conv2d_plan((1, 3, 64, 64), (64, 3, 7, 7), stride=2, padding=3)
+    assert stem.algorithms["grad_weight"] == LANES
+    for w_shape, conv in [((32, 3, 3, 3), dict(padding=1)),  # an RGB input layer: pixel
+                          ((24, 3, 7, 7), dict(stride=2, padding=3)),  # 24: not 16s
+                          ((64, 16, 7, 7), dict(stride=2, padding=3))]:  # 16 channels
+        plan = fc.conv2d_plan((1, w_shape[1], 64, 64), w_shape, **conv)
+        assert plan.algorithms["grad_weight"] != LANES, w_shape
+    reason = algorithms.why_not(algorithms.BY_NAME[LANES], fc.conv_geometry(
+        (1, 16, 64, 64), (64, 16, 7, 7), stride=2, padding=3), np.float32, "grad_weight")
+    assert reason is not None and "one group of at most" in reason
 
 
 @given(N=st.integers(1, 3), G=st.integers(2, 4), Cg=st.integers(1, 5),

@@ -38,11 +38,13 @@ flattened, and ``toff[i, t]`` where output row ``i`` reads tap ``t``
 multiple of ``TB``) read offset 0, and the wrapper drops them.  Every product is one the
 reference makes, so an inf or NaN reaches exactly the sums it is in.
 
-Parallelism: tasks are (batch chunk, group), cut into runs with their own scratch; a task
-splits its chunk's ``Cg`` planes into stride phases
-(:func:`fastconv.algorithms.grouped._group_planes`) and, for each block of channels,
-transposes its deltas and runs every tap block, writing its own partial sums, which are
-added in a fixed order: results do not depend on the thread count.
+Parallelism: tasks are (batch chunk, group, block of ``VL`` channels), cut into runs with
+their own scratch; a task splits its chunk's ``Cg`` planes into stride phases
+(:func:`fastconv.algorithms.grouped._group_planes`), unless the run's previous task did
+so for the same chunk and group, transposes its block's deltas and runs every tap block,
+writing its own partial sums, which are added in a fixed order: results do not depend on
+the thread count.  The blocks as tasks of their own give one image of one group (a
+stem's dW at batch 1) as many tasks as it has blocks.
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ VL = 16
 #: Taps per tile: 24 accumulators, one delta vector and a broadcast each.
 TB = 24
 
+#: Taps per tile of 7-tap rows at stride 2 (:func:`_lanes_tile7s2`): 4 rows, 28
+#: accumulators.
+TB7 = 28
+
 
 def why_not(geo, dtype, pass_):
     if pass_ != "grad_weight":
         return "it computes dW only"
-    if geo.G == 1:
-        return "it needs groups > 1"
+    if geo.G == 1 and geo.C > config.PIXEL_MAX_C:
+        return (f"it needs groups > 1, or one group of at most {config.PIXEL_MAX_C} input "
+                "channels")
     if geo.Kg % VL:
         return f"it needs output channels per group in multiples of {VL}; got {geo.Kg}"
     return None
@@ -82,21 +89,37 @@ def why_not(geo, dtype, pass_):
 def grad_weight(geo, x, dy):
     rows = _rows(geo, join=False)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
-    KBn, TBn = Kg // VL, -(-T // TB)
-    toff = np.zeros((geo.OH, TBn * TB), np.int64)  # taps past T read offset 0: dropped
+    tile = _tile(geo)
+    TBw = TB7 if tile == 2 else TB
+    KBn, TBn = Kg // VL, -(-T // TBw)
+    toff = np.zeros((geo.OH, TBn * TBw), np.int64)  # taps past T read offset 0: dropped
     toff[:, :T] = rows.toff
     P = _batch_chunks(geo.N, geo.K * geo.OH * geo.OW * dy.dtype.itemsize,
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
-    Q = _task_runs(P * G)
+    Q = _task_runs(P * G * KBn)
     grid = np.zeros((Q, nimg, *rows.grid), x.dtype)  # its padding stays zero
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
-    part = np.empty((P, G, KBn, TBn, TB, VL), dy.dtype)
+    part = np.empty((P, G, KBn, TBn, TBw, VL), dy.dtype)
     grouped_dw_lanes(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
-                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, grid, d, part,
-                     _rows3(geo))
-    dw = _sum_chunks(part).transpose(0, 1, 4, 2, 3).reshape(G, Kg, TBn * TB)[:, :, :T]
+                     geo.pt, geo.pl, np.ascontiguousarray(dy), toff, grid, d, part, tile)
+    dw = _sum_chunks(part).transpose(0, 1, 4, 2, 3).reshape(G, Kg, TBn * TBw)[:, :, :T]
     return np.ascontiguousarray(dw).reshape(geo.K, geo.Cg, geo.R, geo.S)
+
+
+def _tile(geo) -> int:
+    """Which tile runs ``geo``: 1 for rows of three taps (:func:`_rows3`,
+    :func:`_lanes_tile3`), 2 for rows of seven at stride 2 (:func:`_rows7s2`,
+    :func:`_lanes_tile7s2`), else 0 (:func:`_lanes_tile`)."""
+    return 1 if _rows3(geo) else 2 if _rows7s2(geo) else 0
+
+
+def _rows7s2(geo) -> bool:
+    """Whether the taps come in rows of seven at stride 2 along the width, undilated (the
+    7x7 stride-2 stem): tap ``(c, r, s)`` reads column ``s // 2`` of phase plane ``s %
+    2`` (:func:`fastconv.algorithms.grouped._rows`), so a row's taps are its first tap's
+    offset plus 0, 1, 2, 3 (``s`` even) and its second tap's plus 0, 1, 2 (``s`` odd)."""
+    return geo.S == 7 and geo.sw == 2 and geo.dlw == 1
 
 
 def _rows3(geo) -> bool:
@@ -112,7 +135,7 @@ def _rows3(geo) -> bool:
 
 
 @parallel_kernel
-def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, rows3):
+def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, tile):
     """dW of a grouped convolution, vectorised over output channels.
 
     ``part[p, g, kb, tb, a, k] = sum_{n in chunk p} sum_{i, j} dy[n, g*Kg + kb*VL + k, i,
@@ -121,39 +144,47 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, rows3):
     x : (N, C, H*W)                 NCHW input, each plane flattened, C-contiguous.
     W, pt, pl : int                 the input's width, its top and left padding.
     dy : (N, K, OH, OW)             NCHW deltas, C-contiguous.
-    toff : (OH, TBn*TB) int64       the taps of one group (:func:`_rows`, rows not joined).
+    toff : (OH, TBn*TBw) int64      the taps of one group (:func:`_rows`, rows not joined);
+                                    ``TBw`` is ``TB7`` for ``tile == 2``, else ``TB``.
     grid : (Q, nimg, Cg, sh, sw, Hq, Wq)   scratch: a chunk's phase planes of a group.
     d : (Q, nimg, OH, OW, VL)       scratch: a block's deltas, pixel-major.
-    part : (P, G, KBn, TBn, TB, VL)
-    rows3 : bool                    whether the taps come in rows of 3 reading consecutive
-                                    inputs (:func:`_rows3`): the tile then reads each row
-                                    at one offset (:func:`_lanes_tile3`).
+    part : (P, G, KBn, TBn, TBw, VL)
+    tile : int                      :func:`_tile`: the taps in rows of 3 reading
+                                    consecutive inputs run :func:`_lanes_tile3`, rows of 7
+                                    at stride 2 :func:`_lanes_tile7s2`, which read each row
+                                    at one or two offsets; others :func:`_lanes_tile`.
     """
     N, K, OH, OW = dy.shape
     P, G, KBn, TBn = part.shape[:4]
     Q, nimg, Cg = grid.shape[:3]
     Kg = K // G
-    NT = P * G
+    NT = P * G * KBn
     for q in prange(Q):
         gq = grid[q]
         xq = gq.reshape(nimg, gq.size // nimg)
         dq = d[q]
+        laid = -1  # the (chunk, group) whose planes the run's scratch holds
         for task in range(q * NT // Q, (q + 1) * NT // Q):
-            g = task % G
-            p = task // G
+            kb = task % KBn
+            pg = task // KBn
+            g = pg % G
+            p = pg // G
             n0, n1 = p * N // P, (p + 1) * N // P
-            for n in range(n0, n1):
-                _group_planes(x, n, g * Cg, W, gq[n - n0], pt, pl, False)
-            for kb in range(KBn):
-                k0 = g * Kg + kb * VL
+            if pg != laid:
                 for n in range(n0, n1):
-                    _lanes_deltas(dy[n].reshape(K * OH * OW), k0, OH * OW,
-                                  dq[n - n0].reshape(OH * OW * VL))
-                for tb in range(TBn):
-                    if rows3:
-                        _lanes_tile3(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
-                    else:
-                        _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                    _group_planes(x, n, g * Cg, W, gq[n - n0], pt, pl, False)
+                laid = pg
+            k0 = g * Kg + kb * VL
+            for n in range(n0, n1):
+                _lanes_deltas(dy[n].reshape(K * OH * OW), k0, OH * OW,
+                              dq[n - n0].reshape(OH * OW * VL))
+            for tb in range(TBn):
+                if tile == 1:
+                    _lanes_tile3(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                elif tile == 2:
+                    _lanes_tile7s2(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
+                else:
+                    _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
 
 
 @numba.njit(inline="always")
@@ -364,5 +395,107 @@ def _lanes_tile3(x, d, toff, nimg, tb, out):
                     acc[22, q] += e * x71
                     acc[23, q] += e * x72
     for a in range(TB):
+        for q in range(VL):
+            out[a, q] = acc[a, q]
+
+@serial_kernel
+def _lanes_tile7s2(x, d, toff, nimg, tb, out):
+    """:func:`_lanes_tile` for rows of seven taps at stride 2 (:func:`_rows7s2`): ``TB7 =
+    28`` taps as 4 rows, row ``k`` read at two offsets, ``e`` of its even taps (then
+    ``+1, +2, +3``) and ``f`` of its odd ones (``+1, +2``): 8 offsets in general
+    registers, one delta vector and 28 folded broadcasts a step.  On the 7x7 stride-2 stem
+    of ``bench/cases.py`` (batch 8) it took 7.7-7.9 ms for dW, the generic tile 8.7-9.4
+    and the pixel dW 10.5-11.2."""
+    OH = toff.shape[0]
+    acc = stack_tile(28, 16, out.dtype)  # TB7 rows of VL lanes: tap 7*row + s
+    for a in range(TB7):
+        for q in range(VL):
+            acc[a, q] = 0
+    u1 = np.uint64(1)
+    u2 = np.uint64(2)
+    u3 = np.uint64(3)
+    for n in range(nimg):
+        xn = x[n]
+        for i in range(OH):
+            ro = toff[i]
+            dr = d[n, i]
+            e0 = np.uint64(ro[tb * TB7 + 0])
+            f0 = np.uint64(ro[tb * TB7 + 1])
+            e1 = np.uint64(ro[tb * TB7 + 7])
+            f1 = np.uint64(ro[tb * TB7 + 8])
+            e2 = np.uint64(ro[tb * TB7 + 14])
+            f2 = np.uint64(ro[tb * TB7 + 15])
+            e3 = np.uint64(ro[tb * TB7 + 21])
+            f3 = np.uint64(ro[tb * TB7 + 22])
+            for j in range(dr.shape[0]):
+                dv = dr[j]
+                uj = np.uint64(j)
+                a0 = e0 + uj
+                b0 = f0 + uj
+                a1 = e1 + uj
+                b1 = f1 + uj
+                a2 = e2 + uj
+                b2 = f2 + uj
+                a3 = e3 + uj
+                b3 = f3 + uj
+                x00 = xn[a0]
+                x01 = xn[b0]
+                x02 = xn[a0 + u1]
+                x03 = xn[b0 + u1]
+                x04 = xn[a0 + u2]
+                x05 = xn[b0 + u2]
+                x06 = xn[a0 + u3]
+                x10 = xn[a1]
+                x11 = xn[b1]
+                x12 = xn[a1 + u1]
+                x13 = xn[b1 + u1]
+                x14 = xn[a1 + u2]
+                x15 = xn[b1 + u2]
+                x16 = xn[a1 + u3]
+                x20 = xn[a2]
+                x21 = xn[b2]
+                x22 = xn[a2 + u1]
+                x23 = xn[b2 + u1]
+                x24 = xn[a2 + u2]
+                x25 = xn[b2 + u2]
+                x26 = xn[a2 + u3]
+                x30 = xn[a3]
+                x31 = xn[b3]
+                x32 = xn[a3 + u1]
+                x33 = xn[b3 + u1]
+                x34 = xn[a3 + u2]
+                x35 = xn[b3 + u2]
+                x36 = xn[a3 + u3]
+                for q in range(VL):
+                    e = dv[q]
+                    acc[0, q] += e * x00
+                    acc[1, q] += e * x01
+                    acc[2, q] += e * x02
+                    acc[3, q] += e * x03
+                    acc[4, q] += e * x04
+                    acc[5, q] += e * x05
+                    acc[6, q] += e * x06
+                    acc[7, q] += e * x10
+                    acc[8, q] += e * x11
+                    acc[9, q] += e * x12
+                    acc[10, q] += e * x13
+                    acc[11, q] += e * x14
+                    acc[12, q] += e * x15
+                    acc[13, q] += e * x16
+                    acc[14, q] += e * x20
+                    acc[15, q] += e * x21
+                    acc[16, q] += e * x22
+                    acc[17, q] += e * x23
+                    acc[18, q] += e * x24
+                    acc[19, q] += e * x25
+                    acc[20, q] += e * x26
+                    acc[21, q] += e * x30
+                    acc[22, q] += e * x31
+                    acc[23, q] += e * x32
+                    acc[24, q] += e * x33
+                    acc[25, q] += e * x34
+                    acc[26, q] += e * x35
+                    acc[27, q] += e * x36
+    for a in range(TB7):
         for q in range(VL):
             out[a, q] = acc[a, q]

@@ -46,6 +46,16 @@ def why_not(geo, dtype, pass_):
     return None
 
 
+def slower(geo, dtype, pass_):
+    from . import grouped_dw  # imported here: grouped_dw imports grouped, which imports this
+
+    if (pass_ == "grad_weight" and grouped_dw.why_not(geo, dtype, pass_) is None
+            and grouped_dw._rows7s2(geo)):
+        return ("grouped-dw-lanes's tile for rows of 7 taps at stride 2 runs this dW (a "
+                "7x7 stride-2 stem with output channels in multiples of 16) faster")
+    return None
+
+
 def forward(geo, x, w, b):
     return _forward_pixels(x, w, b, geo)
 
