@@ -18,7 +18,11 @@ and multiplies it by ``TB = 24`` taps' inputs, each a broadcast folded into its 
 splits a cache line, and there are no lane sums: 110-116 GF/s.  Every pixel is useful,
 whatever the row length.
 
-The layout needs ``Kg`` to be a multiple of ``VL``.  Groups of 8 (ResNeXt's 32 groups of
+The layout needs ``Kg`` to be a multiple of ``VL``.  One group runs it too where it has
+at most ``config.PIXEL_MAX_C`` input channels: a 7x7 stride-2 stem (3 channels, 64
+outputs), whose taps come in rows of seven that :func:`_lanes_tile7s2` reads at two
+offsets each, where the pixel dW's tile of 4 channels x 5 taps of pixel vectors ran at
+0.68-0.89x PyTorch.  Groups of 8 (ResNeXt's 32 groups of
 8) could hold a pair of pixels of 8 channels in a vector, with the pair of inputs
 broadcast as one 8-byte value; that broadcast cannot be folded into the FMA, and the tile
 made 68-80 GF/s, no faster on the whole pass than the grouped algorithm's.  Those groups
