@@ -558,27 +558,76 @@ def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
                     b0[1, p] += w1 * xb
                     b0[2, p] += w2 * xb
                     b0[3, p] += w3 * xb
-        # The stores written out here, not in a helper: arrays handed to an inlined
-        # helper get reference-count calls (and a vzeroupper) around it, which took a
-        # quarter of a strided dX whose phases have 8-32 taps a step loop.
+        # The stores written out here, each row with constant indices (stored from its
+        # registers), not in a helper: arrays handed to an inlined helper get
+        # reference-count calls (and a vzeroupper) around it, which took a quarter of a
+        # strided dX whose phases have 8-32 taps a step loop.
         npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
         ya = urow + ua
-        for kk in range(min(kn, KH)):
-            bk = b[k0 + kk]
-            yo = ya + np.uint64(kk) * ustep
+        if kn > 0:
+            bk = b[k0 + 0]
+            yo = ya + np.uint64(0) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = a0[kk, p] + bk
+                yf[yo + np.uint64(p)] = a0[0, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = b0[kk, p] + bk
-        for kk in range(kn - KH):
-            bk = b[k0 + KH + kk]
-            yo = ya + np.uint64(KH + kk) * ustep
+                yf[yo + np.uint64(p)] = b0[0, p] + bk
+        if kn > 1:
+            bk = b[k0 + 1]
+            yo = ya + np.uint64(1) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = a1[kk, p] + bk
+                yf[yo + np.uint64(p)] = a0[1, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = b1[kk, p] + bk
+                yf[yo + np.uint64(p)] = b0[1, p] + bk
+        if kn > 2:
+            bk = b[k0 + 2]
+            yo = ya + np.uint64(2) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a0[2, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b0[2, p] + bk
+        if kn > 3:
+            bk = b[k0 + 3]
+            yo = ya + np.uint64(3) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a0[3, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b0[3, p] + bk
+        if kn > 4:
+            bk = b[k0 + 4]
+            yo = ya + np.uint64(4) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a1[0, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b1[0, p] + bk
+        if kn > 5:
+            bk = b[k0 + 5]
+            yo = ya + np.uint64(5) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a1[1, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b1[1, p] + bk
+        if kn > 6:
+            bk = b[k0 + 6]
+            yo = ya + np.uint64(6) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a1[2, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b1[2, p] + bk
+        if kn > 7:
+            bk = b[k0 + 7]
+            yo = ya + np.uint64(7) * ustep
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = a1[3, p] + bk
+            yo += ud
+            for p in range(npx):
+                yf[yo + np.uint64(p)] = b1[3, p] + bk
 
 
 @serial_kernel
