@@ -102,7 +102,7 @@ def grad_weight(geo, x, dy):
                       config.DW_PIXEL_CHUNK_BYTES)
     nimg = -(-geo.N // P)  # the most samples in a chunk
     Q = _task_runs(P * G * KBn)
-    grid = np.zeros((Q, nimg, *rows.grid), x.dtype)  # its padding stays zero
+    grid = np.empty((Q, nimg, *rows.grid), x.dtype)  # each run zeroes its own
     d = np.empty((Q, nimg, geo.OH, geo.OW, VL), dy.dtype)
     part = np.empty((P, G, KBn, TBn, TBw, VL), dy.dtype)
     grouped_dw_lanes(np.ascontiguousarray(x).reshape(geo.N, geo.C, geo.H * geo.W), geo.W,
@@ -166,6 +166,7 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, tile):
     for q in prange(Q):
         gq = grid[q]
         xq = gq.reshape(nimg, gq.size // nimg)
+        xq[:] = 0  # the padding, zero for every task of the run (a thread's own memset)
         dq = d[q]
         laid = -1  # the (chunk, group) whose planes the run's scratch holds
         for task in range(q * NT // Q, (q + 1) * NT // Q):
