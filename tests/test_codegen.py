@@ -73,13 +73,12 @@ def test_pixel_forward_kernel_uses_packed_fma():
     toff = np.arange(16)[:, None] * 20 + np.arange(25)
     f(x, toff, np.zeros((1, 25, P.KP), np.float32), np.zeros(P.KP, np.float32), y)
     asm = f.inspect_asm(f.signatures[0])
-    # KP channels x two PX-pixel vectors: 2*KP packed FMAs a step, the accumulators in
-    # registers (no vector loads or stores from the stack in the loop).
-    loop = _fma_loop(asm)
-    assert len(PACKED_FMA.findall(loop)) >= 2 * P.KP
-    assert not re.search(r"[yz]mm[^\n]*\(%rsp\)|\(%rsp\)[^\n]*[yz]mm", loop)
+    # KP channels x two PX-pixel vectors: 2*KP packed FMAs a step (2*KH in the half
+    # tile), the accumulators in registers (no vector loads or stores from the stack in
+    # the loop).
+    _assert_tile_loops(asm)
     # The tap table leaves the loop no index arithmetic to divide.
-    assert not re.search(r"\bi?div[lq]\b", loop)
+    assert not re.search(r"\bi?div[lq]\b", _fma_loop(asm))
     # The epilogue adds the bias and stores each channel's row as vectors, not scalars.
     assert PACKED_ADD.search(asm)
 
@@ -110,7 +109,8 @@ def test_grouped_forward_kernel_keeps_its_tile_in_registers():
 
 
 def _assert_tile_loops(asm: str) -> None:
-    """The grouped forward tile's two step loops (the whole tile and the half tile, each
+    """The pixel and grouped forward tile's two step loops
+    (:func:`fastconv.algorithms.pixel._pixel_span`: the whole tile and the half tile, each
     one label down to its back edge, a few dozen lines): 2*KT packed FMAs a step in the
     first, 2*KH (or twice that, unrolled) in the second, no stack traffic in either."""
     tile = sorted((len(loop.splitlines()), loop) for loop in _fma_loops(asm))[:2]

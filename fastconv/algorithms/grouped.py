@@ -77,27 +77,28 @@ import numpy as np
 from numba import prange
 
 from .. import config
-from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel, stack_tile
+from .._jit import copy_run, merge_run, parallel_kernel, serial_kernel
 from ..geometry import ConvGeometry, _dx_joins, _dx_phases
 from ..kernels import _finite, _phase_fill
 from ..layouts import _batch_chunks, _sum_chunks, _task_runs
 from .pixel import (
     DK,
     DT,
+    KH,
+    KP,
     PX,
     _dw_pixel_tile,
+    _pixel_span,
 )
 
 NAME = "grouped"
 
-#: Output channels per forward tile, in two register tiles of ``KH`` (float32: 16
-#: accumulators, two input vectors and ``KT`` broadcast weights a step).
-KT = 8
-
-#: Output channels per half tile: the blocks of float64 weights (whose vectors take two
-#: registers each, so that a whole tile would not fit the register file) and a block of
-#: at most ``KH`` channels.
-KH = 4
+#: Output channels per forward tile (:func:`fastconv.algorithms.pixel._pixel_span`), in
+#: two register tiles of ``KH`` (float32: 16 accumulators, two input vectors and ``KT``
+#: broadcast weights a step).  ``KH`` channels make a half tile: the blocks of float64
+#: weights (whose vectors take two registers each, so that a whole tile would not fit the
+#: register file) and a block of at most ``KH`` channels.
+KT = KP
 
 
 def _block(dtype) -> int:
@@ -431,7 +432,8 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
     Tasks are (image, group), cut into ``Q`` runs: a task splits its group's ``Cg`` planes
     into stride phases in its run's scratch (:func:`fastconv.kernels._phase_fill`, some
     tens of KB that stay in the core's cache), then computes every output of the group
-    from it, each block of ``KB`` channels and each row in turn (:func:`_group_row`).  The
+    from it, each block of ``KB`` channels and each row in turn
+    (:func:`fastconv.algorithms.pixel._pixel_span`).  The
     row covering and the stores are those of
     :func:`fastconv.algorithms.pixel.conv_pixel_tiles`: each step loads two vectors of
     ``PX`` inputs and makes ``2*KT`` FMAs with ``KT`` broadcast weights (``2*KH`` with
@@ -457,8 +459,8 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
                 kn = min(KB, Kg - kt * KB)
                 wk = w[g, kt]
                 for i in range(OH):
-                    _group_row(xg, toff[i], wk, b, yf, np.uint64(((n * K + k0) * OH + i) * OW),
-                               k0, kn, OW, T, ustep)
+                    _pixel_span(xg, toff[i], wk, kn, b, k0, yf,
+                                np.uint64(((n * K + k0) * OH + i) * OW), ustep, OW)
 
 
 @numba.njit(inline="always")
@@ -477,165 +479,11 @@ def _group_planes(src, n, c0, W, dst, pt, pl, check):
     return finite
 
 
-@numba.njit(inline="always")
-def _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
-    """Output row ``urow`` (in ``yf``) of ``kn <= KT`` channels from ``k0``: the
-    :func:`grouped_pixel_tiles` tile over the row, two vectors at a time.
-
-    Four register tiles of ``KH = KT/2`` channels x ``PX`` pixels: ``a0`` and ``b0`` hold
-    channels ``k0 .. k0 + KH - 1`` over the first and the second vector, ``a1`` and ``b1``
-    the next ``KH`` channels.  A block of at most ``KH`` channels (a group's last, or any
-    block in float64, whose weights are blocked by ``KH``) runs the half tile.  Four small
-    tiles, not one of 16 rows: LLVM gives up proving that a stack array with that many
-    uses does not escape, and then reloads and stores every accumulator at each step."""
-    a0 = stack_tile(4, PX, yf.dtype)
-    b0 = stack_tile(4, PX, yf.dtype)
-    a1 = stack_tile(4, PX, yf.dtype)
-    b1 = stack_tile(4, PX, yf.dtype)
-    for jt in range((OW + 2 * PX - 1) // (2 * PX)):
-        ua = np.uint64(min(jt * 2 * PX, OW - PX))
-        ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
-        for kk in range(KH):  # zeroed here, not in a helper (see the stores below)
-            for p in range(PX):
-                a0[kk, p] = 0
-            for p in range(PX):
-                b0[kk, p] = 0
-        if kn > KH:
-            for kk in range(KH):
-                for p in range(PX):
-                    a1[kk, p] = 0
-                for p in range(PX):
-                    b1[kk, p] = 0
-            for t in range(T):
-                oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
-                ob = oa + ud
-                wv = wk[t]
-                w0 = wv[0]
-                w1 = wv[1]
-                w2 = wv[2]
-                w3 = wv[3]
-                w4 = wv[4]
-                w5 = wv[5]
-                w6 = wv[6]
-                w7 = wv[7]
-                for p in range(PX):
-                    up = np.uint64(p)
-                    xa = xg[oa + up]
-                    xb = xg[ob + up]
-                    a0[0, p] += w0 * xa
-                    a0[1, p] += w1 * xa
-                    a0[2, p] += w2 * xa
-                    a0[3, p] += w3 * xa
-                    a1[0, p] += w4 * xa
-                    a1[1, p] += w5 * xa
-                    a1[2, p] += w6 * xa
-                    a1[3, p] += w7 * xa
-                    b0[0, p] += w0 * xb
-                    b0[1, p] += w1 * xb
-                    b0[2, p] += w2 * xb
-                    b0[3, p] += w3 * xb
-                    b1[0, p] += w4 * xb
-                    b1[1, p] += w5 * xb
-                    b1[2, p] += w6 * xb
-                    b1[3, p] += w7 * xb
-        else:
-            for t in range(T):
-                oa = ua + np.uint64(ti[t])
-                ob = oa + ud
-                wv = wk[t]
-                w0 = wv[0]
-                w1 = wv[1]
-                w2 = wv[2]
-                w3 = wv[3]
-                for p in range(PX):
-                    up = np.uint64(p)
-                    xa = xg[oa + up]
-                    xb = xg[ob + up]
-                    a0[0, p] += w0 * xa
-                    a0[1, p] += w1 * xa
-                    a0[2, p] += w2 * xa
-                    a0[3, p] += w3 * xa
-                    b0[0, p] += w0 * xb
-                    b0[1, p] += w1 * xb
-                    b0[2, p] += w2 * xb
-                    b0[3, p] += w3 * xb
-        # The stores written out here, each row with constant indices (stored from its
-        # registers), not in a helper: arrays handed to an inlined helper get
-        # reference-count calls (and a vzeroupper) around it, which took a quarter of a
-        # strided dX whose phases have 8-32 taps a step loop.
-        npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
-        ya = urow + ua
-        if kn > 0:
-            bk = b[k0 + 0]
-            yo = ya + np.uint64(0) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a0[0, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b0[0, p] + bk
-        if kn > 1:
-            bk = b[k0 + 1]
-            yo = ya + np.uint64(1) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a0[1, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b0[1, p] + bk
-        if kn > 2:
-            bk = b[k0 + 2]
-            yo = ya + np.uint64(2) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a0[2, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b0[2, p] + bk
-        if kn > 3:
-            bk = b[k0 + 3]
-            yo = ya + np.uint64(3) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a0[3, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b0[3, p] + bk
-        if kn > 4:
-            bk = b[k0 + 4]
-            yo = ya + np.uint64(4) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a1[0, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b1[0, p] + bk
-        if kn > 5:
-            bk = b[k0 + 5]
-            yo = ya + np.uint64(5) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a1[1, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b1[1, p] + bk
-        if kn > 6:
-            bk = b[k0 + 6]
-            yo = ya + np.uint64(6) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a1[2, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b1[2, p] + bk
-        if kn > 7:
-            bk = b[k0 + 7]
-            yo = ya + np.uint64(7) * ustep
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = a1[3, p] + bk
-            yo += ud
-            for p in range(npx):
-                yf[yo + np.uint64(p)] = b1[3, p] + bk
-
-
 @serial_kernel
-def _group_row_serial(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep):
-    """:func:`_group_row` compiled on its own: inlined into :func:`grouped_dx_phases`'s
-    loop body, its tile stayed in memory."""
-    _group_row(xg, ti, wk, b, yf, urow, k0, kn, OW, T, ustep)
+def _span_serial(xg, ti, wk, kn, b, k0, yf, urow, ustep, OW):
+    """:func:`fastconv.algorithms.pixel._pixel_span` compiled on its own: inlined into
+    :func:`grouped_dx_phases`'s loop body, its tile stayed in memory."""
+    _pixel_span(xg, ti, wk, kn, b, k0, yf, urow, ustep, OW)
 
 
 @parallel_kernel
@@ -653,7 +501,7 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
 
     Tasks are (image, group), cut into ``Q`` runs: a task pads its group's ``Kg`` delta
     planes (:func:`fastconv.kernels._phase_fill`), computes each phase's ``Cg`` output
-    planes with the forward tile (:func:`_group_row`, ``KB`` channels at a time) into its
+    planes with the forward tile (:func:`_span_serial`, ``KB`` channels at a time) into its
     scratch, then writes dx's rows: at ``sw == 2`` each row joined from its two column
     phases by masked vectors and shuffles (:func:`merge_run`), where a phase at a time
     would store every other element.  Each task owns its outputs.
@@ -680,10 +528,8 @@ def grouped_dx_phases(dy, OW, ptd, pld, toff, t0, w, cnth, cntw, out0h, out0w, o
                 L = cnth[p] * Wd  # one wide row per channel
                 ti = toff[t0[p]:t0[p + 1]]
                 for kt in range(KTn):
-                    _group_row_serial(xg, ti, w[g, kt, p], zb, oq,
-                                      np.uint64(obase[p] + kt * KB * L), kt * KB,
-                                      min(KB, Cg - kt * KB), L, t0[p + 1] - t0[p],
-                                      np.uint64(L))
+                    _span_serial(xg, ti, w[g, kt, p], min(KB, Cg - kt * KB), zb, kt * KB,
+                                 oq, np.uint64(obase[p] + kt * KB * L), np.uint64(L), L)
             for c in range(Cg):
                 dxc = dx[n, g * Cg + c]
                 if pairs.shape[0] > 0:

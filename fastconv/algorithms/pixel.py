@@ -195,12 +195,16 @@ def _forward_bands(x, w, b, geo: ConvGeometry, ws=_FRESH) -> np.ndarray:
 # Kernels
 # -------
 # PX pixels per vector; KP output channels per tile of the forward kernel (its tile: KP
-# channels x 2 pixel vectors); DK x DT output channels x taps per tile of the dW kernel.
+# channels x 2 pixel vectors, or KH x 2 in a half tile); DK x DT output channels x taps per
+# tile of the dW kernel.
 
 PX = 16
 
 
 KP = 8
+
+
+KH = 4
 
 
 DK = 4
@@ -339,124 +343,163 @@ def _parity_band(xn, H, W, pt, pl, qs, i0, Hb, OW, sg, rg):
 
 @numba.njit(inline="always")
 def _pixel_span(xn, ti, wk, kn, b, k0, yf, urow, ustep, OW):
-    """The tiles of :func:`conv_pixel_tiles` along one run of ``OW >= PX`` output
-    pixels (a row, or rows joined), for channels ``k0 .. k0 + kn``: pixel ``j`` reads tap
-    ``t`` at ``xn[ti[t] + j]``, weights ``wk`` (T, KP), and channel ``k0 + kk`` is stored
-    at ``yf[urow + kk*ustep + j]`` with its bias ``b[k0 + kk]``."""
-    T = wk.shape[0]
-    acc = stack_tile(16, PX, yf.dtype)  # 2*KP rows: kk the first vector, KP + kk the second
+    """The tiles along one run of ``OW >= PX`` output pixels (a row, or rows joined), for
+    channels ``k0 .. k0 + kn``, ``kn <= KP``: pixel ``j`` reads tap ``t < len(ti)`` at
+    ``xn[ti[t] + j]`` with weights ``wk[t]`` (``KP`` of them, or ``KH`` for a block of at
+    most ``KH`` channels), and channel ``k0 + kk`` is stored at ``yf[urow + kk*ustep + j]``
+    with its bias ``b[k0 + kk]``.  The tile of the pixel forward kernels and of the grouped
+    ones (:mod:`fastconv.algorithms.grouped`), two vectors of ``PX`` pixels at a time.
+
+    Four register tiles of ``KH = KP/2`` channels x ``PX`` pixels: ``a0`` and ``b0`` hold
+    channels ``k0 .. k0 + KH - 1`` over the first and the second vector, ``a1`` and ``b1``
+    the next ``KH`` channels.  A block of at most ``KH`` channels (a group's last, or any
+    block of the grouped kernels in float64, whose weights are blocked by ``KH``) runs the
+    half tile.  Four small tiles, not one of 16 rows: LLVM gives up proving that a stack
+    array with that many uses does not escape, and then, where the tile is inlined into a
+    larger kernel (the grouped one), guards every step with run-time alias checks and
+    reloads and stores every accumulator."""
+    T = ti.shape[0]
+    a0 = stack_tile(4, PX, yf.dtype)
+    b0 = stack_tile(4, PX, yf.dtype)
+    a1 = stack_tile(4, PX, yf.dtype)
+    b1 = stack_tile(4, PX, yf.dtype)
     for jt in range((OW + 2 * PX - 1) // (2 * PX)):
         ua = np.uint64(min(jt * 2 * PX, OW - PX))
         ud = np.uint64(min(jt * 2 * PX + PX, OW - PX)) - ua  # PX, or 0 at the end
-        for kk in range(2 * KP):
+        for kk in range(KH):  # zeroed here, not in a helper (see the stores below)
             for p in range(PX):
-                acc[kk, p] = 0
-        for t in range(T):
-            oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
-            ob = oa + ud
-            wv = wk[t]
-            # KP broadcast weights times two vectors of PX inputs: 2*KP packed FMAs.
-            w0 = wv[0]
-            w1 = wv[1]
-            w2 = wv[2]
-            w3 = wv[3]
-            w4 = wv[4]
-            w5 = wv[5]
-            w6 = wv[6]
-            w7 = wv[7]
+                a0[kk, p] = 0
             for p in range(PX):
-                up = np.uint64(p)
-                xa = xn[oa + up]
-                xb = xn[ob + up]
-                acc[0, p] += w0 * xa
-                acc[1, p] += w1 * xa
-                acc[2, p] += w2 * xa
-                acc[3, p] += w3 * xa
-                acc[4, p] += w4 * xa
-                acc[5, p] += w5 * xa
-                acc[6, p] += w6 * xa
-                acc[7, p] += w7 * xa
-                acc[8, p] += w0 * xb
-                acc[9, p] += w1 * xb
-                acc[10, p] += w2 * xb
-                acc[11, p] += w3 * xb
-                acc[12, p] += w4 * xb
-                acc[13, p] += w5 * xb
-                acc[14, p] += w6 * xb
-                acc[15, p] += w7 * xb
-        # npx == PX (OW >= PX), but LLVM cannot know it: a loop of constant trip count
-        # this short is fully unrolled into scalar stores, and Numba runs no SLP
-        # vectoriser to merge them again.  With this bound the loop vectoriser turns each
-        # row into vector stores (1.4-1.6x on the whole kernel for conv1-sized layers).
-        npx = min(PX, OW)
+                b0[kk, p] = 0
+        if kn > KH:
+            for kk in range(KH):
+                for p in range(PX):
+                    a1[kk, p] = 0
+                for p in range(PX):
+                    b1[kk, p] = 0
+            for t in range(T):
+                oa = ua + np.uint64(ti[t])  # unsigned: no negative-index wraparound
+                ob = oa + ud
+                wv = wk[t]
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                w4 = wv[4]
+                w5 = wv[5]
+                w6 = wv[6]
+                w7 = wv[7]
+                for p in range(PX):
+                    up = np.uint64(p)
+                    xa = xn[oa + up]
+                    xb = xn[ob + up]
+                    a0[0, p] += w0 * xa
+                    a0[1, p] += w1 * xa
+                    a0[2, p] += w2 * xa
+                    a0[3, p] += w3 * xa
+                    a1[0, p] += w4 * xa
+                    a1[1, p] += w5 * xa
+                    a1[2, p] += w6 * xa
+                    a1[3, p] += w7 * xa
+                    b0[0, p] += w0 * xb
+                    b0[1, p] += w1 * xb
+                    b0[2, p] += w2 * xb
+                    b0[3, p] += w3 * xb
+                    b1[0, p] += w4 * xb
+                    b1[1, p] += w5 * xb
+                    b1[2, p] += w6 * xb
+                    b1[3, p] += w7 * xb
+        else:
+            for t in range(T):
+                oa = ua + np.uint64(ti[t])
+                ob = oa + ud
+                wv = wk[t]
+                w0 = wv[0]
+                w1 = wv[1]
+                w2 = wv[2]
+                w3 = wv[3]
+                for p in range(PX):
+                    up = np.uint64(p)
+                    xa = xn[oa + up]
+                    xb = xn[ob + up]
+                    a0[0, p] += w0 * xa
+                    a0[1, p] += w1 * xa
+                    a0[2, p] += w2 * xa
+                    a0[3, p] += w3 * xa
+                    b0[0, p] += w0 * xb
+                    b0[1, p] += w1 * xb
+                    b0[2, p] += w2 * xb
+                    b0[3, p] += w3 * xb
+        # The stores written out here, each row with constant indices (stored from its
+        # registers), not in a helper: arrays handed to an inlined helper get
+        # reference-count calls (and a vzeroupper) around it, which took a quarter of a
+        # strided dX whose phases have 8-32 taps a step loop.
+        npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
         ya = urow + ua
-        # Each channel's rows spelt out with constant indices, here rather than in a
-        # helper per channel: an array handed to an inlined helper gets a reference-count
-        # call and a vzeroupper around it.
         if kn > 0:
             bk = b[k0 + 0]
             yo = ya + np.uint64(0) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[0, p] + bk
+                yf[yo + np.uint64(p)] = a0[0, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 0, p] + bk
+                yf[yo + np.uint64(p)] = b0[0, p] + bk
         if kn > 1:
             bk = b[k0 + 1]
             yo = ya + np.uint64(1) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[1, p] + bk
+                yf[yo + np.uint64(p)] = a0[1, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 1, p] + bk
+                yf[yo + np.uint64(p)] = b0[1, p] + bk
         if kn > 2:
             bk = b[k0 + 2]
             yo = ya + np.uint64(2) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[2, p] + bk
+                yf[yo + np.uint64(p)] = a0[2, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 2, p] + bk
+                yf[yo + np.uint64(p)] = b0[2, p] + bk
         if kn > 3:
             bk = b[k0 + 3]
             yo = ya + np.uint64(3) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[3, p] + bk
+                yf[yo + np.uint64(p)] = a0[3, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 3, p] + bk
+                yf[yo + np.uint64(p)] = b0[3, p] + bk
         if kn > 4:
             bk = b[k0 + 4]
             yo = ya + np.uint64(4) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[4, p] + bk
+                yf[yo + np.uint64(p)] = a1[0, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 4, p] + bk
+                yf[yo + np.uint64(p)] = b1[0, p] + bk
         if kn > 5:
             bk = b[k0 + 5]
             yo = ya + np.uint64(5) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[5, p] + bk
+                yf[yo + np.uint64(p)] = a1[1, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 5, p] + bk
+                yf[yo + np.uint64(p)] = b1[1, p] + bk
         if kn > 6:
             bk = b[k0 + 6]
             yo = ya + np.uint64(6) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[6, p] + bk
+                yf[yo + np.uint64(p)] = a1[2, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 6, p] + bk
+                yf[yo + np.uint64(p)] = b1[2, p] + bk
         if kn > 7:
             bk = b[k0 + 7]
             yo = ya + np.uint64(7) * ustep
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[7, p] + bk
+                yf[yo + np.uint64(p)] = a1[3, p] + bk
             yo += ud
             for p in range(npx):
-                yf[yo + np.uint64(p)] = acc[KP + 7, p] + bk
+                yf[yo + np.uint64(p)] = b1[3, p] + bk
 
 
 @parallel_kernel
