@@ -73,11 +73,13 @@ def test_channel_lane_dw_matches_the_reference(shape, conv, dtype, rng):
 
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("shape, conv, tile", [
-    ((2, 32, 5, 18, 32, 2, 3, 3), dict(padding=1), 1),
-    ((2, 24, 7, 9, 48, 3, 3, 3), dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1)), 1),
-    ((1, 20, 6, 17, 32, 2, 3, 3), dict(padding=0), 1),  # Cg*R = 30 rows: a part block
-    ((2, 3, 20, 37, 32, 1, 7, 7), dict(stride=2, padding=3), 2),  # a stem: one group
-    ((1, 4, 9, 30, 32, 2, 2, 7), dict(stride=(1, 2), padding=(0, 2), dilation=(3, 1)), 2),
+    ((2, 32, 5, 18, 32, 2, 3, 3), dict(padding=1), grouped_dw.ROWS3),
+    ((2, 24, 7, 9, 48, 3, 3, 3), dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1)),
+     grouped_dw.ROWS3),
+    ((1, 20, 6, 17, 32, 2, 3, 3), dict(padding=0), grouped_dw.ROWS3),  # 30 rows: a part
+    ((2, 3, 20, 37, 32, 1, 7, 7), dict(stride=2, padding=3), grouped_dw.ROWS7S2),  # a stem
+    ((1, 4, 9, 30, 32, 2, 2, 7), dict(stride=(1, 2), padding=(0, 2), dilation=(3, 1)),
+     grouped_dw.ROWS7S2),
 ])
 def test_each_channel_lane_dw_tile_matches_the_reference(shape, conv, tile, generic,
                                                          monkeypatch, rng):
@@ -89,7 +91,7 @@ def test_each_channel_lane_dw_tile_matches_the_reference(shape, conv, tile, gene
     plan = fc.conv2d_plan((N, C, H, W), (K, C // G, R, S), **conv, algorithm=FORCED)
     assert grouped_dw._tile(plan.geometry) == tile
     if generic:
-        monkeypatch.setattr(grouped_dw, "_tile", lambda geo: 0)
+        monkeypatch.setattr(grouped_dw, "_tile", lambda geo: grouped_dw.GENERIC)
     x, _, _, dy = random_problem(rng, N, C, H, W, K, R, S, conv, np.float32)
     _check(x, dy, (K, C // G, R, S), plan, np.float32)
 

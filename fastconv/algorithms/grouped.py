@@ -432,12 +432,10 @@ def grouped_pixel_tiles(x, W, pt, pl, toff, w, b, y, scratch):
     Tasks are (image, group), cut into ``Q`` runs: a task splits its group's ``Cg`` planes
     into stride phases in its run's scratch (:func:`fastconv.kernels._phase_fill`, some
     tens of KB that stay in the core's cache), then computes every output of the group
-    from it, each block of ``KB`` channels and each row in turn
-    (:func:`fastconv.algorithms.pixel._pixel_span`).  The
-    row covering and the stores are those of
-    :func:`fastconv.algorithms.pixel.conv_pixel_tiles`: each step loads two vectors of
-    ``PX`` inputs and makes ``2*KT`` FMAs with ``KT`` broadcast weights (``2*KH`` with
-    ``KH`` in a half tile).  Each task owns its outputs.
+    from it, each block of ``KB`` channels and each row in turn, with the pixel forward
+    kernels' tile, row covering and stores (:func:`fastconv.algorithms.pixel._pixel_span`):
+    each step loads two vectors of ``PX`` inputs and makes ``2*KT`` FMAs with ``KT``
+    broadcast weights (``2*KH`` with ``KH`` in a half tile).  Each task owns its outputs.
     """
     N, K, OH, OW = y.shape
     G, KTn, T, KB = w.shape

@@ -78,6 +78,10 @@ TB = 24
 #: accumulators.
 TB7 = 28
 
+#: The tiles :func:`_tile` chooses from: :func:`_lanes_tile`, :func:`_lanes_tile3`,
+#: :func:`_lanes_tile7s2`.
+GENERIC, ROWS3, ROWS7S2 = 0, 1, 2
+
 
 def why_not(geo, dtype, pass_):
     if pass_ != "grad_weight":
@@ -94,7 +98,7 @@ def grad_weight(geo, x, dy):
     rows = _rows(geo, join=False)
     G, Kg, T = geo.G, geo.Kg, geo.Cg * geo.R * geo.S
     tile = _tile(geo)
-    TBw = TB7 if tile == 2 else TB
+    TBw = TB7 if tile == ROWS7S2 else TB
     KBn, TBn = Kg // VL, -(-T // TBw)
     toff = np.zeros((geo.OH, TBn * TBw), np.int64)  # taps past T read offset 0: dropped
     toff[:, :T] = rows.toff
@@ -112,10 +116,9 @@ def grad_weight(geo, x, dy):
 
 
 def _tile(geo) -> int:
-    """Which tile runs ``geo``: 1 for rows of three taps (:func:`_rows3`,
-    :func:`_lanes_tile3`), 2 for rows of seven at stride 2 (:func:`_rows7s2`,
-    :func:`_lanes_tile7s2`), else 0 (:func:`_lanes_tile`)."""
-    return 1 if _rows3(geo) else 2 if _rows7s2(geo) else 0
+    """Which tile runs ``geo``: ``ROWS3`` for rows of three taps (:func:`_rows3`),
+    ``ROWS7S2`` for rows of seven at stride 2 (:func:`_rows7s2`), else ``GENERIC``."""
+    return ROWS3 if _rows3(geo) else ROWS7S2 if _rows7s2(geo) else GENERIC
 
 
 def _rows7s2(geo) -> bool:
@@ -149,7 +152,7 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, tile):
     W, pt, pl : int                 the input's width, its top and left padding.
     dy : (N, K, OH, OW)             NCHW deltas, C-contiguous.
     toff : (OH, TBn*TBw) int64      the taps of one group (:func:`_rows`, rows not joined);
-                                    ``TBw`` is ``TB7`` for ``tile == 2``, else ``TB``.
+                                    ``TBw`` is ``TB7`` for ``ROWS7S2``, else ``TB``.
     grid : (Q, nimg, Cg, sh, sw, Hq, Wq)   scratch: a chunk's phase planes of a group.
     d : (Q, nimg, OH, OW, VL)       scratch: a block's deltas, pixel-major.
     part : (P, G, KBn, TBn, TBw, VL)
@@ -184,9 +187,9 @@ def grouped_dw_lanes(x, W, pt, pl, dy, toff, grid, d, part, tile):
                 _lanes_deltas(dy[n].reshape(K * OH * OW), k0, OH * OW,
                               dq[n - n0].reshape(OH * OW * VL))
             for tb in range(TBn):
-                if tile == 1:
+                if tile == ROWS3:
                     _lanes_tile3(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
-                elif tile == 2:
+                elif tile == ROWS7S2:
                     _lanes_tile7s2(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
                 else:
                     _lanes_tile(xq, dq, toff, n1 - n0, tb, part[p, g, kb, tb])
@@ -402,6 +405,7 @@ def _lanes_tile3(x, d, toff, nimg, tb, out):
     for a in range(TB):
         for q in range(VL):
             out[a, q] = acc[a, q]
+
 
 @serial_kernel
 def _lanes_tile7s2(x, d, toff, nimg, tb, out):

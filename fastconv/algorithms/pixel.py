@@ -437,8 +437,8 @@ def _pixel_span(xn, ti, wk, kn, b, k0, yf, urow, ustep, OW):
         npx = min(PX, OW)  # == PX; the bound lets LLVM vectorise the stores
         ya = urow + ua
         if kn > 0:
-            bk = b[k0 + 0]
-            yo = ya + np.uint64(0) * ustep
+            bk = b[k0]
+            yo = ya
             for p in range(npx):
                 yf[yo + np.uint64(p)] = a0[0, p] + bk
             yo += ud
